@@ -1,0 +1,36 @@
+"""Package metadata for the hierarchical image-text embedding trainer.
+
+Install (after `pip install torch==2.13.0`, see the Makefile): `pip install -e .[dev]`.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="hier-embed-trainer",
+    version="0.1.0",
+    description="Distributed trainer for hierarchical (global + local) image-text joint embeddings",
+    python_requires=">=3.10",
+    packages=find_packages(include=["trainer", "trainer.*", "shards", "shards.*"]),
+    # torch is pinned by the Makefile, not here: a range would let pip pull a multi-GB CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed==0.19.8",
+        "webdataset==1.0.2",
+        "spacy>=3.8,<3.9",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout"],
+        "hf": ["accelerate", "datasets"],
+    },
+    entry_points={
+        "console_scripts": [
+            "hier-train=trainer.train:main",
+            "hier-evaluate=trainer.evaluate:main",
+            "hier-shards=shards.__main__:main",
+        ]
+    },
+)

@@ -1,0 +1,1 @@
+"""Building and checking WebDataset shard sets (format: DESIGN.md section 3)."""

@@ -1,0 +1,1 @@
+"""Trainer for hierarchical image-text embeddings: config -> data -> model -> loss -> engine, eval beside."""
