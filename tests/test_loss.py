@@ -1,0 +1,343 @@
+"""HierarchicalLoss against a slow per-pair reference written straight from the formulas in DESIGN.md."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.loss import HierarchicalLoss, jaccard, shuffle_permutation
+
+EMBED_KEYS = ("img_g", "img_l", "txt_g", "txt_l")
+TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- reference
+def ref_jaccard(a_row, b_row) -> float:
+    a = {k for k, v in enumerate(a_row) if v > 0}
+    b = {k for k, v in enumerate(b_row) if v > 0}
+    return len(a & b) / len(a | b) if a | b else 0.0
+
+
+def ref_dot(u, v):
+    return sum(u[d] * v[d] for d in range(len(u)))
+
+
+def ref_relu(x):
+    return x if x > 0 else 0 * x
+
+
+def ref_hinge(rows, cols, ids, margins, use_sum):
+    """mean_i of max (or sum) over j with ids[j] != ids[i] of [margins[i][j] - <r_i, c_i> + <r_i, c_j>]_+."""
+    n = len(rows)
+    per_row = []
+    for i in range(n):
+        positive = ref_dot(rows[i], cols[i])
+        costs = [ref_relu(margins[i][j] - positive + ref_dot(rows[i], cols[j])) for j in range(n) if ids[j] != ids[i]]
+        if not costs:
+            per_row.append(0 * positive)
+        else:
+            per_row.append(sum(costs) if use_sum else max(costs))
+    return sum(per_row) / n
+
+
+def ref_contrastive(rows, cols, ids, labels, temperature):
+    n = len(rows)
+    total = 0
+    for i in range(n):
+        logits = [ref_dot(rows[i], cols[j]) / temperature for j in range(n)]
+        weights = [1.0 if ids[j] == ids[i] else labels[i][j] for j in range(n)]
+        norm = sum(weights)
+        log_z = torch.log(sum(torch.exp(x) for x in logits))
+        total = total - sum(weights[j] / norm * (logits[j] - log_z) for j in range(n))
+    return total / n
+
+
+def ref_terms(batch, *, local, labels, margin=0.2, local_margin=0.2, temperature=0.05, use_sum=False):
+    """Directional terms for the whole batch; `labels` is "concepts" or "none" (shuffling is done by the caller)."""
+    ids = batch["image_ids"].tolist()
+    n = len(ids)
+    img_c, cap_c = batch["image_concepts"].tolist(), batch["caption_concepts"].tolist()
+    if labels == "none":
+        y_i2t = y_t2i = [[0.0] * n for _ in range(n)]
+    else:
+        y_i2t = [[ref_jaccard(img_c[i], cap_c[j]) for j in range(n)] for i in range(n)]
+        y_t2i = [[ref_jaccard(cap_c[i], img_c[j]) for j in range(n)] for i in range(n)]
+    img_g, txt_g, img_l, txt_l = (batch[k] for k in ("img_g", "txt_g", "img_l", "txt_l"))
+    flat = [[margin] * n for _ in range(n)]
+    out = {"global_i2t": ref_hinge(img_g, txt_g, ids, flat, use_sum),
+           "global_t2i": ref_hinge(txt_g, img_g, ids, flat, use_sum)}
+    if local == "contrastive":
+        out["local_i2t"] = ref_contrastive(img_l, txt_l, ids, y_i2t, temperature)
+        out["local_t2i"] = ref_contrastive(txt_l, img_l, ids, y_t2i, temperature)
+    elif local == "adaptive_hinge":
+        out["local_i2t"] = ref_hinge(img_l, txt_l, ids, [[local_margin * (1 - y) for y in r] for r in y_i2t], use_sum)
+        out["local_t2i"] = ref_hinge(txt_l, img_l, ids, [[local_margin * (1 - y) for y in r] for r in y_t2i], use_sum)
+    negatives = [(i, j) for i in range(n) for j in range(n) if ids[i] != ids[j]]
+    out["label_mean"] = sum(y_i2t[i][j] + y_t2i[i][j] for i, j in negatives) / (2 * len(negatives))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def make_batch(n=6, d=4, k=5, ids=(0, 1, 1, 2, 3, 3), seed=0, dtype=torch.float64):
+    """Random unit embeddings as leaves; duplicate image ids so that masking is exercised everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    batch = {key: F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=1).requires_grad_()
+             for key in EMBED_KEYS}
+    batch["image_ids"] = torch.tensor(ids, dtype=torch.int64)
+    concepts = (torch.rand(n, k, generator=g) < 0.4).float()
+    concepts[0] = 0  # an image with no known concept
+    batch["image_concepts"] = concepts
+    caption = concepts * (torch.rand(n, k, generator=g) < 0.7).float()
+    caption[1, 0] = 1.0  # a caption concept its image row lacks: Jaccard is not symmetric in general
+    batch["caption_concepts"] = caption
+    return batch
+
+
+def grads(value, batch):
+    found = torch.autograd.grad(value, [batch[k] for k in EMBED_KEYS], retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(batch[k]) if g is None else g for k, g in zip(EMBED_KEYS, found)]
+
+
+def assert_same(ours, ref, batch):
+    assert torch.allclose(ours, torch.as_tensor(ref, dtype=ours.dtype), **TOL), (ours, ref)
+    for a, b in zip(grads(ours, batch), grads(ref, batch)):
+        assert torch.allclose(a, b, **TOL)
+
+
+# ----------------------------------------------------------------------------------------- reference match
+@pytest.mark.parametrize("local", ["contrastive", "adaptive_hinge"])
+@pytest.mark.parametrize("labels", ["concepts", "none"])
+@pytest.mark.parametrize("step", [0, 5], ids=["warmup-sum", "hardest"])
+def test_matches_reference(local, labels, step):
+    batch = make_batch()
+    loss_fn = HierarchicalLoss(margin=0.2, warmup_steps=5, local=local, temperature=0.1, local_margin=0.3,
+                               labels=labels, local_weight=0.7)
+    out = loss_fn(batch, step=step)
+    ref = ref_terms(batch, local=local, labels=labels, margin=0.2, local_margin=0.3, temperature=0.1,
+                    use_sum=step < 5)
+    for key in ("global_i2t", "global_t2i", "local_i2t", "local_t2i"):
+        assert_same(out[key], ref[key], batch)
+    assert out["global"] == out["global_i2t"] + out["global_t2i"]
+    assert out["local"] == out["local_i2t"] + out["local_t2i"]
+    assert torch.allclose(out["loss"], out["global"] + 0.7 * out["local"], **TOL)
+    assert torch.allclose(out["label_mean"], torch.tensor(ref["label_mean"], dtype=torch.float64), **TOL)
+    assert not out["label_mean"].requires_grad
+    assert set(out) == {"loss", "global", "global_i2t", "global_t2i", "local", "local_i2t", "local_t2i",
+                        "label_mean"}
+
+
+def test_warmup_sum_exceeds_hardest_and_local_none_is_global_only():
+    batch = make_batch()
+    batch = {k: v for k, v in batch.items() if k not in ("img_l", "txt_l")}
+    loss_fn = HierarchicalLoss(local="none", warmup_steps=3)
+    warm, after = loss_fn(batch, step=2), loss_fn(batch, step=3)
+    assert warm["global"] > after["global"] > 0  # several violating negatives per row
+    assert "local" not in after and torch.equal(after["loss"], after["global"])
+
+
+# ----------------------------------------------------------------------------------------- masking
+def test_second_caption_of_same_picture_is_never_a_negative():
+    e = torch.eye(3, dtype=torch.float64)
+    # Picture 5 appears twice; caption 1 (of picture 5) matches image 0 better than caption 0 does.
+    img = torch.stack([e[0], e[0], e[1]])
+    txt = torch.stack([F.normalize(e[0] + e[2], dim=0), e[0], F.normalize(e[0] + e[1], dim=0)])
+    batch = {"img_g": img, "txt_g": txt, "img_l": img, "txt_l": txt, "image_ids": torch.tensor([5, 5, 9])}
+    out = HierarchicalLoss(local="contrastive", labels="none", temperature=0.5)(batch)
+    s = img @ txt.T
+    hinge = lambda x: max(float(x), 0.0)  # noqa: E731
+    # Only column/row 2 is a negative of rows 0 and 1, in both directions; row 2's negatives are 0 and 1.
+    i2t = [hinge(0.2 - s[0, 0] + s[0, 2]), hinge(0.2 - s[1, 1] + s[1, 2]),
+           max(hinge(0.2 - s[2, 2] + s[2, 0]), hinge(0.2 - s[2, 2] + s[2, 1]))]
+    t2i = [hinge(0.2 - s[0, 0] + s[2, 0]), hinge(0.2 - s[1, 1] + s[2, 1]),
+           max(hinge(0.2 - s[2, 2] + s[0, 2]), hinge(0.2 - s[2, 2] + s[1, 2]))]
+    assert torch.allclose(out["global_i2t"], torch.tensor(i2t, dtype=torch.float64).mean(), **TOL)
+    assert torch.allclose(out["global_t2i"], torch.tensor(t2i, dtype=torch.float64).mean(), **TOL)
+    # Contrastive target: weight 1 on both captions of picture 5, normalised; picture 9 only on itself.
+    target = torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    expected_i2t = -(target * torch.log_softmax(s / 0.5, dim=1)).sum(1).mean()
+    expected_t2i = -(target * torch.log_softmax(s.T / 0.5, dim=1)).sum(1).mean()
+    assert torch.allclose(out["local_i2t"], expected_i2t, **TOL)
+    assert torch.allclose(out["local_t2i"], expected_t2i, **TOL)
+
+
+def test_batch_of_one_picture_has_no_negatives():
+    batch = make_batch(n=3, ids=(4, 4, 4))
+    out = HierarchicalLoss(local="adaptive_hinge", labels="none")(batch)
+    assert out["global"] == 0 and out["local"] == 0 and out["label_mean"] == 0
+    distinct = HierarchicalLoss(local="adaptive_hinge", labels="none")({**batch, "image_ids": torch.arange(3)})
+    assert distinct["global"] > 0  # the same embeddings do violate the margin once the pairs are negatives
+
+
+# ----------------------------------------------------------------------------------------- row slices
+@pytest.mark.parametrize("sizes", [(3, 3), (2, 1, 3)])
+@pytest.mark.parametrize("local,labels,step", [("contrastive", "concepts", 0), ("adaptive_hinge", "shuffled", 1),
+                                               ("adaptive_hinge", "concepts", 9)])
+def test_row_slices_decompose_the_full_batch(sizes, local, labels, step):
+    batch = make_batch()
+    n = len(batch["image_ids"])
+    loss_fn = HierarchicalLoss(local=local, labels=labels, warmup_steps=5, concept_bce_weight=0.5, seed=3)
+    g = torch.Generator().manual_seed(1)
+    logits = [torch.randn(n, 5, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2)]
+    full = loss_fn(batch, step=step, concept_logits=tuple(logits))
+    offsets = [sum(sizes[:r]) for r in range(len(sizes))]
+    parts = [loss_fn(batch, row_offset=o, num_rows=m, step=step,
+                     concept_logits=(logits[0][o:o + m], logits[1][o:o + m])) for o, m in zip(offsets, sizes)]
+    for key in ("loss", "global", "local", "concept_bce"):
+        combined = sum(part[key] * m / n for part, m in zip(parts, sizes))
+        assert_same(combined, full[key], batch)
+        if key in ("loss", "concept_bce"):
+            for a, b in zip(torch.autograd.grad(combined, logits, retain_graph=True),
+                            torch.autograd.grad(full[key], logits, retain_graph=True)):
+                assert torch.allclose(a, b, **TOL)
+
+
+def test_default_rows_run_from_offset_to_end():
+    batch = make_batch()
+    loss_fn = HierarchicalLoss()
+    assert torch.equal(loss_fn(batch, row_offset=2)["loss"], loss_fn(batch, row_offset=2, num_rows=4)["loss"])
+
+
+# ----------------------------------------------------------------------------------------- labels
+def test_jaccard_hand_computed_with_empty_sets():
+    a = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 1, 1]], dtype=torch.float32)
+    b = torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 1]], dtype=torch.float32)
+    expected = torch.tensor([[1 / 2, 0.0, 1 / 4],
+                             [0.0, 0.0, 0.0],
+                             [1 / 3, 0.0, 2 / 4]])
+    assert torch.allclose(jaccard(a, b), expected)
+    assert torch.allclose(jaccard(b, a), expected.T)
+    with pytest.raises(ValueError, match="jaccard"):
+        jaccard(a, b[:, :3])
+
+
+def test_labels_none_gives_zero_labels_and_plain_identity_targets():
+    batch = make_batch()
+    out = HierarchicalLoss(labels="none")(batch)
+    assert out["label_mean"] == 0
+    unlabelled = {**batch, "image_concepts": torch.zeros(6, 5), "caption_concepts": torch.zeros(6, 5)}
+    same = HierarchicalLoss(labels="concepts")(unlabelled)
+    assert torch.allclose(out["local"], same["local"], **TOL)
+    assert not torch.allclose(out["local"], HierarchicalLoss(labels="concepts")(batch)["local"], **TOL)
+
+
+def test_shuffle_permutation_is_shared_and_changes_per_step():
+    first = shuffle_permutation(16, seed=7, step=3)
+    assert torch.equal(first, shuffle_permutation(16, seed=7, step=3))
+    assert torch.equal(first.sort().values, torch.arange(16))
+    assert not torch.equal(first, shuffle_permutation(16, seed=7, step=4))
+    assert not torch.equal(first, shuffle_permutation(16, seed=8, step=3))
+
+
+@pytest.mark.parametrize("local", ["contrastive", "adaptive_hinge"])
+def test_shuffled_labels_are_the_concepts_permuted_by_seed_and_step(local):
+    batch = make_batch()
+    shuffled = HierarchicalLoss(local=local, labels="shuffled", seed=11)
+    for step in (0, 1):
+        perm = shuffle_permutation(6, seed=11, step=step)
+        permuted = {**batch, "image_concepts": batch["image_concepts"][perm],
+                    "caption_concepts": batch["caption_concepts"][perm]}
+        expected = HierarchicalLoss(local=local, labels="concepts")(permuted)["loss"]
+        assert torch.allclose(shuffled(batch, step=step)["loss"], expected, **TOL)
+    again = HierarchicalLoss(local=local, labels="shuffled", seed=11)
+    assert torch.equal(shuffled(batch, step=4)["loss"], again(batch, step=4)["loss"])
+    assert not torch.allclose(shuffled(batch, step=0)["loss"], shuffled(batch, step=1)["loss"], **TOL)
+    plain = HierarchicalLoss(local=local, labels="concepts")(batch)["loss"]
+    assert not torch.allclose(shuffled(batch, step=0)["loss"], plain, **TOL)
+
+
+def test_adaptive_hinge_negative_with_full_label_contributes_nothing():
+    e = torch.eye(2, dtype=torch.float64)
+    close = F.normalize(e[0] + 0.1 * e[1], dim=0)  # caption 1 is almost image 0's own caption
+    img, txt = torch.stack([e[0], e[1]]), torch.stack([e[0], close])
+    concepts = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # every pair shares every concept: Y = 1
+    batch = {"img_g": img, "txt_g": txt, "img_l": img, "txt_l": txt, "image_ids": torch.tensor([0, 1]),
+             "image_concepts": concepts, "caption_concepts": concepts}
+    labelled = HierarchicalLoss(local="adaptive_hinge", local_margin=0.2)(batch)
+    unlabelled = HierarchicalLoss(local="adaptive_hinge", local_margin=0.2, labels="none")(batch)
+    s = img @ txt.T
+    assert labelled["local_i2t"] == 0 and labelled["label_mean"] == 1
+    expected = ((0.2 - s[0, 0] + s[0, 1]) + (0.2 - s[1, 1] + s[1, 0])) / 2
+    assert torch.allclose(unlabelled["local_i2t"], expected, **TOL) and expected > 0
+
+
+# ----------------------------------------------------------------------------------------- concept BCE
+def manual_bce(logits, targets):
+    p = torch.sigmoid(logits)
+    return -(targets * torch.log(p) + (1 - targets) * torch.log(1 - p)).mean()
+
+
+def test_concept_bce_matches_torch_and_enters_the_total():
+    batch = make_batch(n=2, ids=(0, 1), k=3)
+    batch["image_concepts"] = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    batch["caption_concepts"] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    image_logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]], dtype=torch.float64)
+    caption_logits = torch.tensor([[-0.5, 1.0, 0.0], [1.5, 2.0, -3.0]], dtype=torch.float64)
+    loss_fn = HierarchicalLoss(concept_bce_weight=0.3, local_weight=2.0)
+    out = loss_fn(batch, concept_logits=(image_logits, caption_logits))
+    bce = torch.nn.BCEWithLogitsLoss()
+    expected = bce(image_logits, batch["image_concepts"].double()) + bce(caption_logits,
+                                                                          batch["caption_concepts"].double())
+    assert torch.allclose(out["concept_bce"], expected, **TOL)
+    manual = manual_bce(image_logits, batch["image_concepts"]) + manual_bce(caption_logits, batch["caption_concepts"])
+    assert torch.allclose(out["concept_bce"], manual, **TOL)
+    assert torch.allclose(out["loss"], out["global"] + 2.0 * out["local"] + 0.3 * out["concept_bce"], **TOL)
+
+
+def test_concept_bce_targets_follow_the_shuffle():
+    batch = make_batch()
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g))
+    out = HierarchicalLoss(labels="shuffled", seed=1, concept_bce_weight=1.0)(batch, step=2, concept_logits=logits)
+    perm = shuffle_permutation(6, seed=1, step=2)
+    expected = (F.binary_cross_entropy_with_logits(logits[0], batch["image_concepts"][perm])
+                + F.binary_cross_entropy_with_logits(logits[1], batch["caption_concepts"][perm]))
+    assert torch.allclose(out["concept_bce"], expected, **TOL)
+
+
+# ----------------------------------------------------------------------------------------- precision
+def test_bf16_inputs_are_scored_in_float32():
+    batch = make_batch(dtype=torch.bfloat16)
+    out = HierarchicalLoss()(batch)
+    upcast = {k: v.detach().float() if k in EMBED_KEYS else v for k, v in batch.items()}
+    expected = HierarchicalLoss()(upcast)
+    assert out["loss"].dtype == torch.float32
+    assert torch.allclose(out["loss"], expected["loss"], rtol=1e-6, atol=1e-6)
+    out["loss"].backward()
+    assert batch["img_l"].grad.dtype == torch.bfloat16 and batch["img_l"].grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("kwargs,name", [
+    ({"local": "infonce"}, "local"), ({"labels": "random"}, "labels"), ({"temperature": 0.0}, "temperature"),
+    ({"temperature": -1.0}, "temperature"), ({"local_weight": -0.1}, "local_weight"),
+    ({"concept_bce_weight": -1.0}, "concept_bce_weight"), ({"margin": -0.2}, "margin"),
+    ({"local_margin": -0.2}, "local_margin"), ({"warmup_steps": -1}, "warmup_steps"),
+    ({"concept_bce_weight": 1.0, "labels": "none"}, "concept_bce_weight"),
+])
+def test_constructor_refusals_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        HierarchicalLoss(**kwargs)
+
+
+def test_forward_refusals_name_the_problem():
+    batch = make_batch()
+    with pytest.raises(ValueError, match="img_l"):
+        HierarchicalLoss()({k: v for k, v in batch.items() if k != "img_l"})
+    with pytest.raises(ValueError, match="caption_concepts"):
+        HierarchicalLoss()({k: v for k, v in batch.items() if k != "caption_concepts"})
+    with pytest.raises(ValueError, match="txt_g"):
+        HierarchicalLoss()({**batch, "txt_g": batch["txt_g"][:4]})
+    with pytest.raises(ValueError, match="image_ids"):
+        HierarchicalLoss()({**batch, "image_ids": batch["image_ids"].float()})
+    with pytest.raises(ValueError, match="row_offset"):
+        HierarchicalLoss()(batch, row_offset=4, num_rows=3)
+    with pytest.raises(ValueError, match="concept_logits"):
+        HierarchicalLoss(concept_bce_weight=1.0)(batch)
+    with pytest.raises(ValueError, match="caption_logits"):
+        HierarchicalLoss(concept_bce_weight=1.0)(batch, concept_logits=(torch.zeros(6, 5), torch.zeros(6, 4)))
+    with pytest.raises(ValueError, match="concept_logits"):
+        HierarchicalLoss()(batch, concept_logits=(torch.zeros(6, 5), torch.zeros(6, 5)))
+    assert math.isfinite(HierarchicalLoss(local="none", labels="none")(
+        {k: batch[k] for k in ("img_g", "txt_g", "image_ids")})["loss"].item())

@@ -1,0 +1,286 @@
+"""The one typed config tree: YAML defaults in configs/, `section.key=value` overrides on the command line.
+
+Everything is checked before any work starts: an unknown key, a value of the wrong type or an impossible value
+is refused with a message that names the key (`ConfigError`). The resolved tree is saved in the run folder
+(`config.yaml`), so a run can always be reproduced or resumed from its own folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used; the message names the key."""
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/builtin"
+    seed: int = 0
+    resume: Optional[str] = None  # None, "latest" or a checkpoint tag in out_dir/checkpoints
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/builtin"  # a shard-set folder with manifest.json (DESIGN.md section 3)
+    train_split: str = "train"
+    eval_split: str = "val"  # evaluated every train.eval_every steps
+    test_split: str = "test"  # evaluated at the end of training
+    batch_size: int = 128  # micro-batch per rank; the loss sees batch_size * world_size columns
+    num_workers: int = 2
+    shuffle_buffer: int = 2000  # raw samples held per worker before decoding
+    resampled: bool = True  # sample shards with replacement in virtual epochs (False: one pass, split by rank)
+    samples_per_epoch: int = 0  # virtual epoch size per rank; 0 = the train split's image count / world size
+    max_words: int = 32
+    image_size: int = 64
+    eval_batch_size: int = 256
+    max_bad_fraction: float = 0.01  # stop when more than this fraction of read samples is corrupt
+
+
+@dataclass
+class ModelConfig:
+    image_encoder: Literal["small_cnn"] = "small_cnn"
+    embed_dim: int = 256
+    cnn_width: int = 64
+    word_dim: int = 128
+    gru_hidden: int = 256
+    gru_layers: int = 1
+    pooling: Literal["gpo", "mean"] = "gpo"
+    local_score_weight: float = 1.0  # w in s = <g,g> + w <l,l>
+
+
+@dataclass
+class LossConfig:
+    margin: float = 0.2
+    warmup_steps: int = 200  # sum of violations before this step, hardest negative after
+    local: Literal["contrastive", "adaptive_hinge", "none"] = "contrastive"  # none = global space only
+    local_weight: float = 1.0  # b in L = L_g + b L_l
+    temperature: float = 0.05
+    local_margin: float = 0.2
+    concept_bce_weight: float = 0.0
+    labels: Literal["concepts", "shuffled", "none"] = "concepts"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at train.steps
+    grad_clip: float = 2.0  # explicit: DeepSpeed would silently clip at 1.0 otherwise
+
+
+@dataclass
+class EngineConfig:
+    deepspeed_config: str = "configs/deepspeed/zero0.json"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_accum: int = 1
+    threads: int = 0  # torch CPU threads per process; 0 = cores / local processes
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    log_every: int = 20
+    eval_every: int = 250  # 0 = only at the end
+    ckpt_every: int = 500  # 0 = only at the end
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` converted to `annotation` where that is lossless, else raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported annotation {annotation!r}")  # a bug in this file, not in the config
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, data[f.name], key)
+        else:
+            kwargs[f.name] = _check_type(key, data[f.name], hint)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected section.key=value")
+    path, raw = override.split("=", 1)
+    parts = path.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: {part} is not a section")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: cannot parse value {raw!r}: {e}") from e
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), check_paths: bool = True) -> Config:
+    """Defaults <- YAML file <- overrides, then type and value checks. Raises ConfigError naming the key."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: invalid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        tree = loaded
+    for override in overrides:
+        patch: dict = {}
+        _apply_override(patch, override)
+        tree = _merge(tree, patch)
+    cfg = _build(Config, tree, "")
+    validate(cfg, check_paths=check_paths)
+    return cfg
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config, check_paths: bool = True) -> None:
+    d, m, lo, o, e, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.engine, cfg.train
+    _require(d.batch_size >= 2, "data.batch_size", f"must be at least 2 (a batch needs negatives), got {d.batch_size}")
+    _require(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be positive, got {d.eval_batch_size}")
+    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be positive, got {d.shuffle_buffer}")
+    _require(d.samples_per_epoch >= 0, "data.samples_per_epoch", f"must be >= 0, got {d.samples_per_epoch}")
+    _require(d.max_words >= 1, "data.max_words", f"must be positive, got {d.max_words}")
+    _require(d.image_size >= 8 and d.image_size % 8 == 0, "data.image_size",
+             f"must be a positive multiple of 8, got {d.image_size}")
+    _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
+    for key in ("embed_dim", "cnn_width", "word_dim", "gru_hidden", "gru_layers"):
+        _require(getattr(m, key) >= 1, f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    _require(m.local_score_weight >= 0, "model.local_score_weight", f"must be >= 0, got {m.local_score_weight}")
+    _require(lo.margin >= 0, "loss.margin", f"must be >= 0, got {lo.margin}")
+    _require(lo.warmup_steps >= 0, "loss.warmup_steps", f"must be >= 0, got {lo.warmup_steps}")
+    _require(lo.temperature > 0, "loss.temperature", f"must be positive, got {lo.temperature}")
+    _require(lo.local_weight >= 0, "loss.local_weight", f"must be >= 0, got {lo.local_weight}")
+    _require(lo.concept_bce_weight >= 0, "loss.concept_bce_weight", f"must be >= 0, got {lo.concept_bce_weight}")
+    _require(not (lo.concept_bce_weight > 0 and lo.labels == "none"), "loss.concept_bce_weight",
+             "needs labels; it cannot be used with loss.labels=none")
+    _require(not (lo.concept_bce_weight > 0 and lo.local == "none"), "loss.concept_bce_weight",
+             "is applied to the local space; it cannot be used with loss.local=none")
+    _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+             f"must be two numbers in [0, 1), got {o.betas}")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = no clipping), got {o.grad_clip}")
+    _require(e.grad_accum >= 1, "engine.grad_accum", f"must be positive, got {e.grad_accum}")
+    _require(e.threads >= 0, "engine.threads", f"must be >= 0, got {e.threads}")
+    _require(t.steps >= 1, "train.steps", f"must be positive, got {t.steps}")
+    for key in ("log_every", "eval_every", "ckpt_every"):
+        _require(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    _require(t.log_every >= 1, "train.log_every", f"must be positive, got {t.log_every}")
+    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be positive, got {t.keep_checkpoints}")
+    _require(cfg.run.resume is None or bool(cfg.run.resume.strip()), "run.resume", "must be null, latest or a tag")
+    if check_paths:
+        manifest = Path(d.shards) / "manifest.json"
+        _require(manifest.is_file(), "data.shards",
+                 f"{d.shards} is not a shard set (no manifest.json); build one with `python -m shards build`")
+        splits = json.loads(manifest.read_text()).get("splits", {})
+        for key in ("train_split", "eval_split", "test_split"):
+            name = getattr(d, key)
+            _require(name in splits, f"data.{key}", f"split {name!r} not in {manifest} (has: {', '.join(splits)})")
+        ds = Path(e.deepspeed_config)
+        _require(ds.is_file(), "engine.deepspeed_config", f"{ds} does not exist")
+        try:
+            json.loads(ds.read_text())
+        except ValueError as err:
+            raise ConfigError(f"engine.deepspeed_config: {ds} is not valid JSON: {err}") from err
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(cfg.to_yaml())

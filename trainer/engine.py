@@ -1,0 +1,80 @@
+"""The DeepSpeed engine: its JSON config merged with the YAML tree, AdamW, warmup + cosine, checkpoints.
+
+Batch sizes live in the YAML (data.batch_size per rank, engine.grad_accum); a DeepSpeed JSON may leave them out
+or say "auto". If it names them and they disagree with the YAML, the run is refused before any work, since
+DeepSpeed would otherwise train with a batch the loss does not expect.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from trainer.config import Config, ConfigError
+
+_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The JSON file's settings, with batch sizes, clipping and precision filled in from the YAML tree."""
+    path = Path(cfg.engine.deepspeed_config)
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"engine.deepspeed_config: cannot read {path}: {e}") from e
+    want = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.engine.grad_accum,
+        "train_batch_size": cfg.data.batch_size * cfg.engine.grad_accum * world_size,
+    }
+    for key in _BATCH_KEYS:
+        given = ds.get(key, "auto")
+        if given != "auto" and given != want[key]:
+            raise ConfigError(
+                f"engine.deepspeed_config: {path} sets {key}={given} but the YAML gives {want[key]} "
+                f"(data.batch_size={cfg.data.batch_size}, engine.grad_accum={cfg.engine.grad_accum}, "
+                f"world size {world_size}); make them agree or set it to \"auto\"")
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ConfigError(f"engine.deepspeed_config: {path} defines an optimizer/scheduler; they come from the "
+                          f"optim section of the YAML (AdamW, warmup + cosine)")
+    if ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"engine.deepspeed_config: {path} enables fp16; use engine.precision=bf16 instead")
+    ds.update(want)
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    ds["bf16"] = {"enabled": cfg.engine.precision == "bf16"}
+    ds.setdefault("steps_per_print", 10**9)  # we log ourselves
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms and 1-d parameters (scales), as usual."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, ds_config: dict):
+    """`ds_config` from `deepspeed_config`, computed (and so checked) before any work starts."""
+    import deepspeed
+
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, o.warmup_steps, cfg.train.steps, o.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine

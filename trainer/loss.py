@@ -1,0 +1,190 @@
+"""Hierarchical hard-negative loss: a VSE++ hinge on the global space plus a label-supervised local term.
+
+Built for the all-gathered large batch: a process scores only its own n rows against all N columns, in both
+directions, so memory is O(n * N). Every term is a mean over the local rows, hence
+sum_r term_r * n_r / N over ranks equals the single-process term on the whole batch (values and gradients).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOCAL_KINDS = ("contrastive", "adaptive_hinge", "none")
+LABEL_KINDS = ("concepts", "shuffled", "none")
+
+
+def jaccard(a: Tensor, b: Tensor) -> Tensor:
+    """Jaccard index of concept sets: [n, K] x [m, K] multi-hot -> [n, m]; 0 where both sets are empty."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"jaccard needs [n, K] and [m, K] tensors; got {tuple(a.shape)} and {tuple(b.shape)}")
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    a = (a > 0).to(dtype)
+    b = (b > 0).to(dtype)
+    inter = a @ b.T
+    union = a.sum(1, keepdim=True) + b.sum(1).unsqueeze(0) - inter
+    # union is a whole count; where it is 0 the intersection is 0 too, so clamping gives J = 0 there.
+    return inter / union.clamp(min=1)
+
+
+def shuffle_permutation(num_items: int, seed: int, step: int) -> Tensor:
+    """The permutation of label rows used by labels="shuffled": a pure function of (seed, step), so every
+    rank computes the same one without communicating."""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    return torch.randperm(num_items, generator=generator)
+
+
+def _hinge(scores: Tensor, positive: Tensor, negatives: Tensor, margin: Tensor | float, use_sum: bool) -> Tensor:
+    """Mean over rows of the hardest (or summed) hinge [margin - s_pos + s_ij]_+ over the negative columns."""
+    cost = (margin - positive.unsqueeze(1) + scores).clamp(min=0).masked_fill(~negatives, 0.0)
+    per_row = cost.sum(1) if use_sum else cost.max(1).values
+    return per_row.mean()
+
+
+def _soft_contrastive(scores: Tensor, same_image: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """Cross-entropy between softmax(scores / t) and the soft target: 1 on every column of the row's own
+    picture, the label elsewhere, normalised per row (the positive column keeps every row sum >= 1)."""
+    target = torch.where(same_image, torch.ones_like(labels), labels)
+    target = target / target.sum(1, keepdim=True)
+    return -(target * F.log_softmax(scores / temperature, dim=1)).sum(1).mean()
+
+
+class HierarchicalLoss(torch.nn.Module):
+    """L = global + local_weight * local + concept_bce_weight * concept_bce, see DESIGN.md section 1."""
+
+    def __init__(self, *, margin: float = 0.2, warmup_steps: int = 0, local: str = "contrastive",
+                 local_weight: float = 1.0, temperature: float = 0.05, local_margin: float = 0.2,
+                 concept_bce_weight: float = 0.0, labels: str = "concepts", seed: int = 0):
+        super().__init__()
+        if local not in LOCAL_KINDS:
+            raise ValueError(f"local must be one of {LOCAL_KINDS}; got {local!r}")
+        if labels not in LABEL_KINDS:
+            raise ValueError(f"labels must be one of {LABEL_KINDS}; got {labels!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive; got {temperature}")
+        for name, value in (("margin", margin), ("local_margin", local_margin), ("local_weight", local_weight),
+                            ("concept_bce_weight", concept_bce_weight), ("warmup_steps", warmup_steps)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be non-negative; got {value}")
+        if concept_bce_weight > 0 and labels == "none":
+            raise ValueError("concept_bce_weight > 0 needs concept labels; labels='none' has none")
+        self.margin = margin
+        self.warmup_steps = warmup_steps
+        self.local = local
+        self.local_weight = local_weight
+        self.temperature = temperature
+        self.local_margin = local_margin
+        self.concept_bce_weight = concept_bce_weight
+        self.labels = labels
+        self.seed = seed
+
+    def forward(self, batch: Mapping[str, Tensor], *, row_offset: int = 0, num_rows: int | None = None,
+                step: int = 0, concept_logits: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+        num_rows = self._check_batch(batch, row_offset, num_rows)
+        rows = slice(row_offset, row_offset + num_rows)
+        dtype = torch.promote_types(batch["img_g"].dtype, torch.float32)
+        ids = batch["image_ids"]
+        same_image = ids[rows].unsqueeze(1) == ids.unsqueeze(0)  # [n, N]; the positive column is in it
+        negatives = ~same_image
+        positive_col = torch.arange(row_offset, row_offset + num_rows, device=ids.device).unsqueeze(1)
+        use_sum = False
+
+        def both_directions(key: str) -> tuple[Tensor, Tensor]:
+            img, txt = batch[f"img_{key}"].to(dtype), batch[f"txt_{key}"].to(dtype)
+            i2t = img[rows] @ txt.T
+            t2i = txt[rows] @ img.T
+            return i2t, t2i
+
+        out: dict[str, Tensor] = {}
+        s_i2t, s_t2i = both_directions("g")
+        out["global_i2t"] = _hinge(s_i2t, s_i2t.gather(1, positive_col).squeeze(1), negatives, self.margin, use_sum)
+        out["global_t2i"] = _hinge(s_t2i, s_t2i.gather(1, positive_col).squeeze(1), negatives, self.margin, use_sum)
+        out["global"] = out["global_i2t"] + out["global_t2i"]
+        loss = out["global"]
+
+        concepts = self._concepts(batch, step)
+        if concepts is None:
+            y_i2t = y_t2i = torch.zeros(same_image.shape, dtype=dtype, device=same_image.device)
+        else:
+            img_c, cap_c = concepts
+            y_i2t = jaccard(img_c[rows], cap_c).to(dtype)
+            y_t2i = jaccard(cap_c[rows], img_c).to(dtype)
+        num_negatives = negatives.sum().clamp(min=1)
+        out["label_mean"] = ((y_i2t * negatives).sum() + (y_t2i * negatives).sum()).detach() / (2 * num_negatives)
+
+        if self.local != "none":
+            l_i2t, l_t2i = both_directions("l")
+            if self.local == "contrastive":
+                out["local_i2t"] = _soft_contrastive(l_i2t, same_image, y_i2t, self.temperature)
+                out["local_t2i"] = _soft_contrastive(l_t2i, same_image, y_t2i, self.temperature)
+            else:
+                out["local_i2t"] = _hinge(l_i2t, l_i2t.gather(1, positive_col).squeeze(1), negatives,
+                                          self.local_margin * (1 - y_i2t), use_sum)
+                out["local_t2i"] = _hinge(l_t2i, l_t2i.gather(1, positive_col).squeeze(1), negatives,
+                                          self.local_margin * (1 - y_t2i), use_sum)
+            out["local"] = out["local_i2t"] + out["local_t2i"]
+            loss = loss + self.local_weight * out["local"]
+
+        if self.concept_bce_weight > 0:
+            if concept_logits is None:
+                raise ValueError("concept_logits (image_logits, caption_logits) are required: concept_bce_weight > 0")
+            img_c, cap_c = concepts
+            out["concept_bce"] = (self._bce(concept_logits[0], img_c[rows], "image_logits")
+                                  + self._bce(concept_logits[1], cap_c[rows], "caption_logits"))
+            loss = loss + self.concept_bce_weight * out["concept_bce"]
+        elif concept_logits is not None:
+            raise ValueError("concept_logits given but concept_bce_weight is 0: the model and loss configs disagree")
+
+        out["loss"] = loss
+        return out
+
+    def _concepts(self, batch: Mapping[str, Tensor], step: int) -> tuple[Tensor, Tensor] | None:
+        """All N rows of (image_concepts, caption_concepts), permuted together for labels="shuffled"."""
+        if self.labels == "none":
+            return None
+        img_c, cap_c = batch["image_concepts"], batch["caption_concepts"]
+        if self.labels == "shuffled":
+            perm = shuffle_permutation(img_c.shape[0], self.seed, step).to(img_c.device)
+            img_c, cap_c = img_c[perm], cap_c[perm]
+        return img_c, cap_c
+
+    @staticmethod
+    def _bce(logits: Tensor, targets: Tensor, name: str) -> Tensor:
+        if logits.shape != targets.shape:
+            raise ValueError(f"concept_logits {name} must have shape {tuple(targets.shape)} (local rows x K); "
+                             f"got {tuple(logits.shape)}")
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        return F.binary_cross_entropy_with_logits(logits.to(dtype), targets.to(dtype))
+
+    def _check_batch(self, batch: Mapping[str, Tensor], row_offset: int, num_rows: int | None) -> int:
+        """Refuse a malformed batch or row range; return the number of local rows."""
+        needed = ["img_g", "txt_g", "image_ids"]
+        if self.local != "none":
+            needed += ["img_l", "txt_l"]
+        if self.labels != "none":
+            needed += ["image_concepts", "caption_concepts"]
+        missing = [key for key in needed if key not in batch]
+        if missing:
+            raise ValueError(f"loss batch is missing keys {missing} (local={self.local!r}, labels={self.labels!r})")
+        ids = batch["image_ids"]
+        if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"batch['image_ids'] must be an integer [N] tensor; got {ids.dtype} {tuple(ids.shape)}")
+        total = ids.shape[0]
+        for pair in (("img_g", "txt_g"), ("img_l", "txt_l")) if self.local != "none" else (("img_g", "txt_g"),):
+            shapes = [tuple(batch[key].shape) for key in pair]
+            if any(len(s) != 2 or s[0] != total for s in shapes) or shapes[0] != shapes[1]:
+                raise ValueError(f"batch[{pair[0]!r}] and batch[{pair[1]!r}] must both be [N={total}, D]; "
+                                 f"got {shapes[0]} and {shapes[1]}")
+        if self.labels != "none":
+            shapes = [tuple(batch[key].shape) for key in ("image_concepts", "caption_concepts")]
+            if any(len(s) != 2 or s[0] != total for s in shapes) or shapes[0] != shapes[1]:
+                raise ValueError(f"batch['image_concepts'] and batch['caption_concepts'] must both be "
+                                 f"[N={total}, K]; got {shapes[0]} and {shapes[1]}")
+        num_rows = total - row_offset if num_rows is None else num_rows
+        if not (0 <= row_offset and 1 <= num_rows and row_offset + num_rows <= total):
+            raise ValueError(f"row_offset={row_offset}, num_rows={num_rows} do not select rows of a batch of {total}")
+        return num_rows
