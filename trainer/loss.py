@@ -91,7 +91,7 @@ class HierarchicalLoss(torch.nn.Module):
         same_image = ids[rows].unsqueeze(1) == ids.unsqueeze(0)  # [n, N]; the positive column is in it
         negatives = ~same_image
         positive_col = torch.arange(row_offset, row_offset + num_rows, device=ids.device).unsqueeze(1)
-        use_sum = False
+        use_sum = step < self.warmup_steps
 
         def both_directions(key: str) -> tuple[Tensor, Tensor]:
             img, txt = batch[f"img_{key}"].to(dtype), batch[f"txt_{key}"].to(dtype)
