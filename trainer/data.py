@@ -230,13 +230,26 @@ class TrainStream(IterableDataset):
         since[:] = [counter.read, counter.bad]
         return batch
 
+    def _shuffled(self, raw: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        """A shuffle buffer of raw (undecoded) samples."""
+        buffer: list[dict] = []
+        for sample in raw:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            slot = rng.randrange(len(buffer))
+            buffer[slot], sample = sample, buffer[slot]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
     def __iter__(self) -> Iterator[dict]:
+        """Batches, and at the end possibly one counts-only item ({"n_read", "n_bad"}, no "images")."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
         counter = _BadSampleCounter()
         raw = wds.tarfile_to_samples(handler=counter)(self._shard_urls(rng, worker, num_workers))
-        buffer: list[dict] = []
         items: list[dict] = []
         since = [0, 0]
         produced = 0
@@ -254,20 +267,13 @@ class TrainStream(IterableDataset):
                 yield self._collate(items, counter, since)
                 items.clear()
 
-        for sample in raw:
+        for sample in self._shuffled(raw, rng):
             if produced >= self.batches_per_worker:
-                return
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            slot = rng.randrange(len(buffer))
-            buffer[slot], sample = sample, buffer[slot]
+                break
             yield from take(sample)
-        rng.shuffle(buffer)
-        for sample in buffer:
-            if produced >= self.batches_per_worker:
-                return
-            yield from take(sample)
+        # Bad samples met after the last full batch still have to reach the main process's count.
+        if counter.read > since[0] or counter.bad > since[1]:
+            yield {"n_read": torch.tensor(counter.read - since[0]), "n_bad": torch.tensor(counter.bad - since[1])}
         # A partial last batch is dropped: every step must see exactly batch_size rows per rank.
 
 
@@ -283,8 +289,14 @@ def train_batches(stream: TrainStream, num_workers: int, start_epoch: int = 0) -
         loader = DataLoader(stream, batch_size=None, num_workers=num_workers, worker_init_fn=_worker_init,
                             prefetch_factor=4 if num_workers else None, pin_memory=torch.cuda.is_available())
         got_any = False
+        pending = torch.zeros(2, dtype=torch.long)  # counts-only items are added to the next real batch
         for batch in loader:
+            if "images" not in batch:
+                pending += torch.stack([batch["n_read"], batch["n_bad"]])
+                continue
             got_any = True
+            batch["n_read"], batch["n_bad"] = batch["n_read"] + pending[0], batch["n_bad"] + pending[1]
+            pending.zero_()
             yield epoch, batch
         if not got_any:
             raise RuntimeError(f"training stream produced no full batch in epoch {epoch}: too few samples "

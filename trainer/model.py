@@ -47,13 +47,14 @@ class GPOPool(nn.Module):
     """VSE-infinity's Generalized Pooling Operator over right-padded parts [B, T, D] with lengths [B].
 
     Per feature dimension the valid values are sorted in descending order and summed with weights over sorted
-    positions; the weights of a set of L parts come from a BiGRU run over the positional encodings of
-    positions 1..L. Unlike VSE-infinity, the GRU runs once per forward on a fixed batch holding every length
-    1..max_len (a table of weight rows), and each sample picks its row: the module calls never depend on
-    the data, which ZeRO-3 requires.
+    positions; the weights of a set of L parts come from a BiGRU run over the positional encodings of its L
+    sorted positions, a linear score and a softmax with temperature 0.1. Unlike VSE-infinity, the GRU runs
+    once per forward on a fixed batch holding every length 1..max_len (a table of weight rows), and each
+    sample picks its row: the module calls never depend on the data, which ZeRO-3 requires.
     """
 
-    def __init__(self, max_len: int, pe_dim: int = 32, hidden: int = 32, temperature: float = 0.1):
+    def __init__(self, max_len: int, pe_dim: int = 32, hidden: int = 32, temperature: float = 0.1,
+                 variable_length: bool = True):
         super().__init__()
         _require_positive(max_len=max_len, pe_dim=pe_dim, hidden=hidden)
         if pe_dim % 2:
@@ -62,14 +63,24 @@ class GPOPool(nn.Module):
         self.temperature = temperature
         self.gru = nn.GRU(pe_dim, hidden, batch_first=True, bidirectional=True)
         self.score = nn.Linear(hidden, 1, bias=False)  # a bias would cancel in the softmax
-        positions = sinusoidal_positions(max_len, pe_dim).expand(max_len, max_len, pe_dim).contiguous()
+        # An image grid always has max_len valid parts: then only the full-length row of the table is needed,
+        # which saves the GRU max_len - 1 sequences per forward.
+        self.variable_length = variable_length
+        rows = max_len if variable_length else 1
+        positions = sinusoidal_positions(max_len, pe_dim).expand(rows, max_len, pe_dim).contiguous()
         self.register_buffer("positions", positions, persistent=False)
-        self.table_lengths = torch.arange(1, max_len + 1)  # stays on the CPU, where packing wants it
+        # stays on the CPU, where packing wants it
+        self.table_lengths = torch.arange(1, max_len + 1) if variable_length else torch.tensor([max_len])
 
     def weight_table(self) -> Tensor:
-        """[max_len, max_len]: row L-1 holds the weights over sorted positions of a set of L parts."""
-        packed = pack_padded_sequence(self.positions, self.table_lengths, batch_first=True, enforce_sorted=False)
-        out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=self.max_len)
+        """[rows, max_len]: row L-1 holds the weights over sorted positions of a set of L parts (with
+        variable_length=False a single row, for max_len parts)."""
+        positions = self.positions.to(self.score.weight.dtype)  # bf16 engines convert parameters, not this
+        if self.variable_length:
+            packed = pack_padded_sequence(positions, self.table_lengths, batch_first=True, enforce_sorted=False)
+            out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=self.max_len)
+        else:
+            out = self.gru(positions)[0]
         hidden = self.gru.hidden_size
         out = (out[..., :hidden] + out[..., hidden:]) / 2
         scores = self.score(out).squeeze(-1)
@@ -79,7 +90,13 @@ class GPOPool(nn.Module):
 
     def forward(self, parts: Tensor, lengths: Tensor) -> Tensor:
         width = parts.size(1)
-        weights = self.weight_table()[lengths - 1]  # [B, max_len]; zero past each length
+        table = self.weight_table()
+        if not self.variable_length:
+            if width != self.max_len:
+                raise ValueError(f"this pooling takes exactly {self.max_len} parts per sample, got {width}")
+            weights = table.expand(parts.size(0), -1)
+            return (parts.sort(dim=1, descending=True).values * weights.unsqueeze(-1).to(parts.dtype)).sum(dim=1)
+        weights = table[lengths - 1]  # [B, max_len]; zero past each length
         if width <= self.max_len:
             weights = weights[:, :width]
         else:  # parts padded past max_len: the padding weighs nothing
@@ -99,8 +116,9 @@ class MeanPool(nn.Module):
         _require_positive(max_len=max_len)
 
     def forward(self, parts: Tensor, lengths: Tensor) -> Tensor:
-        valid = _prefix_mask(lengths, parts.size(1)).unsqueeze(-1).to(parts.dtype)
-        return (parts * valid).sum(dim=1) / lengths.unsqueeze(-1).to(parts.dtype)
+        valid = _prefix_mask(lengths, parts.size(1)).unsqueeze(-1)
+        # masked_fill, not a product: padding that holds inf or NaN must not leak into the mean
+        return parts.masked_fill(~valid, 0.0).sum(dim=1) / lengths.unsqueeze(-1).to(parts.dtype)
 
 
 POOLINGS: dict[str, Callable[[int], nn.Module]] = {"gpo": GPOPool, "mean": MeanPool}
@@ -130,10 +148,10 @@ class PartHead(nn.Module):
 class EmbeddingHead(nn.Module):
     """Parts [B, P, C] with lengths [B] -> one L2-normalised vector [B, D] in one space."""
 
-    def __init__(self, in_dim: int, out_dim: int, pooling: str, max_parts: int):
+    def __init__(self, in_dim: int, out_dim: int, pooling: str, max_parts: int, variable_length: bool = True):
         super().__init__()
         self.project = PartHead(in_dim, out_dim)
-        self.pool = POOLINGS[pooling](max_parts)
+        self.pool = GPOPool(max_parts, variable_length=variable_length) if pooling == "gpo" else MeanPool(max_parts)
 
     def forward(self, parts: Tensor, lengths: Tensor) -> Tensor:
         return F.normalize(self.pool(self.project(parts), lengths), dim=-1)
@@ -277,9 +295,9 @@ class HierarchicalEmbedder(nn.Module):
         self.text_encoder = GRUTextEncoder(vocab_size, word_dim, gru_hidden, gru_layers)
         num_parts = self.image_encoder.num_parts
         self.register_buffer("image_lengths", torch.tensor([num_parts]), persistent=False)
-        self.image_global = EmbeddingHead(self.image_encoder.out_dim, embed_dim, pooling, num_parts)
+        self.image_global = EmbeddingHead(self.image_encoder.out_dim, embed_dim, pooling, num_parts, False)
         self.text_global = EmbeddingHead(gru_hidden, embed_dim, pooling, max_words)
-        self.image_local = EmbeddingHead(self.image_encoder.out_dim, embed_dim, pooling, num_parts) \
+        self.image_local = EmbeddingHead(self.image_encoder.out_dim, embed_dim, pooling, num_parts, False) \
             if local_space else None
         self.text_local = EmbeddingHead(gru_hidden, embed_dim, pooling, max_words) if local_space else None
         self.concept_head = ConceptHead(num_concepts, embed_dim) if concept_head else None

@@ -1,0 +1,199 @@
+"""Writing a shard set (format: DESIGN.md section 3).
+
+A shard set is a folder with `NAME-SPLIT-000000.tar ...`, `manifest.json`, `concepts.json` and `vocab.json`.
+Each image is one WebDataset sample: `{image_id}.{image_ext}` (the image bytes) and `{image_id}.json`.
+Tars are byte-identical for the same input (fixed member metadata), and each is written under a
+temporary name and renamed when complete, so a half-written shard never looks finished.
+`manifest.json` is written last: its presence marks a complete shard set.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT = "hier-shards"
+FORMAT_VERSION = 1
+IMAGE_EXTS = ("jpg", "png", "webp")
+PARTIAL_SUFFIX = ".partial"
+# fields the builder must pass to close(); the writer fills in the rest
+REQUIRED_MANIFEST_FIELDS = ("source", "num_concepts", "vocab_size", "spacy", "build")
+_WRITER_FIELDS = ("format", "format_version", "name", "splits", "image_ext")
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_SPLIT = re.compile(r"[A-Za-z0-9_]+")
+
+
+@dataclass
+class RawSample:
+    """What a source yields: one image and its captions, before concepts are attached."""
+
+    image_id: str
+    image_bytes: bytes
+    image_ext: str
+    captions: list[str]
+
+
+def shard_file_name(name: str, split: str, index: int) -> str:
+    return f"{name}-{split}-{index:06d}.tar"
+
+
+def _check_image_id(image_id: str) -> None:
+    # WebDataset groups tar members by the name up to the first dot, so an id must not contain one
+    bad = not isinstance(image_id, str) or not image_id or image_id != image_id.strip()
+    if bad or any(ch in image_id for ch in "./\\"):
+        raise ValueError(f"invalid image id {image_id!r}: must be a non-empty string without '.', '/', '\\' "
+                         "or surrounding whitespace")
+
+
+def _check_ids(ids: list[int], what: str, image_id: str) -> None:
+    if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids) or ids != sorted(set(ids)):
+        raise ValueError(f"sample {image_id!r}: {what} must be sorted unique non-negative ints, got {ids}")
+
+
+@dataclass
+class _SplitState:
+    images: int = 0
+    captions: int = 0
+    shards: list[str] = field(default_factory=list)
+    in_current: int = 0
+    tar: tarfile.TarFile | None = None
+    partial_path: Path | None = None
+    ids: set[str] = field(default_factory=set)
+
+
+class ShardSetWriter:
+    """Streams samples into per-split tar shards of at most `shard_size` samples each."""
+
+    def __init__(self, out_dir: str | Path, name: str, shard_size: int = 500):
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"shard set name {name!r} must match {_NAME.pattern}")
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.out_dir = Path(out_dir)
+        self.name = name
+        self.shard_size = shard_size
+        self.image_ext: str | None = None
+        self._splits: dict[str, _SplitState] = {}
+        self._closed = False
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write(
+        self,
+        split: str,
+        image_id: str,
+        image_bytes: bytes,
+        image_ext: str,
+        captions: list[str],
+        caption_concepts: list[list[int]],
+        image_concepts: list[int],
+        source: str,
+    ) -> None:
+        if self._closed:
+            raise RuntimeError("ShardSetWriter is closed")
+        if not _SPLIT.fullmatch(split):
+            raise ValueError(f"split name {split!r} must match {_SPLIT.pattern}")
+        _check_image_id(image_id)
+        if image_ext not in IMAGE_EXTS:
+            raise ValueError(f"sample {image_id!r}: image_ext {image_ext!r} is not one of {IMAGE_EXTS}")
+        if self.image_ext is None:
+            self.image_ext = image_ext
+        elif image_ext != self.image_ext:
+            raise ValueError(f"sample {image_id!r}: image_ext {image_ext!r} differs from the set's {self.image_ext!r}")
+        if not image_bytes:
+            raise ValueError(f"sample {image_id!r}: empty image bytes")
+        if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+            raise ValueError(f"sample {image_id!r}: captions must be a non-empty list of non-blank strings")
+        if len(caption_concepts) != len(captions):
+            raise ValueError(
+                f"sample {image_id!r}: {len(captions)} captions but {len(caption_concepts)} caption_concepts")
+        for ids in caption_concepts:
+            _check_ids(ids, "caption_concepts", image_id)
+        _check_ids(image_concepts, "image_concepts", image_id)
+
+        state = self._splits.setdefault(split, _SplitState())
+        if image_id in state.ids:
+            raise ValueError(f"duplicate image id {image_id!r} in split {split!r}")
+        state.ids.add(image_id)
+        if state.tar is None:
+            self._open_shard(split, state)
+        record = {
+            "image_id": image_id,
+            "captions": list(captions),
+            "caption_concepts": [list(ids) for ids in caption_concepts],
+            "image_concepts": list(image_concepts),
+            "split": split,
+            "source": source,
+        }
+        self._add_member(state.tar, f"{image_id}.{image_ext}", image_bytes)
+        self._add_member(state.tar, f"{image_id}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
+        state.images += 1
+        state.captions += len(captions)
+        state.in_current += 1
+        if state.in_current == self.shard_size:
+            self._finish_shard(state)
+
+    def close(self, manifest_fields: dict) -> dict:
+        """Finish the open shards and write manifest.json; returns the manifest."""
+        missing = [k for k in REQUIRED_MANIFEST_FIELDS if k not in manifest_fields]
+        if missing:
+            raise ValueError(f"manifest fields missing: {missing}")
+        clashing = [k for k in _WRITER_FIELDS if k in manifest_fields]
+        if clashing:
+            raise ValueError(f"manifest fields {clashing} are set by the writer and cannot be passed in")
+        for state in self._splits.values():
+            if state.tar is not None:
+                self._finish_shard(state)
+        self._closed = True
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "source": manifest_fields["source"],
+            "splits": {
+                split: {"images": s.images, "captions": s.captions, "shards": list(s.shards)}
+                for split, s in self._splits.items()
+            },
+            "image_ext": self.image_ext,
+            "skipped": {},
+        }
+        manifest.update(manifest_fields)
+        write_json(self.out_dir / "manifest.json", manifest)
+        return manifest
+
+    def _open_shard(self, split: str, state: _SplitState) -> None:
+        file_name = shard_file_name(self.name, split, len(state.shards))
+        state.shards.append(file_name)
+        state.partial_path = self.out_dir / (file_name + PARTIAL_SUFFIX)
+        state.tar = tarfile.open(state.partial_path, "w", format=tarfile.PAX_FORMAT)
+        state.in_current = 0
+
+    def _finish_shard(self, state: _SplitState) -> None:
+        assert state.tar is not None and state.partial_path is not None
+        state.tar.close()
+        os.replace(state.partial_path, self.out_dir / state.shards[-1])
+        state.tar = None
+        state.partial_path = None
+
+    @staticmethod
+    def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        tar.addfile(info, io.BytesIO(data))
+
+
+def write_json(path: str | Path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_concepts_json(path: str | Path, vocab: list[tuple[str, int]]) -> None:
+    """concepts.json: concept id (the position in `vocab`) -> lemma and training caption count."""
+    concepts = [{"id": i, "lemma": lemma, "count": count} for i, (lemma, count) in enumerate(vocab)]
+    write_json(path, {"concepts": concepts})

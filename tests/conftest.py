@@ -1,0 +1,28 @@
+"""Shared fixtures: small shard sets built once per test session through the real CLI."""
+from pathlib import Path
+
+import pytest
+
+from shards.__main__ import main as shards_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_builtin(out: Path, train: int, val: int, test: int, shard_size: int, *extra: str) -> Path:
+    code = shards_main(["build", "--source", "builtin", "--out", str(out), "--train-images", str(train),
+                        "--val-images", str(val), "--test-images", str(test), "--shard-size", str(shard_size),
+                        "--min-concept-count", "2", *extra])
+    assert code in (0, None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """96 train pictures in 6 shards of 16, 32 val, 32 test: enough for streaming and split tests."""
+    return build_builtin(tmp_path_factory.mktemp("tiny") / "builtin", 96, 32, 32, 16)
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> Path:
+    """A corpus big enough that a short training run learns something measurable."""
+    return build_builtin(tmp_path_factory.mktemp("small") / "builtin", 1024, 100, 100, 128, "--pos", "NOUN,ADJ")
