@@ -22,7 +22,7 @@ $(VENV)/.installed: setup.py
 shards: $(SHARDS)/manifest.json
 
 $(SHARDS)/manifest.json: | install
-	$(PY) -m shards build --source builtin --out $(SHARDS) --overwrite
+	$(PY) -m shards build --source builtin --pos NOUN,ADJ --out $(SHARDS) --overwrite
 
 train: install shards
 	$(PY) -m trainer.train --config configs/builtin.yaml $(RUN_ARGS)

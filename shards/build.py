@@ -8,6 +8,7 @@ A source is a pair of functions: the split sizes it will yield and the samples o
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,12 @@ from shards.writer import PARTIAL_SUFFIX, RawSample, ShardSetWriter, write_conce
 from trainer.text import Vocab
 
 TRAIN = "train"
+
+
+def progress(total: int, desc: str) -> tqdm:
+    """A live bar on a terminal; in a log file (CI, nohup) a line every 10 s instead of hundreds of updates."""
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="img", mininterval=0.1 if interactive else 10.0)
 SHARD_SET_FILES = ("manifest.json", "concepts.json", "vocab.json")
 # options that say where and how to write, not what is built: kept out of the manifest
 _NOT_BUILD_OPTIONS = ("command", "run", "out", "overwrite", "spacy_processes")
@@ -122,7 +129,7 @@ def build(args: argparse.Namespace) -> dict:
     if TRAIN not in sizes:
         raise ValueError(f"source {args.source!r} yields no {TRAIN!r} split; vocabularies are built from it")
     samples: dict[str, list[RawSample]] = {}
-    with tqdm(total=sum(sizes.values()), desc="generating", unit="img") as bar:
+    with progress(sum(sizes.values()), "generating") as bar:
         for split in sizes:
             samples[split] = []
             for sample in source.samples(args, split):
@@ -142,7 +149,7 @@ def build(args: argparse.Namespace) -> dict:
     phases["lemmas"] = time.perf_counter() - started - sum(phases.values())
 
     writer = ShardSetWriter(out, args.name, args.shard_size)
-    with tqdm(total=sum(sizes.values()), desc="writing", unit="img") as bar:
+    with progress(sum(sizes.values()), "writing") as bar:
         for split in sizes:
             for sample, caption_lemmas in zip(samples[split], lemmas[split]):
                 caption_concepts = [concept_ids(ls, lemma_to_id) for ls in caption_lemmas]

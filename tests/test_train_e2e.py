@@ -6,6 +6,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.config import load_config
+from trainer.evaluate import main as evaluate_main
 from trainer.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ def _log(out: Path) -> list[dict]:
 def test_short_run_learns_checkpoints_resumes_and_logs(small_shards, tmp_path):
     out = tmp_path / "run"
     common = ("data.batch_size=32", "model.embed_dim=64", "model.cnn_width=32", "model.gru_hidden=64",
-              "model.word_dim=32", "loss.warmup_steps=0", "optim.lr=2e-3", "optim.warmup_steps=10",
+              "model.word_dim=32", "optim.lr=2e-3", "optim.warmup_steps=10",
               "train.log_every=10", "train.eval_every=60", "train.ckpt_every=60")
     final = train(_config(small_shards, out, "train.steps=120", *common))
 
@@ -51,6 +52,12 @@ def test_short_run_learns_checkpoints_resumes_and_logs(small_shards, tmp_path):
                 "train/samples_per_s", "train/data_wait_frac", "train/grad_norm", "train/bad_samples",
                 "eval_val/concat/rsum", "eval_test/global/i2t_r1", "eval_test/local/t2i_r10"):
         assert tag in tags, tag
+
+    # The standalone evaluation of the saved checkpoint reproduces the numbers of the end of training.
+    assert evaluate_main(["--run", str(out), "--split", "test"]) == 0
+    standalone = json.loads((out / "eval" / "test.json").read_text())
+    for score in ("global", "local", "concat"):
+        assert standalone[score] == pytest.approx(test[score])
 
     # Resume: continues at step 120 with the saved state instead of starting over.
     train(_config(small_shards, out, "train.steps=130", "run.resume=latest", *common))

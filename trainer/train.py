@@ -78,8 +78,13 @@ def train_step(engine, loss_fn, batch: dict, step: int, info: DistInfo, dtype: t
     logits = (out["img_concept_logits"], out["txt_concept_logits"]) if "img_concept_logits" in out else None
     losses = loss_fn(gathered, row_offset=info.rank * n, num_rows=n, step=step, concept_logits=logits)
     engine.backward(losses["loss"])
+    stats = {k: v.detach() for k, v in losses.items()}
+    if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
+        # DeepSpeed reports a grad norm only for its ZeRO optimizers; without ZeRO the grads are whole here.
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        stats["grad_norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     engine.step()
-    return {k: v.detach() for k, v in losses.items()}
+    return stats
 
 
 def client_state(cfg: Config, step: int, samples: int, data_epoch: int) -> dict:
@@ -169,6 +174,7 @@ def train(cfg: Config) -> dict:
             window["data_wait"] += time.perf_counter() - t0
             bad_totals += torch.stack([batch["n_read"], batch["n_bad"]])
             losses = train_step(engine, loss_fn, batch, step, info, dtype)
+            grad_norm = losses.pop("grad_norm", None)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             window["micro"] += 1
@@ -179,7 +185,8 @@ def train(cfg: Config) -> dict:
             elapsed = time.perf_counter() - window["start"]
             read, bad = (int(x) for x in all_reduce_sum(bad_totals))
             scalars = {f"loss/{k}": float(v) / window["micro"] for k, v in sums.items()}
-            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is None:
+                grad_norm = engine.get_global_grad_norm()
             scalars.update({
                 "train/lr": engine.get_lr()[0],
                 "train/samples_per_s": global_batch * window["micro"] / elapsed,

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# torchrun on several nodes: run the same command on every node, with NODE_RANK 0 .. NNODES-1.
+#
+# From the repository root (a shared filesystem, or the same paths, on every node):
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash launch/torchrun_multinode.sh \
+#       configs/builtin.yaml data.batch_size=256               # on node 0 (10.0.0.1)
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash launch/torchrun_multinode.sh \
+#       configs/builtin.yaml data.batch_size=256               # on node 1
+# which runs, on each node:
+#   torchrun --nnodes $NNODES --node_rank $NODE_RANK --master_addr $MASTER_ADDR --master_port $MASTER_PORT \
+#       --nproc_per_node $NPROC_PER_NODE -m trainer.train --config CONFIG [ARGS...]
+#
+# NPROC_PER_NODE: processes per node, default one per GPU (torchrun's "gpu"), 1 on a machine without GPUs.
+# MASTER_ADDR is node 0's address, reachable from every node; MASTER_PORT a free TCP port there.
+# Resume a stopped run: the same commands with --resume latest appended.
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+    echo "usage: NNODES=N NODE_RANK=i MASTER_ADDR=host [MASTER_PORT=29500] [NPROC_PER_NODE=k] $0 CONFIG [ARGS...]" >&2
+    exit 2
+fi
+: "${NNODES:?set NNODES (number of nodes)}"
+: "${NODE_RANK:?set NODE_RANK (0 .. NNODES-1)}"
+: "${MASTER_ADDR:?set MASTER_ADDR (address of node 0)}"
+config=$1
+shift
+if [[ -z ${NPROC_PER_NODE:-} ]]; then
+    if command -v nvidia-smi >/dev/null 2>&1; then NPROC_PER_NODE=gpu; else NPROC_PER_NODE=1; fi
+fi
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+
+exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \
+    --master_port "${MASTER_PORT:-29500}" --nproc_per_node "$NPROC_PER_NODE" \
+    -m trainer.train --config "$config" "$@"
