@@ -2,14 +2,18 @@
 
 Equivalence: one optimizer step of the real trainer code (build_model, build_loss, build_engine, train_step) in
 2 processes, each on its half of a fixed global batch, equals one step of a single process on the whole batch,
-for ZeRO stages 0-3 and the CPU-offload configs; OpenCLIP's no-grad gather does not (the negative control shows the check can fail).
-Gradient accumulation: each micro-step's loss uses its own global micro-batch; the optimizer steps at the boundary.
-The workers (tests/dist_worker.py) run as plain subprocesses with RANK/WORLD_SIZE/... set, as a launcher would.
+for ZeRO stages 0-3 and the CPU-offload configs; OpenCLIP's no-grad gather does not (the negative control shows
+that the check can fail). Gradient accumulation: each micro-step's loss uses its own global micro-batch, and the
+optimizer steps at the boundary. The workers (tests/dist_worker.py) run as plain subprocesses with RANK,
+WORLD_SIZE, ... set, as a launcher would.
 
 Adam's first update is lr * g / (|g| + eps): about lr * sign(g), blind to the gradient's scale. So the gradients
 the optimizer receives are compared too (read just before the step); they are what a wrong scaling would change.
 Where |g| is near eps (1e-8), Adam turns float rounding of g into up to ~1% of lr in the update; hence lr = 1e-4
 in the workers, which keeps the parameter tolerance at 1e-6.
+
+Slow tests: real launches (deepspeed, torchrun as 2 nodes, the SLURM script, accelerate) that train, save,
+resume and evaluate on every rank.
 """
 from __future__ import annotations
 
@@ -27,8 +31,8 @@ from dist_worker import ACCUM_CONFIGS, LR, ZERO_CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist_worker.py"
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-               "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
+               "NNODES", "NPROC_PER_NODE", "HOSTFILE", "NUM_PROCESSES", "NUM_MACHINES", "MACHINE_RANK")
 PARAM_TOL = 1e-6  # absolute, fp32, after one step at lr = 1e-4
 GRAD_TOL = 1e-5  # relative to the largest gradient entry (rounding measured ~1e-6)
 
@@ -42,7 +46,7 @@ def free_port() -> int:
 def clean_env(**extra: str) -> dict:
     """This environment without launcher variables, one thread per process (2 processes share 2 cores), and
     this interpreter's bin folder first on PATH (deepspeed, torchrun, accelerate)."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
@@ -142,9 +146,10 @@ def test_grad_accum_steps_at_the_boundary_on_the_mean_of_micro_batch_losses(resu
 # logs, so every check reads the world size and the samples counted into the checkpoint.
 
 RUN_BATCH = 8  # per rank
+# engine.threads=1: "nodes" of one process each think they own every core; here they share two.
 TINY_RUN = (f"data.batch_size={RUN_BATCH}", "model.embed_dim=32", "model.cnn_width=16", "model.gru_hidden=32",
             "model.word_dim=16", "data.image_size=32", "data.num_workers=1", "data.shuffle_buffer=64",
-            "train.log_every=2", "train.eval_every=0", "train.ckpt_every=2")
+            "engine.threads=1", "train.log_every=2", "train.eval_every=0", "train.ckpt_every=2")
 LAUNCH_TIMEOUT = 240
 
 
@@ -177,6 +182,25 @@ def check_run(out: Path, last_step: int, world: int = 2) -> None:
     test = json.loads((out / "eval" / "test.json").read_text())
     assert test["step"] == last_step
     assert test["counts"] == {"images": 32, "captions": 160}
+
+
+SCRIPTS = ("cpu_2proc.sh", "deepspeed_hostfile.sh", "torchrun_multinode.sh", "slurm.sbatch", "accelerate.sh")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_launch_script_without_a_config_prints_its_usage(script):
+    done = subprocess.run(["bash", str(REPO / "launch" / script)], env=clean_env(), capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 2 and "usage:" in done.stderr, done.stderr
+
+
+@pytest.mark.slow
+def test_cpu_2proc_script_trains_on_two_processes(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = ["bash", str(REPO / "launch" / "cpu_2proc.sh"), *train_args(tiny_shards, out, steps=2)[1:]]
+    launch([(cmd, clean_env())], tmp_path, "cpu_2proc")
+    assert logged_steps(out) == [2]
+    check_run(out, 2)
 
 
 @pytest.mark.slow

@@ -345,3 +345,54 @@ def test_forward_refusals_name_the_problem():
         HierarchicalLoss()(batch, concept_logits=(torch.zeros(6, 5), torch.zeros(6, 5)))
     minimal = {k: batch[k] for k in ("img_g", "txt_g", "image_ids")}  # all that global-only, label-free needs
     assert torch.isfinite(HierarchicalLoss(local="none", labels="none")(minimal)["loss"])
+
+
+def ref_contrastive_label_mass(rows, cols, ids, labels, temperature, mass):
+    """label_mass: the own picture's columns share 1 - mass equally, the others share mass by their labels."""
+    n = len(rows)
+    total = 0
+    for i in range(n):
+        logits = [ref_dot(rows[i], cols[j]) / temperature for j in range(n)]
+        own = [j for j in range(n) if ids[j] == ids[i]]
+        other_sum = sum(labels[i][j] for j in range(n) if ids[j] != ids[i])
+        share = mass if other_sum > 0 else 0.0
+        weights = [(1 - share) / len(own) if ids[j] == ids[i] else share * labels[i][j] / other_sum if other_sum else 0.0
+                   for j in range(n)]
+        log_z = torch.log(sum(torch.exp(x) for x in logits))
+        total = total - sum(weights[j] * (logits[j] - log_z) for j in range(n))
+    return total / n
+
+
+@pytest.mark.parametrize("mass", [0.0, 0.3, 0.9])
+def test_label_mass_targets_match_reference(mass):
+    batch = make_batch()
+    out = HierarchicalLoss(local="contrastive", temperature=0.1, label_mass=mass)(batch)
+    ids = batch["image_ids"].tolist()
+    img_c, cap_c = batch["image_concepts"].tolist(), batch["caption_concepts"].tolist()
+    y_i2t = [[ref_jaccard(img_c[i], cap_c[j]) for j in range(6)] for i in range(6)]
+    y_t2i = [[ref_jaccard(cap_c[i], img_c[j]) for j in range(6)] for i in range(6)]
+    assert_same(out["local_i2t"], ref_contrastive_label_mass(batch["img_l"], batch["txt_l"], ids, y_i2t, 0.1, mass),
+                batch)
+    assert_same(out["local_t2i"], ref_contrastive_label_mass(batch["txt_l"], batch["img_l"], ids, y_t2i, 0.1, mass),
+                batch)
+    if mass == 0.0:  # no label mass: plain contrastive with the own picture's columns as positives
+        plain = HierarchicalLoss(local="contrastive", temperature=0.1, labels="none")(batch)
+        assert torch.allclose(out["local"], plain["local"], **TOL)
+
+
+def test_label_mass_keeps_the_positive_share_as_the_batch_grows():
+    """DESIGN.md's rule gives the positive 1 / (1 + sum of labels); label_mass keeps it at 1 - m."""
+    from trainer.loss import _soft_contrastive
+
+    def positive_share(n, mass):
+        # At uniform logits d(loss)/d(logit_ij) = (1/n - target_ij) / n, so the gradient reveals the target.
+        logits = torch.zeros(n, n, dtype=torch.float64, requires_grad=True)
+        labels = torch.full((n, n), 0.2, dtype=torch.float64)
+        _soft_contrastive(logits, torch.eye(n, dtype=torch.bool), labels, 1.0, mass).backward()
+        target = 1 / n - logits.grad * n
+        assert torch.allclose(target.sum(1), torch.ones(n, dtype=torch.float64))
+        return float(target[0, 0])
+
+    for n in (8, 512):
+        assert positive_share(n, None) == pytest.approx(1 / (1 + 0.2 * (n - 1)))
+        assert positive_share(n, 0.3) == pytest.approx(0.7)

@@ -67,6 +67,10 @@ class LossConfig:
     local_margin: float = 0.2
     concept_bce_weight: float = 0.0
     labels: Literal["concepts", "shuffled", "none"] = "concepts"
+    # Contrastive targets: null = DESIGN.md's rule (weight 1 on the own picture, Jaccard label elsewhere, then
+    # normalised: the positive's share falls as the global batch grows); m in [0, 1) = the labelled columns get
+    # a fixed share m of each row's target, whatever the batch size.
+    label_mass: Optional[float] = None
 
 
 @dataclass
@@ -245,6 +249,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(lo.margin >= 0, "loss.margin", f"must be >= 0, got {lo.margin}")
     _require(lo.warmup_steps >= 0, "loss.warmup_steps", f"must be >= 0, got {lo.warmup_steps}")
     _require(lo.temperature > 0, "loss.temperature", f"must be positive, got {lo.temperature}")
+    _require(lo.label_mass is None or 0 <= lo.label_mass < 1, "loss.label_mass",
+             f"must be null or in [0, 1), got {lo.label_mass}")
     _require(lo.local_weight >= 0, "loss.local_weight", f"must be >= 0, got {lo.local_weight}")
     _require(lo.concept_bce_weight >= 0, "loss.concept_bce_weight", f"must be >= 0, got {lo.concept_bce_weight}")
     _require(not (lo.concept_bce_weight > 0 and lo.labels == "none"), "loss.concept_bce_weight",

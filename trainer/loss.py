@@ -45,11 +45,24 @@ def _hinge(scores: Tensor, positive: Tensor, negatives: Tensor, margin: Tensor |
     return per_row.mean()
 
 
-def _soft_contrastive(scores: Tensor, same_image: Tensor, labels: Tensor, temperature: float) -> Tensor:
-    """Cross-entropy between softmax(scores / t) and the soft target: 1 on every column of the row's own
-    picture, the label elsewhere, normalised per row (the positive column keeps every row sum >= 1)."""
-    target = torch.where(same_image, torch.ones_like(labels), labels)
-    target = target / target.sum(1, keepdim=True)
+def _soft_contrastive(scores: Tensor, same_image: Tensor, labels: Tensor, temperature: float,
+                      label_mass: float | None = None) -> Tensor:
+    """Cross-entropy between softmax(scores / t) and a soft target per row.
+
+    label_mass None (DESIGN.md): 1 on every column of the row's own picture, the label elsewhere, normalised per
+    row (the positive column keeps every row sum >= 1). Its positive share shrinks as 1 / (1 + N * mean label)
+    with the global batch N. label_mass m: the own picture's columns share 1 - m and the other columns share m in
+    proportion to their labels, whatever N is (all on the own picture where a row has no labelled column).
+    """
+    if label_mass is None:
+        target = torch.where(same_image, torch.ones_like(labels), labels)
+        target = target / target.sum(1, keepdim=True)
+    else:
+        own = same_image.to(labels.dtype)
+        others = labels.masked_fill(same_image, 0.0)
+        other_sum = others.sum(1, keepdim=True)
+        share = torch.where(other_sum > 0, torch.full_like(other_sum, label_mass), torch.zeros_like(other_sum))
+        target = (1 - share) * own / own.sum(1, keepdim=True) + share * others / other_sum.clamp(min=1e-12)
     return -(target * F.log_softmax(scores / temperature, dim=1)).sum(1).mean()
 
 
@@ -58,8 +71,11 @@ class HierarchicalLoss(torch.nn.Module):
 
     def __init__(self, *, margin: float = 0.2, warmup_steps: int = 0, local: str = "contrastive",
                  local_weight: float = 1.0, temperature: float = 0.05, local_margin: float = 0.2,
-                 concept_bce_weight: float = 0.0, labels: str = "concepts", seed: int = 0):
+                 concept_bce_weight: float = 0.0, labels: str = "concepts", seed: int = 0,
+                 label_mass: float | None = None):
         super().__init__()
+        if label_mass is not None and not 0 <= label_mass < 1:
+            raise ValueError(f"label_mass must be None or in [0, 1); got {label_mass}")
         if local not in LOCAL_KINDS:
             raise ValueError(f"local must be one of {LOCAL_KINDS}; got {local!r}")
         if labels not in LABEL_KINDS:
@@ -81,6 +97,7 @@ class HierarchicalLoss(torch.nn.Module):
         self.concept_bce_weight = concept_bce_weight
         self.labels = labels
         self.seed = seed
+        self.label_mass = label_mass
 
     def forward(self, batch: Mapping[str, Tensor], *, row_offset: int = 0, num_rows: int | None = None,
                 step: int = 0, concept_logits: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
@@ -119,8 +136,8 @@ class HierarchicalLoss(torch.nn.Module):
         if self.local != "none":
             l_i2t, l_t2i = both_directions("l")
             if self.local == "contrastive":
-                out["local_i2t"] = _soft_contrastive(l_i2t, same_image, y_i2t, self.temperature)
-                out["local_t2i"] = _soft_contrastive(l_t2i, same_image, y_t2i, self.temperature)
+                out["local_i2t"] = _soft_contrastive(l_i2t, same_image, y_i2t, self.temperature, self.label_mass)
+                out["local_t2i"] = _soft_contrastive(l_t2i, same_image, y_t2i, self.temperature, self.label_mass)
             else:
                 out["local_i2t"] = _hinge(l_i2t, l_i2t.gather(1, positive_col).squeeze(1), negatives,
                                           self.local_margin * (1 - y_i2t), use_sum)

@@ -164,7 +164,7 @@ class ConceptHead(nn.Module):
         super().__init__()
         # Unit rows and scale 10 give logits in [-10, 10] for unit l, a useful range for a sigmoid.
         self.concepts = nn.Parameter(F.normalize(torch.randn(num_concepts, embed_dim), dim=-1))
-        self.scale = nn.Parameter(torch.tensor(10.0))
+        self.scale = nn.Parameter(torch.full((1,), 10.0))  # 1-d: DeepSpeed cannot broadcast a 0-d parameter
         self.bias = nn.Parameter(torch.zeros(num_concepts))
 
     def forward(self, local: Tensor) -> Tensor:

@@ -53,7 +53,8 @@ def build_loss(cfg: Config) -> HierarchicalLoss:
     lo = cfg.loss
     return HierarchicalLoss(margin=lo.margin, warmup_steps=lo.warmup_steps, local=lo.local,
                             local_weight=lo.local_weight, temperature=lo.temperature, local_margin=lo.local_margin,
-                            concept_bce_weight=lo.concept_bce_weight, labels=lo.labels, seed=cfg.run.seed)
+                            concept_bce_weight=lo.concept_bce_weight, labels=lo.labels, seed=cfg.run.seed,
+                            label_mass=lo.label_mass)
 
 
 def model_dtype(cfg: Config) -> torch.dtype:
