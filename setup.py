@@ -23,7 +23,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "accelerate"],  # accelerate: the launch test of launch/accelerate.sh
         "hf": ["accelerate", "datasets"],
     },
     entry_points={
