@@ -1,12 +1,15 @@
 """End-to-end: shards -> streaming -> model -> loss -> DeepSpeed engine -> checkpoints -> evaluation -> TensorBoard."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.config import load_config
-from trainer.evaluate import main as evaluate_main
+from trainer.evaluate import evaluate_run
 from trainer.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,10 +57,19 @@ def test_short_run_learns_checkpoints_resumes_and_logs(small_shards, tmp_path):
         assert tag in tags, tag
 
     # The standalone evaluation of the saved checkpoint reproduces the numbers of the end of training.
-    assert evaluate_main(["--run", str(out), "--split", "test"]) == 0
+    evaluate_run(out, "test")  # what `python -m trainer.evaluate --run OUT --split test` does, minus the shutdown
     standalone = json.loads((out / "eval" / "test.json").read_text())
     for score in ("global", "local", "concat"):
         assert standalone[score] == pytest.approx(test[score])
+
+    # A new process, as a user would run it (without this process's RANK/MASTER_PORT: a world of its own).
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+    cli = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--run", str(out), "--split", "val"],
+                         capture_output=True, text=True, cwd=REPO, env=env)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert "val split, checkpoint" in cli.stdout and "concat" in cli.stdout
+    assert json.loads((out / "eval" / "val.json").read_text())["step"] == 120
 
     # Resume: continues at step 120 with the saved state instead of starting over.
     train(_config(small_shards, out, "train.steps=130", "run.resume=latest", *common))

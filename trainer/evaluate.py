@@ -127,10 +127,39 @@ def write_results(results: dict, run_dir: Path, split: str, step: int) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    from trainer.config import ConfigError, load_config
-    from trainer.distributed import init_distributed, shutdown
+def evaluate_run(run_dir: str | Path, split: str | None = None, checkpoint: str = "latest",
+                 overrides: list[str] = ()) -> dict:
+    """Load a run's checkpoint through the engine (any ZeRO stage) and evaluate one split; rank 0 writes
+    RUN/eval/<split>.json. Leaves the process group up (the caller may go on using it)."""
+    from trainer.config import load_config
+    from trainer.distributed import init_distributed
+    from trainer.engine import build_engine, deepspeed_config
     from trainer.train import build_model, model_dtype
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml", list(overrides))
+    info = init_distributed()
+    shardset = ShardSet.open(cfg.data.shards)
+    model = build_model(cfg, shardset)
+    engine = build_engine(cfg, model, deepspeed_config(cfg, info.world_size))
+    tag = None if checkpoint == "latest" else checkpoint
+    load_path, client = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=tag, load_optimizer_states=False,
+                                               load_lr_scheduler_states=False)
+    if load_path is None:
+        raise FileNotFoundError(f"no checkpoint {checkpoint!r} in {run_dir / 'checkpoints'}")
+    split = split or cfg.data.test_split
+    results = evaluate_split(engine.module, shardset, split, cfg, dtype=model_dtype(cfg),
+                             rank=info.rank, world=info.world_size)
+    if info.is_main:
+        step = int((client or {}).get("step", 0))
+        path = write_results(results, run_dir, split, step)
+        print(f"{split} split, checkpoint {load_path} (step {step}):\n{results_table(results)}\nwritten to {path}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.config import ConfigError
+    from trainer.distributed import shutdown
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run folder written by trainer.train (has config.yaml)")
@@ -139,31 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the run's config")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    run_dir = Path(args.run)
     try:
-        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        evaluate_run(args.run, args.split, args.checkpoint, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    info = init_distributed()
-    from trainer.engine import build_engine, deepspeed_config
-
-    shardset = ShardSet.open(cfg.data.shards)
-    model = build_model(cfg, shardset)
-    engine = build_engine(cfg, model, deepspeed_config(cfg, info.world_size))
-    tag = None if args.checkpoint == "latest" else args.checkpoint
-    load_path, client = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=tag, load_optimizer_states=False,
-                                               load_lr_scheduler_states=False)
-    if load_path is None:
-        raise FileNotFoundError(f"no checkpoint {args.checkpoint!r} in {run_dir / 'checkpoints'}")
-    split = args.split or cfg.data.test_split
-    results = evaluate_split(engine.module, shardset, split, cfg, dtype=model_dtype(cfg),
-                             rank=info.rank, world=info.world_size)
-    if info.is_main:
-        step = int((client or {}).get("step", 0))
-        path = write_results(results, run_dir, split, step)
-        print(f"{split} split, checkpoint {load_path} (step {step}):\n{results_table(results)}\nwritten to {path}")
-    shutdown()
+    finally:
+        shutdown()
     return 0
 
 
