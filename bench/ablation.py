@@ -10,7 +10,8 @@ Variants (each trained from scratch with the same step budget, evaluated on the 
 For the two-space variants the global, local and concatenated scores of the same model are all reported, so
 "concat vs global-only" and "labels vs controls" are both read off one table.
 
-    python bench/ablation.py --seeds 0 1 2 --steps 300 --parallel 2      # ~30 min on 2 cores
+    python bench/ablation.py --seeds 0 1 2 --steps 300 --parallel 2      # 12 runs, ~33 min on 2 cores
+    python bench/ablation.py --variants concepts_mass shuffled_mass      # the label_mass variants
     python bench/ablation.py --seeds 0 --steps 20 --variants concepts none   # a smoke run
 
 Needs a built shard set (make shards). Runs go to runs/ablation/<variant>-s<seed>/; a finished run is reused,
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["global_only", "concepts", "shuffled", "none"],
                         choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (each gets --threads threads)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--split", default="test")
