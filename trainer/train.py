@@ -133,6 +133,7 @@ def train(cfg: Config) -> dict:
     dtype = model_dtype(cfg)
 
     model = build_model(cfg, shardset)
+    num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
     loss_fn = build_loss(cfg)
     engine = build_engine(cfg, model, ds_config)
     tb = RunLogger(out_dir / "tb", enabled=info.is_main)
@@ -158,10 +159,9 @@ def train(cfg: Config) -> dict:
 
     global_batch = d.batch_size * info.world_size
     if info.is_main:
-        params = sum(p.numel() for p in model.parameters())
         log.info("training %d steps, global batch %d (%d ranks x %d x accum %d), %.2fM parameters, %s",
                  cfg.train.steps, global_batch, info.world_size, d.batch_size, cfg.engine.grad_accum,
-                 params / 1e6, cfg.engine.precision)
+                 num_params / 1e6, cfg.engine.precision)
 
     sums: dict[str, torch.Tensor] = {}
     window = {"micro": 0, "data_wait": 0.0, "start": time.perf_counter()}
