@@ -68,7 +68,8 @@ def gather_global_batch(out: dict, batch: dict) -> dict:
     return gathered
 
 
-def train_step(engine, loss_fn, batch: dict, step: int, info: DistInfo, dtype: torch.dtype) -> dict:
+def train_step(engine, loss_fn, batch: dict, step: int, info: DistInfo, dtype: torch.dtype,
+               want_grad_norm: bool = False) -> dict:
     """One micro-step: forward on this rank's pairs, gather, loss of own rows vs all columns, backward."""
     device = info.device
     out = engine(batch["images"].to(device=device, dtype=dtype, non_blocking=True),
@@ -80,7 +81,7 @@ def train_step(engine, loss_fn, batch: dict, step: int, info: DistInfo, dtype: t
     losses = loss_fn(gathered, row_offset=info.rank * n, num_rows=n, step=step, concept_logits=logits)
     engine.backward(losses["loss"])
     stats = {k: v.detach() for k, v in losses.items()}
-    if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
+    if want_grad_norm and engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
         # DeepSpeed reports a grad norm only for its ZeRO optimizers; without ZeRO the grads are whole here.
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
         stats["grad_norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
@@ -174,7 +175,8 @@ def train(cfg: Config) -> dict:
             data_epoch, batch = next(batches)
             window["data_wait"] += time.perf_counter() - t0
             bad_totals += torch.stack([batch["n_read"], batch["n_bad"]])
-            losses = train_step(engine, loss_fn, batch, step, info, dtype)
+            log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
+            losses = train_step(engine, loss_fn, batch, step, info, dtype, want_grad_norm=log_now)
             grad_norm = losses.pop("grad_norm", None)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
