@@ -204,10 +204,12 @@ def train(cfg: Config) -> dict:
                 scalars["train/max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             tb.scalars(step, scalars)
             if info.is_main:
-                log.info("step %d/%d loss %.4f (global %.4f local %.4f) lr %.2e %.0f samples/s data wait %.0f%%",
-                         step, cfg.train.steps, scalars["loss/loss"], scalars.get("loss/global", math.nan),
-                         scalars.get("loss/local", math.nan), scalars["train/lr"], scalars["train/samples_per_s"],
-                         100 * scalars["train/data_wait_frac"])
+                left_s = (cfg.train.steps - step) * scalars["train/step_s"]
+                log.info("step %d/%d loss %.4f (global %.4f local %.4f) lr %.2e %.0f samples/s data wait %.0f%% "
+                         "eta %dm%02ds", step, cfg.train.steps, scalars["loss/loss"],
+                         scalars.get("loss/global", math.nan), scalars.get("loss/local", math.nan),
+                         scalars["train/lr"], scalars["train/samples_per_s"], 100 * scalars["train/data_wait_frac"],
+                         left_s // 60, left_s % 60)
                 with log_path.open("a") as f:
                     f.write(json.dumps({"step": step, **scalars}) + "\n")
             if read >= 1000 and bad / read > d.max_bad_fraction:
