@@ -55,6 +55,10 @@ def test_short_run_learns_checkpoints_resumes_and_logs(small_shards, tmp_path):
                 "train/samples_per_s", "train/data_wait_frac", "train/grad_norm", "train/bad_samples",
                 "eval_val/concat/rsum", "eval_test/global/i2t_r1", "eval_test/local/t2i_r10"):
         assert tag in tags, tag
+    # the R@K layout (global, local, concat on one chart per metric) and the config beside the final metrics
+    assert "custom_scalars__config__" in events.PluginTagToContent("custom_scalars")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(events.PluginTagToContent("hparams"))
+    assert {"final_test/concat/rsum", "final_test/local/t2i_r1"} <= tags
 
     # The standalone evaluation of the saved checkpoint reproduces the numbers of the end of training.
     evaluate_run(out, "test")  # what `python -m trainer.evaluate --run OUT --split test` does, minus the shutdown

@@ -30,6 +30,38 @@ class RunLogger:
             for metric, value in results.get(score, {}).items():
                 self.writer.add_scalar(f"eval_{split}/{score}/{metric}", float(value), step)
 
+    def retrieval_layout(self, splits: list[str]) -> None:
+        """Custom-scalars charts: one per split and metric, the global, local and concat curves together."""
+        if self.writer is None:
+            return
+        metrics = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["rsum"]
+        layout = {f"retrieval {split}": {metric: ["Multiline", [f"eval_{split}/{score}/{metric}"
+                                                               for score in ("global", "local", "concat")]]
+                                         for metric in metrics}
+                  for split in splits}
+        self.writer.add_custom_scalars(layout)
+
+    def hparams(self, config: dict, results: dict, split: str) -> None:
+        """The flattened config beside the final recalls of `split` (TensorBoard's HPARAMS tab)."""
+        if self.writer is None:
+            return
+        flat = {}
+
+        def walk(prefix: str, node) -> None:
+            for key, value in node.items():
+                name = f"{prefix}.{key}" if prefix else key
+                if isinstance(value, dict):
+                    walk(name, value)
+                elif isinstance(value, (bool, int, float, str)):
+                    flat[name] = value
+                elif value is not None:
+                    flat[name] = str(value)
+
+        walk("", config)
+        final = {f"final_{split}/{score}/{metric}": float(value)
+                 for score in ("global", "local", "concat") for metric, value in results.get(score, {}).items()}
+        self.writer.add_hparams(flat, final, run_name=".")
+
     def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)

@@ -139,6 +139,7 @@ def train(cfg: Config) -> dict:
     engine = build_engine(cfg, model, ds_config)
     tb = RunLogger(out_dir / "tb", enabled=info.is_main)
     tb.text("config", f"```\n{cfg.to_yaml()}\n```")
+    tb.retrieval_layout(list(dict.fromkeys([cfg.data.eval_split, cfg.data.test_split])))
 
     step, samples, data_epoch = 0, 0, 0
     if cfg.run.resume:
@@ -242,6 +243,7 @@ def train(cfg: Config) -> dict:
             print(f"\n{split} split after {step} steps ({results['counts']['images']} images, "
                   f"{results['counts']['captions']} captions):\n{results_table(results)}\n(written to {path})",
                   flush=True)
+    tb.hparams(cfg.to_dict(), final[d.test_split], d.test_split)
     tb.close()
     return final
 
