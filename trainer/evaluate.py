@@ -13,13 +13,16 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from trainer import metrics
+from trainer.config import Config
 from trainer.data import ShardSet, iter_eval_samples, pad_tokens
+from trainer.distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
@@ -127,33 +130,57 @@ def write_results(results: dict, run_dir: Path, split: str, step: int) -> Path:
     return path
 
 
-def evaluate_run(run_dir: str | Path, split: str | None = None, checkpoint: str = "latest",
-                 overrides: list[str] = ()) -> dict:
-    """Load a run's checkpoint through the engine (any ZeRO stage) and evaluate one split; rank 0 writes
-    RUN/eval/<split>.json. Leaves the process group up (the caller may go on using it)."""
+@dataclass
+class LoadedRun:
+    """A run's model restored from one checkpoint, inside its DeepSpeed engine."""
+
+    cfg: Config
+    info: DistInfo
+    shardset: ShardSet
+    engine: object  # deepspeed.DeepSpeedEngine
+    load_path: str
+    step: int
+
+    @property
+    def model(self):
+        return self.engine.module
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "latest", overrides: list[str] = ()) -> LoadedRun:
+    """Build the run's engine and load a checkpoint into it (any ZeRO stage); no optimizer/scheduler state.
+    Leaves the process group up."""
     from trainer.config import load_config
     from trainer.distributed import init_distributed
     from trainer.engine import build_engine, deepspeed_config
-    from trainer.train import build_model, model_dtype
+    from trainer.train import build_model
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml", list(overrides))
     info = init_distributed()
     shardset = ShardSet.open(cfg.data.shards)
-    model = build_model(cfg, shardset)
-    engine = build_engine(cfg, model, deepspeed_config(cfg, info.world_size))
+    engine = build_engine(cfg, build_model(cfg, shardset), deepspeed_config(cfg, info.world_size))
     tag = None if checkpoint == "latest" else checkpoint
     load_path, client = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=tag, load_optimizer_states=False,
                                                load_lr_scheduler_states=False)
     if load_path is None:
         raise FileNotFoundError(f"no checkpoint {checkpoint!r} in {run_dir / 'checkpoints'}")
-    split = split or cfg.data.test_split
-    results = evaluate_split(engine.module, shardset, split, cfg, dtype=model_dtype(cfg),
-                             rank=info.rank, world=info.world_size)
-    if info.is_main:
-        step = int((client or {}).get("step", 0))
-        path = write_results(results, run_dir, split, step)
-        print(f"{split} split, checkpoint {load_path} (step {step}):\n{results_table(results)}\nwritten to {path}")
+    return LoadedRun(cfg, info, shardset, engine, str(load_path), int((client or {}).get("step", 0)))
+
+
+def evaluate_run(run_dir: str | Path, split: str | None = None, checkpoint: str = "latest",
+                 overrides: list[str] = ()) -> dict:
+    """Evaluate one split of a run's checkpoint; rank 0 writes RUN/eval/<split>.json. Leaves the process group up
+    (the caller may go on using it)."""
+    from trainer.train import model_dtype
+
+    run = load_run(run_dir, checkpoint, overrides)
+    split = split or run.cfg.data.test_split
+    results = evaluate_split(run.model, run.shardset, split, run.cfg, dtype=model_dtype(run.cfg),
+                             rank=run.info.rank, world=run.info.world_size)
+    if run.info.is_main:
+        path = write_results(results, Path(run_dir), split, run.step)
+        print(f"{split} split, checkpoint {run.load_path} (step {run.step}):\n{results_table(results)}\n"
+              f"written to {path}")
     return results
 
 
