@@ -184,14 +184,19 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, checkpoint: str 
     return results
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """--run, --checkpoint, --split: which run, checkpoint and split a command reads (evaluate, retrieve export)."""
+    parser.add_argument("--run", required=True, help="run folder written by trainer.train (has config.yaml)")
+    parser.add_argument("--checkpoint", default="latest", help="checkpoint tag in RUN/checkpoints, or latest")
+    parser.add_argument("--split", default=None, help="split to read (default: the config's test split)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from trainer.config import ConfigError
     from trainer.distributed import shutdown
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="run folder written by trainer.train (has config.yaml)")
-    parser.add_argument("--split", default=None, help="split to evaluate (default: the config's test split)")
-    parser.add_argument("--checkpoint", default="latest", help="checkpoint tag in RUN/checkpoints, or latest")
+    add_checkpoint_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the run's config")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

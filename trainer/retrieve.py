@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from trainer.data import decode_image, pad_tokens
-from trainer.evaluate import LoadedRun, embed_split, load_run
+from trainer.evaluate import LoadedRun, add_checkpoint_arguments, embed_split, load_run
 
 INDEX_FILES = ("index.json", "image_vectors.npy", "caption_vectors.npy", "images.json", "captions.json")
 
@@ -149,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="embed a split with a run's checkpoint into an index folder")
-    exp.add_argument("--run", required=True, help="run folder written by trainer.train (has config.yaml)")
-    exp.add_argument("--checkpoint", default="latest", help="checkpoint tag in RUN/checkpoints, or latest")
-    exp.add_argument("--split", default=None, help="split to export (default: the config's test split)")
+    add_checkpoint_arguments(exp)
     exp.add_argument("--out", required=True, help="index folder to write")
     qry = sub.add_parser("query", help="rank an index's pictures for a text, or its captions for a picture")
     qry.add_argument("--index", required=True, help="index folder written by `export`")
