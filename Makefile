@@ -6,9 +6,17 @@ PY := $(VENV)/bin/python
 SHARDS ?= data/builtin
 RUN_ARGS ?=
 
-.PHONY: install run shards train test clean
+.PHONY: install system-fonts run shards train test clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed system-fonts
+
+# The emoji corpus renders Debian's Noto Color Emoji font; installed here when apt-get can, else say how.
+EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+system-fonts:
+	@test -f $(EMOJI_FONT) || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q fonts-noto-color-emoji || { apt-get update -q && \
+	    apt-get install -y -q fonts-noto-color-emoji; }; } >/dev/null; } || \
+	  echo "note: the emoji corpus needs $(EMOJI_FONT): sudo apt-get install fonts-noto-color-emoji"
 
 # torch is pinned and installed first: the pin takes the CPU build from local disk here (the CUDA build on a
 # GPU machine); an unpinned torch would pull several GB of CUDA wheels through deepspeed's requirements.

