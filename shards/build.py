@@ -1,58 +1,72 @@
 """`hier-shards build`: turn a source of (image, captions) into a labelled shard set.
 
-Order of work: generate the raw samples of every split, lemmatise all captions, build the concept and word
-vocabularies from the train split only, then write the shards and the json files (manifest last).
-A source is a pair of functions: the split sizes it will yield and the samples of one split, so other
-`--source` kinds only add an entry to SOURCES (and their options to the parser).
+    python -m shards build --source builtin --out data/builtin
+    python -m shards build --source karpathy --karpathy-json dataset_flickr30k.json --images flickr30k-images \
+        --out data/f30k --name f30k
+    python -m shards build --source coco --annotations test=captions_val2014.json --images coco \
+        --vocab-from data/coco-train --out data/coco-test --name coco-test
+
+(each source module's docstring in shards/sources/ has its own command lines)
+
+Order of work: read every item of the source once, checking ids, splits, captions and pictures (bad input is
+skipped and counted per kind in the manifest, or stops the build with --on-error stop); lemmatise all kept
+captions; build the concept and word vocabularies from the train split only (or take another set's with
+--vocab-from); then read the pictures again and write the shards and the json files (manifest last).
+A source is a `Source` (shards/sources/base.py): its argparse options and a stream of `Item`s; add one with
+an entry in SOURCES. A source of in-memory `RawSample`s per split plugs in through `in_memory_source`.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
+import json
+import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 from tqdm import tqdm
 
 from shards.builtin_corpus import MIN_IMAGE_SIZE, builtin_samples
 from shards.concepts import (
     DEFAULT_PIPELINE, UNIVERSAL_POS, ConceptExtractor, build_concept_vocab, concept_ids, union_ids,
 )
-from shards.writer import PARTIAL_SUFFIX, RawSample, ShardSetWriter, write_concepts_json
+from shards.sources import coco, hf, karpathy, scan_precomp, table, wds_relabel
+from shards.sources.base import ON_ERROR, BadSample, InputError, Item, Problems, Source
+from shards.sources.pictures import checked_picture
+from shards.writer import FEATURE_EXT, PARTIAL_SUFFIX, RawSample, ShardSetWriter, write_concepts_json
 from trainer.text import Vocab
 
 TRAIN = "train"
+SPLIT_ORDER = ("train", "val", "test")  # these first, in this order; other splits after them as first seen
 
 
-def progress(total: int, desc: str) -> tqdm:
+def progress(total: int | None, desc: str) -> tqdm:
     """A live bar on a terminal; in a log file (CI, nohup) a line every 10 s instead of hundreds of updates."""
     interactive = sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit="img", mininterval=0.1 if interactive else 10.0)
+
+
 SHARD_SET_FILES = ("manifest.json", "concepts.json", "vocab.json")
-# options that say where and how to write, not what is built: kept out of the manifest
-_NOT_BUILD_OPTIONS = ("command", "run", "out", "overwrite", "spacy_processes")
+# the options every build records in its manifest (each source adds its own group's options)
+_COMMON_BUILD_OPTIONS = ("source", "name", "shard_size", "max_concepts", "min_concept_count", "pos",
+                         "spacy_pipeline", "min_word_count", "on_error", "max_side", "vocab_from")
 
 
-@dataclass(frozen=True)
-class Source:
-    """split_sizes: split name -> number of images it will yield, in build order; samples: one split's stream."""
-
-    split_sizes: Callable[[argparse.Namespace], dict[str, int]]
-    samples: Callable[[argparse.Namespace, str], Iterator[RawSample]]
-
-
-def _builtin_sizes(args: argparse.Namespace) -> dict[str, int]:
-    sizes = {"train": args.train_images, "val": args.val_images, "test": args.test_images}
-    return {split: n for split, n in sizes.items() if n > 0}
-
-
-def _builtin_split(args: argparse.Namespace, split: str) -> Iterator[RawSample]:
-    return builtin_samples(split, _builtin_sizes(args)[split], args.seed, args.image_size)
-
-
-SOURCES: dict[str, Source] = {"builtin": Source(_builtin_sizes, _builtin_split)}
+def in_memory_source(split_sizes: Callable[[argparse.Namespace], dict[str, int]],
+                     samples: Callable[[argparse.Namespace, str], Iterator[RawSample]],
+                     add_arguments: Callable[[argparse._ArgumentGroup], None]) -> Source:
+    """A Source from generated samples: split sizes in build order and the RawSamples of one split."""
+    def items(args: argparse.Namespace, problems: Problems) -> Iterator[Item]:
+        for split in split_sizes(args):
+            for sample in samples(args, split):
+                yield Item(sample.image_id, split, list(sample.captions), where=f"{split} sample {sample.image_id}",
+                           load=lambda data=sample.image_bytes: data, features=sample.image_ext == FEATURE_EXT)
+    return Source(add_arguments, items)
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -64,6 +78,36 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _builtin_sizes(args: argparse.Namespace) -> dict[str, int]:
+    sizes = {"train": args.train_images, "val": args.val_images, "test": args.test_images}
+    return {split: n for split, n in sizes.items() if n > 0}
+
+
+def _builtin_split(args: argparse.Namespace, split: str) -> Iterator[RawSample]:
+    return builtin_samples(split, _builtin_sizes(args)[split], args.seed, args.image_size)
+
+
+def _builtin_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--seed", type=_int_at_least(0), default=0)
+    group.add_argument("--train-images", type=_int_at_least(1), default=8000)
+    group.add_argument("--val-images", type=_int_at_least(0), default=500)
+    group.add_argument("--test-images", type=_int_at_least(0), default=1000)
+    group.add_argument("--image-size", type=_int_at_least(MIN_IMAGE_SIZE), default=64)
+
+
+SOURCES: dict[str, Source] = {
+    "builtin": in_memory_source(_builtin_sizes, _builtin_split, _builtin_arguments),
+    "karpathy": karpathy.SOURCE,
+    "coco": coco.SOURCE,
+    "csv": table.SOURCE,
+    "hf": hf.SOURCE,
+    "scan_precomp": scan_precomp.SOURCE,
+    "wds_relabel": wds_relabel.SOURCE,
+}
+# source name -> the dests of its own option group, filled by add_build_command (recorded in the manifest)
+_SOURCE_OPTIONS: dict[str, tuple[str, ...]] = {}
+
+
 def _pos_list(text: str) -> list[str]:
     tags = [p.strip().upper() for p in text.split(",") if p.strip()]
     unknown = [t for t in tags if t not in UNIVERSAL_POS]
@@ -72,13 +116,17 @@ def _pos_list(text: str) -> list[str]:
     return tags
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option help, and the module docstring's command lines kept as written."""
+
+
 def add_build_command(subparsers) -> None:
     p = subparsers.add_parser("build", help="build a shard set", description=__doc__,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_HelpFormatter)
     p.add_argument("--source", choices=sorted(SOURCES), required=True, help="where images and captions come from")
     p.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
     p.add_argument("--name", default="builtin", help="shard file prefix: NAME-SPLIT-000000.tar")
-    p.add_argument("--shard-size", type=_int_at_least(1), default=500, help="samples per tar")
+    p.add_argument("--shard-size", type=_int_at_least(1), default=500, help="samples per tar (at most)")
     p.add_argument("--max-concepts", type=_int_at_least(1), default=1000, help="concept vocabulary size K")
     p.add_argument("--min-concept-count", type=_int_at_least(1), default=5,
                    help="a concept must occur in at least this many training captions")
@@ -88,12 +136,20 @@ def add_build_command(subparsers) -> None:
                    help="processes for lemmatisation, the slowest step (same output for any number)")
     p.add_argument("--min-word-count", type=_int_at_least(1), default=1, help="word vocabulary threshold")
     p.add_argument("--overwrite", action="store_true", help="replace the shard set in an existing --out folder")
-    builtin = p.add_argument_group("--source builtin")
-    builtin.add_argument("--seed", type=_int_at_least(0), default=0)
-    builtin.add_argument("--train-images", type=_int_at_least(1), default=8000)
-    builtin.add_argument("--val-images", type=_int_at_least(0), default=500)
-    builtin.add_argument("--test-images", type=_int_at_least(0), default=1000)
-    builtin.add_argument("--image-size", type=_int_at_least(MIN_IMAGE_SIZE), default=64)
+    p.add_argument("--on-error", choices=ON_ERROR, default="skip",
+                   help="bad input (missing/corrupt picture, empty or non-UTF-8 caption, duplicate id, unknown "
+                        "split): skip it and count it in the manifest, or stop with an error naming it")
+    p.add_argument("--max-side", type=_int_at_least(MIN_IMAGE_SIZE), default=None,
+                   help="re-encode pictures whose longer side exceeds this (others keep their bytes)")
+    p.add_argument("--vocab-from", metavar="DIR", default=None,
+                   help="use the concept and word vocabularies of this shard set instead of building them")
+    shared = p.add_argument_group("shared by --source karpathy, coco, csv, hf")
+    shared.add_argument("--images", metavar="DIR", help="folder the source's image paths are relative to")
+    for name, source in SOURCES.items():
+        group = p.add_argument_group(f"--source {name}")
+        source.add_arguments(group)
+        # argparse keeps a group's actions in a private list; reading it keeps each source's options in one place
+        _SOURCE_OPTIONS[name] = tuple(a.dest for a in group._group_actions) + source.shared_options
     p.set_defaults(run=run_build)
 
 
@@ -115,56 +171,168 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
         f.unlink()
 
 
+def _reference_vocab(args: argparse.Namespace) -> tuple[Path, dict, list[tuple[str, int]]]:
+    """--vocab-from: the other set's folder, manifest and concept vocabulary, checked against this build."""
+    ref = Path(args.vocab_from)
+    try:
+        manifest = json.loads((ref / "manifest.json").read_text(encoding="utf-8"))
+        concepts = json.loads((ref / "concepts.json").read_text(encoding="utf-8"))["concepts"]
+        Vocab.from_json(ref / "vocab.json")
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"--vocab-from {ref} is not a complete shard set (manifest.json, concepts.json, "
+                         f"vocab.json): {e}") from None
+    spacy = manifest.get("spacy", {})
+    if spacy.get("pipeline") != args.spacy_pipeline or spacy.get("pos") != args.pos:
+        raise InputError(f"--vocab-from {ref} labelled {spacy.get('pos')} lemmas of {spacy.get('pipeline')!r}; "
+                         f"pass --pos {','.join(spacy.get('pos') or [])} --spacy-pipeline {spacy.get('pipeline')} "
+                         "so concept ids mean the same in both sets")
+    if [c["id"] for c in concepts] != list(range(len(concepts))):
+        raise InputError(f"{ref / 'concepts.json'}: concept ids are not 0..{len(concepts) - 1} in order")
+    return ref, manifest, [(c["lemma"], c["count"]) for c in concepts]
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _clean_captions(item: Item, problems: Problems) -> list[str]:
+    """The item's usable captions, stripped; empty and non-UTF-8 ones are reported and left out."""
+    kept = []
+    for k, caption in enumerate(item.captions):
+        where = item.caption_wheres[k] if item.caption_wheres else f"{item.where} caption {k}"
+        if not isinstance(caption, str) or not caption.strip():
+            problems.bad("empty_caption", where, f"image {item.image_id}: empty caption")
+            continue
+        try:
+            caption.encode("utf-8")  # sources decode with surrogateescape: undecodable bytes fail here
+        except UnicodeEncodeError:
+            problems.bad("non_utf8_caption", where, f"image {item.image_id}: caption is not valid UTF-8: "
+                         f"{caption.encode('utf-8', 'backslashreplace').decode('ascii', 'replace')!r}")
+            continue
+        kept.append(caption.strip())
+    return kept
+
+
+def _check_features(data: bytes) -> None:
+    """Region features must be an np.save float16 [regions, dim] array of finite values (never pickled)."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BadSample("bad_features", f"not an npy array: {e}") from None
+    if array.dtype != np.float16 or array.ndim != 2 or not array.size or not np.isfinite(array).all():
+        raise BadSample("bad_features", f"features must be finite float16 [regions, dim], got {array.dtype} "
+                        f"{list(array.shape)}{'' if not array.size or np.isfinite(array).all() else ' with inf/nan'}")
+
+
+def _checked_items(source: Source, args: argparse.Namespace, problems: Problems) -> dict[str, list[Item]]:
+    """Every usable item by split (train, val, test first), each reported problem skipped or stopping."""
+    by_split: dict[str, list[Item]] = {}
+    seen: dict[str, str] = {}
+    with progress(None, "checking") as bar:
+        for item in source.items(args, problems):
+            bar.update(1)
+            if not item.image_id:
+                problems.bad("missing_image", item.where, "no image id or path")
+                continue
+            if item.image_id in seen:
+                problems.bad("duplicate_id", item.where, f"image id {item.image_id} was already used by {seen[item.image_id]}")
+                continue
+            seen[item.image_id] = item.where
+            captions = _clean_captions(item, problems)
+            if not captions:
+                problems.bad("no_captions", item.where, f"image {item.image_id} has no usable caption")
+                continue
+            try:
+                data = item.load()
+                _check_features(data) if item.features else checked_picture(data)
+            except BadSample as e:
+                problems.bad(e.kind, item.where, f"image {item.image_id}: {e}")
+                continue
+            by_split.setdefault(item.split, []).append(replace(item, captions=captions))
+    order = [s for s in SPLIT_ORDER if s in by_split] + [s for s in by_split if s not in SPLIT_ORDER]
+    return {split: by_split[split] for split in order}
+
+
+def _sample_bytes(item: Item, max_side: int | None) -> tuple[bytes, str, bool]:
+    """(bytes, extension, resized) for writing; the item was checked before, so a failure now is fatal."""
+    try:
+        data = item.load()
+        if item.features:
+            return data, FEATURE_EXT, False
+        return checked_picture(data, max_side)
+    except BadSample as e:
+        raise InputError(f"{item.where}: image {item.image_id} changed during the build: {e}") from None
+
+
 def build(args: argparse.Namespace) -> dict:
     """Build the shard set described by the parsed options; returns a summary."""
     started = time.perf_counter()
     out = Path(args.out)
     prepare_out_dir(out, args.overwrite)
     source = SOURCES[args.source]
-    # loading the pipeline first makes a missing one fail before minutes of generation
+    reference = _reference_vocab(args) if args.vocab_from else None
+    # loading the pipeline first makes a missing one fail before minutes of reading
     extractor = ConceptExtractor(args.spacy_pipeline, tuple(args.pos), n_process=args.spacy_processes)
+    problems = Problems(args.on_error)
     phases = {"load": time.perf_counter() - started}
 
-    sizes = source.split_sizes(args)
-    if TRAIN not in sizes:
-        raise ValueError(f"source {args.source!r} yields no {TRAIN!r} split; vocabularies are built from it")
-    samples: dict[str, list[RawSample]] = {}
-    with progress(sum(sizes.values()), "generating") as bar:
-        for split in sizes:
-            samples[split] = []
-            for sample in source.samples(args, split):
-                samples[split].append(sample)
-                bar.update(1)
+    items = _checked_items(source, args, problems)
+    if TRAIN not in items and reference is None:
+        raise InputError(f"source {args.source!r} yielded no usable {TRAIN!r} images; the vocabularies are built "
+                         f"from them (or pass --vocab-from another shard set)"
+                         + (f"; skipped: {problems.counts}" if problems.counts else ""))
+    phases["check"] = time.perf_counter() - started - sum(phases.values())
 
-    phases["generate"] = time.perf_counter() - started - sum(phases.values())
-
-    all_captions = [c for split in sizes for s in samples[split] for c in s.captions]
+    all_captions = [c for split in items for item in items[split] for c in item.captions]
     all_lemmas = iter(extractor.lemmas(all_captions))
-    lemmas = {split: [[next(all_lemmas) for _ in s.captions] for s in samples[split]] for split in sizes}
-
-    train_lemmas = [caption for image in lemmas[TRAIN] for caption in image]
-    concept_vocab = build_concept_vocab(train_lemmas, args.max_concepts, args.min_concept_count)
+    lemmas = {split: [[next(all_lemmas) for _ in item.captions] for item in items[split]] for split in items}
+    if reference is None:
+        train_lemmas = [caption for image in lemmas[TRAIN] for caption in image]
+        concept_vocab = build_concept_vocab(train_lemmas, args.max_concepts, args.min_concept_count)
+        word_vocab = Vocab.build((c for item in items[TRAIN] for c in item.captions), min_count=args.min_word_count)
+    else:
+        concept_vocab = reference[2]
+        word_vocab = Vocab.from_json(reference[0] / "vocab.json")
     lemma_to_id = {lemma: i for i, (lemma, _) in enumerate(concept_vocab)}
-    word_vocab = Vocab.build((c for s in samples[TRAIN] for c in s.captions), min_count=args.min_word_count)
     phases["lemmas"] = time.perf_counter() - started - sum(phases.values())
 
     writer = ShardSetWriter(out, args.name, args.shard_size)
-    with progress(sum(sizes.values()), "writing") as bar:
-        for split in sizes:
-            for sample, caption_lemmas in zip(samples[split], lemmas[split]):
+    resized = 0
+    with progress(sum(len(v) for v in items.values()), "writing") as bar:
+        for split, split_items in items.items():
+            group = None
+            for item, caption_lemmas in zip(split_items, lemmas[split]):
+                if item.group != group and group is not None:
+                    writer.end_shard(split)  # keep the input's shard boundaries
+                group = item.group
+                data, ext, was_resized = _sample_bytes(item, args.max_side)
+                resized += was_resized
                 caption_concepts = [concept_ids(ls, lemma_to_id) for ls in caption_lemmas]
-                writer.write(split, sample.image_id, sample.image_bytes, sample.image_ext, sample.captions,
-                             caption_concepts, union_ids(caption_concepts), args.source)
+                writer.write(split, item.image_id, data, ext, item.captions, caption_concepts,
+                             union_ids(caption_concepts), args.source)
                 bar.update(1)
-    write_concepts_json(out / "concepts.json", concept_vocab)
-    word_vocab.to_json(out / "vocab.json")
-    build_options = {k: v for k, v in vars(args).items() if k not in _NOT_BUILD_OPTIONS}
+    if reference is None:
+        write_concepts_json(out / "concepts.json", concept_vocab)
+        word_vocab.to_json(out / "vocab.json")
+        vocab_from = None
+    else:
+        # byte copies, so both sets provably share one vocabulary
+        for name in ("concepts.json", "vocab.json"):
+            shutil.copyfile(reference[0] / name, out / name)
+        vocab_from = {"path": str(reference[0]), "name": reference[1].get("name"),
+                      "concepts_sha256": _file_sha256(out / "concepts.json"),
+                      "vocab_sha256": _file_sha256(out / "vocab.json")}
+    build_options = {k: v for k, v in vars(args).items()
+                     if k in _COMMON_BUILD_OPTIONS or k in _SOURCE_OPTIONS[args.source]}
     manifest = writer.close({
         "source": args.source,
         "num_concepts": len(concept_vocab),
         "vocab_size": len(word_vocab),
         "spacy": extractor.describe(),
         "build": build_options,
+        "skipped": problems.manifest(),
+        "resized_pictures": resized,
+        "vocab_from": vocab_from,
     })
     seconds = time.perf_counter() - started
     phases["write"] = seconds - sum(phases.values())
@@ -177,11 +345,19 @@ def format_summary(summary: dict) -> str:
     lines = [f"built shard set {manifest['name']!r} in {summary['out']} ({summary['seconds']:.1f} s: {phases})"]
     for split, s in manifest["splits"].items():
         lines.append(f"  {split}: {s['images']} images, {s['captions']} captions, {len(s['shards'])} shards")
+    for kind, skipped in manifest["skipped"].items():
+        lines.append(f"  skipped {kind}: {skipped['count']} (first: {skipped['examples'][0]})")
     lines.append(f"  concepts: {manifest['num_concepts']} (pos {','.join(manifest['spacy']['pos'])}), "
                  f"word vocabulary: {manifest['vocab_size']}")
     return "\n".join(lines)
 
 
 def run_build(args: argparse.Namespace) -> int:
-    print(format_summary(build(args)))
+    try:
+        summary = build(args)
+    except InputError as e:
+        # bad input the user can act on: the message names the file and line or sample, not a traceback
+        print(f"hier-shards: error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
     return 0

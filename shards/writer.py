@@ -1,7 +1,9 @@
 """Writing a shard set (format: DESIGN.md section 3).
 
 A shard set is a folder with `NAME-SPLIT-000000.tar ...`, `manifest.json`, `concepts.json` and `vocab.json`.
-Each image is one WebDataset sample: `{image_id}.{image_ext}` (the image bytes) and `{image_id}.json`.
+Each image is one WebDataset sample: `{image_id}.{image_ext}` (the picture bytes, or region features as an
+`npy` file) and `{image_id}.json`. Pictures of one set may mix jpg/png/webp (sources keep original bytes);
+a set holds either pictures or features, never both.
 Tars are byte-identical for the same input (fixed member metadata), and each is written under a
 temporary name and renamed when complete, so a half-written shard never looks finished.
 `manifest.json` is written last: its presence marks a complete shard set.
@@ -18,11 +20,14 @@ from pathlib import Path
 
 FORMAT = "hier-shards"
 FORMAT_VERSION = 1
-IMAGE_EXTS = ("jpg", "png", "webp")
+PICTURE_EXTS = ("jpg", "png", "webp")
+FEATURE_EXT = "npy"  # np.save bytes of a float16 [regions, dim] array
+IMAGE_EXTS = (*PICTURE_EXTS, FEATURE_EXT)
+MIXED = "mixed"  # manifest image_ext when the pictures of a set have several formats
 PARTIAL_SUFFIX = ".partial"
 # fields the builder must pass to close(); the writer fills in the rest
 REQUIRED_MANIFEST_FIELDS = ("source", "num_concepts", "vocab_size", "spacy", "build")
-_WRITER_FIELDS = ("format", "format_version", "name", "splits", "image_ext")
+_WRITER_FIELDS = ("format", "format_version", "name", "splits", "image_ext", "image_exts")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _SPLIT = re.compile(r"[A-Za-z0-9_]+")
 
@@ -76,7 +81,7 @@ class ShardSetWriter:
         self.out_dir = Path(out_dir)
         self.name = name
         self.shard_size = shard_size
-        self.image_ext: str | None = None
+        self.image_exts: dict[str, int] = {}
         self._splits: dict[str, _SplitState] = {}
         self._closed = False
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,10 +104,9 @@ class ShardSetWriter:
         _check_image_id(image_id)
         if image_ext not in IMAGE_EXTS:
             raise ValueError(f"sample {image_id!r}: image_ext {image_ext!r} is not one of {IMAGE_EXTS}")
-        if self.image_ext is None:
-            self.image_ext = image_ext
-        elif image_ext != self.image_ext:
-            raise ValueError(f"sample {image_id!r}: image_ext {image_ext!r} differs from the set's {self.image_ext!r}")
+        if self.image_exts and (image_ext == FEATURE_EXT) != (FEATURE_EXT in self.image_exts):
+            raise ValueError(f"sample {image_id!r}: image_ext {image_ext!r} cannot join a set of "
+                             f"{'/'.join(self.image_exts)} samples (a set holds pictures or features, not both)")
         if not image_bytes:
             raise ValueError(f"sample {image_id!r}: empty image bytes")
         if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
@@ -130,11 +134,25 @@ class ShardSetWriter:
         }
         self._add_member(state.tar, f"{image_id}.{image_ext}", image_bytes)
         self._add_member(state.tar, f"{image_id}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
+        self.image_exts[image_ext] = self.image_exts.get(image_ext, 0) + 1
         state.images += 1
         state.captions += len(captions)
         state.in_current += 1
         if state.in_current == self.shard_size:
             self._finish_shard(state)
+
+    def end_shard(self, split: str) -> None:
+        """Finish the split's open shard now, so the next sample starts a new one (keeps input shard boundaries)."""
+        state = self._splits.get(split)
+        if state is not None and state.tar is not None:
+            self._finish_shard(state)
+
+    @property
+    def image_ext(self) -> str | None:
+        """The set's one sample extension, MIXED when pictures have several formats, None before any sample."""
+        if len(self.image_exts) > 1:
+            return MIXED
+        return next(iter(self.image_exts), None)
 
     def close(self, manifest_fields: dict) -> dict:
         """Finish the open shards and write manifest.json; returns the manifest."""
@@ -158,6 +176,7 @@ class ShardSetWriter:
                 for split, s in self._splits.items()
             },
             "image_ext": self.image_ext,
+            "image_exts": dict(sorted(self.image_exts.items())),
             "skipped": {},
         }
         manifest.update(manifest_fields)
