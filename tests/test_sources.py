@@ -1,0 +1,390 @@
+"""Real-corpus shard sources: each layout written small with real pictures, built through the CLI, read back.
+
+Pictures are scikit-image's sample photographs shrunk with PIL; every check is per sample: ids, captions,
+splits, concept ids against concepts.json, picture bytes identical to the input files.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from shards.__main__ import main
+from shards.concepts import ConceptExtractor, concept_ids, union_ids
+
+# name -> (format, longer side, captions)
+PICTURES = {
+    "astronaut": ("JPEG", 64, ["An astronaut in a white suit holds a helmet.",
+                               "A woman astronaut poses in front of a flag."]),
+    "chelsea": ("PNG", 40, ["A cat with striped fur looks at the camera.", "A small cat sits on a blanket."]),
+    "coffee": ("JPEG", 40, ["A cup of coffee on a saucer with a spoon.", "A white cup of coffee on a table."]),
+    "rocket": ("WEBP", 40, ["A rocket stands on the launch pad.", "A rocket before launch next to a tower."]),
+}
+EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+COMMON = ["--min-concept-count", "1", "--shard-size", "2"]
+
+
+def picture_bytes(name: str) -> bytes:
+    fmt, side, _ = PICTURES[name]
+    img = Image.fromarray(getattr(skimage.data, name)())
+    img.thumbnail((side, side), Image.LANCZOS)
+    out = io.BytesIO()
+    img.save(out, format=fmt, **({"quality": 90} if fmt != "PNG" else {}))
+    return out.getvalue()
+
+
+def write_pictures(folder: Path, names=tuple(PICTURES)) -> dict[str, Path]:
+    """name -> written file (name.ext) in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in names:
+        paths[name] = folder / f"{name}.{EXT[PICTURES[name][0]]}"
+        paths[name].write_bytes(picture_bytes(name))
+    return paths
+
+
+def build(out: Path, source: str, *options: str) -> int:
+    return main(["build", "--source", source, "--out", str(out), "--name", "t", *COMMON, *options])
+
+
+def read_set(out: Path) -> dict[str, list[tuple[str, dict[str, bytes], dict]]]:
+    """split -> [(key, {extension: bytes} of the non-json members, json record)] in shard order."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    result = {}
+    for split, info in manifest["splits"].items():
+        samples: dict[str, dict[str, bytes]] = {}
+        for shard in info["shards"]:
+            with tarfile.open(out / shard) as tar:
+                for m in tar.getmembers():
+                    key, ext = m.name.split(".", 1)
+                    samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        result[split] = [(k, {e: b for e, b in members.items() if e != "json"}, json.loads(members["json"]))
+                         for k, members in samples.items()]
+    return result
+
+
+@pytest.fixture(scope="module")
+def extractor() -> ConceptExtractor:
+    return ConceptExtractor()
+
+
+def check_set(out: Path, expected: dict[str, list[tuple[str, list[str], bytes | None]]], source: str,
+              extractor: ConceptExtractor) -> dict:
+    """Every sample as expected (id, captions, split, picture bytes when given) with valid concept labels."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    concepts = json.loads((out / "concepts.json").read_text())["concepts"]
+    lemma_to_id = {c["lemma"]: c["id"] for c in concepts}
+    got = read_set(out)
+    assert list(got) == list(expected)
+    for split, samples in expected.items():
+        assert [s[0] for s in got[split]] == [e[0] for e in samples], split
+        assert manifest["splits"][split]["images"] == len(samples)
+        assert manifest["splits"][split]["captions"] == sum(len(e[1]) for e in samples)
+        for (key, members, record), (image_id, captions, data) in zip(got[split], samples):
+            assert record["image_id"] == image_id and record["split"] == split and record["source"] == source
+            assert record["captions"] == captions
+            expected_ids = [concept_ids(ls, lemma_to_id) for ls in extractor.lemmas(captions)]
+            assert record["caption_concepts"] == expected_ids
+            assert record["image_concepts"] == union_ids(expected_ids)
+            assert all(0 <= i < len(concepts) for i in record["image_concepts"])
+            assert len(members) == 1
+            if data is not None:
+                ((ext, stored),) = members.items()
+                assert stored == data, f"{image_id}: picture bytes changed"
+                assert ext == EXT[Image.open(io.BytesIO(data)).format]
+    return manifest
+
+
+# ------------------------------------------------------------------ karpathy
+
+
+def karpathy_json(path: Path, entries: list[tuple[str, str, list[str]]], filepath: str | None = None) -> Path:
+    images = []
+    for k, (filename, split, captions) in enumerate(entries):
+        entry = {"filename": filename, "split": split, "imgid": k,
+                 "sentences": [{"raw": c, "tokens": c.lower().split(), "imgid": k} for c in captions]}
+        if filepath:
+            entry["filepath"] = filepath
+        images.append(entry)
+    path.write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
+    return path
+
+
+def karpathy_corpus(root: Path) -> tuple[Path, Path, dict[str, Path]]:
+    pictures = write_pictures(root / "images" / "val2014")
+    index = karpathy_json(root / "dataset_coco.json", [
+        (pictures["astronaut"].name, "train", PICTURES["astronaut"][2]),
+        (pictures["chelsea"].name, "train", PICTURES["chelsea"][2]),
+        (pictures["coffee"].name, "val", PICTURES["coffee"][2]),
+        (pictures["rocket"].name, "restval", PICTURES["rocket"][2]),
+    ], filepath="val2014")
+    return index, root / "images", pictures
+
+
+def test_karpathy_splits_and_restval(tmp_path, extractor):
+    index, images, pictures = karpathy_corpus(tmp_path)
+    expected = {name: (name, PICTURES[name][2], pictures[name].read_bytes()) for name in PICTURES}
+    out = tmp_path / "out"
+    assert build(out, "karpathy", "--karpathy-json", str(index), "--images", str(images)) == 0
+    manifest = check_set(out, {"train": [expected["astronaut"], expected["chelsea"]], "val": [expected["coffee"]],
+                               "restval": [expected["rocket"]]}, "karpathy", extractor)
+    assert manifest["skipped"] == {} and manifest["image_ext"] == "mixed"
+    assert manifest["image_exts"] == {"jpg": 2, "png": 1, "webp": 1}
+    assert manifest["build"]["karpathy_json"] == str(index) and manifest["build"]["images"] == str(images)
+    assert "csv" not in json.dumps(manifest["build"]) and "seed" not in manifest["build"]
+    # the concept vocabulary comes from the two training images only
+    lemmas = {c["lemma"] for c in json.loads((out / "concepts.json").read_text())["concepts"]}
+    assert {"astronaut", "cat"} <= lemmas and not lemmas & {"coffee", "rocket", "cup"}
+
+    merged = tmp_path / "merged"
+    assert build(merged, "karpathy", "--karpathy-json", str(index), "--images", str(images),
+                 "--restval-to-train") == 0
+    check_set(merged, {"train": [expected["astronaut"], expected["chelsea"], expected["rocket"]],
+                       "val": [expected["coffee"]]}, "karpathy", extractor)
+    lemmas = {c["lemma"] for c in json.loads((merged / "concepts.json").read_text())["concepts"]}
+    assert "rocket" in lemmas
+
+
+def test_rebuild_is_byte_identical(tmp_path):
+    index, images, _ = karpathy_corpus(tmp_path)
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        assert build(out, "karpathy", "--karpathy-json", str(index), "--images", str(images)) == 0
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert names == sorted(p.name for p in outs[1].iterdir()) and len(names) == 3 + 3
+    for name in names:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+# ------------------------------------------------------------------ coco
+
+
+def coco_file(path: Path, images: list[tuple[int, str]], captions: list[tuple[int, str]]) -> Path:
+    path.write_text(json.dumps({
+        "info": {}, "licenses": [],
+        "images": [{"id": i, "file_name": f, "width": 40, "height": 40} for i, f in images],
+        "annotations": [{"id": 100 + k, "image_id": i, "caption": c} for k, (i, c) in enumerate(captions)]}))
+    return path
+
+
+def test_coco_annotation_files(tmp_path, extractor):
+    data = {name: picture_bytes(name) for name in PICTURES}
+    (tmp_path / "train2014").mkdir()
+    (tmp_path / "val2014").mkdir()
+    names = {"astronaut": "COCO_train2014_000000000009.jpg", "chelsea": "COCO_train2014_000000000025.png",
+             "coffee": "COCO_val2014_000000000042.jpg", "rocket": "COCO_val2014_000000000073.webp"}
+    for name, file_name in names.items():
+        (tmp_path / file_name.split("_")[1] / file_name).write_bytes(data[name])
+    train = coco_file(tmp_path / "captions_train2014.json", [(9, names["astronaut"]), (25, names["chelsea"])],
+                      [(25, PICTURES["chelsea"][2][0]), (9, PICTURES["astronaut"][2][0]),
+                       (9, PICTURES["astronaut"][2][1]), (25, PICTURES["chelsea"][2][1])])
+    val = coco_file(tmp_path / "captions_val2014.json", [(42, names["coffee"]), (73, names["rocket"])],
+                    [(73, c) for c in PICTURES["rocket"][2]] + [(42, c) for c in PICTURES["coffee"][2]])
+    out = tmp_path / "out"
+    assert build(out, "coco", "--images", str(tmp_path), "--annotations", f"train={train}",
+                 "--annotations", f"val={val}") == 0
+    check_set(out, {
+        "train": [("9", PICTURES["astronaut"][2], data["astronaut"]), ("25", PICTURES["chelsea"][2], data["chelsea"])],
+        "val": [("42", PICTURES["coffee"][2], data["coffee"]), ("73", PICTURES["rocket"][2], data["rocket"])],
+    }, "coco", extractor)
+
+
+# ------------------------------------------------------------------ csv
+
+
+def write_table(path: Path, rows: list[list[str]], delimiter: str = "\t") -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, delimiter=delimiter).writerows(rows)
+    return path
+
+
+def test_csv_rows_grouped_by_image_with_split_column(tmp_path, extractor):
+    pictures = write_pictures(tmp_path / "pics" / "sub")
+    rows = [["path", "text", "part"]]
+    order = [("astronaut", 0, "train"), ("chelsea", 0, "train"), ("astronaut", 1, "train"), ("coffee", 0, "test"),
+             ("chelsea", 1, "train"), ("coffee", 1, "test"), ("rocket", 0, "val"), ("rocket", 1, "val")]
+    for name, k, split in order:
+        rows.append([f"sub/{pictures[name].name}", PICTURES[name][2][k], split])
+    table = write_table(tmp_path / "captions.tsv", rows)
+    out = tmp_path / "out"
+    assert build(out, "csv", "--table", str(table), "--images", str(tmp_path / "pics"), "--image-column", "path",
+                 "--caption-column", "text", "--split-column", "part") == 0
+    expected = {name: (f"sub_{name}", PICTURES[name][2], pictures[name].read_bytes()) for name in PICTURES}
+    check_set(out, {"train": [expected["astronaut"], expected["chelsea"]], "val": [expected["rocket"]],
+                    "test": [expected["coffee"]]}, "csv", extractor)
+
+
+def test_csv_with_split_files_and_id_column(tmp_path, extractor):
+    pictures = write_pictures(tmp_path / "pics")
+    rows = [["image", "caption", "id"]]
+    for name in PICTURES:
+        rows += [[pictures[name].name, c, f"img-{name}"] for c in PICTURES[name][2]]
+    table = write_table(tmp_path / "captions.csv", rows, delimiter=",")
+    (tmp_path / "train.txt").write_text(f"{pictures['astronaut'].name}\n{pictures['chelsea'].name}\n"
+                                        f"{pictures['rocket'].name}\n")
+    (tmp_path / "test.txt").write_text(f"{pictures['coffee'].name}\n")
+    out = tmp_path / "out"
+    assert build(out, "csv", "--table", str(table), "--images", str(tmp_path / "pics"), "--id-column", "id",
+                 "--split-file", f"train={tmp_path / 'train.txt'}", "--split-file", f"test={tmp_path / 'test.txt'}") == 0
+    expected = {name: (f"img-{name}", PICTURES[name][2], pictures[name].read_bytes()) for name in PICTURES}
+    check_set(out, {"train": [expected["astronaut"], expected["chelsea"], expected["rocket"]],
+                    "test": [expected["coffee"]]}, "csv", extractor)
+
+
+# ------------------------------------------------------------------ hf
+
+
+def test_hf_saved_dataset_and_parquet_builder(tmp_path, extractor, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    data = {name: picture_bytes(name) for name in PICTURES}
+    features = datasets.Features({"image": datasets.Image(), "captions": datasets.Sequence(datasets.Value("string")),
+                                  "key": datasets.Value("string")})
+
+    def part(names):
+        return datasets.Dataset.from_dict({"image": [{"bytes": data[n], "path": None} for n in names],
+                                           "captions": [PICTURES[n][2] for n in names], "key": names},
+                                          features=features)
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": part(["astronaut", "chelsea", "rocket"]), "validation": part(["coffee"])}) \
+        .save_to_disk(str(saved))
+    expected = {name: (name, PICTURES[name][2], data[name]) for name in PICTURES}
+    out = tmp_path / "out"
+    assert build(out, "hf", "--hf-dataset", str(saved), "--hf-text-column", "captions", "--hf-id-column", "key") == 0
+    check_set(out, {"train": [expected["astronaut"], expected["chelsea"], expected["rocket"]],
+                    "val": [expected["coffee"]]}, "hf", extractor)
+
+    # parquet files with one caption per row and pictures as paths under --images; rows keep their row ids
+    pictures = write_pictures(tmp_path / "pics")
+    datasets.Dataset.from_dict({"file": [pictures[n].name for n in ("astronaut", "chelsea")],
+                                "caption": [PICTURES[n][2][0] for n in ("astronaut", "chelsea")]}) \
+        .to_parquet(str(tmp_path / "train.parquet"))
+    out = tmp_path / "parquet"
+    assert build(out, "hf", "--hf-builder", "parquet", "--hf-data-files", f"train={tmp_path / 'train.parquet'}",
+                 "--hf-cache-dir", str(tmp_path / "hf-cache"), "--hf-image-column", "file",
+                 "--images", str(tmp_path / "pics")) == 0
+    check_set(out, {"train": [("train-00000000", PICTURES["astronaut"][2][:1], data["astronaut"]),
+                              ("train-00000001", PICTURES["chelsea"][2][:1], data["chelsea"])]}, "hf", extractor)
+
+
+# ------------------------------------------------------------------ scan_precomp
+
+
+def precomp_split(folder: Path, name: str, n_images: int, seed: int, ids: list[str] | None = None) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    ims = rng.normal(0, 2, size=(n_images, 36, 2048)).astype(np.float32)
+    np.save(folder / f"{name}_ims.npy", ims)
+    names = list(PICTURES)
+    lines = [f"{PICTURES[names[(k + seed) % 4]][2][j % 2]}" for k in range(n_images) for j in range(5)]
+    (folder / f"{name}_caps.txt").write_text("\n".join(lines) + "\n")
+    if ids:
+        (folder / f"{name}_ids.txt").write_text("\n".join(ids) + "\n")
+    return ims
+
+
+def test_scan_precomp_features_round_trip(tmp_path, extractor):
+    folder = tmp_path / "f30k_precomp"
+    folder.mkdir()
+    train = precomp_split(folder, "train", 3, 0)
+    dev = precomp_split(folder, "dev", 2, 1, ids=["1000092795", "10002456"])
+    out = tmp_path / "out"
+    assert build(out, "scan_precomp", "--precomp", str(folder)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["image_ext"] == "npy" and manifest["image_exts"] == {"npy": 5}
+    lines = {name: (folder / f"{name}_caps.txt").read_text().splitlines() for name in ("train", "dev")}
+    check_set(out, {
+        "train": [(f"train-{k:06d}", lines["train"][5 * k:5 * k + 5], None) for k in range(3)],
+        "val": [(i, lines["dev"][5 * k:5 * k + 5], None) for k, i in enumerate(["1000092795", "10002456"])],
+    }, "scan_precomp", extractor)
+    for (key, members, _), ims in [*zip(read_set(out)["train"], train), *zip(read_set(out)["val"], dev)]:
+        assert list(members) == ["npy"]
+        regions = np.load(io.BytesIO(members["npy"]), allow_pickle=False)
+        assert regions.dtype == np.float16 and regions.shape == (36, 2048)
+        np.testing.assert_array_equal(regions, ims.astype(np.float16))
+
+
+# ------------------------------------------------------------------ wds_relabel
+
+
+def img2dataset_tar(path: Path, samples: list[tuple[str, str, str | None, bool]]) -> Path:
+    """(key, picture name, caption or None, caption in txt) -> an img2dataset-style tar."""
+    with tarfile.open(path, "w") as tar:
+        for key, name, caption, as_txt in samples:
+            fmt = PICTURES[name][0]
+            members = {EXT[fmt]: picture_bytes(name),
+                       "json": json.dumps({"key": key, "status": "success", "url": f"http://x/{name}",
+                                           **({} if as_txt else {"caption": caption})}).encode()}
+            if as_txt:
+                members["txt"] = caption.encode()
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_wds_relabel_keeps_bytes_and_shard_boundaries(tmp_path, extractor):
+    captions = {name: PICTURES[name][2][0] for name in PICTURES}
+    img2dataset_tar(tmp_path / "00000.tar", [("000000000", "astronaut", captions["astronaut"], True),
+                                             ("000000001", "chelsea", captions["chelsea"], False)])
+    img2dataset_tar(tmp_path / "00001.tar", [("000010000", "rocket", captions["rocket"], True)])
+    img2dataset_tar(tmp_path / "val.tar", [("000020000", "coffee", captions["coffee"], True)])
+    out = tmp_path / "out"
+    assert main(["build", "--source", "wds_relabel", "--out", str(out), "--name", "t", "--min-concept-count", "1",
+                 "--shard-size", "100", "--tars", f"train={tmp_path}/{{00000..00001}}.tar",
+                 "--tars", f"val={tmp_path}/val.tar"]) == 0
+    expected = {"astronaut": "000000000", "chelsea": "000000001", "rocket": "000010000", "coffee": "000020000"}
+    rows = {n: (k, [captions[n]], picture_bytes(n)) for n, k in expected.items()}
+    manifest = check_set(out, {"train": [rows["astronaut"], rows["chelsea"], rows["rocket"]],
+                               "val": [rows["coffee"]]}, "wds_relabel", extractor)
+    # one output shard per input tar although --shard-size would fit all three
+    assert manifest["splits"]["train"]["shards"] == ["t-train-000000.tar", "t-train-000001.tar"]
+    with tarfile.open(out / "t-train-000001.tar") as tar:
+        assert tar.getnames() == ["000010000.webp", "000010000.json"]
+
+
+# ------------------------------------------------------------------ --vocab-from, --max-side
+
+
+def test_vocab_from_another_set(tmp_path, extractor):
+    index, images, pictures = karpathy_corpus(tmp_path)
+    ref = tmp_path / "ref"
+    assert build(ref, "karpathy", "--karpathy-json", str(index), "--images", str(images),
+                 "--restval-to-train") == 0
+    # a test-only set labelled with the reference's vocabularies: no train split needed
+    table = write_table(tmp_path / "test.tsv", [["image", "caption"], [f"val2014/{pictures['coffee'].name}",
+                                                "A cat and an astronaut next to a rocket."]])
+    (tmp_path / "test.txt").write_text(f"val2014/{pictures['coffee'].name}\n")
+    out = tmp_path / "out"
+    assert build(out, "csv", "--table", str(table), "--images", str(images), "--vocab-from", str(ref),
+                 "--split-file", f"test={tmp_path / 'test.txt'}") == 0
+    for name in ("concepts.json", "vocab.json"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["vocab_from"]["path"] == str(ref) and manifest["vocab_from"]["name"] == "t"
+    ((_, _, record),) = read_set(out)["test"]
+    concepts = [c["lemma"] for c in json.loads((ref / "concepts.json").read_text())["concepts"]]
+    assert sorted(concepts[i] for i in record["image_concepts"]) == ["astronaut", "cat", "rocket"]
+    # a different concept definition would make ids mean other things: refused
+    assert build(tmp_path / "out3", "csv", "--table", str(table), "--images", str(images),
+                 "--vocab-from", str(ref), "--split-file", f"test={tmp_path / 'test.txt'}", "--pos", "NOUN,ADJ") == 2
+
+
+def test_max_side_resizes_only_large_pictures(tmp_path):
+    index, images, pictures = karpathy_corpus(tmp_path)
+    out = tmp_path / "out"
+    assert build(out, "karpathy", "--karpathy-json", str(index), "--images", str(images), "--max-side", "48") == 0
+    samples = {key: members for split in read_set(out).values() for key, members, _ in split}
+    big = Image.open(io.BytesIO(samples["astronaut"]["jpg"]))
+    assert big.format == "JPEG" and max(big.size) == 48  # 64 px input re-encoded at 48
+    for name in ("chelsea", "coffee", "rocket"):  # 40 px inputs keep their bytes
+        assert samples[name][EXT[PICTURES[name][0]]] == pictures[name].read_bytes()
+    assert json.loads((out / "manifest.json").read_text())["resized_pictures"] == 1
