@@ -18,6 +18,7 @@ an entry in SOURCES. A source of in-memory `RawSample`s per split plugs in throu
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -171,6 +172,12 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
         f.unlink()
 
 
+@functools.lru_cache(maxsize=1)
+def _extractor(pipeline: str, pos: tuple[str, ...], n_process: int) -> ConceptExtractor:
+    """The loaded spaCy pipeline, kept for the next build in the same process (loading takes seconds)."""
+    return ConceptExtractor(pipeline, pos, n_process=n_process)
+
+
 def _reference_vocab(args: argparse.Namespace) -> tuple[Path, dict, list[tuple[str, int]]]:
     """--vocab-from: the other set's folder, manifest and concept vocabulary, checked against this build."""
     ref = Path(args.vocab_from)
@@ -195,19 +202,27 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _show_bytes(caption: str) -> str:
+    """A caption with its undecodable bytes shown as \\xNN (they arrive as surrogateescape surrogates)."""
+    try:
+        return caption.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape, not from bytes
+        return caption.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _clean_captions(item: Item, problems: Problems) -> list[str]:
     """The item's usable captions, stripped; empty and non-UTF-8 ones are reported and left out."""
     kept = []
     for k, caption in enumerate(item.captions):
         where = item.caption_wheres[k] if item.caption_wheres else f"{item.where} caption {k}"
         if not isinstance(caption, str) or not caption.strip():
-            problems.bad("empty_caption", where, f"image {item.image_id}: empty caption")
+            problems.bad("empty_caption", where, f"image {item.image_id!r}: empty caption")
             continue
         try:
             caption.encode("utf-8")  # sources decode with surrogateescape: undecodable bytes fail here
         except UnicodeEncodeError:
-            problems.bad("non_utf8_caption", where, f"image {item.image_id}: caption is not valid UTF-8: "
-                         f"{caption.encode('utf-8', 'backslashreplace').decode('ascii', 'replace')!r}")
+            problems.bad("non_utf8_caption", where, f"image {item.image_id!r}: caption is not valid UTF-8: "
+                         f"{_show_bytes(caption)!r}")
             continue
         kept.append(caption.strip())
     return kept
@@ -240,13 +255,13 @@ def _checked_items(source: Source, args: argparse.Namespace, problems: Problems)
             seen[item.image_id] = item.where
             captions = _clean_captions(item, problems)
             if not captions:
-                problems.bad("no_captions", item.where, f"image {item.image_id} has no usable caption")
+                problems.bad("no_captions", item.where, f"image {item.image_id!r} has no usable caption")
                 continue
             try:
                 data = item.load()
                 _check_features(data) if item.features else checked_picture(data)
             except BadSample as e:
-                problems.bad(e.kind, item.where, f"image {item.image_id}: {e}")
+                problems.bad(e.kind, item.where, f"image {item.image_id!r}: {e}")
                 continue
             by_split.setdefault(item.split, []).append(replace(item, captions=captions))
     order = [s for s in SPLIT_ORDER if s in by_split] + [s for s in by_split if s not in SPLIT_ORDER]
@@ -272,7 +287,7 @@ def build(args: argparse.Namespace) -> dict:
     source = SOURCES[args.source]
     reference = _reference_vocab(args) if args.vocab_from else None
     # loading the pipeline first makes a missing one fail before minutes of reading
-    extractor = ConceptExtractor(args.spacy_pipeline, tuple(args.pos), n_process=args.spacy_processes)
+    extractor = _extractor(args.spacy_pipeline, tuple(args.pos), args.spacy_processes)
     problems = Problems(args.on_error)
     phases = {"load": time.perf_counter() - started}
 

@@ -388,3 +388,153 @@ def test_max_side_resizes_only_large_pictures(tmp_path):
     for name in ("chelsea", "coffee", "rocket"):  # 40 px inputs keep their bytes
         assert samples[name][EXT[PICTURES[name][0]]] == pictures[name].read_bytes()
     assert json.loads((out / "manifest.json").read_text())["resized_pictures"] == 1
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def bad_corpus(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Pictures, including broken ones, and the rows of each bad-input kind: kind -> (line, TSV row bytes)."""
+    pictures = write_pictures(root)
+    (root / "astronaut.png").write_bytes(picture_bytes("chelsea"))  # its id collides with astronaut.jpg
+    jpeg = pictures["coffee"].read_bytes()
+    (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (root / "garbage.jpg").write_bytes(b"this is not a picture at all")
+    (root / "lonely.jpg").write_bytes(jpeg)
+    rows = {
+        "missing_image": b"missing.jpg\ta dog runs on the grass\ttrain",
+        "corrupt_image": b"truncated.jpg\ta bird on a branch\ttrain",
+        "corrupt_image_2": b"garbage.jpg\ta boat on a lake\ttrain",
+        "empty_caption": b"coffee.jpg\t  \ttrain",
+        "non_utf8_caption": b"rocket.webp\ta rocket \xff\xfe on a pad\ttrain",
+        "duplicate_id": b"astronaut.png\ta cat on a sofa\ttrain",
+        "unknown_split": b"chelsea.png\ta cat looks up\tholdout",
+        "no_captions": b"lonely.jpg\t\ttrain",
+    }
+    return {kind: (line, row) for line, (kind, row) in enumerate(rows.items(), start=6)}
+
+
+GOOD_ROWS = [b"image\tcaption\tsplit", b"astronaut.jpg\t" + PICTURES["astronaut"][2][0].encode() + b"\ttrain",
+             b"chelsea.png\t" + PICTURES["chelsea"][2][0].encode() + b"\ttrain",
+             b"coffee.jpg\t" + PICTURES["coffee"][2][0].encode() + b"\ttrain",
+             b"rocket.webp\t" + PICTURES["rocket"][2][0].encode() + b"\ttrain"]
+
+
+def bad_table(root: Path, kinds: list[str]) -> Path:
+    bad = bad_corpus(root)
+    lines = GOOD_ROWS + [bad[kind][1] for kind in kinds]
+    table = root / "captions.tsv"
+    table.write_bytes(b"\n".join(lines) + b"\n")
+    return table
+
+
+def csv_args(table: Path) -> list[str]:
+    return ["--table", str(table), "--images", str(table.parent), "--split-column", "split"]
+
+
+def test_bad_input_is_skipped_counted_and_recorded(tmp_path, extractor):
+    kinds = ["missing_image", "corrupt_image", "corrupt_image_2", "empty_caption", "non_utf8_caption",
+             "duplicate_id", "unknown_split", "no_captions"]
+    table = bad_table(tmp_path, kinds)
+    out = tmp_path / "out"
+    assert build(out, "csv", *csv_args(table)) == 0
+    # the good rows survive with their good captions only
+    expected = [(name, [PICTURES[name][2][0]], (tmp_path / f"{name}.{EXT[PICTURES[name][0]]}").read_bytes())
+                for name in PICTURES]
+    manifest = check_set(out, {"train": expected}, "csv", extractor)
+    skipped = manifest["skipped"]
+    assert {k: v["count"] for k, v in skipped.items()} == {
+        "missing_image": 1, "corrupt_image": 2, "empty_caption": 2, "non_utf8_caption": 1, "no_captions": 1,
+        "duplicate_id": 1, "unknown_split": 1}
+    examples = {k: " | ".join(v["examples"]) for k, v in skipped.items()}
+    # each example names the file and line of its row (the empty caption of lonely.jpg is on line 13)
+    assert f"{table}:6 (missing.jpg)" in examples["missing_image"] and "does not exist" in examples["missing_image"]
+    assert f"{table}:7" in examples["corrupt_image"] and f"{table}:8" in examples["corrupt_image"]
+    assert f"{table}:9" in examples["empty_caption"] and f"{table}:13" in examples["empty_caption"]
+    assert f"{table}:10" in examples["non_utf8_caption"] and "\\xff" in examples["non_utf8_caption"]
+    assert f"{table}:11" in examples["duplicate_id"] and "image id astronaut was already used" in examples["duplicate_id"]
+    assert f"{table}:12" in examples["unknown_split"] and "'holdout'" in examples["unknown_split"]
+    assert f"{table}:13 (lonely.jpg)" in examples["no_captions"]
+    # the vocabularies never saw a skipped caption
+    words = json.loads((out / "vocab.json").read_text())["words"]
+    assert not {"dog", "bird", "boat", "sofa"} & set(words)
+
+
+@pytest.mark.parametrize("kind", ["missing_image", "corrupt_image", "empty_caption", "non_utf8_caption",
+                                  "duplicate_id", "unknown_split"])
+def test_on_error_stop_names_the_file_and_line(tmp_path, capsys, kind):
+    table = bad_table(tmp_path, [kind])
+    out = tmp_path / "out"
+    assert build(out, "csv", *csv_args(table), "--on-error", "stop") == 2
+    err = capsys.readouterr().err
+    assert f"hier-shards: error: {kind}: {table}:6" in err, err
+    assert not (out / "manifest.json").exists()
+
+
+def test_karpathy_bad_entries_name_their_index(tmp_path, capsys):
+    index, images, pictures = karpathy_corpus(tmp_path)
+    entries = json.loads(index.read_text())["images"]
+    entries.append({**entries[0], "imgid": 4})  # the same file again
+    entries.append({**entries[1], "filename": "gone.jpg", "imgid": 5})
+    entries.append({**entries[2], "split": "holdout", "imgid": 6})
+    index.write_text(json.dumps({"images": entries}))
+    out = tmp_path / "out"
+    assert build(out, "karpathy", "--karpathy-json", str(index), "--images", str(images)) == 0
+    skipped = json.loads((out / "manifest.json").read_text())["skipped"]
+    assert skipped == {
+        "missing_image": {"count": 1, "examples": [
+            f"{index}: images[5] (gone.jpg): image 'gone': image file {images / 'val2014' / 'gone.jpg'} does not exist"]},
+        "duplicate_id": {"count": 1, "examples": [
+            f"{index}: images[4] (astronaut.jpg): image id astronaut was already used by {index}: images[0] "
+            "(astronaut.jpg)"]},
+        "unknown_split": {"count": 1, "examples": [
+            f"{index}: images[6] (coffee.jpg): split 'holdout' is not one of train, val, test, restval"]}}
+    assert build(tmp_path / "stop", "karpathy", "--karpathy-json", str(index), "--images", str(images),
+                 "--on-error", "stop") == 2
+    assert f"duplicate_id: {index}: images[4] (astronaut.jpg)" in capsys.readouterr().err
+
+
+def test_precomp_and_wds_bad_samples(tmp_path):
+    folder = tmp_path / "precomp"
+    folder.mkdir()
+    ims = precomp_split(folder, "train", 3, 0)
+    ims[1, 0, 0] = 1e6  # beyond float16
+    np.save(folder / "train_ims.npy", ims)
+    caps = (folder / "train_caps.txt").read_bytes().splitlines()
+    caps[12] = b"a caption with \xc3\x28 invalid bytes"
+    (folder / "train_caps.txt").write_bytes(b"\n".join(caps) + b"\n")
+    out = tmp_path / "precomp-out"
+    assert build(out, "scan_precomp", "--precomp", str(folder)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["images"] == 2 and manifest["splits"]["train"]["captions"] == 9
+    assert manifest["skipped"]["bad_features"]["count"] == 1
+    assert "train_ims.npy[1]" in manifest["skipped"]["bad_features"]["examples"][0]
+    assert "overflows float16" in manifest["skipped"]["bad_features"]["examples"][0]
+    assert manifest["skipped"]["non_utf8_caption"]["examples"][0].startswith(f"{folder / 'train_caps.txt'}:13:")
+
+    tar = img2dataset_tar(tmp_path / "00000.tar", [("000000000", "astronaut", "An astronaut with a helmet.", True),
+                                                   ("000000001", "chelsea", "", True)])
+    with tarfile.open(tar, "a") as t:  # a caption whose picture failed to download
+        data = b"a lost picture"
+        info = tarfile.TarInfo("000000002.txt")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    out = tmp_path / "wds-out"
+    assert build(out, "wds_relabel", "--tars", f"train={tar}") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["images"] == 1
+    assert {k: v["count"] for k, v in manifest["skipped"].items()} == {
+        "missing_image": 1, "empty_caption": 1, "no_captions": 1}
+    assert manifest["skipped"]["missing_image"]["examples"] == [
+        f"{tar}: sample 000000002: no jpg/jpeg/png/webp member (has txt)"]
+
+
+def test_whole_input_errors_stop_with_a_message(tmp_path, capsys):
+    table = write_table(tmp_path / "t.tsv", [["img", "caption"], ["a.jpg", "a cat"]])
+    assert build(tmp_path / "o1", "csv", "--table", str(table), "--images", str(tmp_path)) == 2
+    assert "no column ['image']" in capsys.readouterr().err
+    assert build(tmp_path / "o2", "karpathy", "--karpathy-json", str(tmp_path / "none.json"),
+                 "--images", str(tmp_path)) == 2
+    assert "none.json does not exist" in capsys.readouterr().err
+    assert build(tmp_path / "o3", "coco", "--images", str(tmp_path)) == 2
+    assert "--annotations" in capsys.readouterr().err
