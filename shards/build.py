@@ -259,7 +259,10 @@ def _checked_items(source: Source, args: argparse.Namespace, problems: Problems)
                 continue
             try:
                 data = item.load()
-                _check_features(data) if item.features else checked_picture(data)
+                if item.features:
+                    _check_features(data)
+                else:
+                    checked_picture(data)
             except BadSample as e:
                 problems.bad(e.kind, item.where, f"image {item.image_id!r}: {e}")
                 continue
@@ -274,7 +277,7 @@ def _sample_bytes(item: Item, max_side: int | None) -> tuple[bytes, str, bool]:
         data = item.load()
         if item.features:
             return data, FEATURE_EXT, False
-        return checked_picture(data, max_side)
+        return checked_picture(data, max_side, verify=False)  # verified in the checking pass
     except BadSample as e:
         raise InputError(f"{item.where}: image {item.image_id} changed during the build: {e}") from None
 

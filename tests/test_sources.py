@@ -254,13 +254,21 @@ def test_hf_saved_dataset_and_parquet_builder(tmp_path, extractor, monkeypatch):
                                            "captions": [PICTURES[n][2] for n in names], "key": names},
                                           features=features)
     saved = tmp_path / "saved"
-    datasets.DatasetDict({"train": part(["astronaut", "chelsea", "rocket"]), "validation": part(["coffee"])}) \
+    validation = datasets.concatenate_datasets([part(["coffee"]), datasets.Dataset.from_dict(
+        {"image": [None, {"bytes": data["rocket"], "path": None}], "key": ["blank", "spare"],
+         "captions": [["A picture that never arrived."], ["", "A rocket."]]}, features=features)])
+    datasets.DatasetDict({"train": part(["astronaut", "chelsea", "rocket"]), "validation": validation}) \
         .save_to_disk(str(saved))
     expected = {name: (name, PICTURES[name][2], data[name]) for name in PICTURES}
     out = tmp_path / "out"
     assert build(out, "hf", "--hf-dataset", str(saved), "--hf-text-column", "captions", "--hf-id-column", "key") == 0
-    check_set(out, {"train": [expected["astronaut"], expected["chelsea"], expected["rocket"]],
-                    "val": [expected["coffee"]]}, "hf", extractor)
+    manifest = check_set(out, {"train": [expected["astronaut"], expected["chelsea"], expected["rocket"]],
+                               "val": [expected["coffee"], ("spare", ["A rocket."], data["rocket"])]}, "hf", extractor)
+    assert manifest["skipped"] == {
+        "missing_image": {"count": 1, "examples": ["dataset split 'validation' row 1 (id blank): image 'blank': "
+                                                   "no picture in the image column (NoneType)"]},
+        "empty_caption": {"count": 1, "examples": ["dataset split 'validation' row 2 (id spare) caption 0: "
+                                                   "image 'spare': empty caption"]}}
 
     # parquet files with one caption per row and pictures as paths under --images; rows keep their row ids
     pictures = write_pictures(tmp_path / "pics")

@@ -40,8 +40,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def _load(args: argparse.Namespace):
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local data only: never reach for the hub
-    import datasets  # slow to import; only this source needs it
+    import datasets
 
     if bool(args.hf_dataset) == bool(args.hf_builder):
         raise InputError("--source hf needs exactly one of --hf-dataset (save_to_disk folder) or --hf-builder")
@@ -71,7 +70,7 @@ def _split_map(args: argparse.Namespace, available: list[str]) -> dict[str, str]
             for ours, theirs in DEFAULT_SPLITS.items() if any(t in available for t in theirs)}
 
 
-def _picture_bytes(value, root: Path | None, where: str) -> bytes:
+def _picture_bytes(value, root: Path | None) -> bytes:
     if isinstance(value, dict):  # an undecoded Image feature: original bytes, or the file they came from
         if value.get("bytes"):
             return value["bytes"]
@@ -81,11 +80,13 @@ def _picture_bytes(value, root: Path | None, where: str) -> bytes:
     if isinstance(value, str) and value:
         path = Path(value)
         return read_image_file(path if path.is_absolute() or root is None else root / path)
-    raise BadSample("missing_image", f"{where}: no picture in the image column ({type(value).__name__})")
+    raise BadSample("missing_image", f"no picture in the image column ({type(value).__name__})")
 
 
 def items(args: argparse.Namespace, problems: Problems) -> Iterator[Item]:
-    import datasets
+    # local data only: never reach for the hub (read when datasets is first imported)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets  # slow to import; only this source needs it
 
     data = _load(args)
     root = Path(args.images) if args.images else None
@@ -98,8 +99,8 @@ def items(args: argparse.Namespace, problems: Problems) -> Iterator[Item]:
         if isinstance(table.features[args.hf_image_column], datasets.Image):
             # undecoded: the stored bytes as they are, never a re-encoded PIL picture
             table = table.cast_column(args.hf_image_column, datasets.Image(decode=False))
-        texts = table[args.hf_text_column]
-        ids = table[args.hf_id_column] if args.hf_id_column else None
+        texts = list(table[args.hf_text_column])
+        ids = list(table[args.hf_id_column]) if args.hf_id_column else None
         for row, text in enumerate(texts):
             where = f"dataset split {hf_split!r} row {row}"
             captions = text if isinstance(text, list) else [text]
@@ -108,8 +109,7 @@ def items(args: argparse.Namespace, problems: Problems) -> Iterator[Item]:
                 split=split,
                 captions=[c if isinstance(c, str) else "" for c in captions],
                 where=where + (f" (id {ids[row]})" if ids else ""),
-                load=lambda table=table, row=row, where=where: _picture_bytes(
-                    table[row][args.hf_image_column], root, where),
+                load=lambda table=table, row=row: _picture_bytes(table[row][args.hf_image_column], root),
             )
 
 

@@ -87,6 +87,9 @@ def items(args: argparse.Namespace, problems: Problems) -> Iterator[Item]:
                 line = reader.line_num
                 where = f"{table}:{line}"
                 path = (row[args.image_column] or "").strip()
+                if not path:
+                    problems.bad("missing_image", where, f"no image path in column {args.image_column!r}")
+                    continue
                 if args.split_column:
                     split = (row[args.split_column] or "").strip()
                     if split not in args.splits:

@@ -53,7 +53,8 @@ def _members(path: Path) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
     """(key, {extension: member}) per sample, in tar order; a key is the member name up to its first dot."""
     key, group = None, {}
     try:
-        with tarfile.open(path) as tar:
+        # uncompressed only: members are read back by their byte offset in the file
+        with tarfile.open(path, "r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -68,7 +69,7 @@ def _members(path: Path) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
                 key = name
                 group[ext.lower()] = member
     except tarfile.TarError as e:
-        raise InputError(f"{path}: not a readable tar: {e}") from None
+        raise InputError(f"{path}: not a readable uncompressed tar: {e}") from None
     if key is not None:
         yield key, group
 
