@@ -25,6 +25,7 @@ import json
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -43,6 +44,7 @@ from shards.writer import FEATURE_EXT, PARTIAL_SUFFIX, RawSample, ShardSetWriter
 from trainer.text import Vocab
 
 TRAIN = "train"
+_CHECK_CHUNK = 256  # items decoded in parallel before their results are taken in order
 SPLIT_ORDER = ("train", "val", "test")  # these first, in this order; other splits after them as first seen
 
 
@@ -136,6 +138,8 @@ def add_build_command(subparsers) -> None:
     p.add_argument("--spacy-processes", type=_int_at_least(1), default=1,
                    help="processes for lemmatisation, the slowest step (same output for any number)")
     p.add_argument("--min-word-count", type=_int_at_least(1), default=1, help="word vocabulary threshold")
+    p.add_argument("--check-workers", type=_int_at_least(1), default=4,
+                   help="threads that decode pictures to check them (same output for any number)")
     p.add_argument("--overwrite", action="store_true", help="replace the shard set in an existing --out folder")
     p.add_argument("--on-error", choices=ON_ERROR, default="skip",
                    help="bad input (missing/corrupt picture, empty or non-UTF-8 caption, duplicate id, unknown "
@@ -239,34 +243,68 @@ def _check_features(data: bytes) -> None:
                         f"{list(array.shape)}{'' if not array.size or np.isfinite(array).all() else ' with inf/nan'}")
 
 
+def _load_failure(item: Item) -> BadSample | None:
+    """Why the item's picture or features cannot be used, or None (runs in a checking thread)."""
+    try:
+        data = item.load()
+        if item.features:
+            _check_features(data)
+        else:
+            checked_picture(data)
+    except BadSample as e:
+        return e
+    return None
+
+
+def _chunks(items: Iterator[Item], size: int) -> Iterator[tuple[list[Item], InputError | None]]:
+    """Items in lists of `size`; an InputError the source raises comes with the items before it, so those are
+    checked (and their own problems reported) first: --on-error stop always names the first bad input."""
+    chunk: list[Item] = []
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            yield chunk, None
+            return
+        except InputError as e:
+            yield chunk, e
+            return
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk, None
+            chunk = []
+
+
 def _checked_items(source: Source, args: argparse.Namespace, problems: Problems) -> dict[str, list[Item]]:
-    """Every usable item by split (train, val, test first), each reported problem skipped or stopping."""
+    """Every usable item by split (train, val, test first), each reported problem skipped or stopping.
+
+    Pictures are decoded by --check-workers threads (PIL releases the GIL while decoding); results are taken
+    in source order, so the output and the reports do not depend on the number of threads.
+    """
     by_split: dict[str, list[Item]] = {}
     seen: dict[str, str] = {}
-    with progress(None, "checking") as bar:
-        for item in source.items(args, problems):
-            bar.update(1)
-            if not item.image_id:
-                problems.bad("missing_image", item.where, "no image id or path")
-                continue
-            if item.image_id in seen:
-                problems.bad("duplicate_id", item.where, f"image id {item.image_id} was already used by {seen[item.image_id]}")
-                continue
-            seen[item.image_id] = item.where
-            captions = _clean_captions(item, problems)
-            if not captions:
-                problems.bad("no_captions", item.where, f"image {item.image_id!r} has no usable caption")
-                continue
-            try:
-                data = item.load()
-                if item.features:
-                    _check_features(data)
-                else:
-                    checked_picture(data)
-            except BadSample as e:
-                problems.bad(e.kind, item.where, f"image {item.image_id!r}: {e}")
-                continue
-            by_split.setdefault(item.split, []).append(replace(item, captions=captions))
+    with progress(None, "checking") as bar, ThreadPoolExecutor(args.check_workers) as pool:
+        for chunk, source_error in _chunks(iter(source.items(args, problems)), _CHECK_CHUNK):
+            for item, failure in zip(chunk, pool.map(_load_failure, chunk)):
+                bar.update(1)
+                if not item.image_id:
+                    problems.bad("missing_image", item.where, "no image id or path")
+                    continue
+                if item.image_id in seen:
+                    problems.bad("duplicate_id", item.where,
+                                 f"image id {item.image_id} was already used by {seen[item.image_id]}")
+                    continue
+                seen[item.image_id] = item.where
+                captions = _clean_captions(item, problems)
+                if not captions:
+                    problems.bad("no_captions", item.where, f"image {item.image_id!r} has no usable caption")
+                    continue
+                if failure is not None:
+                    problems.bad(failure.kind, item.where, f"image {item.image_id!r}: {failure}")
+                    continue
+                by_split.setdefault(item.split, []).append(replace(item, captions=captions))
+            if source_error is not None:
+                raise source_error
     order = [s for s in SPLIT_ORDER if s in by_split] + [s for s in by_split if s not in SPLIT_ORDER]
     return {split: by_split[split] for split in order}
 

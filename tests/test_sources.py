@@ -155,8 +155,9 @@ def test_karpathy_splits_and_restval(tmp_path, extractor):
 def test_rebuild_is_byte_identical(tmp_path):
     index, images, _ = karpathy_corpus(tmp_path)
     outs = [tmp_path / "a", tmp_path / "b"]
-    for out in outs:
-        assert build(out, "karpathy", "--karpathy-json", str(index), "--images", str(images)) == 0
+    for out, workers in zip(outs, ("1", "3")):  # the number of checking threads changes nothing
+        assert build(out, "karpathy", "--karpathy-json", str(index), "--images", str(images),
+                     "--check-workers", workers) == 0
     names = sorted(p.name for p in outs[0].iterdir())
     assert names == sorted(p.name for p in outs[1].iterdir()) and len(names) == 3 + 3
     for name in names:
@@ -232,7 +233,8 @@ def test_csv_with_split_files_and_id_column(tmp_path, extractor):
     (tmp_path / "test.txt").write_text(f"{pictures['coffee'].name}\n")
     out = tmp_path / "out"
     assert build(out, "csv", "--table", str(table), "--images", str(tmp_path / "pics"), "--id-column", "id",
-                 "--split-file", f"train={tmp_path / 'train.txt'}", "--split-file", f"test={tmp_path / 'test.txt'}") == 0
+                 "--split-file", f"train={tmp_path / 'train.txt'}",
+                 "--split-file", f"test={tmp_path / 'test.txt'}") == 0
     expected = {name: (f"img-{name}", PICTURES[name][2], pictures[name].read_bytes()) for name in PICTURES}
     check_set(out, {"train": [expected["astronaut"], expected["chelsea"], expected["rocket"]],
                     "test": [expected["coffee"]]}, "csv", extractor)
@@ -460,7 +462,8 @@ def test_bad_input_is_skipped_counted_and_recorded(tmp_path, extractor):
     assert f"{table}:7" in examples["corrupt_image"] and f"{table}:8" in examples["corrupt_image"]
     assert f"{table}:9" in examples["empty_caption"] and f"{table}:13" in examples["empty_caption"]
     assert f"{table}:10" in examples["non_utf8_caption"] and "\\xff" in examples["non_utf8_caption"]
-    assert f"{table}:11" in examples["duplicate_id"] and "image id astronaut was already used" in examples["duplicate_id"]
+    assert f"{table}:11" in examples["duplicate_id"]
+    assert "image id astronaut was already used" in examples["duplicate_id"]
     assert f"{table}:12" in examples["unknown_split"] and "'holdout'" in examples["unknown_split"]
     assert f"{table}:13 (lonely.jpg)" in examples["no_captions"]
     # the vocabularies never saw a skipped caption
@@ -479,6 +482,14 @@ def test_on_error_stop_names_the_file_and_line(tmp_path, capsys, kind):
     assert not (out / "manifest.json").exists()
 
 
+def test_on_error_stop_reports_the_first_bad_row(tmp_path, capsys):
+    # the corrupt picture (line 6) is found by a checking thread, the unknown split (line 7) by the csv reader
+    # while it gathers the same chunk of items: the earlier line is still the one reported
+    table = bad_table(tmp_path, ["corrupt_image", "unknown_split"])
+    assert build(tmp_path / "out", "csv", *csv_args(table), "--on-error", "stop", "--check-workers", "2") == 2
+    assert f"hier-shards: error: corrupt_image: {table}:6 (truncated.jpg)" in capsys.readouterr().err
+
+
 def test_karpathy_bad_entries_name_their_index(tmp_path, capsys):
     index, images, pictures = karpathy_corpus(tmp_path)
     entries = json.loads(index.read_text())["images"]
@@ -491,7 +502,8 @@ def test_karpathy_bad_entries_name_their_index(tmp_path, capsys):
     skipped = json.loads((out / "manifest.json").read_text())["skipped"]
     assert skipped == {
         "missing_image": {"count": 1, "examples": [
-            f"{index}: images[5] (gone.jpg): image 'gone': image file {images / 'val2014' / 'gone.jpg'} does not exist"]},
+            f"{index}: images[5] (gone.jpg): image 'gone': "
+            f"image file {images / 'val2014' / 'gone.jpg'} does not exist"]},
         "duplicate_id": {"count": 1, "examples": [
             f"{index}: images[4] (astronaut.jpg): image id astronaut was already used by {index}: images[0] "
             "(astronaut.jpg)"]},

@@ -112,7 +112,8 @@ def split_assignment(text: str) -> tuple[str, str]:
     split, sep, value = text.partition("=")
     split = split.strip()
     if not sep or not value.strip() or not _SPLIT_NAME.fullmatch(split):
-        raise argparse.ArgumentTypeError(f"expected SPLIT=VALUE with SPLIT matching {_SPLIT_NAME.pattern}, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected SPLIT=VALUE with SPLIT matching {_SPLIT_NAME.pattern}, got {text!r}")
     return split, value.strip()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -73,6 +74,9 @@ def items(args: argparse.Namespace, problems: Problems) -> Iterator[Item]:
     delimiter = args.delimiter or ("\t" if table.suffix.lower() == ".tsv" else ",")
     listed = _split_files(args)
     images: dict[str, _Image] = {}
+    # row problems wait for the items before them: every row is read before the first image is complete,
+    # and --on-error stop must still name the first bad line of the file
+    deferred: deque[tuple[int, str, str, str]] = deque()
     try:
         # surrogateescape keeps undecodable bytes visible as lone surrogates, so one bad caption is reported
         # with its line instead of the whole file failing to decode
@@ -88,25 +92,26 @@ def items(args: argparse.Namespace, problems: Problems) -> Iterator[Item]:
                 where = f"{table}:{line}"
                 path = (row[args.image_column] or "").strip()
                 if not path:
-                    problems.bad("missing_image", where, f"no image path in column {args.image_column!r}")
+                    deferred.append((line, "missing_image", where, f"no image path in column {args.image_column!r}"))
                     continue
                 if args.split_column:
                     split = (row[args.split_column] or "").strip()
                     if split not in args.splits:
-                        problems.bad("unknown_split", where, f"split {split!r} is not one of {', '.join(args.splits)}")
+                        deferred.append((line, "unknown_split", where,
+                                         f"split {split!r} is not one of {', '.join(args.splits)}"))
                         continue
                 elif listed:
                     split = listed.get(path)
                     if split is None:
-                        problems.bad("unknown_split", where, f"image {path} is in no --split-file")
+                        deferred.append((line, "unknown_split", where, f"image {path} is in no --split-file"))
                         continue
                 else:
                     split = TRAIN
                 image_id = safe_id(row[args.id_column] if args.id_column else str(Path(path).with_suffix("")))
                 image = images.setdefault(path, _Image(path, image_id, split, line))
                 if image.split != split:
-                    problems.bad("unknown_split", where, f"image {path} is in split {split!r} here but in "
-                                 f"{image.split!r} at line {image.first_line}")
+                    deferred.append((line, "unknown_split", where, f"image {path} is in split {split!r} here "
+                                     f"but in {image.split!r} at line {image.first_line}"))
                     continue
                 image.captions.append(row[args.caption_column] or "")
                 image.wheres.append(where)
@@ -115,10 +120,14 @@ def items(args: argparse.Namespace, problems: Problems) -> Iterator[Item]:
     except csv.Error as e:
         raise InputError(f"{table}: malformed CSV: {e}") from None
     for image in images.values():
+        while deferred and deferred[0][0] < image.first_line:
+            problems.bad(*deferred.popleft()[1:])
         picture = root / image.path
         yield Item(image_id=image.image_id, split=image.split, captions=image.captions,
                    where=f"{table}:{image.first_line} ({image.path})", caption_wheres=image.wheres,
                    load=lambda picture=picture: read_image_file(picture))
+    for _, kind, where, message in deferred:
+        problems.bad(kind, where, message)
 
 
 SOURCE = Source(add_arguments, items, shared_options=("images",))
