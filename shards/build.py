@@ -40,7 +40,10 @@ from shards.concepts import (
 from shards.sources import coco, hf, karpathy, scan_precomp, table, wds_relabel
 from shards.sources.base import ON_ERROR, BadSample, InputError, Item, Problems, Source
 from shards.sources.pictures import checked_picture
-from shards.writer import FEATURE_EXT, PARTIAL_SUFFIX, RawSample, ShardSetWriter, write_concepts_json
+from shards.writer import (
+    FEATURE_EXT, PARTIAL_SUFFIX, RawSample, ShardSetWriter, sample_json, shard_contents, shard_file_name,
+    write_concepts_json, write_json,
+)
 from trainer.text import Vocab
 
 TRAIN = "train"
@@ -55,6 +58,7 @@ def progress(total: int | None, desc: str) -> tqdm:
 
 
 SHARD_SET_FILES = ("manifest.json", "concepts.json", "vocab.json")
+BUILD_RECORD = "build.partial.json"  # an unfinished build's options, so --resume can refuse different ones
 # the options every build records in its manifest (each source adds its own group's options)
 _COMMON_BUILD_OPTIONS = ("source", "name", "shard_size", "max_concepts", "min_concept_count", "pos",
                          "spacy_pipeline", "min_word_count", "on_error", "max_side", "vocab_from")
@@ -141,6 +145,9 @@ def add_build_command(subparsers) -> None:
     p.add_argument("--check-workers", type=_int_at_least(1), default=4,
                    help="threads that decode pictures to check them (same output for any number)")
     p.add_argument("--overwrite", action="store_true", help="replace the shard set in an existing --out folder")
+    p.add_argument("--resume", action="store_true",
+                   help="finish an interrupted build in --out (same options): finished shards that hold exactly "
+                        "their expected samples are kept, the rest written")
     p.add_argument("--on-error", choices=ON_ERROR, default="skip",
                    help="bad input (missing/corrupt picture, empty or non-UTF-8 caption, duplicate id, unknown "
                         "split): skip it and count it in the manifest, or stop with an error naming it")
@@ -158,22 +165,46 @@ def add_build_command(subparsers) -> None:
     p.set_defaults(run=run_build)
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty folder unless --overwrite; with it, remove only an earlier shard set's files."""
+def _ours(f: Path) -> bool:
+    return f.is_file() and (f.name in SHARD_SET_FILES or f.name == BUILD_RECORD or f.name.endswith(".tar")
+                            or f.name.endswith(".tar" + PARTIAL_SUFFIX))
+
+
+def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse a non-empty folder unless --overwrite (which removes only an earlier shard set's files) or
+    --resume (which keeps an unfinished build's complete shards)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    if not overwrite:
-        raise FileExistsError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
-    ours = [f for f in out.iterdir() if f.is_file() and (
-        f.name in SHARD_SET_FILES or f.name.endswith(".tar") or f.name.endswith(".tar" + PARTIAL_SUFFIX))]
-    others = sorted(f.name for f in out.iterdir() if f not in ours)
+    if not (overwrite or resume):
+        raise FileExistsError(f"output folder {out} exists and is not empty; pass --overwrite to replace it "
+                              "(or --resume to finish an interrupted build)")
+    others = sorted(f.name for f in out.iterdir() if not _ours(f))
     if others:
         raise FileExistsError(f"output folder {out} holds files that are not part of a shard set "
-                              f"({', '.join(others[:5])}); not overwriting it")
-    for f in ours:
+                              f"({', '.join(others[:5])}); not {'resuming in' if resume else 'overwriting'} it")
+    if resume:
+        if (out / "manifest.json").exists():
+            raise FileExistsError(f"{out} holds a complete shard set (manifest.json); nothing to resume")
+        if any(out.glob("*.tar")) and not (out / BUILD_RECORD).is_file():
+            raise FileExistsError(f"{out} has shards but no {BUILD_RECORD}: not a build this version can resume")
+        return
+    for f in out.iterdir():
         f.unlink()
+
+
+def _start_record(out: Path, options: dict, resume: bool) -> None:
+    """Write the options of this build, or check them against those of the build being resumed."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / BUILD_RECORD
+    if resume and path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in set(before) | set(options) if before.get(k) != options.get(k))
+        if changed:
+            raise InputError(f"--resume: options {changed} differ from the interrupted build's ({path}); "
+                             "resume with the same options, or use --overwrite to start again")
+    write_json(path, options)
 
 
 @functools.lru_cache(maxsize=1)
@@ -320,11 +351,72 @@ def _sample_bytes(item: Item, max_side: int | None) -> tuple[bytes, str, bool]:
         raise InputError(f"{item.where}: image {item.image_id} changed during the build: {e}") from None
 
 
+def plan_shards(split_items: list[Item], shard_size: int) -> list[list[int]]:
+    """Item positions per shard: at most shard_size each, a new shard where the input's shard (group) changes.
+    The same items always give the same plan, which is what lets a resumed build recognise finished shards."""
+    shards: list[list[int]] = []
+    current: list[int] = []
+    for k, item in enumerate(split_items):
+        if current and (len(current) == shard_size or item.group != split_items[current[-1]].group):
+            shards.append(current)
+            current = []
+        current.append(k)
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _finished_shard(path: Path, expected: list[tuple[str, bytes]]) -> list[str] | None:
+    """The picture extensions of a complete shard on disk holding exactly the expected (id, json) samples."""
+    found = shard_contents(path) if path.is_file() else None
+    if found is None or [(image_id, meta) for image_id, _, meta in found] != expected:
+        return None
+    return [ext for _, ext, _ in found]
+
+
+def _write_shards(writer: ShardSetWriter, labelled: dict[str, list[tuple[Item, list[list[int]]]]],
+                  args: argparse.Namespace) -> tuple[int, dict[str, int]]:
+    """Write every split shard by shard; with --resume, keep each finished shard that holds exactly the
+    samples it should. Returns the number of resized pictures and {kept, written} shard counts."""
+    resized = 0
+    resumed = {"kept": 0, "written": 0}
+    with progress(sum(len(v) for v in labelled.values()), "writing") as bar:
+        for split, samples in labelled.items():
+            for index, positions in enumerate(plan_shards([item for item, _ in samples], args.shard_size)):
+                shard = [samples[k] for k in positions]
+                metas = [sample_json(split, item.image_id, item.captions, concepts, union_ids(concepts), args.source)
+                         for item, concepts in shard]
+                path = writer.out_dir / shard_file_name(writer.name, split, index)
+                exts = _finished_shard(path, [(item.image_id, m) for (item, _), m in zip(shard, metas)]) \
+                    if args.resume else None
+                if exts is not None:
+                    writer.adopt_shard(split, [(item.image_id, ext, len(item.captions))
+                                               for (item, _), ext in zip(shard, exts)])
+                    if args.max_side is not None:  # count as a fresh build would
+                        resized += sum(_sample_bytes(item, args.max_side)[2] for item, _ in shard)
+                    resumed["kept"] += 1
+                else:
+                    for item, concepts in shard:
+                        data, ext, was_resized = _sample_bytes(item, args.max_side)
+                        resized += was_resized
+                        writer.write(split, item.image_id, data, ext, item.captions, concepts, union_ids(concepts),
+                                     args.source)
+                    writer.end_shard(split)
+                    resumed["written"] += 1
+                bar.update(len(shard))
+    return resized, resumed
+
+
 def build(args: argparse.Namespace) -> dict:
     """Build the shard set described by the parsed options; returns a summary."""
     started = time.perf_counter()
     out = Path(args.out)
-    prepare_out_dir(out, args.overwrite)
+    if args.resume and args.overwrite:
+        raise InputError("--resume keeps an interrupted build's shards, --overwrite removes them: pass one")
+    prepare_out_dir(out, args.overwrite, args.resume)
+    build_options = {k: v for k, v in vars(args).items()
+                     if k in _COMMON_BUILD_OPTIONS or k in _SOURCE_OPTIONS[args.source]}
+    _start_record(out, build_options, args.resume)
     source = SOURCES[args.source]
     reference = _reference_vocab(args) if args.vocab_from else None
     # loading the pipeline first makes a missing one fail before minutes of reading
@@ -353,20 +445,9 @@ def build(args: argparse.Namespace) -> dict:
     phases["lemmas"] = time.perf_counter() - started - sum(phases.values())
 
     writer = ShardSetWriter(out, args.name, args.shard_size)
-    resized = 0
-    with progress(sum(len(v) for v in items.values()), "writing") as bar:
-        for split, split_items in items.items():
-            group = None
-            for item, caption_lemmas in zip(split_items, lemmas[split]):
-                if item.group != group and group is not None:
-                    writer.end_shard(split)  # keep the input's shard boundaries
-                group = item.group
-                data, ext, was_resized = _sample_bytes(item, args.max_side)
-                resized += was_resized
-                caption_concepts = [concept_ids(ls, lemma_to_id) for ls in caption_lemmas]
-                writer.write(split, item.image_id, data, ext, item.captions, caption_concepts,
-                             union_ids(caption_concepts), args.source)
-                bar.update(1)
+    labelled = {split: [(item, [concept_ids(ls, lemma_to_id) for ls in caption_lemmas])
+                        for item, caption_lemmas in zip(items[split], lemmas[split])] for split in items}
+    resized, resumed = _write_shards(writer, labelled, args)
     if reference is None:
         write_concepts_json(out / "concepts.json", concept_vocab)
         word_vocab.to_json(out / "vocab.json")
@@ -378,8 +459,6 @@ def build(args: argparse.Namespace) -> dict:
         vocab_from = {"path": str(reference[0]), "name": reference[1].get("name"),
                       "concepts_sha256": _file_sha256(out / "concepts.json"),
                       "vocab_sha256": _file_sha256(out / "vocab.json")}
-    build_options = {k: v for k, v in vars(args).items()
-                     if k in _COMMON_BUILD_OPTIONS or k in _SOURCE_OPTIONS[args.source]}
     manifest = writer.close({
         "source": args.source,
         "num_concepts": len(concept_vocab),
@@ -390,15 +469,19 @@ def build(args: argparse.Namespace) -> dict:
         "resized_pictures": resized,
         "vocab_from": vocab_from,
     })
+    (out / BUILD_RECORD).unlink()
     seconds = time.perf_counter() - started
     phases["write"] = seconds - sum(phases.values())
-    return {"out": str(out), "manifest": manifest, "seconds": seconds, "phases": phases}
+    return {"out": str(out), "manifest": manifest, "seconds": seconds, "phases": phases, "resumed": resumed}
 
 
 def format_summary(summary: dict) -> str:
     manifest = summary["manifest"]
     phases = ", ".join(f"{name} {secs:.1f}" for name, secs in summary["phases"].items())
     lines = [f"built shard set {manifest['name']!r} in {summary['out']} ({summary['seconds']:.1f} s: {phases})"]
+    if summary["resumed"]["kept"]:
+        lines.append(f"  resumed: kept {summary['resumed']['kept']} finished shards, "
+                     f"wrote {summary['resumed']['written']}")
     for split, s in manifest["splits"].items():
         lines.append(f"  {split}: {s['images']} images, {s['captions']} captions, {len(s['shards'])} shards")
     for kind, skipped in manifest["skipped"].items():

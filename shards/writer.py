@@ -124,22 +124,36 @@ class ShardSetWriter:
         state.ids.add(image_id)
         if state.tar is None:
             self._open_shard(split, state)
-        record = {
-            "image_id": image_id,
-            "captions": list(captions),
-            "caption_concepts": [list(ids) for ids in caption_concepts],
-            "image_concepts": list(image_concepts),
-            "split": split,
-            "source": source,
-        }
         self._add_member(state.tar, f"{image_id}.{image_ext}", image_bytes)
-        self._add_member(state.tar, f"{image_id}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
+        self._add_member(state.tar, f"{image_id}.json",
+                         sample_json(split, image_id, captions, caption_concepts, image_concepts, source))
         self.image_exts[image_ext] = self.image_exts.get(image_ext, 0) + 1
         state.images += 1
         state.captions += len(captions)
         state.in_current += 1
         if state.in_current == self.shard_size:
             self._finish_shard(state)
+
+    def adopt_shard(self, split: str, samples: list[tuple[str, str, int]]) -> str:
+        """Count a complete shard already on disk as the split's next one (a resumed build); returns its name.
+
+        samples: (image_id, image_ext, number of captions) of its samples in order, as `shard_contents` found.
+        """
+        state = self._splits.setdefault(split, _SplitState())
+        if state.tar is not None:
+            raise RuntimeError(f"split {split!r} has a shard open; finish it before adopting the next")
+        file_name = shard_file_name(self.name, split, len(state.shards))
+        if not (self.out_dir / file_name).is_file():
+            raise FileNotFoundError(f"cannot adopt {self.out_dir / file_name}: no such shard")
+        for image_id, image_ext, n_captions in samples:
+            if image_id in state.ids:
+                raise ValueError(f"duplicate image id {image_id!r} in split {split!r}")
+            state.ids.add(image_id)
+            self.image_exts[image_ext] = self.image_exts.get(image_ext, 0) + 1
+            state.images += 1
+            state.captions += n_captions
+        state.shards.append(file_name)
+        return file_name
 
     def end_shard(self, split: str) -> None:
         """Finish the split's open shard now, so the next sample starts a new one (keeps input shard boundaries)."""
@@ -206,6 +220,40 @@ class ShardSetWriter:
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         tar.addfile(info, io.BytesIO(data))
+
+
+def sample_json(split: str, image_id: str, captions: list[str], caption_concepts: list[list[int]],
+                image_concepts: list[int], source: str) -> bytes:
+    """The `{image_id}.json` member of a sample, exactly as written."""
+    record = {
+        "image_id": image_id,
+        "captions": list(captions),
+        "caption_concepts": [list(ids) for ids in caption_concepts],
+        "image_concepts": list(image_concepts),
+        "split": split,
+        "source": source,
+    }
+    return json.dumps(record, ensure_ascii=False).encode("utf-8")
+
+
+def shard_contents(path: str | Path) -> list[tuple[str, str, bytes]] | None:
+    """(image_id, image_ext, json bytes) per sample of a complete shard; None when it is unreadable or is
+    not pairs of `{id}.{ext}` + `{id}.json` members."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = [(m.name, tar.extractfile(m).read() if m.name.endswith(".json") else b"")
+                       for m in tar.getmembers() if m.isfile()]
+    except (OSError, tarfile.TarError):
+        return None
+    if len(members) % 2:
+        return None
+    samples = []
+    for (picture, _), (meta, data) in zip(members[0::2], members[1::2]):
+        image_id, _, image_ext = picture.partition(".")
+        if image_ext not in IMAGE_EXTS or meta != f"{image_id}.json":
+            return None
+        samples.append((image_id, image_ext, data))
+    return samples
 
 
 def write_json(path: str | Path, obj) -> None:

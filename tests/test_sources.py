@@ -558,3 +558,56 @@ def test_whole_input_errors_stop_with_a_message(tmp_path, capsys):
     assert "none.json does not exist" in capsys.readouterr().err
     assert build(tmp_path / "o3", "coco", "--images", str(tmp_path)) == 2
     assert "--annotations" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ --resume
+
+
+def test_resume_keeps_finished_shards_and_matches_a_fresh_build(tmp_path, monkeypatch, capsys):
+    from shards.writer import ShardSetWriter
+
+    index, images, _ = karpathy_corpus(tmp_path)
+    args = ["--karpathy-json", str(index), "--images", str(images), "--shard-size", "1"]
+    fresh = tmp_path / "fresh"
+    assert build(fresh, "karpathy", *args) == 0
+    written: list[str] = []
+    real_write = ShardSetWriter.write
+
+    def write(self, split, image_id, *rest):
+        if stop_after is not None and len(written) == stop_after:
+            raise KeyboardInterrupt  # the build is killed while writing its third sample
+        written.append(image_id)
+        real_write(self, split, image_id, *rest)
+    monkeypatch.setattr(ShardSetWriter, "write", write)
+
+    out = tmp_path / "out"
+    stop_after = 2
+    with pytest.raises(KeyboardInterrupt):
+        build(out, "karpathy", *args)
+    assert sorted(p.name for p in out.iterdir()) == ["build.partial.json", "t-train-000000.tar", "t-train-000001.tar"]
+    assert build(out, "karpathy", *args) == 2  # not empty: refused without --resume
+    assert "--resume" in capsys.readouterr().err
+    assert build(out, "karpathy", *args, "--min-concept-count", "2", "--resume") == 2
+    assert "['min_concept_count'] differ" in capsys.readouterr().err
+
+    written.clear()
+    stop_after = None
+    assert build(out, "karpathy", *args, "--resume") == 0
+    assert written == ["coffee", "rocket"]  # only the shards the interrupted build had not finished
+    assert "kept 2 finished shards, wrote 2" in capsys.readouterr().out
+    names = sorted(p.name for p in fresh.iterdir())
+    assert names == sorted(p.name for p in out.iterdir())
+    for name in names:
+        assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
+
+    # a finished shard that does not hold what it should is written again
+    (out / "manifest.json").unlink()
+    # (as if killed after the last shard: the options record is still there, the manifest not yet)
+    (out / "build.partial.json").write_text(json.dumps(json.loads((fresh / "manifest.json").read_text())["build"]))
+    (out / "t-train-000001.tar").write_bytes((out / "t-train-000000.tar").read_bytes())
+    written.clear()
+    assert build(out, "karpathy", *args, "--resume") == 0
+    assert written == ["chelsea"]
+    assert (out / "t-train-000001.tar").read_bytes() == (fresh / "t-train-000001.tar").read_bytes()
+    assert build(out, "karpathy", *args, "--resume") == 2
+    assert "nothing to resume" in capsys.readouterr().err
