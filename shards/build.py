@@ -1,4 +1,4 @@
-"""`hier-shards build`: turn a source of (image, captions) into a labelled shard set.
+r"""`hier-shards build`: turn a source of (image, captions) into a labelled shard set.
 
     python -m shards build --source builtin --out data/builtin
     python -m shards build --source karpathy --karpathy-json dataset_flickr30k.json --images flickr30k-images \
@@ -8,10 +8,12 @@
 
 (each source module's docstring in shards/sources/ has its own command lines)
 
-Order of work: read every item of the source once, checking ids, splits, captions and pictures (bad input is
-skipped and counted per kind in the manifest, or stops the build with --on-error stop); lemmatise all kept
-captions; build the concept and word vocabularies from the train split only (or take another set's with
---vocab-from); then read the pictures again and write the shards and the json files (manifest last).
+Order of work: read every item of the source once, checking ids, splits, captions and pictures
+(shards/sources/checking.py: bad input is skipped and counted per kind in the manifest, or stops the build
+with --on-error stop); lemmatise all kept captions; build the concept and word vocabularies from the train
+split only (or take another set's with --vocab-from); then read the pictures again and write the shards
+(planned from the item order alone, so --resume recognises the ones an interrupted build finished) and the
+json files, manifest last.
 A source is a `Source` (shards/sources/base.py): its argparse options and a stream of `Item`s; add one with
 an entry in SOURCES. A source of in-memory `RawSample`s per split plugs in through `in_memory_source`.
 """
@@ -20,17 +22,13 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import io
 import json
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 from tqdm import tqdm
 
 from shards.builtin_corpus import MIN_IMAGE_SIZE, builtin_samples
@@ -39,6 +37,7 @@ from shards.concepts import (
 )
 from shards.sources import coco, hf, karpathy, scan_precomp, table, wds_relabel
 from shards.sources.base import ON_ERROR, BadSample, InputError, Item, Problems, Source
+from shards.sources.checking import checked_items
 from shards.sources.pictures import checked_picture
 from shards.writer import (
     FEATURE_EXT, PARTIAL_SUFFIX, RawSample, ShardSetWriter, sample_json, shard_contents, shard_file_name,
@@ -47,8 +46,6 @@ from shards.writer import (
 from trainer.text import Vocab
 
 TRAIN = "train"
-_CHECK_CHUNK = 256  # items decoded in parallel before their results are taken in order
-SPLIT_ORDER = ("train", "val", "test")  # these first, in this order; other splits after them as first seen
 
 
 def progress(total: int | None, desc: str) -> tqdm:
@@ -237,109 +234,6 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _show_bytes(caption: str) -> str:
-    """A caption with its undecodable bytes shown as \\xNN (they arrive as surrogateescape surrogates)."""
-    try:
-        return caption.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate from a JSON escape, not from bytes
-        return caption.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _clean_captions(item: Item, problems: Problems) -> list[str]:
-    """The item's usable captions, stripped; empty and non-UTF-8 ones are reported and left out."""
-    kept = []
-    for k, caption in enumerate(item.captions):
-        where = item.caption_wheres[k] if item.caption_wheres else f"{item.where} caption {k}"
-        if not isinstance(caption, str) or not caption.strip():
-            problems.bad("empty_caption", where, f"image {item.image_id!r}: empty caption")
-            continue
-        try:
-            caption.encode("utf-8")  # sources decode with surrogateescape: undecodable bytes fail here
-        except UnicodeEncodeError:
-            problems.bad("non_utf8_caption", where, f"image {item.image_id!r}: caption is not valid UTF-8: "
-                         f"{_show_bytes(caption)!r}")
-            continue
-        kept.append(caption.strip())
-    return kept
-
-
-def _check_features(data: bytes) -> None:
-    """Region features must be an np.save float16 [regions, dim] array of finite values (never pickled)."""
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise BadSample("bad_features", f"not an npy array: {e}") from None
-    if array.dtype != np.float16 or array.ndim != 2 or not array.size or not np.isfinite(array).all():
-        raise BadSample("bad_features", f"features must be finite float16 [regions, dim], got {array.dtype} "
-                        f"{list(array.shape)}{'' if not array.size or np.isfinite(array).all() else ' with inf/nan'}")
-
-
-def _load_failure(item: Item) -> BadSample | None:
-    """Why the item's picture or features cannot be used, or None (runs in a checking thread)."""
-    try:
-        data = item.load()
-        if item.features:
-            _check_features(data)
-        else:
-            checked_picture(data)
-    except BadSample as e:
-        return e
-    return None
-
-
-def _chunks(items: Iterator[Item], size: int) -> Iterator[tuple[list[Item], InputError | None]]:
-    """Items in lists of `size`; an InputError the source raises comes with the items before it, so those are
-    checked (and their own problems reported) first: --on-error stop always names the first bad input."""
-    chunk: list[Item] = []
-    while True:
-        try:
-            item = next(items)
-        except StopIteration:
-            yield chunk, None
-            return
-        except InputError as e:
-            yield chunk, e
-            return
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk, None
-            chunk = []
-
-
-def _checked_items(source: Source, args: argparse.Namespace, problems: Problems) -> dict[str, list[Item]]:
-    """Every usable item by split (train, val, test first), each reported problem skipped or stopping.
-
-    Pictures are decoded by --check-workers threads (PIL releases the GIL while decoding); results are taken
-    in source order, so the output and the reports do not depend on the number of threads.
-    """
-    by_split: dict[str, list[Item]] = {}
-    seen: dict[str, str] = {}
-    with progress(None, "checking") as bar, ThreadPoolExecutor(args.check_workers) as pool:
-        for chunk, source_error in _chunks(iter(source.items(args, problems)), _CHECK_CHUNK):
-            for item, failure in zip(chunk, pool.map(_load_failure, chunk)):
-                bar.update(1)
-                if not item.image_id:
-                    problems.bad("missing_image", item.where, "no image id or path")
-                    continue
-                if item.image_id in seen:
-                    problems.bad("duplicate_id", item.where,
-                                 f"image id {item.image_id} was already used by {seen[item.image_id]}")
-                    continue
-                seen[item.image_id] = item.where
-                captions = _clean_captions(item, problems)
-                if not captions:
-                    problems.bad("no_captions", item.where, f"image {item.image_id!r} has no usable caption")
-                    continue
-                if failure is not None:
-                    problems.bad(failure.kind, item.where, f"image {item.image_id!r}: {failure}")
-                    continue
-                by_split.setdefault(item.split, []).append(replace(item, captions=captions))
-            if source_error is not None:
-                raise source_error
-    order = [s for s in SPLIT_ORDER if s in by_split] + [s for s in by_split if s not in SPLIT_ORDER]
-    return {split: by_split[split] for split in order}
-
-
 def _sample_bytes(item: Item, max_side: int | None) -> tuple[bytes, str, bool]:
     """(bytes, extension, resized) for writing; the item was checked before, so a failure now is fatal."""
     try:
@@ -424,7 +318,8 @@ def build(args: argparse.Namespace) -> dict:
     problems = Problems(args.on_error)
     phases = {"load": time.perf_counter() - started}
 
-    items = _checked_items(source, args, problems)
+    with progress(None, "checking") as bar:
+        items = checked_items(source.items(args, problems), problems, args.check_workers, bar)
     if TRAIN not in items and reference is None:
         raise InputError(f"source {args.source!r} yielded no usable {TRAIN!r} images; the vocabularies are built "
                          f"from them (or pass --vocab-from another shard set)"

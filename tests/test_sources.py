@@ -611,3 +611,19 @@ def test_resume_keeps_finished_shards_and_matches_a_fresh_build(tmp_path, monkey
     assert (out / "t-train-000001.tar").read_bytes() == (fresh / "t-train-000001.tar").read_bytes()
     assert build(out, "karpathy", *args, "--resume") == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_cli_process_exits_non_zero_naming_the_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    table = bad_table(tmp_path, ["missing_image"])
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-m", "shards", "build", "--source", "csv", "--out", str(tmp_path / "o"),
+                           *csv_args(table), "--on-error", "stop"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 2
+    assert f"hier-shards: error: missing_image: {table}:6 (missing.jpg)" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -85,9 +85,6 @@ class Problems:
         """{kind: {"count": n, "examples": [first messages]}} in a fixed kind order."""
         return {k: {"count": self.counts[k], "examples": self.examples[k]} for k in BAD_KINDS if k in self.counts}
 
-    def total(self) -> int:
-        return sum(self.counts.values())
-
 
 @dataclass(frozen=True)
 class Source:

@@ -1,4 +1,4 @@
-"""`--source coco`: COCO captions annotation files (captions_train2014.json style), one per split.
+r"""`--source coco`: COCO captions annotation files (captions_train2014.json style), one per split.
 
     python -m shards build --source coco --images coco/images \
         --annotations train=annotations/captions_train2014.json \

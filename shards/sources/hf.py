@@ -1,4 +1,4 @@
-"""`--source hf`: a Hugging Face `datasets` dataset saved on disk, or read from local files by a builder.
+r"""`--source hf`: a Hugging Face `datasets` dataset saved on disk, or read from local files by a builder.
 
     python -m shards build --source hf --hf-dataset my_dataset_dir \
         --hf-image-column image --hf-text-column captions --hf-split val=validation --out data/mine --name mine

@@ -1,4 +1,4 @@
-"""`--source karpathy`: Karpathy-split JSON (dataset_flickr30k.json, dataset_coco.json, dataset_flickr8k.json).
+r"""`--source karpathy`: Karpathy-split JSON (dataset_flickr30k.json, dataset_coco.json, dataset_flickr8k.json).
 
     python -m shards build --source karpathy --karpathy-json dataset_flickr30k.json \
         --images flickr30k-images --out data/f30k --name f30k

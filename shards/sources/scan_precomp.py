@@ -1,4 +1,4 @@
-"""`--source scan_precomp`: SCAN's precomputed bottom-up-attention features (the `*_precomp` layout).
+r"""`--source scan_precomp`: SCAN's precomputed bottom-up-attention features (the `*_precomp` layout).
 
     python -m shards build --source scan_precomp --precomp data/f30k_precomp --out data/f30k-butd --name f30k
     python -m shards build --source scan_precomp --precomp data/coco_precomp \

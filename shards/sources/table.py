@@ -1,4 +1,4 @@
-"""`--source csv`: a CSV or TSV file of (image path, caption) rows; several rows per image are grouped.
+r"""`--source csv`: a CSV or TSV file of (image path, caption) rows; several rows per image are grouped.
 
     python -m shards build --source csv --table captions.tsv --images pictures \
         --image-column image --caption-column caption --split-column split --out data/mine --name mine

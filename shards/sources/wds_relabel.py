@@ -1,4 +1,4 @@
-"""`--source wds_relabel`: label existing WebDataset tars (img2dataset output) without re-encoding pictures.
+r"""`--source wds_relabel`: label existing WebDataset tars (img2dataset output) without re-encoding pictures.
 
     python -m shards build --source wds_relabel --tars 'train=cc3m/{00000..00331}.tar' \
         --tars 'val=cc3m-val/*.tar' --out data/cc3m --name cc3m --shard-size 10000
