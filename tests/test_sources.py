@@ -613,6 +613,7 @@ def test_resume_keeps_finished_shards_and_matches_a_fresh_build(tmp_path, monkey
     assert "nothing to resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh process imports spaCy (thinc, torch): 6 s of CPU, 20 s on a busy machine
 def test_cli_process_exits_non_zero_naming_the_line(tmp_path):
     import os
     import subprocess
