@@ -243,7 +243,7 @@ def test_csv_with_split_files_and_id_column(tmp_path, extractor):
 # ------------------------------------------------------------------ hf
 
 
-def test_hf_saved_dataset_and_parquet_builder(tmp_path, extractor, monkeypatch):
+def test_hf_saved_dataset_and_parquet_builder(tmp_path, extractor, monkeypatch, capsys):
     import datasets
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
@@ -271,6 +271,15 @@ def test_hf_saved_dataset_and_parquet_builder(tmp_path, extractor, monkeypatch):
                                                    "no picture in the image column (NoneType)"]},
         "empty_caption": {"count": 1, "examples": ["dataset split 'validation' row 2 (id spare) caption 0: "
                                                    "image 'spare': empty caption"]}}
+
+    # an explicit split mapping; a dataset split that does not exist is refused with the ones that do
+    mapped = tmp_path / "mapped"
+    assert build(mapped, "hf", "--hf-dataset", str(saved), "--hf-text-column", "captions", "--hf-id-column", "key",
+                 "--hf-split", "train=train", "--hf-split", "test=validation") == 0
+    assert list(json.loads((mapped / "manifest.json").read_text())["splits"]) == ["train", "test"]
+    assert build(tmp_path / "bad", "hf", "--hf-dataset", str(saved), "--hf-text-column", "captions",
+                 "--hf-split", "train=training") == 2
+    assert "['train', 'validation']" in capsys.readouterr().err
 
     # parquet files with one caption per row and pictures as paths under --images; rows keep their row ids
     pictures = write_pictures(tmp_path / "pics")
@@ -319,6 +328,24 @@ def test_scan_precomp_features_round_trip(tmp_path, extractor):
         regions = np.load(io.BytesIO(members["npy"]), allow_pickle=False)
         assert regions.dtype == np.float16 and regions.shape == (36, 2048)
         np.testing.assert_array_equal(regions, ims.astype(np.float16))
+
+
+def test_scan_precomp_rows_per_caption_and_ids_per_caption(tmp_path, extractor):
+    # SCAN's layout where the feature file has one row per caption (each image's row repeated 5 times)
+    folder = tmp_path / "coco_precomp"
+    folder.mkdir()
+    per_image = precomp_split(folder, "testall", 2, 2)
+    np.save(folder / "testall_ims.npy", np.repeat(per_image, 5, axis=0))
+    (folder / "testall_ids.txt").write_text("\n".join(["391895"] * 5 + ["522418"] * 5) + "\n")
+    precomp_split(folder, "train", 1, 0)
+    out = tmp_path / "out"
+    assert build(out, "scan_precomp", "--precomp", str(folder), "--precomp-split", "train=train",
+                 "--precomp-split", "test=testall") == 0
+    lines = (folder / "testall_caps.txt").read_text().splitlines()
+    check_set(out, {"train": [("train-000000", (folder / "train_caps.txt").read_text().splitlines(), None)],
+                    "test": [("391895", lines[:5], None), ("522418", lines[5:], None)]}, "scan_precomp", extractor)
+    for (_, members, _), regions in zip(read_set(out)["test"], per_image):
+        np.testing.assert_array_equal(np.load(io.BytesIO(members["npy"])), regions.astype(np.float16))
 
 
 # ------------------------------------------------------------------ wds_relabel

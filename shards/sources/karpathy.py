@@ -54,7 +54,7 @@ def items(args: argparse.Namespace, problems: Problems) -> Iterator[Item]:
             continue
         if split == "restval" and args.restval_to_train:
             split = "train"
-        sentences = entry.get("sentences")
+        sentences = entry.get("sentences") or []  # none at all: reported as an image without captions
         if not isinstance(sentences, list) or not all(isinstance(s, dict) for s in sentences):
             raise InputError(f"{where}: 'sentences' is not a list of objects")
         path = root / entry.get("filepath", "") / entry["filename"]
