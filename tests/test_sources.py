@@ -655,3 +655,17 @@ def test_cli_process_exits_non_zero_naming_the_line(tmp_path):
     assert done.returncode == 2
     assert f"hier-shards: error: missing_image: {table}:6 (missing.jpg)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_trainer_reads_a_set_of_mixed_picture_formats(tmp_path):
+    from trainer.data import ShardSet, iter_eval_samples
+
+    index, images, _ = karpathy_corpus(tmp_path)
+    out = tmp_path / "out"
+    assert build(out, "karpathy", "--karpathy-json", str(index), "--images", str(images), "--restval-to-train") == 0
+    shardset = ShardSet.open(out)
+    read = list(iter_eval_samples(shardset, "train", image_size=32, max_words=16))
+    assert [s["image_id"] for s in read] == ["astronaut", "chelsea", "rocket"]  # jpg, png, webp
+    for sample in read:
+        assert sample["image"].shape == (3, 32, 32) and sample["image"].std() > 0.1
+        assert sample["captions"] == PICTURES[sample["image_id"]][2]
