@@ -26,6 +26,7 @@ import json
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -37,8 +38,8 @@ from shards.concepts import (
 )
 from shards.sources import coco, hf, karpathy, scan_precomp, table, wds_relabel
 from shards.sources.base import ON_ERROR, BadSample, InputError, Item, Problems, Source
-from shards.sources.checking import checked_items
-from shards.sources.pictures import checked_picture
+from shards.sources.checking import PICTURE_CHUNK, checked_items
+from shards.sources.pictures import checked_picture, needs_resize
 from shards.writer import (
     FEATURE_EXT, PARTIAL_SUFFIX, RawSample, ShardSetWriter, sample_json, shard_contents, shard_file_name,
     write_concepts_json, write_json,
@@ -139,8 +140,8 @@ def add_build_command(subparsers) -> None:
     p.add_argument("--spacy-processes", type=_int_at_least(1), default=1,
                    help="processes for lemmatisation, the slowest step (same output for any number)")
     p.add_argument("--min-word-count", type=_int_at_least(1), default=1, help="word vocabulary threshold")
-    p.add_argument("--check-workers", type=_int_at_least(1), default=4,
-                   help="threads that decode pictures to check them (same output for any number)")
+    p.add_argument("--picture-threads", type=_int_at_least(1), default=4,
+                   help="threads that decode pictures to check them and resize them (same output for any number)")
     p.add_argument("--overwrite", action="store_true", help="replace the shard set in an existing --out folder")
     p.add_argument("--resume", action="store_true",
                    help="finish an interrupted build in --out (same options): finished shards that hold exactly "
@@ -269,9 +270,10 @@ def _finished_shard(path: Path, expected: list[tuple[str, bytes]]) -> list[str] 
 
 
 def _write_shards(writer: ShardSetWriter, labelled: dict[str, list[tuple[Item, list[list[int]]]]],
-                  args: argparse.Namespace) -> tuple[int, dict[str, int]]:
+                  args: argparse.Namespace, pool: ThreadPoolExecutor) -> tuple[int, dict[str, int]]:
     """Write every split shard by shard; with --resume, keep each finished shard that holds exactly the
-    samples it should. Returns the number of resized pictures and {kept, written} shard counts."""
+    samples it should. Pictures are read (and resized) by the pool's threads, written in order.
+    Returns the number of resized pictures and {kept, written} shard counts."""
     resized = 0
     resumed = {"kept": 0, "written": 0}
     with progress(sum(len(v) for v in labelled.values()), "writing") as bar:
@@ -287,22 +289,57 @@ def _write_shards(writer: ShardSetWriter, labelled: dict[str, list[tuple[Item, l
                     writer.adopt_shard(split, [(item.image_id, ext, len(item.captions))
                                                for (item, _), ext in zip(shard, exts)])
                     if args.max_side is not None:  # count as a fresh build would
-                        resized += sum(_sample_bytes(item, args.max_side)[2] for item, _ in shard)
+                        resized += sum(not item.features and needs_resize(item.load(), args.max_side)
+                                       for item, _ in shard)
                     resumed["kept"] += 1
-                else:
-                    for item, concepts in shard:
-                        data, ext, was_resized = _sample_bytes(item, args.max_side)
+                    bar.update(len(shard))
+                    continue
+                for start in range(0, len(shard), PICTURE_CHUNK):
+                    part = shard[start:start + PICTURE_CHUNK]
+                    loaded = pool.map(lambda sample: _sample_bytes(sample[0], args.max_side), part)
+                    for (item, concepts), (data, ext, was_resized) in zip(part, loaded):
                         resized += was_resized
                         writer.write(split, item.image_id, data, ext, item.captions, concepts, union_ids(concepts),
                                      args.source)
-                    writer.end_shard(split)
-                    resumed["written"] += 1
-                bar.update(len(shard))
+                        bar.update(1)
+                writer.end_shard(split)
+                resumed["written"] += 1
     return resized, resumed
+
+
+def _vocabularies(items: dict[str, list[Item]], lemmas: dict[str, list[list[list[str]]]], args: argparse.Namespace,
+                  reference: tuple[Path, dict, list[tuple[str, int]]] | None) -> tuple[list[tuple[str, int]], Vocab]:
+    """The concept and word vocabularies: from the train split only, or the --vocab-from set's."""
+    if reference is not None:
+        return reference[2], Vocab.from_json(reference[0] / "vocab.json")
+    train_lemmas = [caption for image in lemmas[TRAIN] for caption in image]
+    concept_vocab = build_concept_vocab(train_lemmas, args.max_concepts, args.min_concept_count)
+    word_vocab = Vocab.build((c for item in items[TRAIN] for c in item.captions), min_count=args.min_word_count)
+    return concept_vocab, word_vocab
+
+
+def _write_vocab_files(out: Path, concept_vocab: list[tuple[str, int]], word_vocab: Vocab,
+                       reference: tuple[Path, dict, list[tuple[str, int]]] | None) -> dict | None:
+    """concepts.json and vocab.json; with --vocab-from, byte copies (both sets provably share one vocabulary)
+    and the manifest's record of where they came from."""
+    if reference is None:
+        write_concepts_json(out / "concepts.json", concept_vocab)
+        word_vocab.to_json(out / "vocab.json")
+        return None
+    for name in ("concepts.json", "vocab.json"):
+        shutil.copyfile(reference[0] / name, out / name)
+    return {"path": str(reference[0]), "name": reference[1].get("name"),
+            "concepts_sha256": _file_sha256(out / "concepts.json"), "vocab_sha256": _file_sha256(out / "vocab.json")}
 
 
 def build(args: argparse.Namespace) -> dict:
     """Build the shard set described by the parsed options; returns a summary."""
+    # PIL releases the GIL while it decodes and encodes, so threads check and resize pictures in parallel
+    with ThreadPoolExecutor(args.picture_threads) as pool:
+        return _build(args, pool)
+
+
+def _build(args: argparse.Namespace, pool: ThreadPoolExecutor) -> dict:
     started = time.perf_counter()
     out = Path(args.out)
     if args.resume and args.overwrite:
@@ -319,7 +356,7 @@ def build(args: argparse.Namespace) -> dict:
     phases = {"load": time.perf_counter() - started}
 
     with progress(None, "checking") as bar:
-        items = checked_items(source.items(args, problems), problems, args.check_workers, bar)
+        items = checked_items(source.items(args, problems), problems, pool, bar)
     if TRAIN not in items and reference is None:
         raise InputError(f"source {args.source!r} yielded no usable {TRAIN!r} images; the vocabularies are built "
                          f"from them (or pass --vocab-from another shard set)"
@@ -329,31 +366,15 @@ def build(args: argparse.Namespace) -> dict:
     all_captions = [c for split in items for item in items[split] for c in item.captions]
     all_lemmas = iter(extractor.lemmas(all_captions))
     lemmas = {split: [[next(all_lemmas) for _ in item.captions] for item in items[split]] for split in items}
-    if reference is None:
-        train_lemmas = [caption for image in lemmas[TRAIN] for caption in image]
-        concept_vocab = build_concept_vocab(train_lemmas, args.max_concepts, args.min_concept_count)
-        word_vocab = Vocab.build((c for item in items[TRAIN] for c in item.captions), min_count=args.min_word_count)
-    else:
-        concept_vocab = reference[2]
-        word_vocab = Vocab.from_json(reference[0] / "vocab.json")
+    concept_vocab, word_vocab = _vocabularies(items, lemmas, args, reference)
     lemma_to_id = {lemma: i for i, (lemma, _) in enumerate(concept_vocab)}
     phases["lemmas"] = time.perf_counter() - started - sum(phases.values())
 
     writer = ShardSetWriter(out, args.name, args.shard_size)
     labelled = {split: [(item, [concept_ids(ls, lemma_to_id) for ls in caption_lemmas])
                         for item, caption_lemmas in zip(items[split], lemmas[split])] for split in items}
-    resized, resumed = _write_shards(writer, labelled, args)
-    if reference is None:
-        write_concepts_json(out / "concepts.json", concept_vocab)
-        word_vocab.to_json(out / "vocab.json")
-        vocab_from = None
-    else:
-        # byte copies, so both sets provably share one vocabulary
-        for name in ("concepts.json", "vocab.json"):
-            shutil.copyfile(reference[0] / name, out / name)
-        vocab_from = {"path": str(reference[0]), "name": reference[1].get("name"),
-                      "concepts_sha256": _file_sha256(out / "concepts.json"),
-                      "vocab_sha256": _file_sha256(out / "vocab.json")}
+    resized, resumed = _write_shards(writer, labelled, args, pool)
+    vocab_from = _write_vocab_files(out, concept_vocab, word_vocab, reference)
     manifest = writer.close({
         "source": args.source,
         "num_concepts": len(concept_vocab),

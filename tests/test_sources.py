@@ -157,7 +157,7 @@ def test_rebuild_is_byte_identical(tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out, workers in zip(outs, ("1", "3")):  # the number of checking threads changes nothing
         assert build(out, "karpathy", "--karpathy-json", str(index), "--images", str(images),
-                     "--check-workers", workers) == 0
+                     "--picture-threads", workers) == 0
     names = sorted(p.name for p in outs[0].iterdir())
     assert names == sorted(p.name for p in outs[1].iterdir()) and len(names) == 3 + 3
     for name in names:
@@ -513,7 +513,7 @@ def test_on_error_stop_reports_the_first_bad_row(tmp_path, capsys):
     # the corrupt picture (line 6) is found by a checking thread, the unknown split (line 7) by the csv reader
     # while it gathers the same chunk of items: the earlier line is still the one reported
     table = bad_table(tmp_path, ["corrupt_image", "unknown_split"])
-    assert build(tmp_path / "out", "csv", *csv_args(table), "--on-error", "stop", "--check-workers", "2") == 2
+    assert build(tmp_path / "out", "csv", *csv_args(table), "--on-error", "stop", "--picture-threads", "2") == 2
     assert f"hier-shards: error: corrupt_image: {table}:6 (truncated.jpg)" in capsys.readouterr().err
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from shards.sources.base import BadSample, InputError, Item, Problems
 from shards.sources.pictures import checked_picture
 
-_CHECK_CHUNK = 256  # items decoded in parallel before their results are taken in order
+PICTURE_CHUNK = 256  # pictures decoded in parallel before their results are taken in order
 SPLIT_ORDER = ("train", "val", "test")  # these first, in this order; other splits after them as first seen
 
 
@@ -93,35 +93,35 @@ def _chunks(items: Iterator[Item], size: int) -> Iterator[tuple[list[Item], Inpu
             chunk = []
 
 
-def checked_items(items: Iterator[Item], problems: Problems, workers: int, bar: tqdm) -> dict[str, list[Item]]:
+def checked_items(items: Iterator[Item], problems: Problems, pool: ThreadPoolExecutor,
+                  bar: tqdm) -> dict[str, list[Item]]:
     """Every usable item by split (train, val, test first), each reported problem skipped or stopping.
 
-    Pictures are decoded by `workers` threads (PIL releases the GIL while decoding); results are taken
+    Pictures are decoded by the pool's threads (PIL releases the GIL while decoding); results are taken
     in source order, so the output and the reports do not depend on the number of threads.
     """
     by_split: dict[str, list[Item]] = {}
     seen: dict[str, str] = {}
-    with ThreadPoolExecutor(workers) as pool:
-        for chunk, source_error in _chunks(iter(items), _CHECK_CHUNK):
-            for item, failure in zip(chunk, pool.map(_load_failure, chunk)):
-                bar.update(1)
-                if not item.image_id:
-                    problems.bad("missing_image", item.where, "no image id or path")
-                    continue
-                if item.image_id in seen:
-                    problems.bad("duplicate_id", item.where,
-                                 f"image id {item.image_id} was already used by {seen[item.image_id]}")
-                    continue
-                seen[item.image_id] = item.where
-                captions = _clean_captions(item, problems)
-                if not captions:
-                    problems.bad("no_captions", item.where, f"image {item.image_id!r} has no usable caption")
-                    continue
-                if failure is not None:
-                    problems.bad(failure.kind, item.where, f"image {item.image_id!r}: {failure}")
-                    continue
-                by_split.setdefault(item.split, []).append(replace(item, captions=captions))
-            if source_error is not None:
-                raise source_error
+    for chunk, source_error in _chunks(iter(items), PICTURE_CHUNK):
+        for item, failure in zip(chunk, pool.map(_load_failure, chunk)):
+            bar.update(1)
+            if not item.image_id:
+                problems.bad("missing_image", item.where, "no image id or path")
+                continue
+            if item.image_id in seen:
+                problems.bad("duplicate_id", item.where,
+                             f"image id {item.image_id} was already used by {seen[item.image_id]}")
+                continue
+            seen[item.image_id] = item.where
+            captions = _clean_captions(item, problems)
+            if not captions:
+                problems.bad("no_captions", item.where, f"image {item.image_id!r} has no usable caption")
+                continue
+            if failure is not None:
+                problems.bad(failure.kind, item.where, f"image {item.image_id!r}: {failure}")
+                continue
+            by_split.setdefault(item.split, []).append(replace(item, captions=captions))
+        if source_error is not None:
+            raise source_error
     order = [s for s in SPLIT_ORDER if s in by_split] + [s for s in by_split if s not in SPLIT_ORDER]
     return {split: by_split[split] for split in order}

@@ -45,6 +45,14 @@ def _format(data: bytes) -> str:
         raise BadSample("corrupt_image", f"not a picture ({type(e).__name__}: {e})") from None
 
 
+def needs_resize(data: bytes, max_side: int | None) -> bool:
+    """Whether --max-side shrinks this picture (its header alone is read)."""
+    if max_side is None:
+        return False
+    with Image.open(io.BytesIO(data)) as img:
+        return max(img.size) > max_side
+
+
 def checked_picture(data: bytes, max_side: int | None = None, verify: bool = True) -> tuple[bytes, str, bool]:
     """(bytes, extension, resized): the original bytes unless `max_side` asks for a smaller picture.
 
@@ -57,11 +65,12 @@ def checked_picture(data: bytes, max_side: int | None = None, verify: bool = Tru
         raise BadSample("corrupt_image", f"picture format {fmt} is not one of {', '.join(FORMAT_EXT)}")
     if max_side is None:
         return data, FORMAT_EXT[fmt], False
+    if not needs_resize(data, max_side):
+        return data, FORMAT_EXT[fmt], False
     with Image.open(io.BytesIO(data)) as img:
-        if max(img.size) <= max_side:
-            return data, FORMAT_EXT[fmt], False
         scale = max_side / max(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img.draft("RGB", size)  # JPEG: decode at the smallest DCT scale still >= size (much faster)
         keep_alpha = fmt != "JPEG" and ("A" in img.getbands() or img.mode == "P")
         small = img.convert("RGBA" if keep_alpha else "RGB").resize(size, Image.LANCZOS)
     out = io.BytesIO()
