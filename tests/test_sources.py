@@ -669,3 +669,24 @@ def test_trainer_reads_a_set_of_mixed_picture_formats(tmp_path):
     for sample in read:
         assert sample["image"].shape == (3, 32, 32) and sample["image"].std() > 0.1
         assert sample["captions"] == PICTURES[sample["image_id"]][2]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns, the check refuses
+def test_picture_check_keeps_bytes_and_refuses_what_cannot_be_used(monkeypatch):
+    from shards.sources.base import BadSample
+    from shards.sources.pictures import checked_picture
+
+    for name in PICTURES:
+        data = picture_bytes(name)
+        assert checked_picture(data) == (data, EXT[PICTURES[name][0]], False)
+    png = picture_bytes("chelsea")
+    bmp = io.BytesIO()
+    Image.open(io.BytesIO(png)).save(bmp, format="BMP")
+    for bad, reason in [(png[:-40], "not a decodable picture"), (b"", "empty"),
+                        (bmp.getvalue(), "format BMP is not one of JPEG, PNG, WEBP")]:
+        with pytest.raises(BadSample, match=reason) as caught:
+            checked_picture(bad)
+        assert caught.value.kind == "corrupt_image"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # chelsea is 40x27
+    with pytest.raises(BadSample, match="40x27 pixels is over the limit of 1000"):
+        checked_picture(png)

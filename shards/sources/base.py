@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 ON_ERROR = ("skip", "stop")
@@ -37,7 +38,7 @@ class BadSample(Exception):
         self.kind = kind
 
 
-def read_image_file(path) -> bytes:
+def read_image_file(path: Path) -> bytes:
     """A picture file's bytes; a missing or unreadable file is a `missing_image` sample."""
     try:
         return path.read_bytes()
