@@ -1,16 +1,32 @@
-"""`hier-shards build`: turn a source of (image, captions) into a labelled shard set.
+r"""`hier-shards build`: turn a source of (image, captions) into a labelled shard set.
 
-Order of work: generate the raw samples of every split, lemmatise all captions, build the concept and word
-vocabularies from the train split only, then write the shards and the json files (manifest last).
-A source is a pair of functions: the split sizes it will yield and the samples of one split, so other
-`--source` kinds only add an entry to SOURCES (and their options to the parser).
+    python -m shards build --source builtin --out data/builtin
+    python -m shards build --source karpathy --karpathy-json dataset_flickr30k.json --images flickr30k-images \
+        --out data/f30k --name f30k
+    python -m shards build --source coco --annotations test=captions_val2014.json --images coco \
+        --vocab-from data/coco-train --out data/coco-test --name coco-test
+
+(each source module's docstring in shards/sources/ has its own command lines)
+
+Order of work: read every item of the source once, checking ids, splits, captions and pictures
+(shards/sources/checking.py: bad input is skipped and counted per kind in the manifest, or stops the build
+with --on-error stop); lemmatise all kept captions; build the concept and word vocabularies from the train
+split only (or take another set's with --vocab-from); then read the pictures again and write the shards
+(planned from the item order alone, so --resume recognises the ones an interrupted build finished) and the
+json files, manifest last.
+A source is a `Source` (shards/sources/base.py): its argparse options and a stream of `Item`s; add one with
+an entry in SOURCES. A source of in-memory `RawSample`s per split plugs in through `in_memory_source`.
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
+import json
+import shutil
 import sys
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -20,39 +36,42 @@ from shards.builtin_corpus import MIN_IMAGE_SIZE, builtin_samples
 from shards.concepts import (
     DEFAULT_PIPELINE, UNIVERSAL_POS, ConceptExtractor, build_concept_vocab, concept_ids, union_ids,
 )
-from shards.writer import PARTIAL_SUFFIX, RawSample, ShardSetWriter, write_concepts_json
+from shards.sources import coco, hf, karpathy, scan_precomp, table, wds_relabel
+from shards.sources.base import ON_ERROR, BadSample, InputError, Item, Problems, Source
+from shards.sources.checking import PICTURE_CHUNK, checked_items
+from shards.sources.pictures import checked_picture, needs_resize
+from shards.writer import (
+    FEATURE_EXT, PARTIAL_SUFFIX, RawSample, ShardSetWriter, sample_json, shard_contents, shard_file_name,
+    write_concepts_json, write_json,
+)
 from trainer.text import Vocab
 
 TRAIN = "train"
 
 
-def progress(total: int, desc: str) -> tqdm:
+def progress(total: int | None, desc: str) -> tqdm:
     """A live bar on a terminal; in a log file (CI, nohup) a line every 10 s instead of hundreds of updates."""
     interactive = sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit="img", mininterval=0.1 if interactive else 10.0)
+
+
 SHARD_SET_FILES = ("manifest.json", "concepts.json", "vocab.json")
-# options that say where and how to write, not what is built: kept out of the manifest
-_NOT_BUILD_OPTIONS = ("command", "run", "out", "overwrite", "spacy_processes")
+BUILD_RECORD = "build.partial.json"  # an unfinished build's options, so --resume can refuse different ones
+# the options every build records in its manifest (each source adds its own group's options)
+_COMMON_BUILD_OPTIONS = ("source", "name", "shard_size", "max_concepts", "min_concept_count", "pos",
+                         "spacy_pipeline", "min_word_count", "on_error", "max_side", "vocab_from")
 
 
-@dataclass(frozen=True)
-class Source:
-    """split_sizes: split name -> number of images it will yield, in build order; samples: one split's stream."""
-
-    split_sizes: Callable[[argparse.Namespace], dict[str, int]]
-    samples: Callable[[argparse.Namespace, str], Iterator[RawSample]]
-
-
-def _builtin_sizes(args: argparse.Namespace) -> dict[str, int]:
-    sizes = {"train": args.train_images, "val": args.val_images, "test": args.test_images}
-    return {split: n for split, n in sizes.items() if n > 0}
-
-
-def _builtin_split(args: argparse.Namespace, split: str) -> Iterator[RawSample]:
-    return builtin_samples(split, _builtin_sizes(args)[split], args.seed, args.image_size)
-
-
-SOURCES: dict[str, Source] = {"builtin": Source(_builtin_sizes, _builtin_split)}
+def in_memory_source(split_sizes: Callable[[argparse.Namespace], dict[str, int]],
+                     samples: Callable[[argparse.Namespace, str], Iterator[RawSample]],
+                     add_arguments: Callable[[argparse._ArgumentGroup], None]) -> Source:
+    """A Source from generated samples: split sizes in build order and the RawSamples of one split."""
+    def items(args: argparse.Namespace, problems: Problems) -> Iterator[Item]:
+        for split in split_sizes(args):
+            for sample in samples(args, split):
+                yield Item(sample.image_id, split, list(sample.captions), where=f"{split} sample {sample.image_id}",
+                           load=lambda data=sample.image_bytes: data, features=sample.image_ext == FEATURE_EXT)
+    return Source(add_arguments, items)
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -64,6 +83,36 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _builtin_sizes(args: argparse.Namespace) -> dict[str, int]:
+    sizes = {"train": args.train_images, "val": args.val_images, "test": args.test_images}
+    return {split: n for split, n in sizes.items() if n > 0}
+
+
+def _builtin_split(args: argparse.Namespace, split: str) -> Iterator[RawSample]:
+    return builtin_samples(split, _builtin_sizes(args)[split], args.seed, args.image_size)
+
+
+def _builtin_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--seed", type=_int_at_least(0), default=0)
+    group.add_argument("--train-images", type=_int_at_least(1), default=8000)
+    group.add_argument("--val-images", type=_int_at_least(0), default=500)
+    group.add_argument("--test-images", type=_int_at_least(0), default=1000)
+    group.add_argument("--image-size", type=_int_at_least(MIN_IMAGE_SIZE), default=64)
+
+
+SOURCES: dict[str, Source] = {
+    "builtin": in_memory_source(_builtin_sizes, _builtin_split, _builtin_arguments),
+    "karpathy": karpathy.SOURCE,
+    "coco": coco.SOURCE,
+    "csv": table.SOURCE,
+    "hf": hf.SOURCE,
+    "scan_precomp": scan_precomp.SOURCE,
+    "wds_relabel": wds_relabel.SOURCE,
+}
+# source name -> the dests of its own option group, filled by add_build_command (recorded in the manifest)
+_SOURCE_OPTIONS: dict[str, tuple[str, ...]] = {}
+
+
 def _pos_list(text: str) -> list[str]:
     tags = [p.strip().upper() for p in text.split(",") if p.strip()]
     unknown = [t for t in tags if t not in UNIVERSAL_POS]
@@ -72,13 +121,17 @@ def _pos_list(text: str) -> list[str]:
     return tags
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option help, and the module docstring's command lines kept as written."""
+
+
 def add_build_command(subparsers) -> None:
     p = subparsers.add_parser("build", help="build a shard set", description=__doc__,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_HelpFormatter)
     p.add_argument("--source", choices=sorted(SOURCES), required=True, help="where images and captions come from")
     p.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
     p.add_argument("--name", default="builtin", help="shard file prefix: NAME-SPLIT-000000.tar")
-    p.add_argument("--shard-size", type=_int_at_least(1), default=500, help="samples per tar")
+    p.add_argument("--shard-size", type=_int_at_least(1), default=500, help="samples per tar (at most)")
     p.add_argument("--max-concepts", type=_int_at_least(1), default=1000, help="concept vocabulary size K")
     p.add_argument("--min-concept-count", type=_int_at_least(1), default=5,
                    help="a concept must occur in at least this many training captions")
@@ -87,101 +140,279 @@ def add_build_command(subparsers) -> None:
     p.add_argument("--spacy-processes", type=_int_at_least(1), default=1,
                    help="processes for lemmatisation, the slowest step (same output for any number)")
     p.add_argument("--min-word-count", type=_int_at_least(1), default=1, help="word vocabulary threshold")
+    p.add_argument("--picture-threads", type=_int_at_least(1), default=4,
+                   help="threads that decode pictures to check them and resize them (same output for any number)")
     p.add_argument("--overwrite", action="store_true", help="replace the shard set in an existing --out folder")
-    builtin = p.add_argument_group("--source builtin")
-    builtin.add_argument("--seed", type=_int_at_least(0), default=0)
-    builtin.add_argument("--train-images", type=_int_at_least(1), default=8000)
-    builtin.add_argument("--val-images", type=_int_at_least(0), default=500)
-    builtin.add_argument("--test-images", type=_int_at_least(0), default=1000)
-    builtin.add_argument("--image-size", type=_int_at_least(MIN_IMAGE_SIZE), default=64)
+    p.add_argument("--resume", action="store_true",
+                   help="finish an interrupted build in --out (same options): finished shards that hold exactly "
+                        "their expected samples are kept, the rest written")
+    p.add_argument("--on-error", choices=ON_ERROR, default="skip",
+                   help="bad input (missing/corrupt picture, empty or non-UTF-8 caption, duplicate id, unknown "
+                        "split): skip it and count it in the manifest, or stop with an error naming it")
+    p.add_argument("--max-side", type=_int_at_least(MIN_IMAGE_SIZE), default=None,
+                   help="re-encode pictures whose longer side exceeds this (others keep their bytes)")
+    p.add_argument("--vocab-from", metavar="DIR", default=None,
+                   help="use the concept and word vocabularies of this shard set instead of building them")
+    shared = p.add_argument_group("shared by --source karpathy, coco, csv, hf")
+    shared.add_argument("--images", metavar="DIR", help="folder the source's image paths are relative to")
+    for name, source in SOURCES.items():
+        group = p.add_argument_group(f"--source {name}")
+        source.add_arguments(group)
+        # argparse keeps a group's actions in a private list; reading it keeps each source's options in one place
+        _SOURCE_OPTIONS[name] = tuple(a.dest for a in group._group_actions) + source.shared_options
     p.set_defaults(run=run_build)
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty folder unless --overwrite; with it, remove only an earlier shard set's files."""
+def _ours(f: Path) -> bool:
+    return f.is_file() and (f.name in SHARD_SET_FILES or f.name == BUILD_RECORD or f.name.endswith(".tar")
+                            or f.name.endswith(".tar" + PARTIAL_SUFFIX))
+
+
+def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse a non-empty folder unless --overwrite (which removes only an earlier shard set's files) or
+    --resume (which keeps an unfinished build's complete shards)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} exists and is not a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    if not overwrite:
-        raise FileExistsError(f"output folder {out} exists and is not empty; pass --overwrite to replace it")
-    ours = [f for f in out.iterdir() if f.is_file() and (
-        f.name in SHARD_SET_FILES or f.name.endswith(".tar") or f.name.endswith(".tar" + PARTIAL_SUFFIX))]
-    others = sorted(f.name for f in out.iterdir() if f not in ours)
+    if not (overwrite or resume):
+        raise FileExistsError(f"output folder {out} exists and is not empty; pass --overwrite to replace it "
+                              "(or --resume to finish an interrupted build)")
+    others = sorted(f.name for f in out.iterdir() if not _ours(f))
     if others:
         raise FileExistsError(f"output folder {out} holds files that are not part of a shard set "
-                              f"({', '.join(others[:5])}); not overwriting it")
-    for f in ours:
+                              f"({', '.join(others[:5])}); not {'resuming in' if resume else 'overwriting'} it")
+    if resume:
+        if (out / "manifest.json").exists():
+            raise FileExistsError(f"{out} holds a complete shard set (manifest.json); nothing to resume")
+        if any(out.glob("*.tar")) and not (out / BUILD_RECORD).is_file():
+            raise FileExistsError(f"{out} has shards but no {BUILD_RECORD}: not a build this version can resume")
+        return
+    for f in out.iterdir():
         f.unlink()
+
+
+def _start_record(out: Path, options: dict, resume: bool) -> None:
+    """Write the options of this build, or check them against those of the build being resumed."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / BUILD_RECORD
+    if resume and path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in set(before) | set(options) if before.get(k) != options.get(k))
+        if changed:
+            raise InputError(f"--resume: options {changed} differ from the interrupted build's ({path}); "
+                             "resume with the same options, or use --overwrite to start again")
+    write_json(path, options)
+
+
+@functools.lru_cache(maxsize=1)
+def _extractor(pipeline: str, pos: tuple[str, ...], n_process: int) -> ConceptExtractor:
+    """The loaded spaCy pipeline, kept for the next build in the same process (loading takes seconds)."""
+    return ConceptExtractor(pipeline, pos, n_process=n_process)
+
+
+def _reference_vocab(args: argparse.Namespace) -> tuple[Path, dict, list[tuple[str, int]]]:
+    """--vocab-from: the other set's folder, manifest and concept vocabulary, checked against this build."""
+    ref = Path(args.vocab_from)
+    try:
+        manifest = json.loads((ref / "manifest.json").read_text(encoding="utf-8"))
+        concepts = json.loads((ref / "concepts.json").read_text(encoding="utf-8"))["concepts"]
+        Vocab.from_json(ref / "vocab.json")
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"--vocab-from {ref} is not a complete shard set (manifest.json, concepts.json, "
+                         f"vocab.json): {e}") from None
+    spacy = manifest.get("spacy", {})
+    if spacy.get("pipeline") != args.spacy_pipeline or spacy.get("pos") != args.pos:
+        raise InputError(f"--vocab-from {ref} labelled {spacy.get('pos')} lemmas of {spacy.get('pipeline')!r}; "
+                         f"pass --pos {','.join(spacy.get('pos') or [])} --spacy-pipeline {spacy.get('pipeline')} "
+                         "so concept ids mean the same in both sets")
+    if [c["id"] for c in concepts] != list(range(len(concepts))):
+        raise InputError(f"{ref / 'concepts.json'}: concept ids are not 0..{len(concepts) - 1} in order")
+    return ref, manifest, [(c["lemma"], c["count"]) for c in concepts]
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _sample_bytes(item: Item, max_side: int | None) -> tuple[bytes, str, bool]:
+    """(bytes, extension, resized) for writing; the item was checked before, so a failure now is fatal."""
+    try:
+        data = item.load()
+        if item.features:
+            return data, FEATURE_EXT, False
+        return checked_picture(data, max_side, verify=False)  # verified in the checking pass
+    except BadSample as e:
+        raise InputError(f"{item.where}: image {item.image_id} changed during the build: {e}") from None
+
+
+def plan_shards(split_items: list[Item], shard_size: int) -> list[list[int]]:
+    """Item positions per shard: at most shard_size each, a new shard where the input's shard (group) changes.
+    The same items always give the same plan, which is what lets a resumed build recognise finished shards."""
+    shards: list[list[int]] = []
+    current: list[int] = []
+    for k, item in enumerate(split_items):
+        if current and (len(current) == shard_size or item.group != split_items[current[-1]].group):
+            shards.append(current)
+            current = []
+        current.append(k)
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _finished_shard(path: Path, expected: list[tuple[str, bytes]]) -> list[str] | None:
+    """The picture extensions of a complete shard on disk holding exactly the expected (id, json) samples."""
+    found = shard_contents(path) if path.is_file() else None
+    if found is None or [(image_id, meta) for image_id, _, meta in found] != expected:
+        return None
+    return [ext for _, ext, _ in found]
+
+
+def _write_shards(writer: ShardSetWriter, labelled: dict[str, list[tuple[Item, list[list[int]]]]],
+                  args: argparse.Namespace, pool: ThreadPoolExecutor) -> tuple[int, dict[str, int]]:
+    """Write every split shard by shard; with --resume, keep each finished shard that holds exactly the
+    samples it should. Pictures are read (and resized) by the pool's threads, written in order.
+    Returns the number of resized pictures and {kept, written} shard counts."""
+    resized = 0
+    resumed = {"kept": 0, "written": 0}
+    with progress(sum(len(v) for v in labelled.values()), "writing") as bar:
+        for split, samples in labelled.items():
+            for index, positions in enumerate(plan_shards([item for item, _ in samples], args.shard_size)):
+                shard = [samples[k] for k in positions]
+                metas = [sample_json(split, item.image_id, item.captions, concepts, union_ids(concepts), args.source)
+                         for item, concepts in shard]
+                path = writer.out_dir / shard_file_name(writer.name, split, index)
+                exts = _finished_shard(path, [(item.image_id, m) for (item, _), m in zip(shard, metas)]) \
+                    if args.resume else None
+                if exts is not None:
+                    writer.adopt_shard(split, [(item.image_id, ext, len(item.captions))
+                                               for (item, _), ext in zip(shard, exts)])
+                    if args.max_side is not None:  # count as a fresh build would
+                        resized += sum(not item.features and needs_resize(item.load(), args.max_side)
+                                       for item, _ in shard)
+                    resumed["kept"] += 1
+                    bar.update(len(shard))
+                    continue
+                for start in range(0, len(shard), PICTURE_CHUNK):
+                    part = shard[start:start + PICTURE_CHUNK]
+                    loaded = pool.map(lambda sample: _sample_bytes(sample[0], args.max_side), part)
+                    for (item, concepts), (data, ext, was_resized) in zip(part, loaded):
+                        resized += was_resized
+                        writer.write(split, item.image_id, data, ext, item.captions, concepts, union_ids(concepts),
+                                     args.source)
+                        bar.update(1)
+                writer.end_shard(split)
+                resumed["written"] += 1
+    return resized, resumed
+
+
+def _vocabularies(items: dict[str, list[Item]], lemmas: dict[str, list[list[list[str]]]], args: argparse.Namespace,
+                  reference: tuple[Path, dict, list[tuple[str, int]]] | None) -> tuple[list[tuple[str, int]], Vocab]:
+    """The concept and word vocabularies: from the train split only, or the --vocab-from set's."""
+    if reference is not None:
+        return reference[2], Vocab.from_json(reference[0] / "vocab.json")
+    train_lemmas = [caption for image in lemmas[TRAIN] for caption in image]
+    concept_vocab = build_concept_vocab(train_lemmas, args.max_concepts, args.min_concept_count)
+    word_vocab = Vocab.build((c for item in items[TRAIN] for c in item.captions), min_count=args.min_word_count)
+    return concept_vocab, word_vocab
+
+
+def _write_vocab_files(out: Path, concept_vocab: list[tuple[str, int]], word_vocab: Vocab,
+                       reference: tuple[Path, dict, list[tuple[str, int]]] | None) -> dict | None:
+    """concepts.json and vocab.json; with --vocab-from, byte copies (both sets provably share one vocabulary)
+    and the manifest's record of where they came from."""
+    if reference is None:
+        write_concepts_json(out / "concepts.json", concept_vocab)
+        word_vocab.to_json(out / "vocab.json")
+        return None
+    for name in ("concepts.json", "vocab.json"):
+        shutil.copyfile(reference[0] / name, out / name)
+    return {"path": str(reference[0]), "name": reference[1].get("name"),
+            "concepts_sha256": _file_sha256(out / "concepts.json"), "vocab_sha256": _file_sha256(out / "vocab.json")}
 
 
 def build(args: argparse.Namespace) -> dict:
     """Build the shard set described by the parsed options; returns a summary."""
+    # PIL releases the GIL while it decodes and encodes, so threads check and resize pictures in parallel
+    with ThreadPoolExecutor(args.picture_threads) as pool:
+        return _build(args, pool)
+
+
+def _build(args: argparse.Namespace, pool: ThreadPoolExecutor) -> dict:
     started = time.perf_counter()
     out = Path(args.out)
-    prepare_out_dir(out, args.overwrite)
+    if args.resume and args.overwrite:
+        raise InputError("--resume keeps an interrupted build's shards, --overwrite removes them: pass one")
+    prepare_out_dir(out, args.overwrite, args.resume)
+    build_options = {k: v for k, v in vars(args).items()
+                     if k in _COMMON_BUILD_OPTIONS or k in _SOURCE_OPTIONS[args.source]}
+    _start_record(out, build_options, args.resume)
     source = SOURCES[args.source]
-    # loading the pipeline first makes a missing one fail before minutes of generation
-    extractor = ConceptExtractor(args.spacy_pipeline, tuple(args.pos), n_process=args.spacy_processes)
+    reference = _reference_vocab(args) if args.vocab_from else None
+    # loading the pipeline first makes a missing one fail before minutes of reading
+    extractor = _extractor(args.spacy_pipeline, tuple(args.pos), args.spacy_processes)
+    problems = Problems(args.on_error)
     phases = {"load": time.perf_counter() - started}
 
-    sizes = source.split_sizes(args)
-    if TRAIN not in sizes:
-        raise ValueError(f"source {args.source!r} yields no {TRAIN!r} split; vocabularies are built from it")
-    samples: dict[str, list[RawSample]] = {}
-    with progress(sum(sizes.values()), "generating") as bar:
-        for split in sizes:
-            samples[split] = []
-            for sample in source.samples(args, split):
-                samples[split].append(sample)
-                bar.update(1)
+    with progress(None, "checking") as bar:
+        items = checked_items(source.items(args, problems), problems, pool, bar)
+    if TRAIN not in items and reference is None:
+        raise InputError(f"source {args.source!r} yielded no usable {TRAIN!r} images; the vocabularies are built "
+                         f"from them (or pass --vocab-from another shard set)"
+                         + (f"; skipped: {problems.counts}" if problems.counts else ""))
+    phases["check"] = time.perf_counter() - started - sum(phases.values())
 
-    phases["generate"] = time.perf_counter() - started - sum(phases.values())
-
-    all_captions = [c for split in sizes for s in samples[split] for c in s.captions]
+    all_captions = [c for split in items for item in items[split] for c in item.captions]
     all_lemmas = iter(extractor.lemmas(all_captions))
-    lemmas = {split: [[next(all_lemmas) for _ in s.captions] for s in samples[split]] for split in sizes}
-
-    train_lemmas = [caption for image in lemmas[TRAIN] for caption in image]
-    concept_vocab = build_concept_vocab(train_lemmas, args.max_concepts, args.min_concept_count)
+    lemmas = {split: [[next(all_lemmas) for _ in item.captions] for item in items[split]] for split in items}
+    concept_vocab, word_vocab = _vocabularies(items, lemmas, args, reference)
     lemma_to_id = {lemma: i for i, (lemma, _) in enumerate(concept_vocab)}
-    word_vocab = Vocab.build((c for s in samples[TRAIN] for c in s.captions), min_count=args.min_word_count)
     phases["lemmas"] = time.perf_counter() - started - sum(phases.values())
 
     writer = ShardSetWriter(out, args.name, args.shard_size)
-    with progress(sum(sizes.values()), "writing") as bar:
-        for split in sizes:
-            for sample, caption_lemmas in zip(samples[split], lemmas[split]):
-                caption_concepts = [concept_ids(ls, lemma_to_id) for ls in caption_lemmas]
-                writer.write(split, sample.image_id, sample.image_bytes, sample.image_ext, sample.captions,
-                             caption_concepts, union_ids(caption_concepts), args.source)
-                bar.update(1)
-    write_concepts_json(out / "concepts.json", concept_vocab)
-    word_vocab.to_json(out / "vocab.json")
-    build_options = {k: v for k, v in vars(args).items() if k not in _NOT_BUILD_OPTIONS}
+    labelled = {split: [(item, [concept_ids(ls, lemma_to_id) for ls in caption_lemmas])
+                        for item, caption_lemmas in zip(items[split], lemmas[split])] for split in items}
+    resized, resumed = _write_shards(writer, labelled, args, pool)
+    vocab_from = _write_vocab_files(out, concept_vocab, word_vocab, reference)
     manifest = writer.close({
         "source": args.source,
         "num_concepts": len(concept_vocab),
         "vocab_size": len(word_vocab),
         "spacy": extractor.describe(),
         "build": build_options,
+        "skipped": problems.manifest(),
+        "resized_pictures": resized,
+        "vocab_from": vocab_from,
     })
+    (out / BUILD_RECORD).unlink()
     seconds = time.perf_counter() - started
     phases["write"] = seconds - sum(phases.values())
-    return {"out": str(out), "manifest": manifest, "seconds": seconds, "phases": phases}
+    return {"out": str(out), "manifest": manifest, "seconds": seconds, "phases": phases, "resumed": resumed}
 
 
 def format_summary(summary: dict) -> str:
     manifest = summary["manifest"]
     phases = ", ".join(f"{name} {secs:.1f}" for name, secs in summary["phases"].items())
     lines = [f"built shard set {manifest['name']!r} in {summary['out']} ({summary['seconds']:.1f} s: {phases})"]
+    if summary["resumed"]["kept"]:
+        lines.append(f"  resumed: kept {summary['resumed']['kept']} finished shards, "
+                     f"wrote {summary['resumed']['written']}")
     for split, s in manifest["splits"].items():
         lines.append(f"  {split}: {s['images']} images, {s['captions']} captions, {len(s['shards'])} shards")
+    for kind, skipped in manifest["skipped"].items():
+        lines.append(f"  skipped {kind}: {skipped['count']} (first: {skipped['examples'][0]})")
     lines.append(f"  concepts: {manifest['num_concepts']} (pos {','.join(manifest['spacy']['pos'])}), "
                  f"word vocabulary: {manifest['vocab_size']}")
     return "\n".join(lines)
 
 
 def run_build(args: argparse.Namespace) -> int:
-    print(format_summary(build(args)))
+    try:
+        summary = build(args)
+    except InputError as e:
+        # bad input the user can act on: the message names the file and line or sample, not a traceback
+        print(f"hier-shards: error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
     return 0

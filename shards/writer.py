@@ -1,7 +1,9 @@
 """Writing a shard set (format: DESIGN.md section 3).
 
 A shard set is a folder with `NAME-SPLIT-000000.tar ...`, `manifest.json`, `concepts.json` and `vocab.json`.
-Each image is one WebDataset sample: `{image_id}.{image_ext}` (the image bytes) and `{image_id}.json`.
+Each image is one WebDataset sample: `{image_id}.{image_ext}` (the picture bytes, or region features as an
+`npy` file) and `{image_id}.json`. Pictures of one set may mix jpg/png/webp (sources keep original bytes);
+a set holds either pictures or features, never both.
 Tars are byte-identical for the same input (fixed member metadata), and each is written under a
 temporary name and renamed when complete, so a half-written shard never looks finished.
 `manifest.json` is written last: its presence marks a complete shard set.
@@ -18,11 +20,14 @@ from pathlib import Path
 
 FORMAT = "hier-shards"
 FORMAT_VERSION = 1
-IMAGE_EXTS = ("jpg", "png", "webp")
+PICTURE_EXTS = ("jpg", "png", "webp")
+FEATURE_EXT = "npy"  # np.save bytes of a float16 [regions, dim] array
+IMAGE_EXTS = (*PICTURE_EXTS, FEATURE_EXT)
+MIXED = "mixed"  # manifest image_ext when the pictures of a set have several formats
 PARTIAL_SUFFIX = ".partial"
 # fields the builder must pass to close(); the writer fills in the rest
 REQUIRED_MANIFEST_FIELDS = ("source", "num_concepts", "vocab_size", "spacy", "build")
-_WRITER_FIELDS = ("format", "format_version", "name", "splits", "image_ext")
+_WRITER_FIELDS = ("format", "format_version", "name", "splits", "image_ext", "image_exts")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _SPLIT = re.compile(r"[A-Za-z0-9_]+")
 
@@ -76,7 +81,7 @@ class ShardSetWriter:
         self.out_dir = Path(out_dir)
         self.name = name
         self.shard_size = shard_size
-        self.image_ext: str | None = None
+        self.image_exts: dict[str, int] = {}
         self._splits: dict[str, _SplitState] = {}
         self._closed = False
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,10 +104,9 @@ class ShardSetWriter:
         _check_image_id(image_id)
         if image_ext not in IMAGE_EXTS:
             raise ValueError(f"sample {image_id!r}: image_ext {image_ext!r} is not one of {IMAGE_EXTS}")
-        if self.image_ext is None:
-            self.image_ext = image_ext
-        elif image_ext != self.image_ext:
-            raise ValueError(f"sample {image_id!r}: image_ext {image_ext!r} differs from the set's {self.image_ext!r}")
+        if self.image_exts and (image_ext == FEATURE_EXT) != (FEATURE_EXT in self.image_exts):
+            raise ValueError(f"sample {image_id!r}: image_ext {image_ext!r} cannot join a set of "
+                             f"{'/'.join(self.image_exts)} samples (a set holds pictures or features, not both)")
         if not image_bytes:
             raise ValueError(f"sample {image_id!r}: empty image bytes")
         if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
@@ -120,21 +124,49 @@ class ShardSetWriter:
         state.ids.add(image_id)
         if state.tar is None:
             self._open_shard(split, state)
-        record = {
-            "image_id": image_id,
-            "captions": list(captions),
-            "caption_concepts": [list(ids) for ids in caption_concepts],
-            "image_concepts": list(image_concepts),
-            "split": split,
-            "source": source,
-        }
         self._add_member(state.tar, f"{image_id}.{image_ext}", image_bytes)
-        self._add_member(state.tar, f"{image_id}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
+        self._add_member(state.tar, f"{image_id}.json",
+                         sample_json(split, image_id, captions, caption_concepts, image_concepts, source))
+        self.image_exts[image_ext] = self.image_exts.get(image_ext, 0) + 1
         state.images += 1
         state.captions += len(captions)
         state.in_current += 1
         if state.in_current == self.shard_size:
             self._finish_shard(state)
+
+    def adopt_shard(self, split: str, samples: list[tuple[str, str, int]]) -> str:
+        """Count a complete shard already on disk as the split's next one (a resumed build); returns its name.
+
+        samples: (image_id, image_ext, number of captions) of its samples in order, as `shard_contents` found.
+        """
+        state = self._splits.setdefault(split, _SplitState())
+        if state.tar is not None:
+            raise RuntimeError(f"split {split!r} has a shard open; finish it before adopting the next")
+        file_name = shard_file_name(self.name, split, len(state.shards))
+        if not (self.out_dir / file_name).is_file():
+            raise FileNotFoundError(f"cannot adopt {self.out_dir / file_name}: no such shard")
+        for image_id, image_ext, n_captions in samples:
+            if image_id in state.ids:
+                raise ValueError(f"duplicate image id {image_id!r} in split {split!r}")
+            state.ids.add(image_id)
+            self.image_exts[image_ext] = self.image_exts.get(image_ext, 0) + 1
+            state.images += 1
+            state.captions += n_captions
+        state.shards.append(file_name)
+        return file_name
+
+    def end_shard(self, split: str) -> None:
+        """Finish the split's open shard now, so the next sample starts a new one (keeps input shard boundaries)."""
+        state = self._splits.get(split)
+        if state is not None and state.tar is not None:
+            self._finish_shard(state)
+
+    @property
+    def image_ext(self) -> str | None:
+        """The set's one sample extension, MIXED when pictures have several formats, None before any sample."""
+        if len(self.image_exts) > 1:
+            return MIXED
+        return next(iter(self.image_exts), None)
 
     def close(self, manifest_fields: dict) -> dict:
         """Finish the open shards and write manifest.json; returns the manifest."""
@@ -158,6 +190,7 @@ class ShardSetWriter:
                 for split, s in self._splits.items()
             },
             "image_ext": self.image_ext,
+            "image_exts": dict(sorted(self.image_exts.items())),
             "skipped": {},
         }
         manifest.update(manifest_fields)
@@ -187,6 +220,40 @@ class ShardSetWriter:
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         tar.addfile(info, io.BytesIO(data))
+
+
+def sample_json(split: str, image_id: str, captions: list[str], caption_concepts: list[list[int]],
+                image_concepts: list[int], source: str) -> bytes:
+    """The `{image_id}.json` member of a sample, exactly as written."""
+    record = {
+        "image_id": image_id,
+        "captions": list(captions),
+        "caption_concepts": [list(ids) for ids in caption_concepts],
+        "image_concepts": list(image_concepts),
+        "split": split,
+        "source": source,
+    }
+    return json.dumps(record, ensure_ascii=False).encode("utf-8")
+
+
+def shard_contents(path: str | Path) -> list[tuple[str, str, bytes]] | None:
+    """(image_id, image_ext, json bytes) per sample of a complete shard; None when it is unreadable or is
+    not pairs of `{id}.{ext}` + `{id}.json` members."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = [(m.name, tar.extractfile(m).read() if m.name.endswith(".json") else b"")
+                       for m in tar.getmembers() if m.isfile()]
+    except (OSError, tarfile.TarError):
+        return None
+    if len(members) % 2:
+        return None
+    samples = []
+    for (picture, _), (meta, data) in zip(members[0::2], members[1::2]):
+        image_id, _, image_ext = picture.partition(".")
+        if image_ext not in IMAGE_EXTS or meta != f"{image_id}.json":
+            return None
+        samples.append((image_id, image_ext, data))
+    return samples
 
 
 def write_json(path: str | Path, obj) -> None:

