@@ -22,6 +22,7 @@ from trainer.config import ConfigError, load_config
 from trainer.data import ShardSet, TrainStream, pad_tokens
 from trainer.engine import param_groups
 from trainer.evaluate import embed_split
+from trainer.retrieve import encode_query
 from trainer.model import GRUTextEncoder, HierarchicalEmbedder
 from trainer.text import PAD, UNK, Vocab, WordPieceTokenizer, WordTokenizer
 from trainer.text_encoders import caption_tokenizer, init_word_embeddings, load_minilm, minilm_folder
@@ -241,9 +242,15 @@ def test_minilm_tokens_reach_training_and_evaluation(tiny_shards):
     tokens, lengths = batch["tokens"], batch["lengths"]
     assert tokens[:, 0].eq(101).all() and tokens.gather(1, (lengths - 1)[:, None]).eq(102).all()
     assert int(lengths.max()) <= 12
-    model = build_model(cfg, shardset)
+    model = build_model(cfg, shardset).eval()
     emb = embed_split(model, shardset, "test", image_size=64, max_words=12, batch_size=16, tokenizer=tokenizer)
     assert emb["cap_g"].shape[0] == len(emb["captions"]) and torch.isfinite(emb["cap_g"]).all()
+    with torch.no_grad():
+        expected = model.retrieval_vector(*model.encode_text(*pad_tokens([tokenizer.encode(emb["captions"][0])])))
+    # a retrieval query is tokenised as the evaluated captions were: same vector as the caption's row
+    query = encode_query(SimpleNamespace(model=model, cfg=cfg, shardset=shardset), text=emb["captions"][0])
+    assert np.allclose(query, expected[0].numpy(), atol=1e-5)
+    assert np.allclose(query, model.retrieval_vector(emb["cap_g"][:1], emb["cap_l"][:1])[0].numpy(), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- ZeRO, training
@@ -280,9 +287,9 @@ def test_short_minilm_training_run(tiny_shards, tmp_path):
     cfg = load_config(REPO / "configs" / "builtin.yaml", [
         f"data.shards={tiny_shards}", f"run.out_dir={out}", "data.num_workers=0", "data.shuffle_buffer=32",
         f"engine.deepspeed_config={REPO / 'configs/deepspeed/zero0.json'}", "model.text_encoder=minilm",
-        "data.batch_size=8", "data.max_words=16", "data.eval_batch_size=32", "model.embed_dim=32",
+        "data.batch_size=4", "data.max_words=16", "data.eval_batch_size=64", "model.embed_dim=32",
         "model.cnn_width=16", "train.steps=4", "train.log_every=2", "train.eval_every=0", "train.ckpt_every=0",
-        "optim.warmup_steps=0"])
+        "optim.warmup_steps=0", "engine.threads=1"])
     final = train(cfg)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4] and all(np.isfinite(r["loss/loss"]) for r in log)

@@ -219,8 +219,10 @@ class BertEmbeddings(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         positions = torch.arange(tokens.size(1), device=tokens.device)
-        # one segment: every caption is sentence A (token type 0)
-        x = self.word_embeddings(tokens) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        # One segment: every caption is sentence A (token type 0). A module call, not .weight[0]: ZeRO-3 gathers
+        # a module's parameters only when the module itself is called.
+        segment = self.token_type_embeddings(torch.zeros(1, dtype=torch.long, device=tokens.device))
+        x = self.word_embeddings(tokens) + self.position_embeddings(positions) + segment
         return self.dropout(self.LayerNorm(x))
 
 
