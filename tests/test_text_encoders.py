@@ -2,6 +2,7 @@
 masks, tokenizer round trips, config errors, LR groups, ZeRO-3 loading and a short MiniLM training run."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -169,6 +170,17 @@ def test_token_features_ignore_padding_and_other_captions(minilm):
         batched = encoder(tokens, lengths)[1]
     n = len(alone[0])
     assert (batched[:n] - single).abs().max() < 1e-5
+
+
+def test_bf16_token_features_follow_fp32(minilm):
+    encoder, tokenizer = minilm
+    tokens, lengths = pad_tokens([tokenizer.encode(s) for s in SENTENCES], tokenizer.pad_id)
+    with torch.no_grad():
+        full = encoder(tokens, lengths)
+        half = copy.deepcopy(encoder).to(torch.bfloat16)(tokens, lengths)
+    assert half.dtype == torch.bfloat16
+    valid = torch.arange(tokens.size(1)) < lengths[:, None]
+    assert F.cosine_similarity(half.float()[valid], full[valid], dim=-1).min() > 0.99
 
 
 def test_wordpiece_tokenizer_round_trip_truncation_and_padding_id():
