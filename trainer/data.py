@@ -30,7 +30,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from trainer.text import Vocab
+from trainer.text import CaptionTokenizer, Vocab, WordTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,10 @@ def multi_hot(id_lists: list[list[int]], num_concepts: int) -> torch.Tensor:
     return out
 
 
-def pad_tokens(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_tokens(token_lists: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded tokens [B, T] and lengths [B]."""
     lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
-    tokens = torch.zeros(len(token_lists), int(lengths.max()), dtype=torch.long)
+    tokens = torch.full((len(token_lists), int(lengths.max())), pad_id, dtype=torch.long)
     for row, ids in enumerate(token_lists):
         tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     return tokens, lengths
@@ -167,13 +168,14 @@ class TrainStream(IterableDataset):
 
     def __init__(self, shardset: ShardSet, split: str, *, batch_size: int, image_size: int, max_words: int,
                  shuffle_buffer: int, resampled: bool, batches_per_worker: int, seed: int, rank: int,
-                 world_size: int):
+                 world_size: int, tokenizer: CaptionTokenizer | None = None):
+        """tokenizer: the text encoder's (trainer.text_encoders.caption_tokenizer); None = the shard set's words,
+        cut at max_words."""
         self.urls = shardset.urls(split)
-        self.vocab = shardset.vocab
+        self.tokenizer = tokenizer or WordTokenizer(shardset.vocab, max_words)
         self.num_concepts = shardset.num_concepts
         self.batch_size = batch_size
         self.image_size = image_size
-        self.max_words = max_words
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.batches_per_worker = batches_per_worker
@@ -209,14 +211,14 @@ class TrainStream(IterableDataset):
         pick = rng.randrange(len(meta["captions"]))
         return {
             "image": image,
-            "tokens": self.vocab.encode(meta["captions"][pick], self.max_words),
+            "tokens": self.tokenizer.encode(meta["captions"][pick]),
             "image_id": image_id_hash(meta["image_id"]),
             "image_concepts": meta["image_concepts"],
             "caption_concepts": meta["caption_concepts"][pick],
         }
 
     def _collate(self, items: list[dict], counter: _BadSampleCounter, since: list[int]) -> dict:
-        tokens, lengths = pad_tokens([it["tokens"] for it in items])
+        tokens, lengths = pad_tokens([it["tokens"] for it in items], self.tokenizer.pad_id)
         batch = {
             "images": torch.stack([it["image"] for it in items]),
             "tokens": tokens,
@@ -318,9 +320,11 @@ def check_shards_for_workers(num_shards: int, world_size: int, num_workers: int,
 
 
 def iter_eval_samples(shardset: ShardSet, split: str, image_size: int, max_words: int,
-                      rank: int = 0, world_size: int = 1) -> Iterator[dict]:
-    """Every sample of a split's shards [rank::world_size], in order, with all captions tokenised."""
+                      rank: int = 0, world_size: int = 1, tokenizer: CaptionTokenizer | None = None) -> Iterator[dict]:
+    """Every sample of a split's shards [rank::world_size], in order, with all captions tokenised by `tokenizer`
+    (None = the shard set's words, cut at max_words)."""
     num_concepts = shardset.num_concepts
+    tokenizer = tokenizer or WordTokenizer(shardset.vocab, max_words)
     for url in shardset.urls(split)[rank::world_size]:
         for sample in wds.tarfile_to_samples()([{"url": url}]):
             key = sample.get("__key__", "?")
@@ -331,5 +335,5 @@ def iter_eval_samples(shardset: ShardSet, split: str, image_size: int, max_words
                 "image_id": meta["image_id"],
                 "image": decode_image(_picture_bytes(sample), image_size),
                 "captions": meta["captions"],
-                "tokens": [shardset.vocab.encode(c, max_words) for c in meta["captions"]],
+                "tokens": [tokenizer.encode(c) for c in meta["captions"]],
             }

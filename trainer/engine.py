@@ -57,14 +57,16 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and 1-d parameters (scales), as usual."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float) -> list[dict]:
+    """No weight decay on biases, norms and 1-d parameters (scales), as usual. A parameter with an `lr_mult`
+    attribute (pretrained encoder weights, set where they are loaded) gets learning rate lr * lr_mult."""
+    groups: dict[tuple[bool, float], list] = {}
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups.setdefault((p.ndim > 1, float(getattr(p, "lr_mult", 1.0))), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult}
+            for (decay, mult), params in groups.items()]
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, ds_config: dict):
@@ -72,7 +74,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, ds_config: dict):
     import deepspeed
 
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.lr), lr=o.lr, betas=tuple(o.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, o.warmup_steps, cfg.train.steps, o.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

@@ -23,12 +23,13 @@ from trainer import metrics
 from trainer.config import Config
 from trainer.data import ShardSet, iter_eval_samples, pad_tokens
 from trainer.distributed import DistInfo
+from trainer.text import CaptionTokenizer, WordTokenizer
 
 log = logging.getLogger(__name__)
 
 
-def _embed_batch(model, images: torch.Tensor, token_lists: list[list[int]], dtype: torch.dtype):
-    tokens, lengths = pad_tokens(token_lists)
+def _embed_batch(model, images: torch.Tensor, token_lists: list[list[int]], pad_id: int, dtype: torch.dtype):
+    tokens, lengths = pad_tokens(token_lists, pad_id)
     device = next(iter(model.parameters())).device
     img_g, img_l = model.encode_image(images.to(device=device, dtype=dtype))
     cap_g, cap_l = model.encode_text(tokens.to(device), lengths.to(device))
@@ -52,11 +53,14 @@ def _gather_rows(t: torch.Tensor | None, world: int) -> torch.Tensor | None:
 
 @torch.no_grad()
 def embed_split(model, shardset: ShardSet, split: str, *, image_size: int, max_words: int, batch_size: int,
-                dtype: torch.dtype = torch.float32, rank: int = 0, world: int = 1) -> dict:
-    """Embeddings of every picture and caption of a split, gathered on every rank (float32, CPU)."""
+                dtype: torch.dtype = torch.float32, rank: int = 0, world: int = 1,
+                tokenizer: CaptionTokenizer | None = None) -> dict:
+    """Embeddings of every picture and caption of a split, gathered on every rank (float32, CPU). Captions are
+    tokenised by `tokenizer` (trainer.text_encoders.caption_tokenizer; None = the shard set's words)."""
     was_training = model.training
     model.eval()
-    samples = iter_eval_samples(shardset, split, image_size, max_words, rank, world)
+    tokenizer = tokenizer or WordTokenizer(shardset.vocab, max_words)
+    samples = iter_eval_samples(shardset, split, image_size, max_words, rank, world, tokenizer)
     out = {"img_g": [], "img_l": [], "cap_g": [], "cap_l": [], "cap_to_img": [], "image_ids": [], "captions": []}
     n_images = 0
     while True:
@@ -67,11 +71,12 @@ def embed_split(model, shardset: ShardSet, split: str, *, image_size: int, max_w
         if int(has_data) == 0:
             break
         if not chunk:  # keep collective forward calls in step with the ranks that still have data
-            _embed_batch(model, torch.zeros(1, 3, image_size, image_size), [[1]], dtype)
+            _embed_batch(model, torch.zeros(1, 3, image_size, image_size), [tokenizer.encode("")], tokenizer.pad_id,
+                         dtype)
             continue
         images = torch.stack([s["image"] for s in chunk])
         token_lists = [t for s in chunk for t in s["tokens"]]
-        img_g, img_l, cap_g, cap_l = _embed_batch(model, images, token_lists, dtype)
+        img_g, img_l, cap_g, cap_l = _embed_batch(model, images, token_lists, tokenizer.pad_id, dtype)
         for key, value in (("img_g", img_g), ("img_l", img_l), ("cap_g", cap_g), ("cap_l", cap_l)):
             if value is not None:
                 out[key].append(value.float().cpu())
@@ -113,8 +118,11 @@ def score_embeddings(emb: dict, local_weight: float) -> dict:
 
 
 def evaluate_split(model, shardset: ShardSet, split: str, cfg, *, dtype=torch.float32, rank=0, world=1) -> dict:
+    from trainer.text_encoders import caption_tokenizer
+
     emb = embed_split(model, shardset, split, image_size=cfg.data.image_size, max_words=cfg.data.max_words,
-                      batch_size=cfg.data.eval_batch_size, dtype=dtype, rank=rank, world=world)
+                      batch_size=cfg.data.eval_batch_size, dtype=dtype, rank=rank, world=world,
+                      tokenizer=caption_tokenizer(cfg, shardset.vocab))
     return score_embeddings(emb, cfg.model.local_score_weight)
 
 

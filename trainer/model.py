@@ -273,7 +273,10 @@ class HierarchicalEmbedder(nn.Module):
     def __init__(self, *, vocab_size: int, num_concepts: int, embed_dim: int = 256, image_encoder: str = "small_cnn",
                  cnn_width: int = 64, image_size: int = 64, word_dim: int = 128, gru_hidden: int = 256,
                  gru_layers: int = 1, max_words: int = 32, pooling: str = "gpo", local_space: bool = True,
-                 local_score_weight: float = 1.0, concept_head: bool = False):
+                 local_score_weight: float = 1.0, concept_head: bool = False, text_encoder: nn.Module | None = None):
+        """text_encoder: a built caption encoder with `out_dim` and forward(tokens, lengths) -> parts (a
+        pretrained transformer from trainer.text_encoders); None builds the GRU from vocab_size, word_dim,
+        gru_hidden and gru_layers."""
         super().__init__()
         _require_positive(vocab_size=vocab_size, embed_dim=embed_dim, cnn_width=cnn_width, image_size=image_size,
                           word_dim=word_dim, gru_hidden=gru_hidden, gru_layers=gru_layers, max_words=max_words)
@@ -292,14 +295,16 @@ class HierarchicalEmbedder(nn.Module):
         self.max_words = max_words
 
         self.image_encoder = build_image_encoder(image_encoder, image_size=image_size, cnn_width=cnn_width)
-        self.text_encoder = GRUTextEncoder(vocab_size, word_dim, gru_hidden, gru_layers)
+        self.text_encoder = text_encoder if text_encoder is not None else \
+            GRUTextEncoder(vocab_size, word_dim, gru_hidden, gru_layers)
+        text_dim = self.text_encoder.out_dim
         num_parts = self.image_encoder.num_parts
         self.register_buffer("image_lengths", torch.tensor([num_parts]), persistent=False)
         self.image_global = EmbeddingHead(self.image_encoder.out_dim, embed_dim, pooling, num_parts, False)
-        self.text_global = EmbeddingHead(gru_hidden, embed_dim, pooling, max_words)
+        self.text_global = EmbeddingHead(text_dim, embed_dim, pooling, max_words)
         self.image_local = EmbeddingHead(self.image_encoder.out_dim, embed_dim, pooling, num_parts, False) \
             if local_space else None
-        self.text_local = EmbeddingHead(gru_hidden, embed_dim, pooling, max_words) if local_space else None
+        self.text_local = EmbeddingHead(text_dim, embed_dim, pooling, max_words) if local_space else None
         self.concept_head = ConceptHead(num_concepts, embed_dim) if concept_head else None
 
     def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -23,6 +23,7 @@ import torch
 
 from trainer.data import decode_image, pad_tokens
 from trainer.evaluate import LoadedRun, add_checkpoint_arguments, embed_split, load_run
+from trainer.text_encoders import caption_tokenizer
 
 INDEX_FILES = ("index.json", "image_vectors.npy", "caption_vectors.npy", "images.json", "captions.json")
 
@@ -38,7 +39,7 @@ def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = N
     split = split or cfg.data.test_split
     emb = embed_split(run.model, run.shardset, split, image_size=cfg.data.image_size, max_words=cfg.data.max_words,
                       batch_size=cfg.data.eval_batch_size, dtype=model_dtype(cfg), rank=info.rank,
-                      world=info.world_size)
+                      world=info.world_size, tokenizer=caption_tokenizer(cfg, run.shardset.vocab))
     image_vectors = run.model.retrieval_vector(emb["img_g"], emb["img_l"]).float().numpy()
     caption_vectors = run.model.retrieval_vector(emb["cap_g"], emb["cap_l"]).float().numpy()
     meta = {
@@ -92,7 +93,8 @@ def encode_query(run: LoadedRun, text: str | None = None, image_path: str | Path
     model.eval()
     device = next(iter(model.parameters())).device
     if text is not None:
-        tokens, lengths = pad_tokens([run.shardset.vocab.encode(text, cfg.data.max_words)])
+        tokenizer = caption_tokenizer(cfg, run.shardset.vocab)
+        tokens, lengths = pad_tokens([tokenizer.encode(text)], tokenizer.pad_id)
         g, l = model.encode_text(tokens.to(device), lengths.to(device))
     else:
         image = decode_image(Path(image_path).read_bytes(), cfg.data.image_size)

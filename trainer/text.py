@@ -1,7 +1,11 @@
-"""Text utilities shared by the shard builder and the trainer: tokenisation and the word vocabulary.
+"""Text utilities shared by the shard builder and the trainer: tokenisation, the word vocabulary, caption tokenizers.
 
 The shard builder writes `vocab.json` with `Vocab.to_json`; the trainer reads it with `Vocab.from_json`
 and encodes captions with the very same `tokenize`, so both sides always agree on word ids.
+
+A `CaptionTokenizer` turns a caption into the token ids of one text encoder: `WordTokenizer` (the shard set's
+word vocabulary, for the GRU) or `WordPieceTokenizer` (a Hugging Face tokenizer.json, for a BERT encoder).
+Training data, evaluation and retrieval queries all take theirs from `trainer.text_encoders.caption_tokenizer`.
 """
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Protocol
 
 PAD = "<pad>"
 UNK = "<unk>"
@@ -59,3 +63,60 @@ class Vocab:
             return cls(data["words"])
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"cannot read word vocabulary {path}: {e}") from e
+
+
+class CaptionTokenizer(Protocol):
+    """Caption -> token ids of one text encoder, at most max_len of them and never none."""
+
+    pad_id: int  # the id that right-pads a batch of captions
+    max_len: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+class WordTokenizer:
+    """The shard set's word vocabulary (`tokenize` + `Vocab`), for the GRU text encoder."""
+
+    def __init__(self, vocab: Vocab, max_len: int):
+        if max_len < 1:
+            raise ValueError(f"max_len must be positive, got {max_len}")
+        self.vocab = vocab
+        self.max_len = max_len
+        self.pad_id = vocab.index[PAD]
+
+    def encode(self, text: str) -> list[int]:
+        return self.vocab.encode(text, self.max_len)
+
+
+class WordPieceTokenizer:
+    """A BERT WordPiece tokenizer read from a Hugging Face tokenizer.json (the `tokenizers` library, offline).
+
+    Ids are [CLS] pieces... [SEP]; a long caption is cut to max_len ids in all, [SEP] kept last.
+    """
+
+    def __init__(self, path: str | Path, max_len: int):
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        if max_len < 3:
+            raise ValueError(f"max_len must be at least 3 for [CLS] word [SEP], got {max_len}")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a missing or broken file
+            raise ValueError(f"cannot read WordPiece tokenizer {path}: {e}") from e
+        self.max_len = max_len
+        self.tokenizer.no_padding()  # tokenizer.json may pad every caption to a fixed length; the batch pads
+        self.tokenizer.enable_truncation(max_len)  # counts the special tokens, keeps [SEP]
+        ids = {name: self.tokenizer.token_to_id(name) for name in ("[PAD]", "[CLS]", "[SEP]")}
+        missing = [name for name, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"WordPiece tokenizer {path} has no {', '.join(missing)} token")
+        self.pad_id, self.cls_id, self.sep_id = ids["[PAD]"], ids["[CLS]"], ids["[SEP]"]
+        if self.tokenizer.encode("a").ids[:1] != [self.cls_id]:
+            raise ValueError(f"WordPiece tokenizer {path} does not add [CLS] ... [SEP] (no BERT post-processor)")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)

@@ -32,6 +32,7 @@ from trainer.evaluate import evaluate_split, results_table, write_results
 from trainer.loss import HierarchicalLoss
 from trainer.model import HierarchicalEmbedder
 from trainer.tblog import RunLogger
+from trainer.text_encoders import caption_tokenizer, init_word_embeddings, pretrained_text_encoder
 
 log = logging.getLogger("trainer")
 
@@ -40,13 +41,17 @@ LABEL_KEYS = ("image_ids", "image_concepts", "caption_concepts")
 
 
 def build_model(cfg: Config, shardset: ShardSet) -> HierarchicalEmbedder:
+    """The model with its pretrained weights loaded (before DeepSpeed partitions anything)."""
     m = cfg.model
-    return HierarchicalEmbedder(
+    model = HierarchicalEmbedder(
         vocab_size=len(shardset.vocab), num_concepts=shardset.num_concepts, embed_dim=m.embed_dim,
         image_encoder=m.image_encoder, cnn_width=m.cnn_width, image_size=cfg.data.image_size,
         word_dim=m.word_dim, gru_hidden=m.gru_hidden, gru_layers=m.gru_layers, max_words=cfg.data.max_words,
         pooling=m.pooling, local_space=cfg.loss.local != "none", local_score_weight=m.local_score_weight,
-        concept_head=cfg.loss.concept_bce_weight > 0)
+        concept_head=cfg.loss.concept_bce_weight > 0, text_encoder=pretrained_text_encoder(cfg))
+    if m.word_vectors is not None:
+        init_word_embeddings(model.text_encoder.embed, shardset.vocab, m.word_vectors)
+    return model
 
 
 def build_loss(cfg: Config) -> HierarchicalLoss:
@@ -156,7 +161,8 @@ def train(cfg: Config) -> dict:
     stream = TrainStream(shardset, d.train_split, batch_size=d.batch_size, image_size=d.image_size,
                          max_words=d.max_words, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
                          batches_per_worker=batches_per_worker(per_rank_epoch, d.batch_size, d.num_workers),
-                         seed=cfg.run.seed, rank=info.rank, world_size=info.world_size)
+                         seed=cfg.run.seed, rank=info.rank, world_size=info.world_size,
+                         tokenizer=caption_tokenizer(cfg, shardset.vocab))
     batches = train_batches(stream, d.num_workers, start_epoch=data_epoch)
 
     global_batch = d.batch_size * info.world_size
