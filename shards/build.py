@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from shards.builtin_corpus import MIN_IMAGE_SIZE, builtin_samples
 from shards.concepts import (
-    DEFAULT_PIPELINE, UNIVERSAL_POS, ConceptExtractor, build_concept_vocab, concept_ids, union_ids,
+    BLANK_PIPELINE, DEFAULT_PIPELINE, UNIVERSAL_POS, ConceptExtractor, build_concept_vocab, concept_ids, union_ids,
 )
 from shards.writer import PARTIAL_SUFFIX, RawSample, ShardSetWriter, write_concepts_json
 from trainer.text import Vocab
@@ -83,7 +83,9 @@ def add_build_command(subparsers) -> None:
     p.add_argument("--min-concept-count", type=_int_at_least(1), default=5,
                    help="a concept must occur in at least this many training captions")
     p.add_argument("--pos", type=_pos_list, default=["NOUN"], help="comma-separated POS tags that make concepts")
-    p.add_argument("--spacy-pipeline", default=DEFAULT_PIPELINE, help="installed spaCy pipeline for lemmas")
+    p.add_argument("--spacy-pipeline", default=DEFAULT_PIPELINE,
+                   help=f"installed spaCy pipeline with a tagger, or {BLANK_PIPELINE!r}: lookup lemmas of every "
+                        "non-stop word, no tagger, about 20x faster (--pos is then not used)")
     p.add_argument("--spacy-processes", type=_int_at_least(1), default=1,
                    help="processes for lemmatisation, the slowest step (same output for any number)")
     p.add_argument("--min-word-count", type=_int_at_least(1), default=1, help="word vocabulary threshold")
