@@ -6,6 +6,7 @@ import sys
 
 from shards.build import add_build_command
 from shards.concepts import PipelineError
+from shards.emoji_corpus import EmojiSourceError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (FileExistsError, PipelineError) as e:
+    except (FileExistsError, PipelineError, EmojiSourceError) as e:
         # a refusal the user can act on: the message, not a traceback
         print(f"hier-shards: error: {e}", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from shards.builtin_corpus import MIN_IMAGE_SIZE, builtin_samples
 from shards.concepts import (
     BLANK_PIPELINE, DEFAULT_PIPELINE, UNIVERSAL_POS, ConceptExtractor, build_concept_vocab, concept_ids, union_ids,
 )
+from shards.emoji_corpus import add_emoji_options, emoji_split, emoji_split_sizes
 from shards.writer import PARTIAL_SUFFIX, RawSample, ShardSetWriter, write_concepts_json
 from trainer.text import Vocab
 
@@ -52,7 +53,10 @@ def _builtin_split(args: argparse.Namespace, split: str) -> Iterator[RawSample]:
     return builtin_samples(split, _builtin_sizes(args)[split], args.seed, args.image_size)
 
 
-SOURCES: dict[str, Source] = {"builtin": Source(_builtin_sizes, _builtin_split)}
+SOURCES: dict[str, Source] = {
+    "builtin": Source(_builtin_sizes, _builtin_split),
+    "emoji": Source(emoji_split_sizes, emoji_split),
+}
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -96,6 +100,7 @@ def add_build_command(subparsers) -> None:
     builtin.add_argument("--val-images", type=_int_at_least(0), default=500)
     builtin.add_argument("--test-images", type=_int_at_least(0), default=1000)
     builtin.add_argument("--image-size", type=_int_at_least(MIN_IMAGE_SIZE), default=64)
+    add_emoji_options(p)
     p.set_defaults(run=run_build)
 
 
