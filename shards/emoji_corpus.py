@@ -205,11 +205,31 @@ def split_entries(args: argparse.Namespace) -> dict[str, list[EmojiEntry]]:
 # ---------------------------------------------------------------- the `--source emoji` of shards/build.py
 
 
+# Defaults are filled in only when the emoji source is built, so that the manifests of other sources do not
+# record options they never used (build.py writes every option of the namespace into the manifest).
+DEFAULTS = {
+    "emoji_font": FONT_PATH,
+    "emoji_image_size": 64,
+    "emoji_captions": 5,
+    "emoji_val_fraction": 0.1,
+    "emoji_test_fraction": 0.1,
+    "emoji_limit": 0,
+}
+
+
+def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    for key, value in DEFAULTS.items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    return args
+
+
 def emoji_split_sizes(args: argparse.Namespace) -> dict[str, int]:
-    return {split: len(entries) for split, entries in split_entries(args).items()}
+    return {split: len(entries) for split, entries in split_entries(_with_defaults(args)).items()}
 
 
 def emoji_split(args: argparse.Namespace, split: str) -> Iterator[RawSample]:
+    args = _with_defaults(args)
     return emoji_samples(split_entries(args)[split], args.emoji_font, args.emoji_image_size, args.emoji_captions)
 
 
@@ -225,10 +245,14 @@ def _bounded(parse: Callable[[str], float], low: float, high: float | None) -> C
 
 def add_emoji_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("--source emoji")
-    group.add_argument("--emoji-font", default=FONT_PATH, help=f"Noto Color Emoji .ttf ({FONT_HINT})")
-    group.add_argument("--emoji-image-size", type=_bounded(int, MIN_IMAGE_SIZE, None), default=64)
-    group.add_argument("--emoji-captions", type=_bounded(int, 1, None), default=5, help="captions per picture")
-    group.add_argument("--emoji-val-fraction", type=_bounded(float, 0.0, 1.0), default=0.1)
-    group.add_argument("--emoji-test-fraction", type=_bounded(float, 0.0, 1.0), default=0.1)
-    group.add_argument("--emoji-limit", type=_bounded(int, 0, None), default=0,
-                       help="keep this many emoji, spread over the set (0: all)")
+    options = {
+        "--emoji-font": (str, f"Noto Color Emoji .ttf ({FONT_HINT})"),
+        "--emoji-image-size": (_bounded(int, MIN_IMAGE_SIZE, None), "side of the square pictures in pixels"),
+        "--emoji-captions": (_bounded(int, 1, None), "captions per picture"),
+        "--emoji-val-fraction": (_bounded(float, 0.0, 1.0), "share of the variant groups in the val split"),
+        "--emoji-test-fraction": (_bounded(float, 0.0, 1.0), "share of the variant groups in the test split"),
+        "--emoji-limit": (_bounded(int, 0, None), "keep this many emoji, spread over the set (0: all)"),
+    }
+    for flag, (parse, help_text) in options.items():
+        default = DEFAULTS[flag[2:].replace("-", "_")]
+        group.add_argument(flag, type=parse, default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")

@@ -167,7 +167,9 @@ def test_build_writes_the_selected_emoji_by_variant_safe_split(tmp_path):
             assert Image.open(io.BytesIO(png)).size == (32, 32)
     assert set(records) == {"train", "val", "test"}
     assert manifest["spacy"]["tagger"] is True and manifest["spacy"]["pos"] == ["NOUN"]
+    # the options used, defaults included (and only in emoji builds: test_shards checks a builtin manifest)
     assert manifest["build"]["emoji_limit"] == 160 and manifest["build"]["emoji_font"] == FONT_PATH
+    assert manifest["build"]["emoji_captions"] == 5 and manifest["build"]["emoji_val_fraction"] == 0.1
     lemmas = {c["lemma"] for c in json.loads((tmp_path / "tagged" / "concepts.json").read_text())["concepts"]}
     assert {"face", "skin", "flag"} <= lemmas and not lemmas & FRAME_WORDS
     # deterministic: a second build is byte-identical
@@ -187,3 +189,29 @@ def test_build_without_a_tagger_labels_with_lookup_lemmas(tmp_path):
     records = _records(tmp_path / "blank", manifest)
     with_skin = [r for rs in records.values() for r, _ in rs if "skin tone" in r["captions"][0]]
     assert with_skin and all(r["image_concepts"] for r in with_skin)
+
+
+@pytest.mark.slow
+def test_a_small_emoji_set_trains_and_evaluates_with_the_emoji_config(tmp_path):
+    from trainer.config import load_config
+    from trainer.train import train
+
+    repo = Path(__file__).resolve().parents[1]
+    shards = tmp_path / "emoji"
+    manifest = _build(shards, "--spacy-pipeline", "blank", "--emoji-limit", "300")
+    out = tmp_path / "run"
+    cfg = load_config(repo / "configs" / "emoji.yaml", [
+        f"data.shards={shards}", f"run.out_dir={out}", "data.image_size=32", "data.batch_size=32",
+        "data.shuffle_buffer=256", f"engine.deepspeed_config={repo / 'configs/deepspeed/zero0.json'}",
+        "model.embed_dim=32", "model.cnn_width=16", "model.gru_hidden=32", "model.word_dim=16",
+        "train.steps=8", "train.log_every=4", "train.eval_every=0", "train.ckpt_every=0",
+        "engine.threads=1"])  # one thread: two oversubscribe the shared test cores (configs/emoji.yaml)
+    final = train(cfg)
+    test = manifest["splits"]["test"]
+    assert final["test"]["counts"] == {"images": test["images"], "captions": test["captions"]}
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [4, 8]
+    assert all(r["loss/loss"] == r["loss/loss"] and r["loss/loss"] > 0 for r in log)  # finite, positive
+    written = json.loads((out / "eval" / "test.json").read_text())
+    assert 0 <= written["concat"]["rsum"] <= 600 and written["chance"]["rsum"] > 0
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step0000008"
