@@ -5,7 +5,8 @@ import pytest
 import spacy
 
 from shards.concepts import (
-    INSTALL_HINT, ConceptExtractor, PipelineError, build_concept_vocab, concept_ids, union_ids,
+    BLANK_PIPELINE, FRAME_WORDS, INSTALL_HINT, ConceptExtractor, PipelineError, build_concept_vocab, concept_ids,
+    union_ids,
 )
 
 CAPTIONS = [
@@ -74,6 +75,49 @@ def test_describe_names_pipeline_versions_and_components(nouns):
     assert info["pos"] == ["NOUN"]
     assert "lemmatizer" in info["components"] and "tagger" in info["components"]
     assert "parser" not in info["components"] and "ner" not in info["components"]
+
+
+def test_frame_words_are_never_concepts(nouns):
+    # "picture" and "emoji" are nouns, but a frame puts them on captions of anything
+    framed = ["A picture of a dog", "An emoji of a smiling face", "an icon of a red car", "a photo of two cats",
+              "the image shows a house"]
+    assert nouns.lemmas(framed) == [["dog"], ["face"], ["car"], ["cat"], ["house"]]
+    assert ConceptExtractor(BLANK_PIPELINE).lemmas(framed) == [
+        ["dog"], ["smile", "face"], ["red", "car"], ["cat"], ["house"]]
+    assert {"picture", "emoji", "image"} <= FRAME_WORDS
+
+
+@pytest.fixture(scope="module")
+def lookup() -> ConceptExtractor:
+    return ConceptExtractor(BLANK_PIPELINE)
+
+
+def test_without_a_tagger_every_non_stop_word_is_a_lookup_lemma(lookup):
+    assert lookup.nlp.pipe_names == ["lemmatizer"]
+    assert lookup.lemmas(CAPTIONS) == [
+        ["green", "triangle", "red", "disc"],  # no POS: adjectives count; "two" is a number, "and", "a" stop words
+        ["box", "leave", "crosse"],  # the lookup table knows no context: "left" -> "leave", "crosses" -> "crosse"
+        ["big", "star"],  # "near" is on the extra stop list ("bottom" on spaCy's)
+        ["dog", "run", "quickly", "field"],  # upper case "Dogs" is found too: captions are lower-cased first
+    ]
+    # --pos cannot be applied without a tagger: the same lemmas whatever it says
+    assert ConceptExtractor(BLANK_PIPELINE, pos=("VERB",)).lemmas(CAPTIONS) == lookup.lemmas(CAPTIONS)
+    assert lookup.lemmas(["1st place medal", "keycap: 10", "A  ;  B"]) == [["place", "medal"], ["keycap"], ["b"]]
+
+
+def test_without_a_tagger_several_processes_give_the_same_lemmas(lookup):
+    captions = [f"{caption} number {k}" for k, caption in enumerate(CAPTIONS * 4)]
+    assert ConceptExtractor(BLANK_PIPELINE, batch_size=3, n_process=2).lemmas(captions) == lookup.lemmas(captions)
+
+
+def test_describe_says_which_way_labels_were_made(nouns, lookup):
+    tagged, untagged = nouns.describe(), lookup.describe()
+    assert tagged["tagger"] is True and "lemmatizer" not in tagged
+    assert untagged["tagger"] is False and untagged["pipeline"] == BLANK_PIPELINE and untagged["pos"] == []
+    assert untagged["lemmatizer"] == "lookup" and untagged["components"] == ["lemmatizer"]
+    assert "near" in untagged["extra_stop_words"] and "extra_stop_words" not in tagged
+    assert untagged["lookups_version"] and untagged["spacy_version"] == spacy.__version__
+    assert tagged["frame_words"] == untagged["frame_words"] == sorted(FRAME_WORDS)
 
 
 def test_missing_or_unsuitable_pipeline_is_a_clear_error(tmp_path):
