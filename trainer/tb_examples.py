@@ -16,6 +16,7 @@ keeps no pixels. Used by trainer.tblog.RunLogger.eval_examples on rank 0.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ WHITE = (255, 255, 255)
 TEXT = (20, 20, 20)
 
 
+@functools.lru_cache(maxsize=None)  # loading a TrueType face takes milliseconds; a projector draws thousands of tiles
 def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """DejaVu Sans where installed (fonts-dejavu-core), else Pillow's built-in font at the same size."""
     if FONT_FILE.is_file():
