@@ -3,6 +3,7 @@ import io
 import json
 import math
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 
 from trainer import metrics
 from trainer.config import load_config
@@ -235,3 +237,24 @@ def test_training_writes_examples_at_each_evaluation(tiny_shards, tmp_path):
         folder = out / "tb" / step / "val_retrieval_vectors"
         assert len((folder / "tensors.tsv").read_text().splitlines()) == 32 + 160
         assert (folder / "sprite.png").is_file()
+
+
+def test_recall_charts_draw_one_curve_per_score(tmp_path):
+    """Each custom-scalars chart (a split and metric) matches exactly the global, local and concat tags."""
+    tb = RunLogger(tmp_path / "tb", enabled=True)
+    tb.retrieval_layout(["val", "test"])
+    recalls = {f"{d}_r{k}": 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10)} | {"rsum": 6.0}
+    for split in ("val", "test"):
+        tb.retrieval(3, split, {score: recalls for score in ("global", "local", "concat")})
+    tb.close()
+    events = _events(tmp_path / "tb")
+    tags = events.Tags()["scalars"]
+    layout_proto = events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    layout = layout_pb2.Layout.FromString(layout_proto)
+    assert sorted(c.title for c in layout.category) == ["retrieval test", "retrieval val"]
+    for category in layout.category:
+        split = category.title.split()[1]
+        assert len(category.chart) == 7
+        for chart in category.chart:
+            drawn = [t for t in tags if any(re.search(r, t) for r in chart.multiline.tag)]
+            assert sorted(drawn) == sorted(f"eval_{split}/{s}/{chart.title}" for s in ("global", "local", "concat"))

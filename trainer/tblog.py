@@ -6,6 +6,7 @@ eval_<split>/<score>/<metric> for score in global, local, concat; examples/{text
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -36,7 +37,8 @@ class RunLogger:
         if self.writer is None:
             return
         metrics = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["rsum"]
-        layout = {f"retrieval {split}": {metric: ["Multiline", [f"eval_{split}/{score}/{metric}"
+        # The chart's entries are regular expressions searched in the tags: anchored, or i2t_r1 would draw r10 too.
+        layout = {f"retrieval {split}": {metric: ["Multiline", [f"^{re.escape(f'eval_{split}/{score}/{metric}')}$"
                                                                for score in ("global", "local", "concat")]]
                                          for metric in metrics}
                   for split in splits}
