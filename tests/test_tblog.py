@@ -258,3 +258,18 @@ def test_recall_charts_draw_one_curve_per_score(tmp_path):
         for chart in category.chart:
             drawn = [t for t in tags if any(re.search(r, t) for r in chart.multiline.tag)]
             assert sorted(drawn) == sorted(f"eval_{split}/{s}/{chart.title}" for s in ("global", "local", "concat"))
+
+
+def test_progress_bar_draws_on_a_terminal_that_reports_no_size():
+    """A fresh pty is 0 x 0 (as under `script` or some job runners), where plain tqdm draws nothing."""
+    leader, follower = os.openpty()
+    try:
+        with os.fdopen(follower, "w") as terminal:
+            assert os.get_terminal_size(terminal.fileno()).columns == 0
+            bar = ProgressBar(total=100, desc="embed val", unit="img", stream=terminal)
+            bar.update(50)
+            bar.close()
+            text = os.read(leader, 65536).decode()
+    finally:
+        os.close(leader)
+    assert "embed val" in text and "50.0/100" in text and "img/s" in text

@@ -11,6 +11,8 @@ While a bar is open, log records are written through tqdm so that they do not te
 from __future__ import annotations
 
 import contextlib
+import io
+import os
 import sys
 from typing import TextIO
 
@@ -30,6 +32,15 @@ def progress_enabled(rank: int, stream: TextIO | None = None) -> bool:
         return False
 
 
+def _terminal_size(stream: TextIO) -> bool:
+    """Whether `stream` is a terminal that knows its columns and lines."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
+    return size.columns > 0 and size.lines > 0
+
+
 class ProgressBar:
     """A tqdm bar that is a no-op when disabled; counts samples so the rate reads samples/s."""
 
@@ -42,8 +53,11 @@ class ProgressBar:
         if not enabled:
             return
         stream = sys.stderr if stream is None else stream
+        # A terminal that reports no size (a pty opened by `script` or a job runner) reads as 0 x 0, in which
+        # tqdm draws nothing: the bar gets a fixed size there.
+        size = {"dynamic_ncols": True} if _terminal_size(stream) else {"ncols": 100, "nrows": 20}
         self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, initial=initial, leave=leave,
-                         file=stream, dynamic_ncols=True, smoothing=0.1)
+                         file=stream, smoothing=0.1, **size)
         self._redirect.enter_context(logging_redirect_tqdm(tqdm_class=tqdm))
 
     @property
