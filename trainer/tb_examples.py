@@ -103,7 +103,7 @@ class Grid:
         return self.caption_h + self.cell + self.label_h + self.pad
 
     def t2i_cell(self, row: int, col: int) -> tuple[int, int]:
-        """Top-left corner of the frame of column `col` (0..k-1 the top k, k the right answer) of a row."""
+        """Top-left corner of the frame of ranked column `col` (0-based) of a row."""
         x = self.pad + col * (self.cell + self.pad)
         return x, self.pad + row * self.t2i_row_h() + self.caption_h
 
