@@ -205,8 +205,6 @@ def split_entries(args: argparse.Namespace) -> dict[str, list[EmojiEntry]]:
 # ---------------------------------------------------------------- the `--source emoji` of shards/build.py
 
 
-# Defaults are filled in only when the emoji source is built, so that the manifests of other sources do not
-# record options they never used (build.py writes every option of the namespace into the manifest).
 DEFAULTS = {
     "emoji_font": FONT_PATH,
     "emoji_image_size": 64,
@@ -217,19 +215,11 @@ DEFAULTS = {
 }
 
 
-def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    for key, value in DEFAULTS.items():
-        if not hasattr(args, key):
-            setattr(args, key, value)
-    return args
-
-
 def emoji_split_sizes(args: argparse.Namespace) -> dict[str, int]:
-    return {split: len(entries) for split, entries in split_entries(_with_defaults(args)).items()}
+    return {split: len(entries) for split, entries in split_entries(args).items()}
 
 
 def emoji_split(args: argparse.Namespace, split: str) -> Iterator[RawSample]:
-    args = _with_defaults(args)
     return emoji_samples(split_entries(args)[split], args.emoji_font, args.emoji_image_size, args.emoji_captions)
 
 
@@ -254,4 +244,4 @@ def add_emoji_options(group: argparse._ArgumentGroup) -> None:
     }
     for flag, (parse, help_text) in options.items():
         default = DEFAULTS[flag[2:].replace("-", "_")]
-        group.add_argument(flag, type=parse, default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+        group.add_argument(flag, type=parse, default=default, help=f"{help_text} (default: {default})")

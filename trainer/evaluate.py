@@ -15,6 +15,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,9 @@ from trainer import metrics
 from trainer.config import Config
 from trainer.data import ShardSet, iter_eval_samples, pad_tokens
 from trainer.distributed import DistInfo
+from trainer.progress import ProgressBar, progress_enabled
 from trainer.text import CaptionTokenizer, WordTokenizer
+from trainer.text_encoders import caption_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,8 @@ def embed_split(model, shardset: ShardSet, split: str, *, image_size: int, max_w
     model.eval()
     tokenizer = tokenizer or WordTokenizer(shardset.vocab, max_words)
     samples = iter_eval_samples(shardset, split, image_size, max_words, rank, world, tokenizer)
+    bar = ProgressBar(shardset.split_info(split)["images"], f"embed {split}", unit="img", leave=False,
+                      enabled=progress_enabled(rank))
     out = {"img_g": [], "img_l": [], "cap_g": [], "cap_l": [], "cap_to_img": [], "image_ids": [], "captions": []}
     n_images = 0
     while True:
@@ -85,6 +90,8 @@ def embed_split(model, shardset: ShardSet, split: str, *, image_size: int, max_w
             out["captions"].extend(s["captions"])
             out["image_ids"].append(s["image_id"])
         n_images += len(chunk)
+        bar.update(len(chunk) * world)  # the ranks embed at about the same pace: count the split as a whole
+    bar.close()
     model.train(was_training)
 
     result = {k: (torch.cat(v) if v else None) for k, v in out.items() if k in ("img_g", "img_l", "cap_g", "cap_l")}
@@ -117,12 +124,14 @@ def score_embeddings(emb: dict, local_weight: float) -> dict:
     return results
 
 
-def evaluate_split(model, shardset: ShardSet, split: str, cfg, *, dtype=torch.float32, rank=0, world=1) -> dict:
-    from trainer.text_encoders import caption_tokenizer
-
+def evaluate_split(model, shardset: ShardSet, split: str, cfg, *, dtype=torch.float32, rank=0, world=1,
+                   on_embeddings: Callable[[dict], None] | None = None) -> dict:
+    """Recalls of a split; `on_embeddings` (e.g. TensorBoard's retrieval examples) sees embed_split's output."""
     emb = embed_split(model, shardset, split, image_size=cfg.data.image_size, max_words=cfg.data.max_words,
                       batch_size=cfg.data.eval_batch_size, dtype=dtype, rank=rank, world=world,
                       tokenizer=caption_tokenizer(cfg, shardset.vocab))
+    if on_embeddings is not None:
+        on_embeddings(emb)
     return score_embeddings(emb, cfg.model.local_score_weight)
 
 

@@ -1,10 +1,12 @@
 """TensorBoard on rank 0 only; every other rank gets a logger that does nothing.
 
 Tags: loss/<term>, train/{lr,samples_per_s,data_wait_s,step_s,grad_norm,bad_samples,...},
-eval_<split>/<score>/<metric> for score in global, local, concat.
+eval_<split>/<score>/<metric> for score in global, local, concat; examples/{text_to_image,image_to_text}
+(retrieval examples as pictures) and the projector's <split>_retrieval_vectors (trainer.tb_examples).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -35,11 +37,20 @@ class RunLogger:
         if self.writer is None:
             return
         metrics = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)] + ["rsum"]
-        layout = {f"retrieval {split}": {metric: ["Multiline", [f"eval_{split}/{score}/{metric}"
+        # The chart's entries are regular expressions searched in the tags: anchored, or i2t_r1 would draw r10 too.
+        layout = {f"retrieval {split}": {metric: ["Multiline", [f"^{re.escape(f'eval_{split}/{score}/{metric}')}$"
                                                                for score in ("global", "local", "concat")]]
                                          for metric in metrics}
                   for split in splits}
         self.writer.add_custom_scalars(layout)
+
+    def eval_examples(self, step: int, emb: dict, shardset, split: str, local_weight: float) -> None:
+        """Retrieval examples and the projector from one evaluation's embeddings (embed_split's output)."""
+        if self.writer is None:
+            return
+        from trainer.tb_examples import log_eval_examples
+
+        log_eval_examples(self.writer, step, emb, shardset, split, local_weight)
 
     def hparams(self, config: dict, results: dict, split: str) -> None:
         """The flattened config beside the final recalls of `split` (TensorBoard's HPARAMS tab)."""

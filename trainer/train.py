@@ -31,6 +31,7 @@ from trainer.distributed import DistInfo, all_reduce_sum, gather_no_grad, gather
 from trainer.evaluate import evaluate_split, results_table, write_results
 from trainer.loss import HierarchicalLoss
 from trainer.model import HierarchicalEmbedder
+from trainer.progress import ProgressBar, progress_enabled
 from trainer.tblog import RunLogger
 from trainer.text_encoders import caption_tokenizer, init_word_embeddings, pretrained_text_encoder
 
@@ -146,6 +147,9 @@ def train(cfg: Config) -> dict:
     tb.text("config", f"```\n{cfg.to_yaml()}\n```")
     tb.retrieval_layout(list(dict.fromkeys([cfg.data.eval_split, cfg.data.test_split])))
 
+    def log_examples(emb: dict) -> None:  # retrieval examples + projector of the eval split, at the current step
+        tb.eval_examples(step, emb, shardset, d.eval_split, cfg.model.local_score_weight)
+
     step, samples, data_epoch = 0, 0, 0
     if cfg.run.resume:
         tag = None if cfg.run.resume == "latest" else cfg.run.resume
@@ -176,6 +180,8 @@ def train(cfg: Config) -> dict:
     bad_totals = torch.zeros(2, dtype=torch.long)  # read, bad (this rank)
     last_saved = -1
     log_path = out_dir / "train_log.jsonl"
+    bar = ProgressBar(cfg.train.steps * global_batch * cfg.engine.grad_accum, "train", initial=samples,
+                      enabled=progress_enabled(info.rank))
     while step < cfg.train.steps:
         for _ in range(cfg.engine.grad_accum):
             t0 = time.perf_counter()
@@ -190,6 +196,7 @@ def train(cfg: Config) -> dict:
             window["micro"] += 1
         step += 1
         samples += global_batch * cfg.engine.grad_accum
+        bar.update(global_batch * cfg.engine.grad_accum, step=f"{step}/{cfg.train.steps}")
 
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             elapsed = time.perf_counter() - window["start"]
@@ -217,6 +224,7 @@ def train(cfg: Config) -> dict:
                          scalars.get("loss/global", math.nan), scalars.get("loss/local", math.nan),
                          scalars["train/lr"], scalars["train/samples_per_s"], 100 * scalars["train/data_wait_frac"],
                          left_s // 60, left_s % 60)
+                bar.update(0, loss=f"{scalars['loss/loss']:.4f}")
                 with log_path.open("a") as f:
                     f.write(json.dumps({"step": step, **scalars}) + "\n")
             if read >= 1000 and bad / read > d.max_bad_fraction:
@@ -227,7 +235,7 @@ def train(cfg: Config) -> dict:
 
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             results = evaluate_split(engine.module, shardset, d.eval_split, cfg, dtype=dtype, rank=info.rank,
-                                     world=info.world_size)
+                                     world=info.world_size, on_embeddings=log_examples)
             tb.retrieval(step, d.eval_split, results)
             if info.is_main:
                 write_results(results, out_dir, d.eval_split, step)
@@ -236,12 +244,13 @@ def train(cfg: Config) -> dict:
             save_checkpoint(engine, cfg, ckpt_dir, step, samples, data_epoch, info)
             last_saved = step
 
+    bar.close()
     if last_saved != step:
         save_checkpoint(engine, cfg, ckpt_dir, step, samples, data_epoch, info)
     final = {}
     for split in dict.fromkeys([d.eval_split, d.test_split]):
         results = evaluate_split(engine.module, shardset, split, cfg, dtype=dtype, rank=info.rank,
-                                 world=info.world_size)
+                                 world=info.world_size, on_embeddings=log_examples if split == d.eval_split else None)
         tb.retrieval(step, split, results)
         final[split] = results
         if info.is_main:
