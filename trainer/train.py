@@ -127,7 +127,8 @@ def train_step(engine, loss_fn, batch: dict, step: int, info: DistInfo, dtype: t
         # Mid-window: a non-finite loss here poisons the accumulated grads, which the boundary check sees.
         engine.step()
         return stats
-    bad = not bool(torch.isfinite(stats["loss"])) or local_grads_nonfinite(engine)
+    grads_bad = local_grads_nonfinite(engine)  # first and on every rank: under ZeRO it is a collective
+    bad = grads_bad or not bool(torch.isfinite(stats["loss"]))
     bad = bool(all_reduce_max(torch.tensor([int(bad)], dtype=torch.long))[0])  # every rank the same branch
     stats["skipped"] = torch.tensor(float(bad))
     if bad:
