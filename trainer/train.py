@@ -158,7 +158,7 @@ class StopRequest:
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handler)
         pid_dir = os.environ.get("TRAINER_PID_DIR")  # set by launch/*.sh to forward signals to the ranks
-        if pid_dir:
+        if pid_dir and Path(pid_dir).is_dir():  # a node-local folder: absent on the other nodes
             Path(pid_dir, f"rank{os.environ.get('RANK', '0')}.pid").write_text(str(os.getpid()))
         return self
 
