@@ -194,6 +194,7 @@ class _BadSampleCounter:
     def __init__(self) -> None:
         self.read = 0
         self.by_kind = [0] * len(BAD_KINDS)
+        self.current_url_broken = False  # reset by TrainStream's url generator at each shard it opens
 
     @property
     def bad(self) -> int:
@@ -201,9 +202,12 @@ class _BadSampleCounter:
 
     def __call__(self, exn: Exception) -> bool:
         kind = bad_kind(exn)
-        self.by_kind[BAD_KINDS.index(kind)] += 1
         if kind == "truncated_tar":
-            self.read += 1  # a tar cut off mid-member: that member's sample was read and lost
+            if self.current_url_broken:
+                return True  # webdataset reports one cut-off tar twice (the member, then the next header)
+            self.current_url_broken = True
+            self.read += 1  # the sample the tar was cut inside was read and lost
+        self.by_kind[BAD_KINDS.index(kind)] += 1
         bad = self.bad
         if bad <= 10 or bad % 100 == 0:
             log.warning("skipping bad sample (%s, %d so far in this worker): %s", kind, bad, exn)
@@ -305,7 +309,12 @@ class TrainStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
         counter = _BadSampleCounter()
-        raw = wds.tarfile_to_samples(handler=counter)(self._shard_urls(rng, worker, num_workers))
+        def tracked(urls: Iterator[dict]) -> Iterator[dict]:
+            for source in urls:
+                counter.current_url_broken = False
+                yield source
+
+        raw = wds.tarfile_to_samples(handler=counter)(tracked(self._shard_urls(rng, worker, num_workers)))
         items: list[dict] = []
         since: list = [0, [0] * len(BAD_KINDS)]
         produced = 0
