@@ -338,3 +338,97 @@ def test_run_stops_when_the_bad_fraction_passes_its_bound(tiny_shards, tmp_path)
                "data.bad_fraction_min_read=16", "data.num_workers=0")
     with pytest.raises(RuntimeError, match=r"samples read were bad \(.*> data.max_bad_fraction=0.05; .*empty_captions"):
         train(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ kill, preempt, resume
+
+RUN_STEPS = 12
+# Deterministic data (one pass over the shards per virtual epoch, split by rank); ZeRO-2, so that every rank
+# writes its own optimizer partition and the export goes through zero_to_fp32.
+RUN_ARGS = (*TINY_RUN, "train.log_every=1", "train.ckpt_every=2", "train.keep_checkpoints=3", "data.resampled=false",
+            f"train.steps={RUN_STEPS}")
+
+
+def train_cmd(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "trainer.train", "--config", str(REPO / "configs" / "builtin.yaml"),
+            f"data.shards={shards}", f"run.out_dir={out}",
+            f"engine.deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}", *RUN_ARGS, *extra]
+
+
+def logged_steps(out: Path) -> list[int]:
+    path = out / "train_log.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for_logged(out: Path, count: int, procs: list, logs: list[Path], timeout: float = 300) -> None:
+    """Until train_log.jsonl has `count` lines; a rank that ends before is a failure."""
+    deadline = time.time() + timeout
+    while len(logged_steps(out)) < count:
+        for proc, log in zip(procs, logs):
+            assert proc.poll() is None, f"{log.name} ended early ({proc.returncode}):\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"no step {count} logged in {timeout} s"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_killed_and_preempted_run_resumes_to_exactly_the_uninterrupted_parameters(tiny_shards, tmp_path):
+    """2 processes, 12 steps, a checkpoint every 2. Reference: uninterrupted. The other run: SIGKILL to both
+    ranks after step 3; `--resume latest`; SIGUSR1 to rank 1 only two steps later (both ranks checkpoint the
+    same step and exit 0); `--resume latest` through launch/cpu_2proc.sh to the end. Both runs' exported
+    weights must be bit-identical: same data (the position is in the checkpoint), same optimizer state, and
+    CPU float arithmetic done in the same order."""
+    from trainer.export import export
+    from trainer.train import build_model, load_init_weights, train
+
+    ref, run = tmp_path / "reference", tmp_path / "interrupted"
+    procs, logs = start_ranks(train_cmd(tiny_shards, ref), tmp_path, "reference")
+    wait_all(procs, logs, 400)
+    assert logged_steps(ref) == list(range(1, RUN_STEPS + 1))
+
+    procs, logs = start_ranks(train_cmd(tiny_shards, run), tmp_path, "killed")
+    wait_for_logged(run, 3, procs, logs)
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+    for proc in procs:
+        proc.wait(timeout=30)
+    killed = logged_steps(run)
+
+    resumed_from = int(checkpoint.find(run / "checkpoints", "latest")[0][4:])
+    assert 2 <= resumed_from <= killed[-1]
+    procs, logs = start_ranks(train_cmd(tiny_shards, run, "--resume", "latest"), tmp_path, "preempted")
+    wait_for_logged(run, len(killed) + 2, procs, logs)
+    procs[1].send_signal(signal.SIGUSR1)  # one rank only: the all-reduced flag stops both
+    wait_all(procs, logs, 120)  # both exit 0
+    stopped = logged_steps(run)[-1]
+    assert stopped < RUN_STEPS, "the run ended before the signal: make RUN_STEPS larger"
+    tag = (run / "checkpoints" / "latest").read_text()
+    assert tag == f"step{stopped:07d}"
+    marker = json.loads((run / "checkpoints" / tag / "complete.json").read_text())
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(
+        marker["files"])  # both ranks wrote their part of the same step
+    assert f"checkpoint at step {stopped}, then exit" in logs[0].read_text()
+
+    script = ["bash", str(REPO / "launch" / "cpu_2proc.sh"), *train_cmd(tiny_shards, run)[4:], "--resume", "latest"]
+    wait_all([start(script, clean_env(), tmp_path / "finish.log")], [tmp_path / "finish.log"], 400)
+    assert logged_steps(run) == (killed + list(range(resumed_from + 1, stopped + 1))
+                                 + list(range(stopped + 1, RUN_STEPS + 1)))
+
+    cli = subprocess.run([sys.executable, "-m", "trainer.export", "--run", str(ref), "--out", str(tmp_path / "ref.pt")],
+                         env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0 and f"checkpoint step{RUN_STEPS:07d}" in cli.stdout, cli.stderr[-3000:]
+    expected = torch.load(tmp_path / "ref.pt", weights_only=True)["state_dict"]
+    got = export(run, tmp_path / "run.pt")["state_dict"]
+    assert expected.keys() == got.keys() and len(got) > 10
+    differ = [k for k in got if not torch.equal(got[k], expected[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[0]}"
+
+    # On another number of ranks: refused with the way out, which works (the weights load into a new model).
+    with pytest.raises(checkpoint.CheckpointError, match="written by 2 ranks, this run has 1"):
+        train(_cfg(tiny_shards, run, "run.resume=latest"))
+    cfg = _cfg(tiny_shards, tmp_path / "fresh", f"model.init_from={tmp_path / 'run.pt'}")
+    model = build_model(cfg, ShardSet.open(tiny_shards))
+    load_init_weights(model, cfg.model.init_from)
+    assert all(torch.equal(p, expected[name]) for name, p in model.state_dict().items())
+    cfg.model.embed_dim = 24
+    with pytest.raises(ConfigError, match="model.init_from: cannot load .*run.pt"):
+        load_init_weights(build_model(cfg, ShardSet.open(tiny_shards)), cfg.model.init_from)

@@ -175,13 +175,24 @@ def check_world_size(ckpt_dir: Path, tag: str, marker: dict, world_size: int) ->
             f"afresh), or convert with DeepSpeed's ds_to_universal.py and load it as a universal checkpoint")
 
 
-def agree_on(tag_and_marker: tuple[str, dict]) -> tuple[str, dict]:
-    """Rank 0's choice on every rank, so that no rank loads another checkpoint (e.g. one written meanwhile)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return tag_and_marker
-    box = [tag_and_marker]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def find_on_all_ranks(ckpt_dir: Path, wanted: str, is_main: bool) -> tuple[str, dict]:
+    """`find` on rank 0, its answer (or its refusal) on every rank: no rank may load another checkpoint (one
+    written meanwhile) or be left waiting in a collective while rank 0 reports an error."""
+    answer: tuple | str
+    if is_main:
+        try:
+            answer = find(ckpt_dir, wanted)
+        except CheckpointError as e:
+            answer = str(e)
+    else:
+        answer = ""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [answer]
+        dist.broadcast_object_list(box, src=0)
+        answer = box[0]
+    if isinstance(answer, str):
+        raise CheckpointError(answer)
+    return answer
 
 
 def fp32_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:

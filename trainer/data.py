@@ -363,8 +363,9 @@ def train_batches(stream: TrainStream, num_workers: int, start_epoch: int = 0,
         loader = DataLoader(stream, batch_size=None, num_workers=num_workers, worker_init_fn=_worker_init,
                             prefetch_factor=4 if num_workers else None, pin_memory=torch.cuda.is_available())
         got_any = False
+        # counts-only items are added to the next real batch
         pending = {"n_read": torch.tensor(0), "n_bad": torch.tensor(0),
-                   "bad_counts": torch.zeros(len(BAD_KINDS), dtype=torch.long)}  # counts-only items go to the next batch
+                   "bad_counts": torch.zeros(len(BAD_KINDS), dtype=torch.long)}
         for batch in loader:
             if "images" not in batch:
                 for key in pending:

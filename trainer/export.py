@@ -26,8 +26,9 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "latest") -> dict:
     ckpt_dir = run_dir / "checkpoints"
     tag, marker = checkpoint.find(ckpt_dir, tag)
     config_path = run_dir / "config.yaml"
+    weights = checkpoint.fp32_state_dict(ckpt_dir, tag)
     payload = {
-        "state_dict": {k: v.detach().float().contiguous() for k, v in checkpoint.fp32_state_dict(ckpt_dir, tag).items()},
+        "state_dict": {k: v.detach().float().contiguous() for k, v in weights.items()},
         "step": marker["step"],
         "tag": tag,
         "run": str(run_dir),

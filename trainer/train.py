@@ -210,6 +210,13 @@ def configure_threads(cfg: Config, info: DistInfo) -> None:
 
 
 def train(cfg: Config) -> dict:
+    """Train as configured; {split: results} at the end, or {"preempted": {"step", "signal"}} after a stop
+    request (SIGTERM/SIGUSR1), whose handlers are in place from the start."""
+    with StopRequest() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: Config, stop: StopRequest) -> dict:
     info = init_distributed()
     from trainer.engine import build_engine, deepspeed_config
 
@@ -224,8 +231,7 @@ def train(cfg: Config) -> dict:
     ckpt_dir = out_dir / "checkpoints"
     resume_tag = None
     if cfg.run.resume:
-        resume_tag, marker = checkpoint.agree_on(checkpoint.find(ckpt_dir, cfg.run.resume) if info.is_main
-                                                 else ("", {}))
+        resume_tag, marker = checkpoint.find_on_all_ranks(ckpt_dir, cfg.run.resume, info.is_main)
         checkpoint.check_world_size(ckpt_dir, resume_tag, marker, info.world_size)
     configure_threads(cfg, info)
     random.seed(cfg.run.seed)
@@ -286,102 +292,101 @@ def train(cfg: Config) -> dict:
                         {"bad_totals": bad_totals.tolist(), "read_total": read_total,
                          "nonfinite_steps": nonfinite_total, "nonfinite_streak": streak}, info)
 
-    with StopRequest() as stop:
-        while step < cfg.train.steps:
-            local_counts = torch.zeros(1 + len(BAD_KINDS), dtype=torch.long)  # read, bad per kind: this rank, step
-            step_sums: dict[str, torch.Tensor] = {}
-            for _ in range(cfg.engine.grad_accum):
-                t0 = time.perf_counter()
-                epoch, batch = next(batches)
-                position.advance(epoch)
-                window["data_wait"] += time.perf_counter() - t0
-                local_counts[0] += batch["n_read"]
-                local_counts[1:] += batch["bad_counts"]
-                log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
-                losses = train_step(engine, loss_fn, batch, step, info, dtype, want_grad_norm=log_now)
-                grad_norm = losses.pop("grad_norm", None)
-                skipped = bool(losses.pop("skipped", 0.0))  # decided at the boundary, the last micro-step
-                for k, v in losses.items():
-                    step_sums[k] = step_sums.get(k, 0.0) + v
-                window["micro"] += 1
-            step += 1
-            samples += global_batch * cfg.engine.grad_accum
-            # One all-reduce per step: whether any rank was asked to stop, and every rank's data counts.
-            agreed = all_reduce_sum(torch.cat([torch.tensor([int(stop.signal is not None)]), local_counts]))
-            stop_now = bool(agreed[0] > 0)
-            read_total += int(agreed[1])
-            bad_totals += agreed[2:]
-            if skipped:
-                nonfinite_total += 1
-                streak += 1
-                if info.is_main:
-                    log.warning("step %d: non-finite loss or gradient on some rank; update skipped on every rank "
-                                "(%d in a row, %d in all)", step, streak, nonfinite_total)
-            else:
-                streak = 0
-                window["updates"] += 1
-                for k, v in step_sums.items():
-                    sums[k] = sums.get(k, 0.0) + v
+    while step < cfg.train.steps:
+        local_counts = torch.zeros(1 + len(BAD_KINDS), dtype=torch.long)  # read, bad per kind: this rank, step
+        step_sums: dict[str, torch.Tensor] = {}
+        for _ in range(cfg.engine.grad_accum):
+            t0 = time.perf_counter()
+            epoch, batch = next(batches)
+            position.advance(epoch)
+            window["data_wait"] += time.perf_counter() - t0
+            local_counts[0] += batch["n_read"]
+            local_counts[1:] += batch["bad_counts"]
+            log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
+            losses = train_step(engine, loss_fn, batch, step, info, dtype, want_grad_norm=log_now)
+            grad_norm = losses.pop("grad_norm", None)
+            skipped = bool(losses.pop("skipped", 0.0))  # decided at the boundary, the last micro-step
+            for k, v in losses.items():
+                step_sums[k] = step_sums.get(k, 0.0) + v
+            window["micro"] += 1
+        step += 1
+        samples += global_batch * cfg.engine.grad_accum
+        # One all-reduce per step: whether any rank was asked to stop, and every rank's data counts.
+        agreed = all_reduce_sum(torch.cat([torch.tensor([int(stop.signal is not None)]), local_counts]))
+        stop_now = bool(agreed[0] > 0)
+        read_total += int(agreed[1])
+        bad_totals += agreed[2:]
+        if skipped:
+            nonfinite_total += 1
+            streak += 1
+            if info.is_main:
+                log.warning("step %d: non-finite loss or gradient on some rank; update skipped on every rank "
+                            "(%d in a row, %d in all)", step, streak, nonfinite_total)
+        else:
+            streak = 0
+            window["updates"] += 1
+            for k, v in step_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
 
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                elapsed = time.perf_counter() - window["start"]
-                per_update = max(1, window["updates"] * cfg.engine.grad_accum)
-                scalars = {f"loss/{k}": float(v) / per_update for k, v in sums.items()}
-                if grad_norm is None and not skipped:
-                    grad_norm = engine.get_global_grad_norm()
-                scalars.update({
-                    "train/lr": engine.get_lr()[0],
-                    "train/samples_per_s": global_batch * window["micro"] / elapsed,
-                    "train/data_wait_frac": window["data_wait"] / elapsed,
-                    "train/step_s": elapsed / (window["micro"] / cfg.engine.grad_accum),
-                    "train/bad_samples": int(bad_totals.sum()),
-                    "train/data_epoch": position.epoch,
-                    "train/nonfinite_steps": nonfinite_total,
-                })
-                scalars.update({f"data/bad/{kind}": int(n) for kind, n in zip(BAD_KINDS, bad_totals)})
-                if grad_norm is not None:
-                    scalars["train/grad_norm"] = float(grad_norm)
-                if torch.cuda.is_available():
-                    scalars["train/max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                tb.scalars(step, scalars)
-                if info.is_main:
-                    left_s = (cfg.train.steps - step) * scalars["train/step_s"]
-                    log.info("step %d/%d loss %.4f (global %.4f local %.4f) lr %.2e %.0f samples/s data wait %.0f%% "
-                             "eta %dm%02ds", step, cfg.train.steps, scalars.get("loss/loss", math.nan),
-                             scalars.get("loss/global", math.nan), scalars.get("loss/local", math.nan),
-                             scalars["train/lr"], scalars["train/samples_per_s"], 100 * scalars["train/data_wait_frac"],
-                             left_s // 60, left_s % 60)
-                    with log_path.open("a") as f:
-                        f.write(json.dumps({"step": step, **scalars}) + "\n")
-                sums.clear()
-                window.update(micro=0, updates=0, data_wait=0.0, start=time.perf_counter())
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            elapsed = time.perf_counter() - window["start"]
+            per_update = max(1, window["updates"] * cfg.engine.grad_accum)
+            scalars = {f"loss/{k}": float(v) / per_update for k, v in sums.items()}
+            if grad_norm is None and not skipped:
+                grad_norm = engine.get_global_grad_norm()
+            scalars.update({
+                "train/lr": engine.get_lr()[0],
+                "train/samples_per_s": global_batch * window["micro"] / elapsed,
+                "train/data_wait_frac": window["data_wait"] / elapsed,
+                "train/step_s": elapsed / (window["micro"] / cfg.engine.grad_accum),
+                "train/bad_samples": int(bad_totals.sum()),
+                "train/data_epoch": position.epoch,
+                "train/nonfinite_steps": nonfinite_total,
+            })
+            scalars.update({f"data/bad/{kind}": int(n) for kind, n in zip(BAD_KINDS, bad_totals)})
+            if grad_norm is not None:
+                scalars["train/grad_norm"] = float(grad_norm)
+            if torch.cuda.is_available():
+                scalars["train/max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            tb.scalars(step, scalars)
+            if info.is_main:
+                left_s = (cfg.train.steps - step) * scalars["train/step_s"]
+                log.info("step %d/%d loss %.4f (global %.4f local %.4f) lr %.2e %.0f samples/s data wait %.0f%% "
+                         "eta %dm%02ds", step, cfg.train.steps, scalars.get("loss/loss", math.nan),
+                         scalars.get("loss/global", math.nan), scalars.get("loss/local", math.nan),
+                         scalars["train/lr"], scalars["train/samples_per_s"], 100 * scalars["train/data_wait_frac"],
+                         left_s // 60, left_s % 60)
+                with log_path.open("a") as f:
+                    f.write(json.dumps({"step": step, **scalars}) + "\n")
+            sums.clear()
+            window.update(micro=0, updates=0, data_wait=0.0, start=time.perf_counter())
 
-            bad = int(bad_totals.sum())
-            if read_total >= d.bad_fraction_min_read and bad > d.max_bad_fraction * read_total:
-                counts = ", ".join(f"{kind} {int(n)}" for kind, n in zip(BAD_KINDS, bad_totals) if n)
-                raise RuntimeError(f"{bad} of {read_total} samples read were bad ({bad / read_total:.2%} > "
-                                   f"data.max_bad_fraction={d.max_bad_fraction}; {counts}); see the warnings above")
-            if streak >= cfg.train.max_nonfinite_steps:
-                raise RuntimeError(f"{streak} steps in a row had a non-finite loss or gradient (train.max_nonfinite_"
-                                   f"steps={cfg.train.max_nonfinite_steps}), up to step {step}; the last checkpoint "
-                                   f"written before them is kept in {ckpt_dir}")
-            if stop_now:
-                preempted = {"step": step, "signal": stop.signal}
-                if info.is_main:
-                    log.warning("stop requested (signal %s on some rank): checkpoint at step %d, then exit",
-                                stop.signal, step)
-                save()
-                break
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                results = evaluate_split(engine.module, shardset, d.eval_split, cfg, dtype=dtype, rank=info.rank,
-                                         world=info.world_size)
-                tb.retrieval(step, d.eval_split, results)
-                if info.is_main:
-                    write_results(results, out_dir, d.eval_split, step)
-                    log.info("step %d %s split:\n%s", step, d.eval_split, results_table(results))
-            if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and streak == 0:
-                save()
-                last_saved = step
+        bad = int(bad_totals.sum())
+        if read_total >= d.bad_fraction_min_read and bad > d.max_bad_fraction * read_total:
+            counts = ", ".join(f"{kind} {int(n)}" for kind, n in zip(BAD_KINDS, bad_totals) if n)
+            raise RuntimeError(f"{bad} of {read_total} samples read were bad ({bad / read_total:.2%} > "
+                               f"data.max_bad_fraction={d.max_bad_fraction}; {counts}); see the warnings above")
+        if streak >= cfg.train.max_nonfinite_steps:
+            raise RuntimeError(f"{streak} steps in a row had a non-finite loss or gradient (train.max_nonfinite_"
+                               f"steps={cfg.train.max_nonfinite_steps}), up to step {step}; the last checkpoint "
+                               f"written before them is kept in {ckpt_dir}")
+        if stop_now:
+            preempted = {"step": step, "signal": stop.signal}
+            if info.is_main:
+                log.warning("stop requested (signal %s on some rank): checkpoint at step %d, then exit",
+                            stop.signal, step)
+            save()
+            break
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+            results = evaluate_split(engine.module, shardset, d.eval_split, cfg, dtype=dtype, rank=info.rank,
+                                     world=info.world_size)
+            tb.retrieval(step, d.eval_split, results)
+            if info.is_main:
+                write_results(results, out_dir, d.eval_split, step)
+                log.info("step %d %s split:\n%s", step, d.eval_split, results_table(results))
+        if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and streak == 0:
+            save()
+            last_saved = step
 
     if preempted is not None:
         tb.close()
