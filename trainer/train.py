@@ -18,8 +18,12 @@ Faults (each rank decides nothing alone: one all-reduce per step makes every ran
 - Bad samples are skipped and counted per kind (TensorBoard data/bad/<kind>); past data.max_bad_fraction of
   the samples read, the run stops with an error.
 - The data position (virtual epoch, batches into it, per rank) is in the checkpoint: a resumed run reads the
-  batches the uninterrupted run would have read, so with the same world size and data.num_workers it ends with
-  the same parameters (tests/test_faults.py), with or without data.resampled.
+  batches the uninterrupted run would have read (re-reading and dropping the epoch's first ones), so on the same
+  machine kind, world size, data.num_workers and engine.threads it ends with bit-identical parameters
+  (tests/test_faults.py). That holds for data.resampled too: each worker's draws of shards, shuffle and caption
+  picks come from a generator seeded by (run.seed, epoch, rank, worker), not from the run's history. Not
+  reproduced: a resume on another world size or worker count (other shards per worker), timing scalars, and on
+  GPUs any kernel or collective that sums in a varying order (then the runs agree to float rounding only).
 """
 from __future__ import annotations
 
