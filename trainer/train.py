@@ -377,8 +377,8 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
         if stop_now:
             preempted = {"step": step, "signal": stop.signal}
             if info.is_main:
-                log.warning("stop requested (signal %s on some rank): checkpoint at step %d, then exit",
-                            stop.signal, step)
+                log.warning("stop requested by SIGTERM/SIGUSR1 to at least one rank: checkpoint at step %d, "
+                            "then exit", step)
             save()
             break
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
