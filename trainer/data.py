@@ -93,19 +93,20 @@ class ShardSet:
 
 # What can be wrong with a training sample; each kind is counted on its own (TensorBoard data/bad/<kind>).
 BAD_KINDS = ("truncated_tar", "missing_json", "malformed_json", "empty_captions", "concept_out_of_range",
-             "missing_image", "undecodable_image", "image_too_large")
+             "missing_image", "undecodable_image", "image_too_large", "other")
 
 
 class BadSample(ValueError):
     """A sample that cannot be used; the message names it and says why, `kind` is one of BAD_KINDS."""
 
-    def __init__(self, message: str, kind: str = "malformed_json"):
+    def __init__(self, message: str, kind: str = "other"):
         super().__init__(message)
         self.kind = kind
 
 
 def bad_kind(exn: Exception) -> str:
-    """The BAD_KINDS entry of an exception met while reading a shard: tar errors mean a broken tar."""
+    """The BAD_KINDS entry of an exception met while reading a shard: anything not raised as a BadSample
+    comes from webdataset's tar reading (a cut-off or unreadable tar)."""
     if isinstance(exn, BadSample):
         return exn.kind
     return "truncated_tar"  # webdataset's tar reader: tarfile.ReadError, EOFError, OSError on a cut-off file
