@@ -47,13 +47,18 @@ def start_ranks(cmd: list[str], logs_dir: Path, name: str, world: int = 2) -> tu
 
 # ------------------------------------------------------------------------------------------------ corrupt data
 
-def test_each_kind_of_corrupt_sample_is_skipped_and_counted_and_no_good_sample_is_lost(tiny_shards, tmp_path):
+def test_each_kind_of_corrupt_sample_is_skipped_and_counted_and_no_good_sample_is_lost(tiny_shards, tmp_path,
+                                                                                     caplog):
     """Every train shard gets one sample of each bad kind between its good ones, the last shard is cut off
     inside a picture, and a good sample carries a pickled member whose unpickling would create a file."""
     injected = corrupt_copy(tiny_shards, tmp_path / "bad")
     stream = TrainStream(ShardSet.open(tmp_path / "bad"), "train", batch_size=1, image_size=32, max_words=16,
                          shuffle_buffer=1, resampled=False, batches_per_worker=10**6, seed=0, rank=0, world_size=1)
-    items = list(stream)
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        items = list(stream)
+    warnings = [r for r in caplog.records if "skipping bad sample" in r.getMessage()]
+    assert len(warnings) == 10 < sum(injected["bad"].values())  # the first 10, then every 100th
+    assert "builtin-train-000000.tar" in warnings[-1].getMessage()  # names the sample and its shard
     counted = dict(zip(BAD_KINDS, sum(item["bad_counts"] for item in items).tolist()))
     assert counted == {kind: injected["bad"][kind] for kind in BAD_KINDS}
     assert all(counted[kind] > 0 for kind in BAD_KINDS if kind != "other")  # each kind injected and recognised

@@ -201,7 +201,7 @@ class _BadSampleCounter:
     def bad(self) -> int:
         return sum(self.by_kind)
 
-    def __call__(self, exn: Exception) -> bool:
+    def __call__(self, exn: Exception, url: str | None = None) -> bool:
         kind = bad_kind(exn)
         if kind == "truncated_tar":
             if self.current_url_broken:
@@ -211,7 +211,8 @@ class _BadSampleCounter:
         self.by_kind[BAD_KINDS.index(kind)] += 1
         bad = self.bad
         if bad <= 10 or bad % 100 == 0:
-            log.warning("skipping bad sample (%s, %d so far in this worker): %s", kind, bad, exn)
+            where = f" (in {url})" if url and url not in str(exn) else ""
+            log.warning("skipping bad sample (%s, %d so far in this worker): %s%s", kind, bad, exn, where)
         return True  # webdataset: continue with the next shard
 
     def counts_since(self, since: list) -> dict:
@@ -326,7 +327,7 @@ class TrainStream(IterableDataset):
             try:
                 items.append(self._decode(sample, rng))
             except BadSample as e:
-                counter(e)
+                counter(e, sample.get("__url__"))
                 return
             if len(items) == self.batch_size:
                 produced += 1
