@@ -17,6 +17,8 @@
 # --deepspeed_config_file and `accelerate config` answers are not read.
 # On a machine without GPUs this runs gloo processes as it is; do not add --cpu (with --num_processes > 1 it
 # silently starts one process, since it expects MPI) nor ACCELERATE_USE_CPU=1 (it drops DeepSpeed).
+# SIGTERM or SIGUSR1 to this script reaches every rank of this node as SIGUSR1 (launch/forward_signals.sh):
+# the ranks checkpoint at the next step and exit 0; continue with --resume latest.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -33,7 +35,8 @@ if [[ -z ${NUM_PROCESSES:-} ]]; then
     exit 2
 fi
 
-exec accelerate launch --use_deepspeed --num_processes "$NUM_PROCESSES" --num_machines "$num_machines" \
+source "$repo/launch/forward_signals.sh"
+run_forwarding_signals ranks accelerate launch --use_deepspeed --num_processes "$NUM_PROCESSES" --num_machines "$num_machines" \
     --machine_rank "${MACHINE_RANK:-0}" --main_process_ip "${MAIN_PROCESS_IP:-127.0.0.1}" \
     --main_process_port "${MAIN_PROCESS_PORT:-29500}" --deepspeed_multinode_launcher standard \
     --mixed_precision no --dynamo_backend no \

@@ -9,6 +9,8 @@
 #
 # NPROC=4 changes the number of processes. One thread per process: more would oversubscribe the cores
 # (measured 3x slower with 2 processes on 2 cores).
+# SIGTERM or SIGUSR1 to this script reaches every rank of this node as SIGUSR1 (launch/forward_signals.sh):
+# the ranks checkpoint at the next step and exit 0; continue with --resume latest.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -21,4 +23,5 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-exec torchrun --standalone --nproc_per_node "${NPROC:-2}" -m trainer.train --config "$config" "$@"
+source "$repo/launch/forward_signals.sh"
+run_forwarding_signals ranks torchrun --standalone --nproc_per_node "${NPROC:-2}" -m trainer.train --config "$config" "$@"

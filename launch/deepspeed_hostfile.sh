@@ -22,6 +22,8 @@
 # One machine: `deepspeed --num_gpus 2 --module trainer.train --config CONFIG ...` (no hostfile). On a CPU
 # machine that is the form that works: `--include localhost:0,1` fails there (DeepSpeed counts one "device"
 # per NUMA node), and the launcher does not set OMP_NUM_THREADS (set it to cores / processes).
+# SIGTERM or SIGUSR1 to this script reaches every rank of this node as SIGUSR1 (launch/forward_signals.sh):
+# the ranks checkpoint at the next step and exit 0; continue with --resume latest.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -45,4 +47,5 @@ if [[ -n ${NODE_RANK:-} ]]; then
 else
     args+=(--launcher "${LAUNCHER:-pdsh}")
 fi
-exec deepspeed "${args[@]}" --module trainer.train --config "$config" "$@"
+source "$repo/launch/forward_signals.sh"
+run_forwarding_signals ranks deepspeed "${args[@]}" --module trainer.train --config "$config" "$@"

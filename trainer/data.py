@@ -9,8 +9,10 @@ Training stream, per worker of each rank:
   -> shuffle buffer of raw bytes (cheap to hold; decoding comes after the shuffle)
   -> decode: json, one random caption, tokens, picture -> tensors; a bad sample is counted and skipped
   -> full batches only (the loss needs a fixed n per rank to all-gather).
-Every batch carries how many samples its worker read and how many it skipped since its last batch, so the
-main process can count corrupt samples across worker processes and stop when they pass a bound.
+Every batch carries how many samples its worker read and how many it skipped since its last batch, per kind
+of fault (BAD_KINDS), so the main process can count corrupt samples across worker processes and ranks, show
+them in TensorBoard and stop when they pass a bound. Nothing read from a shard is unpickled: members stay
+bytes until json.loads or PIL decode them.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import json
 import logging
 import math
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -88,8 +91,39 @@ class ShardSet:
         return urls
 
 
+# What can be wrong with a training sample; each kind is counted on its own (TensorBoard data/bad/<kind>).
+BAD_KINDS = ("truncated_tar", "missing_json", "malformed_json", "empty_captions", "concept_out_of_range",
+             "missing_image", "undecodable_image", "image_too_large", "other")
+
+
 class BadSample(ValueError):
-    """A sample that cannot be used; the message names it and says why."""
+    """A sample that cannot be used; the message names it and says why, `kind` is one of BAD_KINDS."""
+
+    def __init__(self, message: str, kind: str = "other"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def bad_kind(exn: Exception) -> str:
+    """The BAD_KINDS entry of an exception met while reading a shard: anything not raised as a BadSample
+    comes from webdataset's tar reading (a cut-off or unreadable tar)."""
+    if isinstance(exn, BadSample):
+        return exn.kind
+    return "truncated_tar"  # webdataset's tar reader: tarfile.ReadError, EOFError, OSError on a cut-off file
+
+
+def check_picture_size(data: bytes, max_pixels: int, key: str) -> None:
+    """Refuse a picture larger than max_pixels from its header alone (PIL opens lazily), before decoding."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except Image.DecompressionBombError as e:
+        raise BadSample(f"{key}: picture too large: {e}", "image_too_large") from e
+    except Exception as e:  # PIL raises many types for broken pictures
+        raise BadSample(f"{key}: undecodable picture: {e}", "undecodable_image") from e
+    if width * height > max_pixels:
+        raise BadSample(f"{key}: picture of {width}x{height} pixels exceeds data.max_image_pixels={max_pixels}",
+                        "image_too_large")
 
 
 def decode_image(data: bytes, image_size: int) -> torch.Tensor:
@@ -108,19 +142,25 @@ def parse_meta(raw: bytes, key: str, num_concepts: int) -> dict:
     try:
         meta = json.loads(raw)
     except ValueError as e:
-        raise BadSample(f"{key}: malformed json: {e}") from e
+        raise BadSample(f"{key}: malformed json: {e}", "malformed_json") from e
+    if not isinstance(meta, dict):
+        raise BadSample(f"{key}: json is not an object", "malformed_json")
     captions = meta.get("captions")
-    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
-        raise BadSample(f"{key}: json has no usable 'captions' list")
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise BadSample(f"{key}: json has no 'captions' list of strings", "malformed_json")
+    if not captions or not all(c.strip() for c in captions):
+        raise BadSample(f"{key}: empty caption list or an empty caption", "empty_captions")
     caption_concepts = meta.get("caption_concepts")
     if not isinstance(caption_concepts, list) or len(caption_concepts) != len(captions):
-        raise BadSample(f"{key}: 'caption_concepts' does not match 'captions'")
+        raise BadSample(f"{key}: 'caption_concepts' does not match 'captions'", "malformed_json")
     image_concepts = meta.get("image_concepts")
     if not isinstance(image_concepts, list):
-        raise BadSample(f"{key}: json has no 'image_concepts' list")
+        raise BadSample(f"{key}: json has no 'image_concepts' list", "malformed_json")
     for ids in [image_concepts, *caption_concepts]:
-        if not all(isinstance(i, int) and 0 <= i < num_concepts for i in ids):
-            raise BadSample(f"{key}: concept id out of range [0, {num_concepts}): {ids}")
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise BadSample(f"{key}: concept ids are not a list of integers: {ids!r}", "malformed_json")
+        if not all(0 <= i < num_concepts for i in ids):
+            raise BadSample(f"{key}: concept id out of range [0, {num_concepts}): {ids}", "concept_out_of_range")
     meta.setdefault("image_id", key)
     return meta
 
@@ -129,7 +169,7 @@ def _picture_bytes(sample: dict) -> bytes:
     for ext in IMAGE_EXTS:
         if ext in sample:
             return sample[ext]
-    raise BadSample(f"{sample.get('__key__')}: no picture member ({'/'.join(IMAGE_EXTS)})")
+    raise BadSample(f"{sample.get('__key__')}: no picture member ({'/'.join(IMAGE_EXTS)})", "missing_image")
 
 
 def multi_hot(id_lists: list[list[int]], num_concepts: int) -> torch.Tensor:
@@ -150,17 +190,38 @@ def pad_tokens(token_lists: list[list[int]], pad_id: int = 0) -> tuple[torch.Ten
 
 
 class _BadSampleCounter:
-    """Counts skipped samples in a worker process and logs them at a limited rate."""
+    """Counts skipped samples per kind in a worker process and logs them at a limited rate (the first 10,
+    then every 100th), so a shard set full of broken samples cannot flood the log."""
 
     def __init__(self) -> None:
         self.read = 0
-        self.bad = 0
+        self.by_kind = [0] * len(BAD_KINDS)
+        self.current_url_broken = False  # reset by TrainStream's url generator at each shard it opens
 
-    def __call__(self, exn: Exception) -> bool:
-        self.bad += 1
-        if self.bad <= 10 or self.bad % 100 == 0:
-            log.warning("skipping bad sample (%d so far in this worker): %s", self.bad, exn)
-        return True  # webdataset: continue with the next sample
+    @property
+    def bad(self) -> int:
+        return sum(self.by_kind)
+
+    def __call__(self, exn: Exception, url: str | None = None) -> bool:
+        kind = bad_kind(exn)
+        if kind == "truncated_tar":
+            if self.current_url_broken:
+                return True  # webdataset reports one cut-off tar twice (the member, then the next header)
+            self.current_url_broken = True
+            self.read += 1  # the sample the tar was cut inside was read and lost
+        self.by_kind[BAD_KINDS.index(kind)] += 1
+        bad = self.bad
+        if bad <= 10 or bad % 100 == 0:
+            where = f" (in {url})" if url and url not in str(exn) else ""
+            log.warning("skipping bad sample (%s, %d so far in this worker): %s%s", kind, bad, exn, where)
+        return True  # webdataset: continue with the next shard
+
+    def counts_since(self, since: list) -> dict:
+        """n_read, n_bad and bad_counts (per BAD_KINDS) since `since`, which is then moved to now."""
+        by_kind = torch.tensor(self.by_kind, dtype=torch.long) - torch.tensor(since[1], dtype=torch.long)
+        out = {"n_read": torch.tensor(self.read - since[0]), "n_bad": by_kind.sum(), "bad_counts": by_kind}
+        since[:] = [self.read, list(self.by_kind)]
+        return out
 
 
 class TrainStream(IterableDataset):
@@ -168,7 +229,7 @@ class TrainStream(IterableDataset):
 
     def __init__(self, shardset: ShardSet, split: str, *, batch_size: int, image_size: int, max_words: int,
                  shuffle_buffer: int, resampled: bool, batches_per_worker: int, seed: int, rank: int,
-                 world_size: int, tokenizer: CaptionTokenizer | None = None):
+                 world_size: int, tokenizer: CaptionTokenizer | None = None, max_image_pixels: int = 64_000_000):
         """tokenizer: the text encoder's (trainer.text_encoders.caption_tokenizer); None = the shard set's words,
         cut at max_words."""
         self.urls = shardset.urls(split)
@@ -182,6 +243,7 @@ class TrainStream(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.max_image_pixels = max_image_pixels
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -200,14 +262,16 @@ class TrainStream(IterableDataset):
     def _decode(self, sample: dict, rng: random.Random) -> dict:
         key = sample.get("__key__", "?")
         if "json" not in sample:
-            raise BadSample(f"{key} in {sample.get('__url__')}: no json member")
+            raise BadSample(f"{key} in {sample.get('__url__')}: no json member", "missing_json")
         meta = parse_meta(sample["json"], key, self.num_concepts)
+        picture = _picture_bytes(sample)
+        check_picture_size(picture, self.max_image_pixels, f"{key} in {sample.get('__url__')}")
         try:
-            image = decode_image(_picture_bytes(sample), self.image_size)
+            image = decode_image(picture, self.image_size)
         except BadSample:
             raise
         except Exception as e:  # PIL raises many types for broken pictures
-            raise BadSample(f"{key} in {sample.get('__url__')}: undecodable picture: {e}") from e
+            raise BadSample(f"{key} in {sample.get('__url__')}: undecodable picture: {e}", "undecodable_image") from e
         pick = rng.randrange(len(meta["captions"]))
         return {
             "image": image,
@@ -217,7 +281,7 @@ class TrainStream(IterableDataset):
             "caption_concepts": meta["caption_concepts"][pick],
         }
 
-    def _collate(self, items: list[dict], counter: _BadSampleCounter, since: list[int]) -> dict:
+    def _collate(self, items: list[dict], counter: _BadSampleCounter, since: list) -> dict:
         tokens, lengths = pad_tokens([it["tokens"] for it in items], self.tokenizer.pad_id)
         batch = {
             "images": torch.stack([it["image"] for it in items]),
@@ -226,10 +290,8 @@ class TrainStream(IterableDataset):
             "image_ids": torch.tensor([it["image_id"] for it in items], dtype=torch.long),
             "image_concepts": multi_hot([it["image_concepts"] for it in items], self.num_concepts),
             "caption_concepts": multi_hot([it["caption_concepts"] for it in items], self.num_concepts),
-            "n_read": torch.tensor(counter.read - since[0]),
-            "n_bad": torch.tensor(counter.bad - since[1]),
+            **counter.counts_since(since),
         }
-        since[:] = [counter.read, counter.bad]
         return batch
 
     def _shuffled(self, raw: Iterator[dict], rng: random.Random) -> Iterator[dict]:
@@ -246,14 +308,19 @@ class TrainStream(IterableDataset):
         yield from buffer
 
     def __iter__(self) -> Iterator[dict]:
-        """Batches, and at the end possibly one counts-only item ({"n_read", "n_bad"}, no "images")."""
+        """Batches, and at the end possibly one counts-only item ({"n_read", "n_bad", "bad_counts"}, no "images")."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
         counter = _BadSampleCounter()
-        raw = wds.tarfile_to_samples(handler=counter)(self._shard_urls(rng, worker, num_workers))
+        def tracked(urls: Iterator[dict]) -> Iterator[dict]:
+            for source in urls:
+                counter.current_url_broken = False
+                yield source
+
+        raw = wds.tarfile_to_samples(handler=counter)(tracked(self._shard_urls(rng, worker, num_workers)))
         items: list[dict] = []
-        since = [0, 0]
+        since: list = [0, [0] * len(BAD_KINDS)]
         produced = 0
 
         def take(sample: dict) -> Iterator[dict]:
@@ -262,7 +329,7 @@ class TrainStream(IterableDataset):
             try:
                 items.append(self._decode(sample, rng))
             except BadSample as e:
-                counter(e)
+                counter(e, sample.get("__url__"))
                 return
             if len(items) == self.batch_size:
                 produced += 1
@@ -274,31 +341,49 @@ class TrainStream(IterableDataset):
                 break
             yield from take(sample)
         # Bad samples met after the last full batch still have to reach the main process's count.
-        if counter.read > since[0] or counter.bad > since[1]:
-            yield {"n_read": torch.tensor(counter.read - since[0]), "n_bad": torch.tensor(counter.bad - since[1])}
+        if counter.read > since[0] or counter.bad > sum(since[1]):
+            yield counter.counts_since(since)
         # A partial last batch is dropped: every step must see exactly batch_size rows per rank.
 
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not fight the training threads
+    # A preemption signal sent to the whole process group (SLURM, a terminal) is for the training process, which
+    # checkpoints at the next step; a loader worker killed by it would crash that process first.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
-def train_batches(stream: TrainStream, num_workers: int, start_epoch: int = 0) -> Iterator[tuple[int, dict]]:
-    """Endless (data_epoch, batch) pairs; a new virtual epoch re-seeds every worker."""
+def train_batches(stream: TrainStream, num_workers: int, start_epoch: int = 0,
+                  skip_batches: int = 0) -> Iterator[tuple[int, dict]]:
+    """Endless (data_epoch, batch) pairs; a new virtual epoch re-seeds every worker.
+
+    skip_batches: batches of start_epoch already trained on (a resumed run). The stream of an epoch is a pure
+    function of (seed, epoch, rank, worker), so reading and dropping them puts the run exactly where it stopped;
+    their bad-sample counts were counted before the checkpoint and are dropped too."""
     epoch = start_epoch
     while True:
         stream.set_epoch(epoch)
         loader = DataLoader(stream, batch_size=None, num_workers=num_workers, worker_init_fn=_worker_init,
                             prefetch_factor=4 if num_workers else None, pin_memory=torch.cuda.is_available())
         got_any = False
-        pending = torch.zeros(2, dtype=torch.long)  # counts-only items are added to the next real batch
+        # counts-only items are added to the next real batch
+        pending = {"n_read": torch.tensor(0), "n_bad": torch.tensor(0),
+                   "bad_counts": torch.zeros(len(BAD_KINDS), dtype=torch.long)}
         for batch in loader:
             if "images" not in batch:
-                pending += torch.stack([batch["n_read"], batch["n_bad"]])
+                for key in pending:
+                    pending[key] = pending[key] + batch[key]
                 continue
             got_any = True
-            batch["n_read"], batch["n_bad"] = batch["n_read"] + pending[0], batch["n_bad"] + pending[1]
-            pending.zero_()
+            if skip_batches > 0:
+                skip_batches -= 1
+                for key in pending:
+                    pending[key] = torch.zeros_like(pending[key])
+                continue
+            for key in pending:
+                batch[key] = batch[key] + pending[key]
+                pending[key] = torch.zeros_like(pending[key])
             yield epoch, batch
         if not got_any:
             raise RuntimeError(f"training stream produced no full batch in epoch {epoch}: too few samples "
@@ -329,7 +414,7 @@ def iter_eval_samples(shardset: ShardSet, split: str, image_size: int, max_words
         for sample in wds.tarfile_to_samples()([{"url": url}]):
             key = sample.get("__key__", "?")
             if "json" not in sample:
-                raise BadSample(f"{key} in {url}: no json member")
+                raise BadSample(f"{key} in {url}: no json member", "missing_json")
             meta = parse_meta(sample["json"], key, num_concepts)
             yield {
                 "image_id": meta["image_id"],

@@ -108,3 +108,11 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value)
     return value
+
+
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    """The largest value over ranks: a flag that any rank raised, seen by all of them."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
