@@ -123,7 +123,8 @@ def decode_features(data: bytes, key: str, spec: RegionSpec) -> torch.Tensor:
         raise BadSample(f"{key}: region features have dim {dim}, the model expects model.region_dim={spec.dim}")
     if regions > spec.max_regions:
         raise BadSample(f"{key}: {regions} regions, more than model.max_regions={spec.max_regions}")
-    array = array.astype(np.float16)
+    with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+        array = array.astype(np.float16)
     if not np.isfinite(array).all():
         raise BadSample(f"{key}: region features hold inf or NaN (in float16)")
     return torch.from_numpy(array)
