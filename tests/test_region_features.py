@@ -387,3 +387,32 @@ def test_regions_train_on_variable_region_shards_and_on_extracted_features(regio
                           "train.steps=2", "train.log_every=1"))
     assert final["test"]["counts"] == {"images": 16, "captions": 80}
     assert all(r["loss/loss"] > 0 for r in map(json.loads, (tmp_path / "lite0" / "train_log.jsonl").open()))
+
+
+@pytest.mark.parametrize("name,warmup", [("flickr30k_butd_bigru", round(145_000 / 128)), ("coco_butd_bigru", round(566_435 / 128))])
+def test_butd_configs_follow_vse_infinity_and_build(name, warmup):
+    from types import SimpleNamespace
+
+    from trainer.train import build_model
+
+    cfg = load_config(REPO / "configs" / f"{name}.yaml", check_paths=False)
+    m, o = cfg.model, cfg.optim
+    assert (m.image_encoder, m.region_dim, m.max_regions, m.region_dropout) == ("regions", 2048, 36, 0.2)
+    assert (m.embed_dim, m.pooling, o.lr, cfg.data.batch_size, cfg.loss.margin) == (1024, "gpo", 5e-4, 128, 0.2)
+    assert cfg.loss.warmup_steps == warmup and o.grad_clip == 2.0  # one epoch of captions, summed violations
+    model = build_model(cfg, SimpleNamespace(vocab=[None] * 100, num_concepts=10))
+    assert model.image_global.project.linear.in_features == 2048 and model.image_global.pool.max_len == 36
+    assert model.variable_image_parts
+
+
+def test_emoji_config_builds_the_pretrained_backbone():
+    from types import SimpleNamespace
+
+    from trainer.train import build_model
+
+    cfg = load_config(REPO / "configs" / "emoji_efficientnet.yaml", check_paths=False)
+    model = build_model(cfg, SimpleNamespace(vocab=[None] * 100, num_concepts=10))
+    assert model.image_encoder.num_parts == 16 and model.image_global.project.linear.in_features == 1280
+    trainable = {n for n, p in model.image_encoder.backbone.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("_blocks.14.", "_blocks.15.", "_conv_head.", "_bn1.")) for n in trainable)
+    assert cfg.optim.backbone_freeze_steps > 0 and cfg.optim.backbone_lr_mult < 1
