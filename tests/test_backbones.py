@@ -286,3 +286,21 @@ def test_backbone_freeze_then_training_under_every_zero_stage(zero_results):
         assert moved == {k for k in init if k.startswith(("_blocks.15.", "_conv_head.", "_bn1."))}, zero
         heads0, heads1 = got["heads_after_step0"], got["heads_after_step1"]
         assert any(not torch.equal(heads0[k], heads1[k]) for k in heads0), zero
+
+
+def test_bf16_forward_and_backward_and_wrong_picture_size_refused():
+    torch.manual_seed(0)
+    model = HierarchicalEmbedder(vocab_size=20, num_concepts=0, embed_dim=8, image_encoder="efficientnet_lite0",
+                                 image_size=64, word_dim=8, gru_hidden=8, max_words=5,
+                                 image_encoder_options={"trainable": "partial", "trainable_blocks": 1})
+    images, tokens, lengths = torch.randn(2, 3, 64, 64), torch.tensor([[2, 3], [4, 0]]), torch.tensor([2, 1])
+    with torch.no_grad():
+        reference = model.eval().encode_image(images)[0]
+    model = model.to(torch.bfloat16)  # what a bf16 DeepSpeed engine does to the module, buffers included
+    out = model(images.bfloat16(), tokens, lengths)
+    assert out["img_g"].dtype == torch.bfloat16
+    torch.testing.assert_close(out["img_g"].float(), reference, atol=0.05, rtol=0)
+    out["img_g"].float().sum().backward()
+    assert all(p.grad is not None for p in model.image_encoder.pretrained_parameters())
+    with pytest.raises(ValueError, match=r"images must be \[B, 3, 64, 64\]"):
+        model.encode_image(torch.zeros(1, 3, 96, 96, dtype=torch.bfloat16))

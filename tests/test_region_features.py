@@ -424,3 +424,13 @@ def test_emoji_config_builds_the_pretrained_backbone():
     trainable = {n for n, p in model.image_encoder.backbone.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("_blocks.14.", "_blocks.15.", "_conv_head.", "_bn1.")) for n in trainable)
     assert cfg.optim.backbone_freeze_steps > 0 and cfg.optim.backbone_lr_mult < 1
+
+
+def test_bf16_region_features_train_and_embed():
+    m = region_model().to(torch.bfloat16).train()
+    x, lengths = features([3, 9, 1])
+    x = torch.nan_to_num(x).to(torch.float16).to(torch.bfloat16)  # shards hold float16; the engine casts
+    out = m(x, *captions(3), image_lengths=lengths)
+    assert out["img_g"].dtype == torch.bfloat16 and torch.isfinite(out["img_g"].float()).all()
+    out["img_g"].float().sum().backward()
+    assert all(p.grad is not None for p in m.image_global.parameters())

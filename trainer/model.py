@@ -18,6 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from trainer.backbones.efficientnet_lite import (DOWNSAMPLE, IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0,
+                                                 load_imagenet_weights)
+from trainer.data import PIXEL_MEAN, PIXEL_STD
+
 
 def _require_positive(**values: int) -> None:
     for name, value in values.items():
@@ -317,9 +321,6 @@ class EfficientNetLite0Grid(nn.Module):
     def __init__(self, *, image_size: int, cnn_width: int, trainable: str = "frozen", trainable_blocks: int = 2,
                  weights: str | None = None):
         super().__init__()
-        from trainer.backbones.efficientnet_lite import DOWNSAMPLE, IMAGENET_MEAN, IMAGENET_STD
-        from trainer.data import PIXEL_MEAN, PIXEL_STD
-
         _require_positive(image_size=image_size, trainable_blocks=trainable_blocks)
         if trainable not in BACKBONE_TRAINABLE:
             raise ValueError(f"trainable must be one of {BACKBONE_TRAINABLE}, got {trainable!r}")
@@ -348,8 +349,9 @@ class EfficientNetLite0Grid(nn.Module):
         return [p for p in self.backbone.parameters() if p.requires_grad]
 
     def forward(self, images: Tensor) -> Tensor:
-        if images.dim() != 4 or images.size(1) != 3:
-            raise ValueError(f"images must be [B, 3, H, W], got {list(images.shape)}")
+        if images.dim() != 4 or images.shape[1:] != (3, self.image_size, self.image_size):
+            raise ValueError(f"images must be [B, 3, {self.image_size}, {self.image_size}], "
+                             f"got {list(images.shape)}")
         x = images * self.input_scale.to(images.dtype) + self.input_shift.to(images.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_grad):
             grid = self.backbone.features(x)  # [B, 1280, h, w]
@@ -361,8 +363,6 @@ def _load_pretrained_backbone(weights: str | None) -> nn.Module:
     (ZeRO-3 partitions each parameter as its module is built: the weights then go in through
     GatheredParameters, written on rank 0 and partitioned again on exit). The trainer builds the model before
     deepspeed.initialize, which partitions the already loaded weights."""
-    from trainer.backbones.efficientnet_lite import EfficientNetLite0, load_imagenet_weights
-
     backbone = EfficientNetLite0()
     if not any(hasattr(p, "ds_id") for p in backbone.parameters()):
         load_imagenet_weights(backbone, weights)
