@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from trainer.backbones.efficientnet_lite import default_weights_path
 from trainer.data import BadSample, ShardSet, decode_image_input
 from trainer.model import build_image_encoder
 
@@ -109,8 +110,6 @@ def extract(shards: str | Path, out: str | Path, encoder_name: str = "efficientn
         log.info("split %s: %d pictures -> features (%.0f s so far)", split, written, time.perf_counter() - start)
     for name in ("concepts.json", "vocab.json"):
         shutil.copyfile(src.root / name, out / name)
-    from trainer.backbones.efficientnet_lite import default_weights_path
-
     manifest["image_ext"] = "npy"
     manifest["image_features"] = {
         "encoder": encoder_name, "image_size": image_size, "parts": encoder.num_parts, "dim": encoder.out_dim,
