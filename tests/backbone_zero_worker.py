@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from trainer.config import Config, load_config  # noqa: E402
 from trainer.distributed import init_distributed, shutdown  # noqa: E402
-from trainer.engine import build_engine, deepspeed_config  # noqa: E402
+from trainer.engine import backbone_lr, build_engine, deepspeed_config  # noqa: E402
 from trainer.model import EfficientNetLite0Grid  # noqa: E402
 from trainer.train import build_loss, build_model, train_step  # noqa: E402
 
@@ -76,9 +76,11 @@ def run(zero: str, info) -> dict:
     engine.module.train()
     out = {"img_g": img_g, "img_l": img_l, "init": gathered(engine.module.image_encoder.backbone)}
     loss_fn = build_loss(cfg)
+    out["backbone_lr_at_start"] = backbone_lr(engine)
     for step in range(2):  # step 0 frozen, step 1 trained (as trainer.train's loop sets it)
         engine.module.set_backbone_grad(step >= cfg.optim.backbone_freeze_steps)
         train_step(engine, loss_fn, batch, step, info, torch.float32)
+        out[f"backbone_lr_after_step{step}"] = backbone_lr(engine)
         out[f"after_step{step}"] = gathered(engine.module.image_encoder.backbone)
         out[f"heads_after_step{step}"] = gathered(engine.module.image_global)
 

@@ -284,6 +284,9 @@ def test_backbone_freeze_then_training_under_every_zero_stage(zero_results):
         assert all(torch.equal(after0[k], init[k]) for k in init), zero
         moved = {k for k in init if not torch.equal(after1[k], after0[k])}
         assert moved == {k for k in init if k.startswith(("_blocks.15.", "_conv_head.", "_bn1."))}, zero
+        # the rate the next step uses (logged as train/backbone_lr): 0 while frozen, lr x backbone_lr_mult after
+        assert got["backbone_lr_at_start"] == 0.0
+        assert got["backbone_lr_after_step0"] == pytest.approx(1e-3 * warmup_cosine(1, 0, 1000, 0.05))
         heads0, heads1 = got["heads_after_step0"], got["heads_after_step1"]
         assert any(not torch.equal(heads0[k], heads1[k]) for k in heads0), zero
 

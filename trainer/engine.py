@@ -80,6 +80,12 @@ def backbone_lr_factor(step: int, o: OptimConfig, total: int) -> float:
     return o.backbone_lr_mult * ramp * warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio)
 
 
+def backbone_lr(engine) -> float | None:
+    """The learning rate a pretrained backbone trains with now (None without one): 0 during its freeze."""
+    rates = [g["lr"] for g in engine.optimizer.param_groups if g.get("pretrained")]
+    return rates[0] if rates else None
+
+
 def build_engine(cfg: Config, model: torch.nn.Module, ds_config: dict):
     """`ds_config` from `deepspeed_config`, computed (and so checked) before any work starts.
 

@@ -129,7 +129,7 @@ def configure_threads(cfg: Config, info: DistInfo) -> None:
 
 def train(cfg: Config) -> dict:
     info = init_distributed()
-    from trainer.engine import build_engine, deepspeed_config
+    from trainer.engine import backbone_lr, build_engine, deepspeed_config
 
     ds_config = deepspeed_config(cfg, info.world_size)  # refuses disagreeing batch sizes before any work
     d = cfg.data
@@ -218,6 +218,8 @@ def train(cfg: Config) -> dict:
             })
             if grad_norm is not None:
                 scalars["train/grad_norm"] = float(grad_norm)
+            if (rate := backbone_lr(engine)) is not None:
+                scalars["train/backbone_lr"] = rate
             if torch.cuda.is_available():
                 scalars["train/max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             tb.scalars(step, scalars)
