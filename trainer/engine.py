@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, OptimConfig
 
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
@@ -57,26 +57,60 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, lr: float) -> list[dict]:
-    """No weight decay on biases, norms and 1-d parameters (scales), as usual. A parameter with an `lr_mult`
-    attribute (pretrained encoder weights, set where they are loaded) gets learning rate lr * lr_mult."""
-    groups: dict[tuple[bool, float], list] = {}
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
+    """No weight decay on biases, norms and 1-d parameters (scales), as usual. Pretrained weights learn at their
+    own rate: a backbone's parameters (`model.pretrained_parameters()`) get groups of their own, marked
+    "pretrained", for the schedule of backbone_lr_factor; a parameter with an `lr_mult` attribute (a pretrained
+    text encoder, set where it is loaded) gets learning rate lr * lr_mult. Frozen parameters are left out."""
+    pretrained_ids = {id(p) for p in getattr(model, "pretrained_parameters", list)()}
+    groups: dict[tuple[bool, float, bool], list] = {}
     for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        groups.setdefault((p.ndim > 1, float(getattr(p, "lr_mult", 1.0))), []).append(p)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * mult}
-            for (decay, mult), params in groups.items()]
+        if p.requires_grad:
+            key = (id(p) in pretrained_ids, float(getattr(p, "lr_mult", 1.0)), p.ndim > 1)
+            groups.setdefault(key, []).append(p)
+    out = []
+    for (pretrained, mult, decays), params in sorted(groups.items(), key=lambda kv: kv[0]):
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0, "pretrained": pretrained}
+        if lr is not None:
+            group["lr"] = lr * mult
+        out.append(group)
+    return out
+
+
+def backbone_lr_factor(step: int, o: OptimConfig, total: int) -> float:
+    """A pretrained backbone's LR multiplier: 0 for the first o.backbone_freeze_steps steps, then the shared
+    schedule times o.backbone_lr_mult, ramped in linearly over o.warmup_steps after the freeze (its Adam moments
+    start from nothing then, as at step 0)."""
+    if step < o.backbone_freeze_steps:
+        return 0.0
+    ramp = min(1.0, (step - o.backbone_freeze_steps + 1) / o.warmup_steps) if o.warmup_steps else 1.0
+    return o.backbone_lr_mult * ramp * warmup_cosine(step, o.warmup_steps, total, o.min_lr_ratio)
+
+
+def backbone_lr(engine) -> float | None:
+    """The learning rate a pretrained backbone trains with now (None without one): 0 during its freeze."""
+    rates = [g["lr"] for g in engine.optimizer.param_groups if g.get("pretrained")]
+    return rates[0] if rates else None
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, ds_config: dict):
-    """`ds_config` from `deepspeed_config`, computed (and so checked) before any work starts."""
+    """`ds_config` from `deepspeed_config`, computed (and so checked) before any work starts.
+
+    A pretrained backbone that trains is in the optimizer from the start, also while optim.backbone_freeze_steps
+    holds it still: ZeRO builds its flat, partitioned parameter groups once, at initialize, from the parameters
+    that require gradients then, so parameters switched on later would never be updated. During the freeze its
+    groups' learning rate is 0 and the backbone runs without autograd (HierarchicalEmbedder.set_backbone_grad):
+    no compute spent on its gradients and no share in the clipped gradient norm; ZeRO treats its gradients as
+    zero and AdamW (lr 0, decoupled decay lr * wd = 0) leaves it as it is."""
     import deepspeed
 
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay, o.lr), lr=o.lr, betas=tuple(o.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, o.warmup_steps, cfg.train.steps, o.min_lr_ratio))
+    groups = param_groups(model, o.weight_decay, o.lr)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+    total = cfg.train.steps
+    schedules = [(lambda s: backbone_lr_factor(s, o, total)) if group["pretrained"] else
+                 (lambda s: warmup_cosine(s, o.warmup_steps, total, o.min_lr_ratio)) for group in groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     return engine

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from trainer import metrics
 from trainer.config import Config
-from trainer.data import ShardSet, iter_eval_samples, pad_tokens
+from trainer.data import RegionSpec, ShardSet, iter_eval_samples, pad_tokens, stack_image_inputs
 from trainer.distributed import DistInfo
 from trainer.progress import ProgressBar, progress_enabled
 from trainer.text import CaptionTokenizer, WordTokenizer
@@ -31,10 +31,13 @@ from trainer.text_encoders import caption_tokenizer
 log = logging.getLogger(__name__)
 
 
-def _embed_batch(model, images: torch.Tensor, token_lists: list[list[int]], pad_id: int, dtype: torch.dtype):
+def _embed_batch(model, image_inputs: dict, token_lists: list[list[int]], pad_id: int, dtype: torch.dtype):
+    """image_inputs: {"images"} (pictures) or {"images", "image_lengths"} (region features)."""
     tokens, lengths = pad_tokens(token_lists, pad_id)
     device = next(iter(model.parameters())).device
-    img_g, img_l = model.encode_image(images.to(device=device, dtype=dtype))
+    image_lengths = image_inputs.get("image_lengths")
+    img_g, img_l = model.encode_image(image_inputs["images"].to(device=device, dtype=dtype),
+                                      None if image_lengths is None else image_lengths.to(device))
     cap_g, cap_l = model.encode_text(tokens.to(device), lengths.to(device))
     return img_g, img_l, cap_g, cap_l
 
@@ -57,15 +60,19 @@ def _gather_rows(t: torch.Tensor | None, world: int) -> torch.Tensor | None:
 @torch.no_grad()
 def embed_split(model, shardset: ShardSet, split: str, *, image_size: int, max_words: int, batch_size: int,
                 dtype: torch.dtype = torch.float32, rank: int = 0, world: int = 1,
-                tokenizer: CaptionTokenizer | None = None) -> dict:
+                tokenizer: CaptionTokenizer | None = None, regions: RegionSpec | None = None) -> dict:
     """Embeddings of every picture and caption of a split, gathered on every rank (float32, CPU). Captions are
-    tokenised by `tokenizer` (trainer.text_encoders.caption_tokenizer; None = the shard set's words)."""
+    tokenised by `tokenizer` (trainer.text_encoders.caption_tokenizer; None = the shard set's words). With
+    `regions` the samples' npy region features are embedded instead of pictures."""
     was_training = model.training
     model.eval()
     tokenizer = tokenizer or WordTokenizer(shardset.vocab, max_words)
-    samples = iter_eval_samples(shardset, split, image_size, max_words, rank, world, tokenizer)
+    samples = iter_eval_samples(shardset, split, image_size, max_words, rank, world, tokenizer, regions)
     bar = ProgressBar(shardset.split_info(split)["images"], f"embed {split}", unit="img", leave=False,
                       enabled=progress_enabled(rank))
+    # what a rank that ran out of data embeds to keep its forward calls in step
+    dummy = {"images": torch.zeros(1, 3, image_size, image_size)} if regions is None else \
+        {"images": torch.zeros(1, 1, regions.dim), "image_lengths": torch.ones(1, dtype=torch.long)}
     out = {"img_g": [], "img_l": [], "cap_g": [], "cap_l": [], "cap_to_img": [], "image_ids": [], "captions": []}
     n_images = 0
     while True:
@@ -76,12 +83,11 @@ def embed_split(model, shardset: ShardSet, split: str, *, image_size: int, max_w
         if int(has_data) == 0:
             break
         if not chunk:  # keep collective forward calls in step with the ranks that still have data
-            _embed_batch(model, torch.zeros(1, 3, image_size, image_size), [tokenizer.encode("")], tokenizer.pad_id,
-                         dtype)
+            _embed_batch(model, dummy, [tokenizer.encode("")], tokenizer.pad_id, dtype)
             continue
-        images = torch.stack([s["image"] for s in chunk])
+        image_inputs = stack_image_inputs([s["image"] for s in chunk], regions)
         token_lists = [t for s in chunk for t in s["tokens"]]
-        img_g, img_l, cap_g, cap_l = _embed_batch(model, images, token_lists, tokenizer.pad_id, dtype)
+        img_g, img_l, cap_g, cap_l = _embed_batch(model, image_inputs, token_lists, tokenizer.pad_id, dtype)
         for key, value in (("img_g", img_g), ("img_l", img_l), ("cap_g", cap_g), ("cap_l", cap_l)):
             if value is not None:
                 out[key].append(value.float().cpu())
@@ -129,7 +135,7 @@ def evaluate_split(model, shardset: ShardSet, split: str, cfg, *, dtype=torch.fl
     """Recalls of a split; `on_embeddings` (e.g. TensorBoard's retrieval examples) sees embed_split's output."""
     emb = embed_split(model, shardset, split, image_size=cfg.data.image_size, max_words=cfg.data.max_words,
                       batch_size=cfg.data.eval_batch_size, dtype=dtype, rank=rank, world=world,
-                      tokenizer=caption_tokenizer(cfg, shardset.vocab))
+                      tokenizer=caption_tokenizer(cfg, shardset.vocab), regions=RegionSpec.from_config(cfg))
     if on_embeddings is not None:
         on_embeddings(emb)
     return score_embeddings(emb, cfg.model.local_score_weight)

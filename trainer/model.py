@@ -18,6 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from trainer.backbones.efficientnet_lite import (DOWNSAMPLE, IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0,
+                                                 load_imagenet_weights)
+from trainer.data import PIXEL_MEAN, PIXEL_STD
+
 
 def _require_positive(**values: int) -> None:
     for name, value in values.items():
@@ -179,8 +183,9 @@ IMAGE_ENCODERS: dict[str, ImageEncoderBuilder] = {}
 
 
 def register_image_encoder(name: str) -> Callable[[ImageEncoderBuilder], ImageEncoderBuilder]:
-    """Registers a builder `(image_size=..., cnn_width=...) -> module`. The module maps images [B, 3, H, W]
-    to parts [B, P, C] and exposes `num_parts` (P) and `out_dim` (C)."""
+    """Registers a builder `(image_size=..., cnn_width=..., **options) -> module` exposing `num_parts` (P, the most
+    parts per picture) and `out_dim` (C). A grid encoder maps images [B, 3, H, W] to parts [B, P, C]; a set encoder
+    (`variable_parts = True`) maps (features [B, R, D], counts [B]) to (parts [B, R', C], counts [B])."""
 
     def register(builder: ImageEncoderBuilder) -> ImageEncoderBuilder:
         if name in IMAGE_ENCODERS:
@@ -191,10 +196,14 @@ def register_image_encoder(name: str) -> Callable[[ImageEncoderBuilder], ImageEn
     return register
 
 
-def build_image_encoder(name: str, *, image_size: int, cnn_width: int) -> nn.Module:
+def build_image_encoder(name: str, *, image_size: int, cnn_width: int, **options) -> nn.Module:
+    """`options` are the encoder's own settings (e.g. region_dim for regions, weights for a backbone)."""
     if name not in IMAGE_ENCODERS:
         raise ValueError(f"image_encoder must be one of {sorted(IMAGE_ENCODERS)}, got {name!r}")
-    return IMAGE_ENCODERS[name](image_size=image_size, cnn_width=cnn_width)
+    try:
+        return IMAGE_ENCODERS[name](image_size=image_size, cnn_width=cnn_width, **options)
+    except TypeError as e:  # an option this encoder does not take
+        raise ValueError(f"image_encoder {name!r}: {e}") from e
 
 
 def _conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
@@ -245,6 +254,126 @@ class SmallCNN(nn.Module):
         return grid.flatten(2).transpose(1, 2)  # [B, P, C], row-major cells
 
 
+def drop_regions(features: Tensor, lengths: Tensor, rate: float) -> tuple[Tensor, Tensor]:
+    """Drops each valid region with probability `rate`, keeping at least one per sample (a random valid one
+    where all were dropped), and moves the kept regions to the front: (features [B, R, D], new lengths [B]).
+    Only tensor operations, no data-dependent module calls (ZeRO-3)."""
+    batch, width = features.shape[:2]
+    valid = _prefix_mask(lengths, width)
+    keep = (torch.rand(batch, width, device=features.device) >= rate) & valid
+    rescue = (torch.rand(batch, device=features.device) * lengths).long().clamp_(max=width - 1)
+    keep[torch.arange(batch, device=features.device), rescue] |= ~keep.any(dim=1)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)  # kept regions first, in their order
+    moved = features.gather(1, order.unsqueeze(-1).expand(-1, -1, features.size(-1)))
+    return moved, keep.sum(dim=1)
+
+
+@register_image_encoder("regions")
+class RegionFeatures(nn.Module):
+    """Precomputed region features (BUTD detector regions, or a CNN grid saved by trainer.extract_features) as
+    the image parts: features [B, R, D] right-padded with counts [B] in [1, max_regions].
+
+    No parameters: each head's PartHead is the projection (VSE-infinity's precomp encoder: a linear layer plus a
+    residual MLP), pooled by variable-length GPO. In training mode a random `region_dropout` share of each
+    sample's regions is dropped (VSE-infinity drops 20% in its precomp data loader), at least one kept.
+    """
+
+    variable_parts = True
+
+    def __init__(self, *, image_size: int, cnn_width: int, region_dim: int, max_regions: int,
+                 region_dropout: float = 0.2):
+        super().__init__()
+        _require_positive(region_dim=region_dim, max_regions=max_regions)
+        if not 0.0 <= region_dropout < 1.0:
+            raise ValueError(f"region_dropout must be in [0, 1), got {region_dropout!r}")
+        self.out_dim = region_dim
+        self.num_parts = max_regions
+        self.region_dropout = region_dropout
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        if features.dim() != 3 or features.size(-1) != self.out_dim or lengths.shape != features.shape[:1]:
+            raise ValueError(f"region features must be [B, R, {self.out_dim}] with counts [B], got "
+                             f"{list(features.shape)} and {list(lengths.shape)}")
+        bad = (lengths < 1) | (lengths > min(features.size(1), self.num_parts))
+        if bool(bad.any()):
+            sample = int(bad.nonzero()[0, 0])
+            raise ValueError(f"picture {sample} has {int(lengths[sample])} regions; counts must lie in "
+                             f"[1, min(R={features.size(1)}, max_regions={self.num_parts})]")
+        if self.training and self.region_dropout > 0:
+            return drop_regions(features, lengths, self.region_dropout)
+        return features, lengths
+
+
+BACKBONE_TRAINABLE = ("frozen", "partial", "full")
+
+
+@register_image_encoder("efficientnet_lite0")
+class EfficientNetLite0Grid(nn.Module):
+    """ImageNet-pretrained EfficientNet-Lite0 (trainer/backbones): its last feature grid, 1280 channels of
+    ceil(S/32) x ceil(S/32) cells (7 x 7 at S = 224), is the set of image parts.
+
+    Pictures arrive normalised as the data pipeline does for every encoder, (p - 0.5) / 0.25 with p in [0, 1]
+    (trainer.data.decode_image); one fixed affine map turns that into the ImageNet normalisation this network
+    was trained with. `trainable`: frozen (no gradients), partial (the last `trainable_blocks` MBConv blocks and
+    the 1x1 head convolution), full. Batch norms keep their ImageNet statistics in every mode.
+    """
+
+    def __init__(self, *, image_size: int, cnn_width: int, trainable: str = "frozen", trainable_blocks: int = 2,
+                 weights: str | None = None):
+        super().__init__()
+        _require_positive(image_size=image_size, trainable_blocks=trainable_blocks)
+        if trainable not in BACKBONE_TRAINABLE:
+            raise ValueError(f"trainable must be one of {BACKBONE_TRAINABLE}, got {trainable!r}")
+        self.backbone = _load_pretrained_backbone(weights)
+        num_blocks = len(self.backbone._blocks)
+        if trainable == "partial" and trainable_blocks > num_blocks:
+            raise ValueError(f"trainable_blocks must be at most {num_blocks} (the MBConv blocks of "
+                             f"EfficientNet-Lite0), got {trainable_blocks}")
+        self.image_size = image_size
+        self.out_dim = self.backbone.out_dim
+        self.num_parts = math.ceil(image_size / DOWNSAMPLE) ** 2
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        self.register_buffer("input_scale", (PIXEL_STD / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_shift", ((PIXEL_MEAN - mean) / std).view(1, 3, 1, 1), persistent=False)
+        self.backbone.requires_grad_(trainable == "full")
+        if trainable == "partial":
+            for module in [*self.backbone._blocks[num_blocks - trainable_blocks:], self.backbone._conv_head,
+                           self.backbone._bn1]:
+                module.requires_grad_(True)
+        # False during optim.backbone_freeze_steps: the backbone then runs without autograd (no gradient, no
+        # share of the clipped gradient norm) while its parameters stay in the optimizer at learning rate 0.
+        self.backbone_grad = True
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        """The backbone's trainable parameters (they get optim.backbone_lr_mult times the learning rate)."""
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dim() != 4 or images.shape[1:] != (3, self.image_size, self.image_size):
+            raise ValueError(f"images must be [B, 3, {self.image_size}, {self.image_size}], "
+                             f"got {list(images.shape)}")
+        x = images * self.input_scale.to(images.dtype) + self.input_shift.to(images.dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_grad):
+            grid = self.backbone.features(x)  # [B, 1280, h, w]
+        return grid.flatten(2).transpose(1, 2)  # [B, h * w, 1280], row-major cells
+
+
+def _load_pretrained_backbone(weights: str | None) -> nn.Module:
+    """Builds EfficientNet-Lite0 and loads its ImageNet weights, also when built inside DeepSpeed's zero.Init
+    (ZeRO-3 partitions each parameter as its module is built: the weights then go in through
+    GatheredParameters, written on rank 0 and partitioned again on exit). The trainer builds the model before
+    deepspeed.initialize, which partitions the already loaded weights."""
+    backbone = EfficientNetLite0()
+    if not any(hasattr(p, "ds_id") for p in backbone.parameters()):
+        load_imagenet_weights(backbone, weights)
+        return backbone
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(backbone.parameters()), modifier_rank=0):
+        load_imagenet_weights(backbone, weights)
+    return backbone
+
+
 # ---------------------------------------------------------------------------------------------- text encoder
 
 
@@ -273,10 +402,12 @@ class HierarchicalEmbedder(nn.Module):
     def __init__(self, *, vocab_size: int, num_concepts: int, embed_dim: int = 256, image_encoder: str = "small_cnn",
                  cnn_width: int = 64, image_size: int = 64, word_dim: int = 128, gru_hidden: int = 256,
                  gru_layers: int = 1, max_words: int = 32, pooling: str = "gpo", local_space: bool = True,
-                 local_score_weight: float = 1.0, concept_head: bool = False, text_encoder: nn.Module | None = None):
+                 local_score_weight: float = 1.0, concept_head: bool = False, text_encoder: nn.Module | None = None,
+                 image_encoder_options: dict | None = None):
         """text_encoder: a built caption encoder with `out_dim` and forward(tokens, lengths) -> parts (a
         pretrained transformer from trainer.text_encoders); None builds the GRU from vocab_size, word_dim,
-        gru_hidden and gru_layers."""
+        gru_hidden and gru_layers. `image_encoder_options`: the image encoder's own settings (see its class),
+        e.g. region_dim and max_regions for `regions`, trainable and weights for `efficientnet_lite0`."""
         super().__init__()
         _require_positive(vocab_size=vocab_size, embed_dim=embed_dim, cnn_width=cnn_width, image_size=image_size,
                           word_dim=word_dim, gru_hidden=gru_hidden, gru_layers=gru_layers, max_words=max_words)
@@ -294,23 +425,36 @@ class HierarchicalEmbedder(nn.Module):
         self.local_score_weight = float(local_score_weight)
         self.max_words = max_words
 
-        self.image_encoder = build_image_encoder(image_encoder, image_size=image_size, cnn_width=cnn_width)
+        self.image_encoder = build_image_encoder(image_encoder, image_size=image_size, cnn_width=cnn_width,
+                                                 **(image_encoder_options or {}))
         self.text_encoder = text_encoder if text_encoder is not None else \
             GRUTextEncoder(vocab_size, word_dim, gru_hidden, gru_layers)
         text_dim = self.text_encoder.out_dim
         num_parts = self.image_encoder.num_parts
+        # A grid has num_parts valid cells in every picture; a set of regions has between 1 and num_parts.
+        self.variable_image_parts = bool(getattr(self.image_encoder, "variable_parts", False))
         self.register_buffer("image_lengths", torch.tensor([num_parts]), persistent=False)
-        self.image_global = EmbeddingHead(self.image_encoder.out_dim, embed_dim, pooling, num_parts, False)
+        image_dim, variable = self.image_encoder.out_dim, self.variable_image_parts
+        self.image_global = EmbeddingHead(image_dim, embed_dim, pooling, num_parts, variable)
         self.text_global = EmbeddingHead(text_dim, embed_dim, pooling, max_words)
-        self.image_local = EmbeddingHead(self.image_encoder.out_dim, embed_dim, pooling, num_parts, False) \
+        self.image_local = EmbeddingHead(image_dim, embed_dim, pooling, num_parts, variable) \
             if local_space else None
         self.text_local = EmbeddingHead(text_dim, embed_dim, pooling, max_words) if local_space else None
         self.concept_head = ConceptHead(num_concepts, embed_dim) if concept_head else None
 
-    def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
-        """images [B, 3, H, W] -> (g, l), each L2-normalised [B, D]; l is None without a local space."""
-        parts = self.image_encoder(images)
-        lengths = self.image_lengths.expand(parts.size(0))  # every grid cell is a valid part
+    def encode_image(self, images: Tensor, image_lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """images [B, 3, H, W] (grid encoders) or region features [B, R, D] with region counts image_lengths [B]
+        (set encoders) -> (g, l), each L2-normalised [B, D]; l is None without a local space."""
+        if self.variable_image_parts:
+            if image_lengths is None:
+                raise ValueError("this image encoder takes region features [B, R, D] with their region counts "
+                                 "(image_lengths), not pictures")
+            parts, lengths = self.image_encoder(images, image_lengths)
+        else:
+            if image_lengths is not None:
+                raise ValueError("image_lengths is only for region features; this image encoder takes pictures")
+            parts = self.image_encoder(images)
+            lengths = self.image_lengths.expand(parts.size(0))  # every grid cell is a valid part
         local = self.image_local(parts, lengths) if self.image_local is not None else None
         return self.image_global(parts, lengths), local
 
@@ -321,8 +465,9 @@ class HierarchicalEmbedder(nn.Module):
         local = self.text_local(parts, lengths) if self.text_local is not None else None
         return self.text_global(parts, lengths), local
 
-    def forward(self, images: Tensor, tokens: Tensor, lengths: Tensor) -> dict[str, Tensor]:
-        img_g, img_l = self.encode_image(images)
+    def forward(self, images: Tensor, tokens: Tensor, lengths: Tensor,
+                image_lengths: Tensor | None = None) -> dict[str, Tensor]:
+        img_g, img_l = self.encode_image(images, image_lengths)
         txt_g, txt_l = self.encode_text(tokens, lengths)
         out = {"img_g": img_g, "txt_g": txt_g}
         if self.local_space:
@@ -332,6 +477,16 @@ class HierarchicalEmbedder(nn.Module):
             logits = self.concept_head(torch.cat([img_l, txt_l]))
             out.update(img_concept_logits=logits[: img_l.size(0)], txt_concept_logits=logits[img_l.size(0):])
         return out
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters that start from pretrained weights (optim.backbone_lr_mult applies to them)."""
+        encoder_params = getattr(self.image_encoder, "pretrained_parameters", None)
+        return list(encoder_params()) if encoder_params is not None else []
+
+    def set_backbone_grad(self, enabled: bool) -> None:
+        """Whether a pretrained backbone computes gradients (False during optim.backbone_freeze_steps)."""
+        if hasattr(self.image_encoder, "backbone_grad"):
+            self.image_encoder.backbone_grad = enabled
 
     def retrieval_vector(self, g: Tensor, l: Tensor | None) -> Tensor:
         """The exported vector [g; sqrt(w) l], whose inner products are <g_v, g_t> + w <l_v, l_t>."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.data import decode_image, pad_tokens
+from trainer.data import RegionSpec, decode_image, pad_tokens
 from trainer.evaluate import LoadedRun, add_checkpoint_arguments, embed_split, load_run
 from trainer.text_encoders import caption_tokenizer
 
@@ -39,7 +39,8 @@ def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = N
     split = split or cfg.data.test_split
     emb = embed_split(run.model, run.shardset, split, image_size=cfg.data.image_size, max_words=cfg.data.max_words,
                       batch_size=cfg.data.eval_batch_size, dtype=model_dtype(cfg), rank=info.rank,
-                      world=info.world_size, tokenizer=caption_tokenizer(cfg, run.shardset.vocab))
+                      world=info.world_size, tokenizer=caption_tokenizer(cfg, run.shardset.vocab),
+                      regions=RegionSpec.from_config(cfg))
     image_vectors = run.model.retrieval_vector(emb["img_g"], emb["img_l"]).float().numpy()
     caption_vectors = run.model.retrieval_vector(emb["cap_g"], emb["cap_l"]).float().numpy()
     meta = {
@@ -97,6 +98,9 @@ def encode_query(run: LoadedRun, text: str | None = None, image_path: str | Path
         tokens, lengths = pad_tokens([tokenizer.encode(text)], tokenizer.pad_id)
         g, l = model.encode_text(tokens.to(device), lengths.to(device))
     else:
+        if RegionSpec.from_config(cfg) is not None:
+            raise ValueError(f"{image_path}: this run reads region features, not pictures (model.image_encoder="
+                             f"regions); query it with --text, or with a run that has a picture encoder")
         image = decode_image(Path(image_path).read_bytes(), cfg.data.image_size)
         g, l = model.encode_image(image[None].to(device=device, dtype=model_dtype(cfg)))
     return model.retrieval_vector(g, l)[0].float().cpu().numpy()

@@ -42,7 +42,8 @@ import torch
 
 from trainer import checkpoint
 from trainer.config import Config, ConfigError, load_config, save_config
-from trainer.data import BAD_KINDS, ShardSet, TrainStream, batches_per_worker, check_shards_for_workers, train_batches
+from trainer.data import (BAD_KINDS, RegionSpec, ShardSet, TrainStream, batches_per_worker, check_image_input,
+                          check_shards_for_workers, train_batches)
 from trainer.distributed import (DistInfo, all_reduce_max, all_reduce_sum, gather_no_grad, gather_with_grad,
                                  init_distributed, shutdown)
 from trainer.evaluate import evaluate_split, results_table, write_results
@@ -58,6 +59,17 @@ EMBEDDING_KEYS = ("img_g", "img_l", "txt_g", "txt_l")
 LABEL_KEYS = ("image_ids", "image_concepts", "caption_concepts")
 
 
+def image_encoder_options(cfg: Config) -> dict:
+    """The chosen image encoder's own settings from the model section."""
+    m = cfg.model
+    if m.image_encoder == "regions":
+        return {"region_dim": m.region_dim, "max_regions": m.max_regions, "region_dropout": m.region_dropout}
+    if m.image_encoder == "efficientnet_lite0":
+        return {"trainable": m.backbone_trainable, "trainable_blocks": m.backbone_trainable_blocks,
+                "weights": m.backbone_weights}
+    return {}
+
+
 def build_model(cfg: Config, shardset: ShardSet) -> HierarchicalEmbedder:
     """The model with its pretrained weights loaded (before DeepSpeed partitions anything)."""
     m = cfg.model
@@ -66,7 +78,8 @@ def build_model(cfg: Config, shardset: ShardSet) -> HierarchicalEmbedder:
         image_encoder=m.image_encoder, cnn_width=m.cnn_width, image_size=cfg.data.image_size,
         word_dim=m.word_dim, gru_hidden=m.gru_hidden, gru_layers=m.gru_layers, max_words=cfg.data.max_words,
         pooling=m.pooling, local_space=cfg.loss.local != "none", local_score_weight=m.local_score_weight,
-        concept_head=cfg.loss.concept_bce_weight > 0, text_encoder=pretrained_text_encoder(cfg))
+        concept_head=cfg.loss.concept_bce_weight > 0, text_encoder=pretrained_text_encoder(cfg),
+        image_encoder_options=image_encoder_options(cfg))
     if m.word_vectors is not None:
         init_word_embeddings(model.text_encoder.embed, shardset.vocab, m.word_vectors)
     return model
@@ -123,8 +136,10 @@ def train_step(engine, loss_fn, batch: dict, step: int, info: DistInfo, dtype: t
     accumulation boundary the update, or (any rank's loss or gradient not finite) a skip on every rank.
     stats["skipped"]: 1.0 when the boundary's update was skipped."""
     device = info.device
+    image_lengths = batch.get("image_lengths")  # region counts, with region features
     out = engine(batch["images"].to(device=device, dtype=dtype, non_blocking=True),
-                 batch["tokens"].to(device, non_blocking=True), batch["lengths"].to(device, non_blocking=True))
+                 batch["tokens"].to(device, non_blocking=True), batch["lengths"].to(device, non_blocking=True),
+                 None if image_lengths is None else image_lengths.to(device, non_blocking=True))
     labels = {k: batch[k].to(device, non_blocking=True) for k in LABEL_KEYS}
     gathered = gather_global_batch(out, labels)
     n = batch["images"].shape[0]
@@ -228,7 +243,7 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config, stop: StopRequest) -> dict:
     info = init_distributed()
-    from trainer.engine import build_engine, deepspeed_config
+    from trainer.engine import backbone_lr, build_engine, deepspeed_config
 
     ds_config = deepspeed_config(cfg, info.world_size)  # refuses disagreeing batch sizes before any work
     d = cfg.data
@@ -237,6 +252,8 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
     shardset.urls(d.train_split)  # refuses missing shard files before any work
     if not d.resampled:
         check_shards_for_workers(len(split_info["shards"]), info.world_size, d.num_workers, d.train_split)
+    regions = RegionSpec.from_config(cfg)
+    check_image_input(shardset, d.train_split, regions)  # pictures vs region features, before any work
     out_dir = Path(cfg.run.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     resume_tag = None
@@ -262,7 +279,8 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
     tb.retrieval_layout(list(dict.fromkeys([cfg.data.eval_split, cfg.data.test_split])))
 
     def log_examples(emb: dict) -> None:  # retrieval examples + projector of the eval split, at the current step
-        tb.eval_examples(step, emb, shardset, d.eval_split, cfg.model.local_score_weight)
+        if regions is None:  # feature shard sets hold no pictures to show
+            tb.eval_examples(step, emb, shardset, d.eval_split, cfg.model.local_score_weight)
 
     step, samples, position, counters = 0, 0, DataPosition(), {}
     if resume_tag is not None:
@@ -281,7 +299,8 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
                          max_words=d.max_words, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
                          batches_per_worker=batches_per_worker(per_rank_epoch, d.batch_size, d.num_workers),
                          seed=cfg.run.seed, rank=info.rank, world_size=info.world_size,
-                         tokenizer=caption_tokenizer(cfg, shardset.vocab), max_image_pixels=d.max_image_pixels)
+                         tokenizer=caption_tokenizer(cfg, shardset.vocab), max_image_pixels=d.max_image_pixels,
+                         regions=regions)
     batches = train_batches(stream, d.num_workers, start_epoch=position.epoch, skip_batches=position.batches)
 
     global_batch = d.batch_size * info.world_size
@@ -318,6 +337,7 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
             local_counts[0] += batch["n_read"]
             local_counts[1:] += batch["bad_counts"]
             log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
+            engine.module.set_backbone_grad(step >= cfg.optim.backbone_freeze_steps)
             losses = train_step(engine, loss_fn, batch, step, info, dtype, want_grad_norm=log_now)
             grad_norm = losses.pop("grad_norm", None)
             skipped = bool(losses.pop("skipped", 0.0))  # decided at the boundary, the last micro-step
@@ -362,6 +382,8 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
             scalars.update({f"data/bad/{kind}": int(n) for kind, n in zip(BAD_KINDS, bad_totals)})
             if grad_norm is not None:
                 scalars["train/grad_norm"] = float(grad_norm)
+            if (rate := backbone_lr(engine)) is not None:
+                scalars["train/backbone_lr"] = rate
             if torch.cuda.is_available():
                 scalars["train/max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             tb.scalars(step, scalars)
