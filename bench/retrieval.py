@@ -54,7 +54,7 @@ def make_embeddings(images: int, caps_per_image: int, dim: int, seed: int) -> di
     emb = {"cap_to_img": cap_to_img}
     for space in ("g", "l"):
         img = F.normalize(torch.randn(images, dim, generator=gen), dim=1)
-        cap = F.normalize(img[cap_to_img] + 1.5 * torch.randn(cap_to_img.numel(), dim, generator=gen) / dim**0.5,
+        cap = F.normalize(img[cap_to_img] + 8.0 * torch.randn(cap_to_img.numel(), dim, generator=gen) / dim**0.5,
                           dim=1)
         emb[f"img_{space}"], emb[f"cap_{space}"] = img, cap
     return emb

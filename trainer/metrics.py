@@ -81,19 +81,25 @@ def combined_retrieval_ranks(img_spaces: Sequence[Tensor], cap_spaces: Sequence[
             best = tile.masked_fill(~is_own, -math.inf).amax(dim=1)
             mine = tile.gather(0, (cap_to_img[c0:c1] - i0).unsqueeze(0)).squeeze(0)
             best_own[name][i0:i1], own[name][c0:c1] = best, mine
-            i2t[name][i0:i1] += ((tile >= best.unsqueeze(1)) & ~is_own).sum(dim=1)
-            t2i[name][c0:c1] += (tile >= mine.unsqueeze(0)).sum(dim=0) - 1  # the own image always counts once
+            i2t[name][i0:i1] += _count(((tile >= best.unsqueeze(1)) & ~is_own), dim=1)
+            t2i[name][c0:c1] += _count(tile >= mine.unsqueeze(0), dim=0) - 1  # the own image always counts once
     for ib in range(len(img_ranges)):  # off-diagonal tiles: every candidate is a non-match
         for cb in range(len(cap_ranges)):
             if ib == cb:
                 continue
             for name, tile, (i0, i1), (c0, c1) in tiles(ib, cb):
-                i2t[name][i0:i1] += (tile >= best_own[name][i0:i1].unsqueeze(1)).sum(dim=1)
-                t2i[name][c0:c1] += (tile >= own[name][c0:c1].unsqueeze(0)).sum(dim=0)
+                i2t[name][i0:i1] += _count(tile >= best_own[name][i0:i1].unsqueeze(1), dim=1)
+                t2i[name][c0:c1] += _count(tile >= own[name][c0:c1].unsqueeze(0), dim=0)
     if order is not None:
         for name in scores:
             t2i[name] = torch.empty_like(t2i[name]).index_copy_(0, order, t2i[name])
     return {name: (i2t[name], t2i[name]) for name in scores}
+
+
+def _count(mask: Tensor, dim: int) -> Tensor:
+    """True entries along dim. int32 sums are 2-3x faster on CPU than bool.sum()'s int64 copy; a tile's counts
+    are far below 2^31."""
+    return mask.sum(dim=dim, dtype=torch.int32)
 
 
 def _weighted_sum(products: list[Tensor], weights: Sequence[float]) -> Tensor:
@@ -173,8 +179,9 @@ def evaluate_embeddings(img_g: Tensor, img_l: Tensor | None, cap_g: Tensor, cap_
         raise ValueError(f"local_weight must be finite and >= 0, got {local_weight}")
     _check_embeddings(img_g, cap_g, "img_g", "cap_g")
     _check_embeddings(img_l, cap_l, "img_l", "cap_l")
-    _check_embeddings(img_g, img_l, "img_g", "img_l", same_rows=True)
-    _check_embeddings(cap_g, cap_l, "cap_g", "cap_l", same_rows=True)
+    for name_a, a, name_b, b in (("img_g", img_g, "img_l", img_l), ("cap_g", cap_g, "cap_l", cap_l)):
+        if a.shape[0] != b.shape[0]:  # both already checked above: only the row counts are left to compare
+            raise ValueError(f"{name_a} has {a.shape[0]} rows but {name_b} has {b.shape[0]}")
     # One pass for the three scores: concat's <g,g> + w <l,l> is a weighted sum of the two spaces' products.
     ranks = combined_retrieval_ranks([img_g, img_l], [cap_g, cap_l],
                                      {"global": (1.0, 0.0), "local": (0.0, 1.0), "concat": (1.0, local_weight)},
@@ -220,17 +227,14 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     return ks
 
 
-def _check_embeddings(a: Tensor, b: Tensor, name_a: str, name_b: str, same_rows: bool = False) -> None:
+def _check_embeddings(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
     for name, x in ((name_a, a), (name_b, b)):
         if x.ndim != 2 or x.shape[0] == 0 or not x.is_floating_point():
             raise ValueError(f"{name} must be a non-empty float [N, D] tensor, got {x.dtype} {tuple(x.shape)}")
         if not torch.isfinite(x).all():
             bad = torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten()[:10].tolist()
             raise ValueError(f"{name} has non-finite values in rows {bad}")
-    if same_rows:
-        if a.shape[0] != b.shape[0]:
-            raise ValueError(f"{name_a} has {a.shape[0]} rows but {name_b} has {b.shape[0]}")
-    elif a.shape[1] != b.shape[1]:
+    if a.shape[1] != b.shape[1]:
         raise ValueError(f"{name_a} has dimension {a.shape[1]} but {name_b} has {b.shape[1]}")
 
 
