@@ -122,7 +122,7 @@ def report(args: argparse.Namespace, out: dict) -> None:
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     captions = args.images * args.caps_per_image
     print(f"evaluation scoring, {args.images} images x {captions} captions, global + local {args.dim}-d each "
-          f"(concat {2 * args.dim}-d), {args.threads} threads, chunk 1024 images")
+          f"(concat {2 * args.dim}-d), {args.threads} threads, chunk 256 images")
     print(f"{'round':>5} {'ours s':>8} {'bare s':>8} {'ours/bare':>10} {'ours MB':>9} {'bare MB':>9}")
     for i, r in enumerate(rounds):
         print(f"{i:>5} {r['ours_s']:>8.2f} {r['bare_s']:>8.2f} {r['ratio']:>10.3f} {r['ours_peak_mb']:>9.0f} "

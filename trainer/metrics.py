@@ -19,7 +19,7 @@ from torch import Tensor
 DEFAULT_KS = (1, 5, 10)
 
 
-def retrieval_ranks(img_vecs: Tensor, cap_vecs: Tensor, cap_to_img: Tensor, chunk_size: int = 1024
+def retrieval_ranks(img_vecs: Tensor, cap_vecs: Tensor, cap_to_img: Tensor, chunk_size: int = 256
                     ) -> tuple[Tensor, Tensor]:
     """0-based ranks (int64, on the embeddings' device): ([I] image->text, [C] text->image).
 
@@ -31,7 +31,7 @@ def retrieval_ranks(img_vecs: Tensor, cap_vecs: Tensor, cap_to_img: Tensor, chun
 
 
 def combined_retrieval_ranks(img_spaces: Sequence[Tensor], cap_spaces: Sequence[Tensor],
-                             scores: dict[str, Sequence[float]], cap_to_img: Tensor, chunk_size: int = 1024
+                             scores: dict[str, Sequence[float]], cap_to_img: Tensor, chunk_size: int = 256
                              ) -> dict[str, tuple[Tensor, Tensor]]:
     """Ranks as `retrieval_ranks` for several scores at once, each a weighted sum of per-space inner products:
     scores[name] = (w_0, w_1, ...) scores a pair with sum_k w_k <img_spaces[k], cap_spaces[k]>.
@@ -162,7 +162,7 @@ def chance_recalls(caps_per_image: Tensor | Sequence[int], ks: Sequence[int] = D
 
 
 def evaluate_embeddings(img_g: Tensor, img_l: Tensor | None, cap_g: Tensor, cap_l: Tensor | None,
-                        cap_to_img: Tensor, local_weight: float = 1.0, chunk_size: int = 1024
+                        cap_to_img: Tensor, local_weight: float = 1.0, chunk_size: int = 256
                         ) -> dict[str, dict[str, float]]:
     """Recalls of the global, local and concatenated scores: {"global": ..., "local": ..., "concat": ...}.
 
@@ -231,9 +231,11 @@ def _check_embeddings(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
     for name, x in ((name_a, a), (name_b, b)):
         if x.ndim != 2 or x.shape[0] == 0 or not x.is_floating_point():
             raise ValueError(f"{name} must be a non-empty float [N, D] tensor, got {x.dtype} {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            bad = torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten()[:10].tolist()
-            raise ValueError(f"{name} has non-finite values in rows {bad}")
+        # in row blocks: isfinite of a whole [25000, 1024] matrix makes a 100 MB float copy (abs) on the CPU
+        for start in range(0, x.shape[0], 4096):
+            if not torch.isfinite(x[start:start + 4096]).all():
+                bad = torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten()[:10].tolist()
+                raise ValueError(f"{name} has non-finite values in rows {bad}")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"{name_a} has dimension {a.shape[1]} but {name_b} has {b.shape[1]}")
 
