@@ -38,16 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from trainer.loss import HierarchicalLoss
+from trainer.plan import loss_bytes
 
 EMBED_KEYS = ("img_g", "txt_g", "img_l", "txt_l")
 METHODS = ("ours", "full")
 MB = 2**20
-# Bytes the loss holds per scored (row, column) pair at its peak, forward + backward: float32 row x N matrices
-# (scores, hinge costs, Jaccard parts, soft targets, log-softmax, their gradients) and boolean masks. This script
-# measured ~56 B/pair (full, N = 1k..4k); 64 keeps the cap on the safe side.
-EST_BYTES_PER_PAIR = 64
-# Per column: the float copies jaccard() makes of the N x K concept matrices (2 x 4 B x K).
-EST_BYTES_PER_CONCEPT_CELL = 8
+# The loss memory model is trainer.plan's (LOSS_BYTES_PER_PAIR per scored (row, column) pair, measured by this
+# script, plus the concept indicators of all N columns): one estimate for the planner and for this script's cap.
 
 
 # ------------------------------------------------------------------------------------------ peak memory
@@ -103,7 +100,7 @@ def make_global_batch(num: int, dim: int, num_concepts: int, active: int, seed: 
 
 
 def estimated_loss_bytes(rows: int, num: int, num_concepts: int) -> int:
-    return EST_BYTES_PER_PAIR * rows * num + EST_BYTES_PER_CONCEPT_CELL * num * num_concepts
+    return loss_bytes(rows, num, num_concepts)
 
 
 # ------------------------------------------------------------------------------------------ one measurement

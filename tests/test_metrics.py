@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from trainer.metrics import chance_recalls, evaluate_embeddings, format_table, recalls, retrieval_ranks
+from trainer.metrics import (
+    chance_recalls, combined_retrieval_ranks, evaluate_embeddings, format_table, recalls, retrieval_ranks,
+)
 
 
 def vectors_scoring(scores: list[list[float]] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,13 +80,14 @@ class _LargestTensor(TorchFunctionMode):
 
 
 def test_never_builds_the_full_score_matrix():
-    num_images, caps_each, chunk = 20, 3, 4
-    img = torch.randn(num_images, 2)
-    cap = torch.randn(num_images * caps_each, 2)
+    num_images, caps_each, chunk = 20, 3, 8
+    img = torch.randn(num_images, 1)  # 1-d vectors: the inputs (60 numbers) are smaller than one tile
+    cap = torch.randn(num_images * caps_each, 1)
     cap_to_img = torch.arange(num_images).repeat_interleave(caps_each)
     with _LargestTensor() as probe:
         retrieval_ranks(img, cap, cap_to_img, chunk_size=chunk)
-    assert probe.largest == chunk * num_images * caps_each  # one [chunk, C] block, never [I, C]
+    # tiles of a chunk of images against one chunk's captions, never [chunk, C], let alone [I, C]
+    assert probe.largest == chunk * chunk * caps_each
 
 
 def test_bf16_inputs_are_scored_in_float32():
@@ -106,6 +109,35 @@ def test_constant_scores_are_ranked_pessimistically():
     r = recalls(i2t, t2i)
     assert r["i2t_r1"] == 0.0 and r["t2i_r1"] == 0.0
     assert r["i2t_r10"] == 100.0 and r["t2i_r5"] == 100.0  # only once K exceeds the number of negatives
+
+
+def test_identical_vectors_tie_across_tiles():
+    # A collapsed model: every picture and caption has the same vector; with several tiles of different shapes
+    # every candidate must still tie with the match and rank above it. Multiples of 1/8 make every inner product
+    # exact: a GEMM may round the same dot product differently at different places of one output, so vectors
+    # with inexact products can miss a tie by one ulp whatever the tiling (also in one full product).
+    gen = torch.Generator().manual_seed(5)
+    vector = torch.randint(-4, 5, (1, 37), generator=gen).float() / 8
+    caps_per_image = torch.randint(1, 6, (11,), generator=gen)
+    cap_to_img = torch.repeat_interleave(torch.arange(11), caps_per_image)
+    i2t, t2i = retrieval_ranks(vector.expand(11, -1), vector.expand(cap_to_img.numel(), -1), cap_to_img,
+                               chunk_size=4)
+    assert i2t.tolist() == (cap_to_img.numel() - caps_per_image).tolist()
+    assert t2i.tolist() == [10] * cap_to_img.numel()
+
+
+def test_combined_ranks_equal_one_score_at_a_time():
+    gen = torch.Generator().manual_seed(6)
+    cap_to_img = torch.repeat_interleave(torch.arange(17), torch.randint(1, 5, (17,), generator=gen))
+    cap_to_img = cap_to_img[torch.randperm(cap_to_img.numel(), generator=gen)]
+    img = [_random_embeddings(gen, 17, 5) for _ in range(2)]
+    cap = [_random_embeddings(gen, cap_to_img.numel(), 5) for _ in range(2)]
+    scores = {"a": (1.0, 0.0), "b": (0.0, 1.0), "ab": (0.5, 2.0)}
+    combined = combined_retrieval_ranks(img, cap, scores, cap_to_img, chunk_size=3)
+    for name, (wa, wb) in scores.items():
+        reference = torch.cat([wa * img[0], img[1]], 1), torch.cat([cap[0], wb * cap[1]], 1)
+        i2t, t2i = retrieval_ranks(*reference, cap_to_img, chunk_size=100)
+        assert torch.equal(combined[name][0], i2t) and torch.equal(combined[name][1], t2i), name
 
 
 def test_recalls_on_known_ranks():

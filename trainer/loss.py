@@ -22,12 +22,22 @@ def jaccard(a: Tensor, b: Tensor) -> Tensor:
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"jaccard needs [n, K] and [m, K] tensors; got {tuple(a.shape)} and {tuple(b.shape)}")
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    a = (a > 0).to(dtype)
-    b = (b > 0).to(dtype)
+    return jaccard_of_sets(*concept_sets(a, dtype), *concept_sets(b, dtype))
+
+
+def concept_sets(multi_hot: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """([N, K] 0/1 indicator in `dtype`, [N] set sizes): computed once per batch and shared by both directions."""
+    indicator = (multi_hot > 0).to(dtype)
+    return indicator, indicator.sum(1)
+
+
+def jaccard_of_sets(a: Tensor, a_size: Tensor, b: Tensor, b_size: Tensor) -> Tensor:
+    """[n, m] Jaccard index from indicators and set sizes: one matmul, then in-place ops (no n x m temporaries
+    beyond the union)."""
     inter = a @ b.T
-    union = a.sum(1, keepdim=True) + b.sum(1).unsqueeze(0) - inter
+    union = (a_size.unsqueeze(1) + b_size.unsqueeze(0)).sub_(inter)
     # union is a whole count; where it is 0 the intersection is 0 too, so clamping gives J = 0 there.
-    return inter / union.clamp(min=1)
+    return inter.div_(union.clamp_(min=1))
 
 
 def shuffle_permutation(num_items: int, seed: int, step: int) -> Tensor:
@@ -38,9 +48,10 @@ def shuffle_permutation(num_items: int, seed: int, step: int) -> Tensor:
     return torch.randperm(num_items, generator=generator)
 
 
-def _hinge(scores: Tensor, positive: Tensor, negatives: Tensor, margin: Tensor | float, use_sum: bool) -> Tensor:
-    """Mean over rows of the hardest (or summed) hinge [margin - s_pos + s_ij]_+ over the negative columns."""
-    cost = (margin - positive.unsqueeze(1) + scores).clamp(min=0).masked_fill(~negatives, 0.0)
+def _hinge(scores: Tensor, positive: Tensor, same_image: Tensor, margin: Tensor | float, use_sum: bool) -> Tensor:
+    """Mean over rows of the hardest (or summed) hinge [margin - s_pos + s_ij]_+ over the negative columns
+    (those not of the row's own picture)."""
+    cost = (margin - positive.unsqueeze(1) + scores).clamp(min=0).masked_fill(same_image, 0.0)
     per_row = cost.sum(1) if use_sum else cost.max(1).values
     return per_row.mean()
 
@@ -106,7 +117,6 @@ class HierarchicalLoss(torch.nn.Module):
         dtype = torch.promote_types(batch["img_g"].dtype, torch.float32)
         ids = batch["image_ids"]
         same_image = ids[rows].unsqueeze(1) == ids.unsqueeze(0)  # [n, N]; the positive column is in it
-        negatives = ~same_image
         positive_col = torch.arange(row_offset, row_offset + num_rows, device=ids.device).unsqueeze(1)
         use_sum = step < self.warmup_steps
 
@@ -118,8 +128,8 @@ class HierarchicalLoss(torch.nn.Module):
 
         out: dict[str, Tensor] = {}
         s_i2t, s_t2i = both_directions("g")
-        out["global_i2t"] = _hinge(s_i2t, s_i2t.gather(1, positive_col).squeeze(1), negatives, self.margin, use_sum)
-        out["global_t2i"] = _hinge(s_t2i, s_t2i.gather(1, positive_col).squeeze(1), negatives, self.margin, use_sum)
+        out["global_i2t"] = _hinge(s_i2t, s_i2t.gather(1, positive_col).squeeze(1), same_image, self.margin, use_sum)
+        out["global_t2i"] = _hinge(s_t2i, s_t2i.gather(1, positive_col).squeeze(1), same_image, self.margin, use_sum)
         out["global"] = out["global_i2t"] + out["global_t2i"]
         loss = out["global"]
 
@@ -127,11 +137,13 @@ class HierarchicalLoss(torch.nn.Module):
         if concepts is None:
             y_i2t = y_t2i = torch.zeros(same_image.shape, dtype=dtype, device=same_image.device)
         else:
-            img_c, cap_c = concepts
-            y_i2t = jaccard(img_c[rows], cap_c).to(dtype)
-            y_t2i = jaccard(cap_c[rows], img_c).to(dtype)
-        num_negatives = negatives.sum().clamp(min=1)
-        out["label_mean"] = ((y_i2t * negatives).sum() + (y_t2i * negatives).sum()).detach() / (2 * num_negatives)
+            img_sets, cap_sets = concept_sets(concepts[0], dtype), concept_sets(concepts[1], dtype)
+            y_i2t = jaccard_of_sets(img_sets[0][rows], img_sets[1][rows], *cap_sets)
+            y_t2i = jaccard_of_sets(cap_sets[0][rows], cap_sets[1][rows], *img_sets)
+        num_negatives = (same_image.numel() - same_image.sum()).clamp(min=1)
+        # Labels carry no gradient: the masked sums need no n x N product kept for autograd.
+        label_sum = y_i2t.masked_fill(same_image, 0.0).sum() + y_t2i.masked_fill(same_image, 0.0).sum()
+        out["label_mean"] = label_sum / (2 * num_negatives)
 
         if self.local != "none":
             l_i2t, l_t2i = both_directions("l")
@@ -139,9 +151,9 @@ class HierarchicalLoss(torch.nn.Module):
                 out["local_i2t"] = _soft_contrastive(l_i2t, same_image, y_i2t, self.temperature, self.label_mass)
                 out["local_t2i"] = _soft_contrastive(l_t2i, same_image, y_t2i, self.temperature, self.label_mass)
             else:
-                out["local_i2t"] = _hinge(l_i2t, l_i2t.gather(1, positive_col).squeeze(1), negatives,
+                out["local_i2t"] = _hinge(l_i2t, l_i2t.gather(1, positive_col).squeeze(1), same_image,
                                           self.local_margin * (1 - y_i2t), use_sum)
-                out["local_t2i"] = _hinge(l_t2i, l_t2i.gather(1, positive_col).squeeze(1), negatives,
+                out["local_t2i"] = _hinge(l_t2i, l_t2i.gather(1, positive_col).squeeze(1), same_image,
                                           self.local_margin * (1 - y_t2i), use_sum)
             out["local"] = out["local_i2t"] + out["local_t2i"]
             loss = loss + self.local_weight * out["local"]

@@ -19,7 +19,7 @@ from torch import Tensor
 DEFAULT_KS = (1, 5, 10)
 
 
-def retrieval_ranks(img_vecs: Tensor, cap_vecs: Tensor, cap_to_img: Tensor, chunk_size: int = 1024
+def retrieval_ranks(img_vecs: Tensor, cap_vecs: Tensor, cap_to_img: Tensor, chunk_size: int = 256
                     ) -> tuple[Tensor, Tensor]:
     """0-based ranks (int64, on the embeddings' device): ([I] image->text, [C] text->image).
 
@@ -27,32 +27,97 @@ def retrieval_ranks(img_vecs: Tensor, cap_vecs: Tensor, cap_to_img: Tensor, chun
     t2i rank of caption c: number of non-matching images scoring >= caption c's own image.
     """
     _check_embeddings(img_vecs, cap_vecs, "img_vecs", "cap_vecs")
+    return combined_retrieval_ranks([img_vecs], [cap_vecs], {"score": (1.0,)}, cap_to_img, chunk_size)["score"]
+
+
+def combined_retrieval_ranks(img_spaces: Sequence[Tensor], cap_spaces: Sequence[Tensor],
+                             scores: dict[str, Sequence[float]], cap_to_img: Tensor, chunk_size: int = 256
+                             ) -> dict[str, tuple[Tensor, Tensor]]:
+    """Ranks as `retrieval_ranks` for several scores at once, each a weighted sum of per-space inner products:
+    scores[name] = (w_0, w_1, ...) scores a pair with sum_k w_k <img_spaces[k], cap_spaces[k]>.
+
+    One pass over tiles of the score matrices: image blocks of chunk_size rows against the caption blocks
+    that belong to each image block (captions grouped by image), so every inner product is computed once
+    for all scores and both directions, and no tile is larger than chunk_size x (captions of chunk_size
+    images). The diagonal tiles (a block's images against its own captions) come first: they hold every
+    own score, so the off-diagonal tiles only count the candidates at or above them.
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    num_images, num_captions = img_vecs.shape[0], cap_vecs.shape[0]
-    device = img_vecs.device
+    if len(img_spaces) != len(cap_spaces) or not img_spaces:
+        raise ValueError(f"need as many image as caption spaces (>= 1); got {len(img_spaces)} and {len(cap_spaces)}")
+    for name, weights in scores.items():
+        if len(weights) != len(img_spaces):
+            raise ValueError(f"score {name!r} has {len(weights)} weights for {len(img_spaces)} spaces")
+    num_images, num_captions = img_spaces[0].shape[0], cap_spaces[0].shape[0]
+    device = img_spaces[0].device
     cap_to_img = _check_cap_to_img(cap_to_img, num_images, num_captions).to(device)
-    img = img_vecs.to(device=device, dtype=torch.float32)
-    cap = cap_vecs.to(device=device, dtype=torch.float32)
+    imgs = [x.to(device=device, dtype=torch.float32) for x in img_spaces]
+    caps = [x.to(device=device, dtype=torch.float32) for x in cap_spaces]
+    order = None
+    if bool((cap_to_img[1:] < cap_to_img[:-1]).any()):  # group captions by image (copies the caption vectors)
+        order = torch.argsort(cap_to_img, stable=True)
+        cap_to_img, caps = cap_to_img[order], [x[order] for x in caps]
+    starts = list(range(0, num_images, chunk_size))
+    img_ranges = [(a, min(a + chunk_size, num_images)) for a in starts]
+    bounds = torch.searchsorted(cap_to_img, torch.tensor(starts + [num_images], device=device)).tolist()
+    cap_ranges = list(zip(bounds[:-1], bounds[1:]))
 
-    i2t = torch.empty(num_images, dtype=torch.int64, device=device)
-    for start in range(0, num_images, chunk_size):
-        stop = min(start + chunk_size, num_images)
-        scores = img[start:stop] @ cap.T  # [chunk, C]
-        rows = torch.arange(start, stop, device=device)
-        own = cap_to_img[None, :] == rows[:, None]
-        # The best own score comes from the same matrix as the negatives, so equal scores compare equal.
-        best_own = scores.masked_fill(~own, -math.inf).amax(dim=1, keepdim=True)
-        i2t[start:stop] = ((scores >= best_own) & ~own).sum(dim=1)
+    i2t = {name: torch.zeros(num_images, dtype=torch.int64, device=device) for name in scores}
+    t2i = {name: torch.zeros(num_captions, dtype=torch.int64, device=device) for name in scores}
+    best_own = {name: torch.empty(num_images, device=device) for name in scores}
+    own = {name: torch.empty(num_captions, device=device) for name in scores}
 
-    t2i = torch.empty(num_captions, dtype=torch.int64, device=device)
-    for start in range(0, num_captions, chunk_size):
-        stop = min(start + chunk_size, num_captions)
-        scores = cap[start:stop] @ img.T  # [chunk, I]
-        own_score = scores.gather(1, cap_to_img[start:stop, None])
-        # The own image always satisfies >= (scores are finite), so subtract it once.
-        t2i[start:stop] = (scores >= own_score).sum(dim=1) - 1
-    return i2t, t2i
+    def tiles(ib: int, cb: int):
+        (i0, i1), (c0, c1) = img_ranges[ib], cap_ranges[cb]
+        products = [img[i0:i1] @ cap[c0:c1].T for img, cap in zip(imgs, caps)]
+        for name, weights in scores.items():
+            yield name, _weighted_sum(products, weights), (i0, i1), (c0, c1)
+
+    for block in range(len(img_ranges)):  # diagonal tiles: own scores, and the counts inside the block
+        for name, tile, (i0, i1), (c0, c1) in tiles(block, block):
+            is_own = (cap_to_img[c0:c1] - i0).unsqueeze(0) == torch.arange(i1 - i0, device=device).unsqueeze(1)
+            # Own and negative scores come from one product, so equal scores compare equal.
+            best = tile.masked_fill(~is_own, -math.inf).amax(dim=1)
+            mine = tile.gather(0, (cap_to_img[c0:c1] - i0).unsqueeze(0)).squeeze(0)
+            best_own[name][i0:i1], own[name][c0:c1] = best, mine
+            i2t[name][i0:i1] += _count(((tile >= best.unsqueeze(1)) & ~is_own), dim=1)
+            t2i[name][c0:c1] += _count(tile >= mine.unsqueeze(0), dim=0) - 1  # the own image always counts once
+    for ib in range(len(img_ranges)):  # off-diagonal tiles: every candidate is a non-match
+        for cb in range(len(cap_ranges)):
+            if ib == cb:
+                continue
+            for name, tile, (i0, i1), (c0, c1) in tiles(ib, cb):
+                i2t[name][i0:i1] += _count(tile >= best_own[name][i0:i1].unsqueeze(1), dim=1)
+                t2i[name][c0:c1] += _count(tile >= own[name][c0:c1].unsqueeze(0), dim=0)
+    if order is not None:
+        for name in scores:
+            t2i[name] = torch.empty_like(t2i[name]).index_copy_(0, order, t2i[name])
+    return {name: (i2t[name], t2i[name]) for name in scores}
+
+
+def _count(mask: Tensor, dim: int) -> Tensor:
+    """True entries along dim. int32 sums are 2-3x faster on CPU than bool.sum()'s int64 copy; a tile's counts
+    are far below 2^31."""
+    return mask.sum(dim=dim, dtype=torch.int32)
+
+
+def _weighted_sum(products: list[Tensor], weights: Sequence[float]) -> Tensor:
+    """sum_k w_k products[k], skipping zero weights; a lone product of weight 1 is returned as is (no copy)."""
+    terms = [(product, weight) for product, weight in zip(products, weights) if weight != 0.0]
+    if not terms:
+        return torch.zeros_like(products[0])
+    (first, weight), rest = terms[0], terms[1:]
+    if weight != 1.0:
+        total = first * weight
+    elif rest:
+        (second, weight2), rest = rest[0], rest[1:]
+        total = torch.add(first, second, alpha=weight2)
+    else:
+        return first
+    for product, weight in rest:
+        total.add_(product, alpha=weight)
+    return total
 
 
 def recalls(i2t_ranks: Tensor, t2i_ranks: Tensor, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
@@ -97,29 +162,31 @@ def chance_recalls(caps_per_image: Tensor | Sequence[int], ks: Sequence[int] = D
 
 
 def evaluate_embeddings(img_g: Tensor, img_l: Tensor | None, cap_g: Tensor, cap_l: Tensor | None,
-                        cap_to_img: Tensor, local_weight: float = 1.0, chunk_size: int = 1024
+                        cap_to_img: Tensor, local_weight: float = 1.0, chunk_size: int = 256
                         ) -> dict[str, dict[str, float]]:
     """Recalls of the global, local and concatenated scores: {"global": ..., "local": ..., "concat": ...}.
 
     concat scores with [g; sqrt(w) l], the exported retrieval vector, i.e. <g_v,g_t> + w <l_v,l_t>.
     With img_l and cap_l both None only "global" is returned.
     """
-    results = {"global": recalls(*retrieval_ranks(img_g, cap_g, cap_to_img, chunk_size))}
     if img_l is None and cap_l is None:
-        return results
+        _check_embeddings(img_g, cap_g, "img_g", "cap_g")
+        return {"global": recalls(*retrieval_ranks(img_g, cap_g, cap_to_img, chunk_size))}
     if img_l is None or cap_l is None:
         raise ValueError("img_l and cap_l must both be given or both be None; got only "
                          + ("cap_l" if img_l is None else "img_l"))
     if not (math.isfinite(local_weight) and local_weight >= 0):
         raise ValueError(f"local_weight must be finite and >= 0, got {local_weight}")
-    _check_embeddings(img_g, img_l, "img_g", "img_l", same_rows=True)
-    _check_embeddings(cap_g, cap_l, "cap_g", "cap_l", same_rows=True)
-    results["local"] = recalls(*retrieval_ranks(img_l, cap_l, cap_to_img, chunk_size))
-    scale = math.sqrt(local_weight)
-    img_cat = torch.cat([img_g.float(), scale * img_l.float()], dim=1)
-    cap_cat = torch.cat([cap_g.float(), scale * cap_l.float()], dim=1)
-    results["concat"] = recalls(*retrieval_ranks(img_cat, cap_cat, cap_to_img, chunk_size))
-    return results
+    _check_embeddings(img_g, cap_g, "img_g", "cap_g")
+    _check_embeddings(img_l, cap_l, "img_l", "cap_l")
+    for name_a, a, name_b, b in (("img_g", img_g, "img_l", img_l), ("cap_g", cap_g, "cap_l", cap_l)):
+        if a.shape[0] != b.shape[0]:  # both already checked above: only the row counts are left to compare
+            raise ValueError(f"{name_a} has {a.shape[0]} rows but {name_b} has {b.shape[0]}")
+    # One pass for the three scores: concat's <g,g> + w <l,l> is a weighted sum of the two spaces' products.
+    ranks = combined_retrieval_ranks([img_g, img_l], [cap_g, cap_l],
+                                     {"global": (1.0, 0.0), "local": (0.0, 1.0), "concat": (1.0, local_weight)},
+                                     cap_to_img, chunk_size)
+    return {name: recalls(*pair) for name, pair in ranks.items()}
 
 
 def format_table(results: dict[str, dict[str, float]], chance: dict[str, float] | None = None) -> str:
@@ -160,17 +227,16 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     return ks
 
 
-def _check_embeddings(a: Tensor, b: Tensor, name_a: str, name_b: str, same_rows: bool = False) -> None:
+def _check_embeddings(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
     for name, x in ((name_a, a), (name_b, b)):
         if x.ndim != 2 or x.shape[0] == 0 or not x.is_floating_point():
             raise ValueError(f"{name} must be a non-empty float [N, D] tensor, got {x.dtype} {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            bad = torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten()[:10].tolist()
-            raise ValueError(f"{name} has non-finite values in rows {bad}")
-    if same_rows:
-        if a.shape[0] != b.shape[0]:
-            raise ValueError(f"{name_a} has {a.shape[0]} rows but {name_b} has {b.shape[0]}")
-    elif a.shape[1] != b.shape[1]:
+        # in row blocks: isfinite of a whole [25000, 1024] matrix makes a 100 MB float copy (abs) on the CPU
+        for start in range(0, x.shape[0], 4096):
+            if not torch.isfinite(x[start:start + 4096]).all():
+                bad = torch.nonzero(~torch.isfinite(x).all(dim=1)).flatten()[:10].tolist()
+                raise ValueError(f"{name} has non-finite values in rows {bad}")
+    if a.shape[1] != b.shape[1]:
         raise ValueError(f"{name_a} has dimension {a.shape[1]} but {name_b} has {b.shape[1]}")
 
 
