@@ -49,6 +49,12 @@ class DataConfig:
     # Pictures larger than this (width x height) are counted as bad (kind image_too_large) without being
     # decoded: a decompression bomb costs memory long before it fails.
     max_image_pixels: int = 64_000_000
+    # Pretraining on several corpora at once: more shard sets whose train split is streamed beside data.shards'
+    # (built against its vocabularies: `python -m shards build ... --vocab-from DATA.SHARDS`). Evaluation stays
+    # on data.shards. mix_weights: each set's share of the training samples, data.shards first; empty = in
+    # proportion to their train-split sizes (plain concatenation). Needs data.resampled=true.
+    mix_shards: list[str] = field(default_factory=list)
+    mix_weights: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -331,6 +337,12 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
              f"must be positive, got {t.max_nonfinite_steps}")
     _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be positive, got {t.keep_checkpoints}")
     _require(cfg.run.resume is None or bool(cfg.run.resume.strip()), "run.resume", "must be null, latest or a tag")
+    _require(not d.mix_shards or d.resampled, "data.mix_shards",
+             "mixing shard sets draws every sample by weight: it needs data.resampled=true")
+    _require(not d.mix_weights or len(d.mix_weights) == 1 + len(d.mix_shards), "data.mix_weights",
+             f"needs one weight for data.shards and one per data.mix_shards entry ({1 + len(d.mix_shards)}), "
+             f"got {len(d.mix_weights)}")
+    _require(all(w > 0 for w in d.mix_weights), "data.mix_weights", f"must all be positive, got {d.mix_weights}")
     if check_paths:
         manifest = Path(d.shards) / "manifest.json"
         _require(manifest.is_file(), "data.shards",
@@ -339,6 +351,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         for key in ("train_split", "eval_split", "test_split"):
             name = getattr(d, key)
             _require(name in splits, f"data.{key}", f"split {name!r} not in {manifest} (has: {', '.join(splits)})")
+        for i, extra in enumerate(d.mix_shards):
+            extra_manifest = Path(extra) / "manifest.json"
+            _require(extra_manifest.is_file(), f"data.mix_shards[{i}]", f"{extra} is not a shard set (no manifest.json)")
+            _require(d.train_split in json.loads(extra_manifest.read_text()).get("splits", {}),
+                     f"data.mix_shards[{i}]", f"split {d.train_split!r} not in {extra_manifest}")
         _require(m.init_from is None or Path(m.init_from).is_file(), "model.init_from",
                  f"{m.init_from} does not exist (make one with `python -m trainer.export --run RUN --out FILE`)")
         if m.image_encoder == "efficientnet_lite0" and m.backbone_weights is not None:

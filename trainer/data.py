@@ -321,10 +321,16 @@ class TrainStream(IterableDataset):
     def __init__(self, shardset: ShardSet, split: str, *, batch_size: int, image_size: int, max_words: int,
                  shuffle_buffer: int, resampled: bool, batches_per_worker: int, seed: int, rank: int,
                  world_size: int, tokenizer: CaptionTokenizer | None = None, max_image_pixels: int = 64_000_000,
-                 regions: RegionSpec | None = None):
+                 regions: RegionSpec | None = None, mix: list[tuple[ShardSet, float]] = ()):
         """tokenizer: the text encoder's (trainer.text_encoders.caption_tokenizer); None = the shard set's words,
-        cut at max_words. regions: read npy region features instead of pictures."""
+        cut at max_words. regions: read npy region features instead of pictures. mix: more shard sets with
+        their weights, `shardset` first (mix_sets); each batch then counts its samples per set ("set_counts")."""
         self.urls = shardset.urls(split)
+        if mix and mix[0][0] is not shardset:
+            raise ValueError("mix: the first entry must be the stream's own shard set")
+        self.set_urls = [s.urls(split) for s, _ in mix] if mix else [self.urls]
+        self.set_weights = [w for _, w in mix] if mix else [1.0]
+        self.set_of_url = {url: i for i, urls in enumerate(self.set_urls) for url in urls}
         self.tokenizer = tokenizer or WordTokenizer(shardset.vocab, max_words)
         self.num_concepts = shardset.num_concepts
         self.batch_size = batch_size
@@ -361,12 +367,17 @@ class TrainStream(IterableDataset):
             check_picture_size(_picture_bytes(sample), self.max_image_pixels, f"{key} in {sample.get('__url__')}")
         image = decode_image_input(sample, self.image_size, self.regions)
         pick = rng.randrange(len(meta["captions"]))
+        source = self.set_of_url.get(sample.get("__url__"), 0)
+        # Two corpora may both have a "000001.jpg": with a mix, ids are made distinct per set, or the loss would
+        # take different pictures for one and never use them as each other's negatives.
+        image_id = meta["image_id"] if len(self.set_urls) == 1 else f"{source}:{meta['image_id']}"
         return {
             "image": image,
             "tokens": self.tokenizer.encode(meta["captions"][pick]),
-            "image_id": image_id_hash(meta["image_id"]),
+            "image_id": image_id_hash(image_id),
             "image_concepts": meta["image_concepts"],
             "caption_concepts": meta["caption_concepts"][pick],
+            "set": source,
         }
 
     def _collate(self, items: list[dict], counter: _BadSampleCounter, since: list) -> dict:
@@ -378,9 +389,23 @@ class TrainStream(IterableDataset):
             "image_ids": torch.tensor([it["image_id"] for it in items], dtype=torch.long),
             "image_concepts": multi_hot([it["image_concepts"] for it in items], self.num_concepts),
             "caption_concepts": multi_hot([it["caption_concepts"] for it in items], self.num_concepts),
+            "set_counts": torch.bincount(torch.tensor([it["set"] for it in items]), minlength=len(self.set_urls)),
             **counter.counts_since(since),
         }
         return batch
+
+    def _mixed_samples(self, rng: random.Random, counter, tracked) -> Iterator[dict]:
+        """Raw samples of several shard sets, each drawn from set i with probability set_weights[i]: one
+        resampled shard stream per set, interleaved sample by sample (a per-shard choice would weight sets by
+        their shard sizes, not by samples)."""
+        def resampled(urls: list[str]) -> Iterator[dict]:
+            while True:
+                yield {"url": rng.choice(urls)}
+
+        streams = [iter(wds.tarfile_to_samples(handler=counter)(tracked(resampled(urls)))) for urls in self.set_urls]
+        sets = range(len(streams))
+        while True:
+            yield next(streams[rng.choices(sets, weights=self.set_weights)[0]])
 
     def _shuffled(self, raw: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         """A shuffle buffer of raw (undecoded) samples."""
@@ -406,7 +431,10 @@ class TrainStream(IterableDataset):
                 counter.current_url_broken = False
                 yield source
 
-        raw = wds.tarfile_to_samples(handler=counter)(tracked(self._shard_urls(rng, worker, num_workers)))
+        if len(self.set_urls) == 1:
+            raw = wds.tarfile_to_samples(handler=counter)(tracked(self._shard_urls(rng, worker, num_workers)))
+        else:
+            raw = self._mixed_samples(rng, counter, tracked)
         items: list[dict] = []
         since: list = [0, [0] * len(BAD_KINDS)]
         produced = 0
@@ -481,6 +509,23 @@ def train_batches(stream: TrainStream, num_workers: int, start_epoch: int = 0,
 
 def batches_per_worker(samples_per_epoch: int, batch_size: int, num_workers: int) -> int:
     return max(1, math.ceil(samples_per_epoch / batch_size / max(1, num_workers)))
+
+
+def mix_sets(shardset: ShardSet, extra_roots: list[str], weights: list[float], split: str) -> list[tuple[ShardSet, float]]:
+    """[(shard set, share of the training samples)] for data.mix_shards, `shardset` first; [] without a mix.
+    The sets must share one concept and word vocabulary: labels and token ids mean the same in every batch."""
+    if not extra_roots:
+        return []
+    sets = [shardset] + [ShardSet.open(root) for root in extra_roots]
+    for extra in sets[1:]:
+        for what, file, same in (("concept", "concepts.json", extra.concepts == shardset.concepts),
+                                 ("word", "vocab.json", extra.vocab.words == shardset.vocab.words)):
+            if not same:
+                raise ValueError(f"{extra.root / file}: its {what} vocabulary differs from {shardset.root / file}; "
+                                 f"build the set with `python -m shards build ... --vocab-from {shardset.root}`")
+    weights = weights or [s.split_info(split)["images"] for s in sets]
+    total = float(sum(weights))
+    return [(s, w / total) for s, w in zip(sets, weights)]
 
 
 def check_shards_for_workers(num_shards: int, world_size: int, num_workers: int, split: str) -> None:

@@ -43,7 +43,7 @@ import torch
 from trainer import checkpoint
 from trainer.config import Config, ConfigError, load_config, save_config
 from trainer.data import (BAD_KINDS, RegionSpec, ShardSet, TrainStream, batches_per_worker, check_image_input,
-                          check_shards_for_workers, train_batches)
+                          check_shards_for_workers, mix_sets, train_batches)
 from trainer.distributed import (DistInfo, all_reduce_max, all_reduce_sum, gather_no_grad, gather_with_grad,
                                  init_distributed, shutdown)
 from trainer.evaluate import evaluate_split, results_table, write_results
@@ -294,19 +294,28 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
         random.setstate(state["python_rng"])
         log.info("resumed from %s at step %d (%d samples seen)", load_path, step, samples)
 
-    per_rank_epoch = d.samples_per_epoch or max(d.batch_size, split_info["images"] // info.world_size)
+    mix = mix_sets(shardset, d.mix_shards, d.mix_weights, d.train_split)
+    train_images = sum(s.split_info(d.train_split)["images"] for s, _ in mix) if mix else split_info["images"]
+    for extra, _ in mix[1:]:
+        check_image_input(extra, d.train_split, regions)
+    set_names = [str(s.root) for s, _ in mix] or [str(shardset.root)]
+    per_rank_epoch = d.samples_per_epoch or max(d.batch_size, train_images // info.world_size)
     stream = TrainStream(shardset, d.train_split, batch_size=d.batch_size, image_size=d.image_size,
                          max_words=d.max_words, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
                          batches_per_worker=batches_per_worker(per_rank_epoch, d.batch_size, d.num_workers),
                          seed=cfg.run.seed, rank=info.rank, world_size=info.world_size,
                          tokenizer=caption_tokenizer(cfg, shardset.vocab), max_image_pixels=d.max_image_pixels,
-                         regions=regions)
+                         regions=regions, mix=mix)
     batches = train_batches(stream, d.num_workers, start_epoch=position.epoch, skip_batches=position.batches)
 
     global_batch = d.batch_size * info.world_size
     bad_totals = torch.tensor(counters.get("bad_totals", [0] * len(BAD_KINDS)), dtype=torch.long)  # all ranks
     read_total = counters.get("read_total", 0)
     nonfinite_total = counters.get("nonfinite_steps", 0)
+    set_samples = torch.tensor(counters.get("set_samples", [0] * len(set_names)), dtype=torch.long)  # all ranks
+    if info.is_main and mix:
+        log.info("mixing %d shard sets: %s", len(mix), ", ".join(f"{name} {w:.1%}" for name, (_, w) in
+                                                               zip(set_names, mix)))
     if info.is_main:
         log.info("training %d steps, global batch %d (%d ranks x %d x accum %d), %.2fM parameters, %s",
                  cfg.train.steps, global_batch, info.world_size, d.batch_size, cfg.engine.grad_accum,
@@ -324,10 +333,12 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
     def save() -> None:
         save_checkpoint(engine, cfg, ckpt_dir, step, samples, position,
                         {"bad_totals": bad_totals.tolist(), "read_total": read_total,
-                         "nonfinite_steps": nonfinite_total, "nonfinite_streak": streak}, info)
+                         "nonfinite_steps": nonfinite_total, "nonfinite_streak": streak,
+                         "set_samples": set_samples.tolist()}, info)
 
     while step < cfg.train.steps:
-        local_counts = torch.zeros(1 + len(BAD_KINDS), dtype=torch.long)  # read, bad per kind: this rank, step
+        # read, bad per kind, samples per mixed shard set: this rank, this step
+        local_counts = torch.zeros(1 + len(BAD_KINDS) + len(set_names), dtype=torch.long)
         step_sums: dict[str, torch.Tensor] = {}
         for _ in range(cfg.engine.grad_accum):
             t0 = time.perf_counter()
@@ -335,7 +346,8 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
             position.advance(epoch)
             window["data_wait"] += time.perf_counter() - t0
             local_counts[0] += batch["n_read"]
-            local_counts[1:] += batch["bad_counts"]
+            local_counts[1:1 + len(BAD_KINDS)] += batch["bad_counts"]
+            local_counts[1 + len(BAD_KINDS):] += batch["set_counts"]
             log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
             engine.module.set_backbone_grad(step >= cfg.optim.backbone_freeze_steps)
             losses = train_step(engine, loss_fn, batch, step, info, dtype, want_grad_norm=log_now)
@@ -351,7 +363,8 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
         agreed = all_reduce_sum(torch.cat([torch.tensor([int(stop.signal is not None)]), local_counts]))
         stop_now = bool(agreed[0] > 0)
         read_total += int(agreed[1])
-        bad_totals += agreed[2:]
+        bad_totals += agreed[2:2 + len(BAD_KINDS)]
+        set_samples += agreed[2 + len(BAD_KINDS):]
         if skipped:
             nonfinite_total += 1
             streak += 1
@@ -380,6 +393,8 @@ def _train(cfg: Config, stop: StopRequest) -> dict:
                 "train/nonfinite_steps": nonfinite_total,
             })
             scalars.update({f"data/bad/{kind}": int(n) for kind, n in zip(BAD_KINDS, bad_totals)})
+            if mix:  # how many training samples each corpus contributed so far
+                scalars.update({f"data/samples/{Path(name).name}": int(n) for name, n in zip(set_names, set_samples)})
             if grad_norm is not None:
                 scalars["train/grad_norm"] = float(grad_norm)
             if (rate := backbone_lr(engine)) is not None:
