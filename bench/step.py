@@ -16,14 +16,13 @@ Exact commands (from the repository root; about 3 minutes on 2 shared CPU cores)
 
     python bench/step.py                                # builds a small builtin shard set in a temp dir
     python bench/step.py --shards data/builtin --rounds 4 --steps 6 engine.precision=bf16
-    python bench/step.py --fused-adamw           # both loops with AdamW(fused=True), see adamw_variant
+    python bench/step.py optim.fused=false          # both loops with the unfused AdamW (the default is fused)
 
 Output: a table, then as the last line one JSON object with every figure.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import statistics
@@ -157,7 +156,8 @@ class BareLoop:
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(cfg, shardset).to(device=device, dtype=model_dtype(cfg))
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
+                                           fused=o.fused)
         self.loss_fn = build_loss(cfg)
         self.batch = to_device(batch, device, model_dtype(cfg))
         self.step = 0
@@ -195,21 +195,6 @@ class BareLoop:
             self.step += 1
 
 
-@contextmanager
-def adamw_variant(fused: bool):
-    """With fused=True every torch.optim.AdamW built inside (build_engine's and the bare loop's) is
-    AdamW(fused=True): what the one-line change in trainer/engine.py would give, measured without making it."""
-    if not fused:
-        yield
-        return
-    original = torch.optim.AdamW
-    torch.optim.AdamW = functools.partial(original, fused=True)
-    try:
-        yield
-    finally:
-        torch.optim.AdamW = original
-
-
 def timed(fn: Callable[[], None], sync: Callable[[], None]) -> float:
     sync()
     start = time.perf_counter()
@@ -227,9 +212,8 @@ def measure(cfg: Config, shardset: ShardSet, args: argparse.Namespace) -> dict:
     sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
     n = cfg.data.batch_size
     _, first = next(open_stream(cfg, shardset, info, num_workers=0))
-    with adamw_variant(args.fused_adamw):
-        trainer = TrainerLoop(cfg, shardset, info)
-        bare = BareLoop(cfg, shardset, first, info.device)
+    trainer = TrainerLoop(cfg, shardset, info)
+    bare = BareLoop(cfg, shardset, first, info.device)
     trainer.run(args.warmup)
     bare.run(args.warmup)
 
@@ -255,7 +239,7 @@ def report(cfg: Config, args: argparse.Namespace, result: dict) -> dict:
            for key in ("trainer_samples_per_s", "bare_samples_per_s", "ratio")}
     print(f"train step, {result['device']}, {result['threads']} threads, batch {cfg.data.batch_size}, "
           f"{cfg.data.num_workers} data workers, {cfg.engine.precision}, {Path(cfg.engine.deepspeed_config).name}, "
-          f"AdamW {'fused' if args.fused_adamw else 'default'}; "
+          f"AdamW {'fused' if cfg.optim.fused else 'unfused'}; "
           f"{args.rounds} alternating rounds of {args.steps} steps after {args.warmup} warm-up steps")
     print(f"{'round':>5} {'trainer samples/s':>18} {'bare samples/s':>15} {'trainer/bare':>13}")
     for i, r in enumerate(rounds):
@@ -266,7 +250,7 @@ def report(cfg: Config, args: argparse.Namespace, result: dict) -> dict:
     print(f"{'loop':>8} " + " ".join(f"{p:>10}" for p in PARTS) + f" {'total':>10}")
     for name, parts in result["parts_ms"].items():
         print(f"{name:>8} " + " ".join(f"{parts[p]:>10.1f}" for p in PARTS) + f" {sum(parts.values()):>10.1f}")
-    summary = {"batch_size": cfg.data.batch_size, "num_workers": cfg.data.num_workers, "fused_adamw": args.fused_adamw,
+    summary = {"batch_size": cfg.data.batch_size, "num_workers": cfg.data.num_workers, "fused_adamw": cfg.optim.fused,
                "precision": cfg.engine.precision, "steps": args.steps, "rounds": args.rounds,
                **{f"median_{k}": round(v, 3) for k, v in med.items()}, "goal_ratio": 0.85,
                "goal_met": med["ratio"] >= 0.85, **result}
@@ -282,7 +266,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="steps per round and loop")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--fused-adamw", action="store_true", help="both loops with torch.optim.AdamW(fused=True)")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_args(argv)
     for name in ("steps", "rounds", "train_images"):

@@ -118,6 +118,9 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at train.steps
     grad_clip: float = 2.0  # explicit: DeepSpeed would silently clip at 1.0 otherwise
+    # AdamW as one fused kernel over all parameters: bench/step.py measured 13.4 -> 7.4 ms per optimizer step
+    # on CPU (builtin.yaml), the difference between 0.83 and 0.86 of a bare PyTorch loop's throughput.
+    fused: bool = True
     # LR multiplier of the pretrained text transformer (model.text_encoder=minilm): fine-tuned gently, as
     # VSE-infinity does with BERT; the heads and the image side keep optim.lr.
     text_lr_mult: float = 0.1

@@ -106,7 +106,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, ds_config: dict):
 
     o = cfg.optim
     groups = param_groups(model, o.weight_decay, o.lr)
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), fused=o.fused)
     total = cfg.train.steps
     schedules = [(lambda s: backbone_lr_factor(s, o, total)) if group["pretrained"] else
                  (lambda s: warmup_cosine(s, o.warmup_steps, total, o.min_lr_ratio)) for group in groups]
