@@ -20,6 +20,16 @@ never seen in training (splits keep all variants of an emoji together).
 Runs go to runs/encoders/<variant>/ (--out); a variant whose RUN/eval/test.json exists is reused (its wall time
 read from RUN/bench.json) unless --force. The feature shard set goes to <shards>-lite0 and is reused likewise.
 The last line printed is one JSON object with every figure.
+
+Measured (2026-11-27, 2 shared CPU cores, load ~4, two variants running at a time so wall times are inflated;
+one seed; `python bench/encoders.py --steps 300 --batch-size 64`), test split rSum (R@1/5/10 both ways summed):
+  variant               concat  global  local   wall s
+  scratch_gru            52.7    49.9   32.3      233
+  scratch_glove          40.4    38.5   29.7      225
+  lite0_frozen_glove    110.1   101.9   67.3      127   (+121 s feature extraction, once)
+  lite0_frozen_minilm   196.6   185.8  133.1     1603
+  lite0_finetune_glove  129.4   125.8   72.3     2218
+  chance                  7.45
 """
 from __future__ import annotations
 
