@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from shards.__main__ import main as shards_main
 
@@ -26,3 +27,13 @@ def tiny_shards(tmp_path_factory) -> Path:
 def small_shards(tmp_path_factory) -> Path:
     """A corpus big enough that a short training run learns something measurable."""
     return build_builtin(tmp_path_factory.mktemp("small") / "builtin", 1024, 100, 100, 128, "--pos", "NOUN,ADJ")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (pytestmark = pytest.mark.usefixtures("one_torch_thread")): on a shared 2-core
+    machine two threads contend and run convolutions about 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

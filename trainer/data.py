@@ -115,18 +115,30 @@ def bad_kind(exn: Exception) -> str:
     return "truncated_tar"  # webdataset's tar reader: tarfile.ReadError, EOFError, OSError on a cut-off file
 
 
-def check_picture_size(data: bytes, max_pixels: int, key: str) -> None:
-    """Refuse a picture larger than max_pixels from its header alone (PIL opens lazily), before decoding."""
+def _open_picture(data: bytes, key: str) -> Image.Image:
+    """PIL opens lazily: size and mode are known from the header, before any pixel is decoded."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
+        return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise BadSample(f"{key}: picture too large: {e}", "image_too_large") from e
-    except Exception as e:  # PIL raises many types for broken pictures
-        raise BadSample(f"{key}: undecodable picture: {e}", "undecodable_image") from e
+
+
+def _refuse_oversized(img: Image.Image, max_pixels: int, key: str) -> None:
+    width, height = img.size
     if width * height > max_pixels:
         raise BadSample(f"{key}: picture of {width}x{height} pixels exceeds data.max_image_pixels={max_pixels}",
                         "image_too_large")
+
+
+def check_picture_size(data: bytes, max_pixels: int, key: str) -> None:
+    """Refuse a picture larger than max_pixels from its header alone, without decoding it."""
+    try:
+        with _open_picture(data, key) as img:
+            _refuse_oversized(img, max_pixels, key)
+    except BadSample:
+        raise
+    except Exception as e:  # PIL raises many types for broken pictures
+        raise BadSample(f"{key}: undecodable picture: {e}", "undecodable_image") from e
 
 
 @dataclass(frozen=True)
@@ -166,8 +178,10 @@ def decode_features(data: bytes, key: str, spec: RegionSpec) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def decode_image_input(sample: dict, image_size: int, regions: RegionSpec | None) -> torch.Tensor:
-    """The sample's picture [3, S, S], or with `regions` its features [R, D]: what the image encoder reads."""
+def decode_image_input(sample: dict, image_size: int, regions: RegionSpec | None,
+                       max_pixels: int | None = None) -> torch.Tensor:
+    """The sample's picture [3, S, S], or with `regions` its features [R, D]: what the image encoder reads.
+    max_pixels: see decode_image."""
     key = f"{sample.get('__key__', '?')} in {sample.get('__url__', '?')}"
     if regions is not None:
         if "npy" not in sample:
@@ -175,7 +189,7 @@ def decode_image_input(sample: dict, image_size: int, regions: RegionSpec | None
                             f"e.g. from `python -m trainer.extract_features`)", "missing_image")
         return decode_features(sample["npy"], key, regions)
     try:
-        return decode_image(_picture_bytes(sample), image_size)
+        return decode_image(_picture_bytes(sample), image_size, max_pixels, key)
     except BadSample:
         raise
     except Exception as e:  # PIL raises many types for broken pictures
@@ -216,9 +230,12 @@ def check_image_input(shardset: ShardSet, split: str, regions: RegionSpec | None
         decode_features(first["npy"], where, regions)  # BadSample (a ValueError) names a wrong size
 
 
-def decode_image(data: bytes, image_size: int) -> torch.Tensor:
-    """Picture bytes -> normalised float tensor [3, S, S] (plain torch/PIL: torchvision is unavailable)."""
-    with Image.open(io.BytesIO(data)) as img:
+def decode_image(data: bytes, image_size: int, max_pixels: int | None = None, key: str = "picture") -> torch.Tensor:
+    """Picture bytes -> normalised float tensor [3, S, S] (plain torch/PIL: torchvision is unavailable). With
+    max_pixels a larger picture (a decompression bomb) is refused from its header, before decoding."""
+    with _open_picture(data, key) as img:
+        if max_pixels is not None:
+            _refuse_oversized(img, max_pixels, key)
         img = img.convert("RGB")
         if img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), Image.BILINEAR)
@@ -363,9 +380,7 @@ class TrainStream(IterableDataset):
         if "json" not in sample:
             raise BadSample(f"{key} in {sample.get('__url__')}: no json member", "missing_json")
         meta = parse_meta(sample["json"], key, self.num_concepts)
-        if self.regions is None:  # a decompression bomb is refused from its header, before decoding
-            check_picture_size(_picture_bytes(sample), self.max_image_pixels, f"{key} in {sample.get('__url__')}")
-        image = decode_image_input(sample, self.image_size, self.regions)
+        image = decode_image_input(sample, self.image_size, self.regions, self.max_image_pixels)
         pick = rng.randrange(len(meta["captions"]))
         source = self.set_of_url.get(sample.get("__url__"), 0)
         # Two corpora may both have a "000001.jpg": with a mix, ids are made distinct per set, or the loss would

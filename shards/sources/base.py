@@ -12,6 +12,7 @@ Problems with a whole input (a missing index file, a missing column) are `InputE
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,3 +139,13 @@ def require(path_text: str | None, option: str, source: str) -> str:
     if not path_text:
         raise InputError(f"--source {source} needs {option}")
     return path_text
+
+
+def read_json_file(path: Path, option: str):
+    """A UTF-8 JSON input file given by `option`; a missing or unreadable one is an InputError naming it."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{option} {path} does not exist") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path}: not a UTF-8 JSON file: {e}") from None

@@ -11,12 +11,12 @@ train2014/ and val2014/ layout). The image id is the COCO id. Images without cap
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Iterator
 
 from shards.sources.base import (
-    InputError, Item, Problems, Source, assignments, read_image_file, require, safe_id, split_assignment,
+    InputError, Item, Problems, Source, assignments, read_image_file, read_json_file, require, safe_id,
+    split_assignment,
 )
 
 
@@ -26,12 +26,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"--annotations {path} does not exist") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{path}: not a UTF-8 JSON file: {e}") from None
+    data = read_json_file(path, "--annotations")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
         raise InputError(f"{path}: needs 'images' and 'annotations' lists (COCO captions format)")

@@ -12,11 +12,12 @@ extension (COCO_val2014_000000391895, 1000092795).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Iterator
 
-from shards.sources.base import InputError, Item, Problems, Source, read_image_file, require, safe_id
+from shards.sources.base import (
+    InputError, Item, Problems, Source, read_image_file, read_json_file, require, safe_id,
+)
 
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 
@@ -28,12 +29,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def _load_index(path: Path) -> list:
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"--karpathy-json {path} does not exist") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{path}: not a UTF-8 JSON file: {e}") from None
+    data = read_json_file(path, "--karpathy-json")
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise InputError(f"{path}: no 'images' list (is it a Karpathy-split dataset_*.json?)")
