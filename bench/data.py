@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from step import TrainerLoop, bench_config, build_bench_shards, open_stream  # noqa: E402
 from trainer.data import ShardSet  # noqa: E402
 from trainer.distributed import init_distributed, shutdown  # noqa: E402
-from trainer.train import configure_threads, train_step  # noqa: E402
+from trainer.step import train_step  # noqa: E402
+from trainer.train import configure_threads  # noqa: E402
 
 
 def rate(batches, count: int, batch_size: int) -> float:
@@ -57,7 +58,7 @@ def measure(cfg, shardset: ShardSet, args: argparse.Namespace) -> dict:
     single = open_stream(cfg, shardset, info, num_workers=0)
     _, held = next(single)
     for _ in range(args.warmup):
-        train_step(trainer.engine, trainer.loss_fn, held, 0, info, trainer.dtype)
+        train_step(trainer.engine, trainer.loss_fn, held, 0, info)
     next(trainer.batches)  # workers started, buffers filled
 
     rounds = []
@@ -71,7 +72,7 @@ def measure(cfg, shardset: ShardSet, args: argparse.Namespace) -> dict:
         delivered = rate(trainer.batches, args.batches, n)
         start = time.perf_counter()
         for step in range(args.steps):
-            train_step(trainer.engine, trainer.loss_fn, held, step, info, trainer.dtype)
+            train_step(trainer.engine, trainer.loss_fn, held, step, info)
         consumed = args.steps * n / (time.perf_counter() - start)
         supply = max(1, workers) * per_worker
         rounds.append({"per_worker_samples_per_s": per_worker, "delivered_samples_per_s": delivered,

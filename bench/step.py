@@ -39,12 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainer.config import Config, load_config  # noqa: E402
-from trainer.data import ShardSet, TrainStream, batches_per_worker, train_batches  # noqa: E402
+from trainer.data import ShardSet, train_batches  # noqa: E402
 from trainer.distributed import DistInfo, init_distributed, shutdown  # noqa: E402
 from trainer.engine import build_engine, deepspeed_config, param_groups  # noqa: E402
-from trainer.train import (  # noqa: E402
-    LABEL_KEYS, build_loss, build_model, configure_threads, gather_global_batch, model_dtype, train_step,
-)
+from trainer.factory import build_loss, build_model, build_train_stream  # noqa: E402
+from trainer.step import LABEL_KEYS, gather_global_batch, train_step  # noqa: E402
+from trainer.train import configure_threads  # noqa: E402
 
 PARTS = ("data_wait", "forward", "loss", "backward", "optimizer")
 
@@ -70,14 +70,9 @@ def bench_config(config: str, shards: Path, overrides: list[str]) -> Config:
 
 def open_stream(cfg: Config, shardset: ShardSet, info: DistInfo, num_workers: int | None = None
                 ) -> Iterator[tuple[int, dict]]:
-    """The trainer's batch iterator, built as trainer.train builds it (resampled or not, per the config)."""
-    d = cfg.data
-    workers = d.num_workers if num_workers is None else num_workers
-    per_rank_epoch = d.samples_per_epoch or max(d.batch_size, shardset.split_info(d.train_split)["images"])
-    stream = TrainStream(shardset, d.train_split, batch_size=d.batch_size, image_size=d.image_size,
-                         max_words=d.max_words, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
-                         batches_per_worker=batches_per_worker(per_rank_epoch, d.batch_size, workers),
-                         seed=cfg.run.seed, rank=info.rank, world_size=info.world_size)
+    """The trainer's batch iterator, built by the trainer's own factory (resampled or not, per the config)."""
+    workers = cfg.data.num_workers if num_workers is None else num_workers
+    stream = build_train_stream(cfg, shardset, rank=info.rank, world_size=info.world_size, num_workers=workers)
     return train_batches(stream, workers)
 
 
@@ -97,9 +92,9 @@ class Clock:
         self.totals[part] += time.perf_counter() - start
 
 
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
     out = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    out["images"] = out["images"].to(dtype)
+    out["lengths"] = batch["lengths"]  # the model checks lengths on the host
     return out
 
 
@@ -113,14 +108,13 @@ class TrainerLoop:
         self.engine = build_engine(cfg, build_model(cfg, shardset), deepspeed_config(cfg, info.world_size))
         self.loss_fn = build_loss(cfg)
         self.batches = open_stream(cfg, shardset, info)
-        self.dtype = model_dtype(cfg)
         self.step = 0
         self.last_loss = float("nan")
 
     def run(self, steps: int) -> None:
         for _ in range(steps):
             _, batch = next(self.batches)
-            stats = train_step(self.engine, self.loss_fn, batch, self.step, self.info, self.dtype)
+            stats = train_step(self.engine, self.loss_fn, batch, self.step, self.info)
             self.step += 1
         self.last_loss = float(stats["loss"])
 
@@ -131,9 +125,8 @@ class TrainerLoop:
             with clock.stage("data_wait"):
                 _, batch = next(self.batches)
             with clock.stage("forward"):
-                out = engine(batch["images"].to(device=device, dtype=self.dtype, non_blocking=True),
-                             batch["tokens"].to(device, non_blocking=True),
-                             batch["lengths"].to(device, non_blocking=True))
+                out = engine(batch["images"].to(device=device, non_blocking=True),
+                             batch["tokens"].to(device, non_blocking=True), batch["lengths"])
             with clock.stage("loss"):
                 labels = {k: batch[k].to(device, non_blocking=True) for k in LABEL_KEYS}
                 gathered = gather_global_batch(out, labels)
@@ -154,12 +147,12 @@ class BareLoop:
 
     def __init__(self, cfg: Config, shardset: ShardSet, batch: dict, device: torch.device):
         torch.manual_seed(cfg.run.seed)
-        self.model = build_model(cfg, shardset).to(device=device, dtype=model_dtype(cfg))
+        self.model = build_model(cfg, shardset).to(device=device)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
                                            fused=o.fused)
         self.loss_fn = build_loss(cfg)
-        self.batch = to_device(batch, device, model_dtype(cfg))
+        self.batch = to_device(batch, device)
         self.step = 0
         self.last_loss = float("nan")
 

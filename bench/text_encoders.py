@@ -18,7 +18,7 @@ from trainer.config import load_config
 from trainer.data import ShardSet, TrainStream
 from trainer.engine import param_groups
 from trainer.text_encoders import caption_tokenizer
-from trainer.train import build_loss, build_model
+from trainer.factory import build_loss, build_model
 
 
 def cpu_seconds(fn, steps: int) -> float:

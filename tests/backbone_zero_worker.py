@@ -24,7 +24,8 @@ from trainer.config import Config, load_config  # noqa: E402
 from trainer.distributed import init_distributed, shutdown  # noqa: E402
 from trainer.engine import backbone_lr, build_engine, deepspeed_config  # noqa: E402
 from trainer.model import EfficientNetLite0Grid  # noqa: E402
-from trainer.train import build_loss, build_model, train_step  # noqa: E402
+from trainer.factory import build_loss, build_model  # noqa: E402
+from trainer.step import train_step  # noqa: E402
 
 IMAGE_SIZE = 64
 BATCH = 4
@@ -79,7 +80,7 @@ def run(zero: str, info) -> dict:
     out["backbone_lr_at_start"] = backbone_lr(engine)
     for step in range(2):  # step 0 frozen, step 1 trained (as trainer.train's loop sets it)
         engine.module.set_backbone_grad(step >= cfg.optim.backbone_freeze_steps)
-        train_step(engine, loss_fn, batch, step, info, torch.float32)
+        train_step(engine, loss_fn, batch, step, info)
         out[f"backbone_lr_after_step{step}"] = backbone_lr(engine)
         out[f"after_step{step}"] = gathered(engine.module.image_encoder.backbone)
         out[f"heads_after_step{step}"] = gathered(engine.module.image_global)

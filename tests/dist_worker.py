@@ -22,10 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainer.config import Config, load_config  # noqa: E402
-from trainer.distributed import DistInfo, gather_no_grad, init_distributed, shutdown  # noqa: E402
+from trainer.distributed import DistInfo, all_reduce_sum, gather_no_grad, init_distributed, shutdown  # noqa: E402
 from trainer.engine import build_engine, deepspeed_config  # noqa: E402
-import trainer.train as train_module  # noqa: E402
-from trainer.train import build_loss, build_model, gather_global_batch, model_dtype, train_step  # noqa: E402
+import trainer.step as train_module  # noqa: E402
+from trainer.factory import build_loss, build_model  # noqa: E402
+from trainer.step import gather_global_batch, train_step  # noqa: E402
 
 RANK_BATCH = 8  # n: pairs per rank per micro-step; the global micro-batch is n * 2
 IMAGE_SIZE = 32
@@ -118,11 +119,9 @@ def one_step(cfg: Config, info: DistInfo, batch: dict) -> dict:
     init = full_params(engine)
     grads: dict = {}
     record_grads_before_step(engine, grads)
-    losses = train_step(engine, loss_fn, rank_part(batch, info), 0, info, model_dtype(cfg))
-    loss = losses["loss"].clone()
-    if info.world_size > 1:  # every term is a mean over local rows: the global loss is the mean over ranks
-        torch.distributed.all_reduce(loss)
-        loss /= info.world_size
+    losses = train_step(engine, loss_fn, rank_part(batch, info), 0, info)
+    # every term is a mean over local rows: the global loss is the mean over ranks
+    loss = all_reduce_sum(losses["loss"]) / info.world_size
     return {"init": init, "params": full_params(engine), "grads": grads, "loss": float(loss)}
 
 
@@ -138,7 +137,7 @@ def accumulated_step(cfg: Config, info: DistInfo, micro_batches: list[dict]) -> 
     engine, loss_fn = new_engine(cfg, info)
     out = {"init": full_params(engine)}
     for i, batch in enumerate(micro_batches):
-        train_step(engine, loss_fn, rank_part(batch, info), 0, info, model_dtype(cfg))
+        train_step(engine, loss_fn, rank_part(batch, info), 0, info)
         out[f"after_micro{i + 1}"] = full_params(engine)
     return out
 
@@ -146,10 +145,9 @@ def accumulated_step(cfg: Config, info: DistInfo, micro_batches: list[dict]) -> 
 def mean_loss_step(cfg: Config, info: DistInfo, micro_batches: list[dict]) -> dict:
     """The reference for accumulation, without DeepSpeed's: one step on the mean of each batch's own loss."""
     engine, loss_fn = new_engine(cfg, info)
-    dtype = model_dtype(cfg)
     total = 0.0
     for batch in micro_batches:
-        out = engine(batch["images"].to(dtype), batch["tokens"], batch["lengths"])
+        out = engine(batch["images"], batch["tokens"], batch["lengths"])
         logits = (out["img_concept_logits"], out["txt_concept_logits"]) if "img_concept_logits" in out else None
         total = total + loss_fn(gather_global_batch(out, batch), step=0, concept_logits=logits)["loss"]
     engine.backward(total / len(micro_batches))

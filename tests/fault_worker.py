@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_worker import RANK_BATCH, full_params, make_config, new_engine, rank_part, synthetic_batch  # noqa: E402
 
 from trainer.distributed import gather_no_grad, init_distributed, shutdown  # noqa: E402
-from trainer.train import model_dtype, train_step  # noqa: E402
+from trainer.step import train_step  # noqa: E402
 
 STAGES = ("zero0", "zero2", "zero3")  # ZeRO-1 shares ZeRO-2's optimizer code
 
@@ -59,14 +59,13 @@ def run_stage(zero: str, info) -> dict:
     cfg = make_config(zero, RANK_BATCH)
     cfg.optim.min_lr_ratio = 1.0  # a constant LR: a skipped step still moves the LR schedule by one
     batches = [rank_part(synthetic_batch(2 * RANK_BATCH, seed=s), info) for s in (1, 2, 3, 4)]
-    dtype = model_dtype(cfg)
     engine, loss_fn = new_engine(cfg, info)
     inject = InjectNaN(loss_fn, info.rank)
     out = {"skipped": []}
     for i, (mode, on_rank) in enumerate([(None, 0), ("value", 1), ("grad", 0), (None, 0)]):
         inject.mode, inject.on_rank = mode, on_rank
         before, opt_before = full_params(engine), optimizer_state(engine)
-        stats = train_step(engine, inject, batches[i], i, info, dtype)
+        stats = train_step(engine, inject, batches[i], i, info)
         out["skipped"].append(every_rank(bool(stats["skipped"])))
         if mode:
             out[f"params_unchanged/{mode}"] = all(every_rank(same(before, full_params(engine))))
@@ -75,7 +74,7 @@ def run_stage(zero: str, info) -> dict:
     reference, ref_loss = new_engine(cfg, info)
     init = full_params(reference)
     for i in (0, 3):
-        train_step(reference, ref_loss, batches[i], i, info, dtype)
+        train_step(reference, ref_loss, batches[i], i, info)
     expected = full_params(reference)
     out["final_vs_reference"] = max(float((final[k] - expected[k]).abs().max()) for k in final)
     out["moved"] = max(float((final[k] - init[k]).abs().max()) for k in final)

@@ -248,7 +248,7 @@ def test_pretrained_weights_load_and_embed_identically_under_every_zero_stage(ze
     sys.path.insert(0, str(REPO / "tests"))
     from backbone_zero_worker import NUM_CONCEPTS, VOCAB_SIZE, fixed_batch, make_config
 
-    from trainer.train import build_model
+    from trainer.factory import build_model
 
     torch.manual_seed(0)
     plain = build_model(make_config("zero0"), SimpleNamespace(vocab=[None] * VOCAB_SIZE, num_concepts=NUM_CONCEPTS))
@@ -293,11 +293,14 @@ def test_bf16_forward_and_backward_and_wrong_picture_size_refused():
     images, tokens, lengths = torch.randn(2, 3, 64, 64), torch.tensor([[2, 3], [4, 0]]), torch.tensor([2, 1])
     with torch.no_grad():
         reference = model.eval().encode_image(images)[0]
-    model = model.to(torch.bfloat16)  # what a bf16 DeepSpeed engine does to the module, buffers included
-    out = model(images.bfloat16(), tokens, lengths)
-    assert out["img_g"].dtype == torch.bfloat16
-    torch.testing.assert_close(out["img_g"].float(), reference, atol=0.05, rtol=0)
-    out["img_g"].float().sum().backward()
-    assert all(p.grad is not None for p in model.image_encoder.pretrained_parameters())
+    model.autocast_dtype = torch.bfloat16  # engine.precision=bf16: autocast over fp32 weights
+    grid = {}
+    model.image_encoder.register_forward_hook(lambda mod, i, o: grid.update(dtype=o.dtype))
+    out = model(images, tokens, lengths)
+    assert grid["dtype"] == torch.bfloat16 and out["img_g"].dtype == torch.float32
+    torch.testing.assert_close(out["img_g"], reference, atol=0.05, rtol=0)
+    out["img_g"].sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               for p in model.image_encoder.pretrained_parameters())
     with pytest.raises(ValueError, match=r"images must be \[B, 3, 64, 64\]"):
-        model.encode_image(torch.zeros(1, 3, 96, 96, dtype=torch.bfloat16))
+        model.encode_image(torch.zeros(1, 3, 96, 96))

@@ -90,7 +90,11 @@ def test_deepspeed_batch_sizes_must_agree(tmp_path, shard_dir):
     assert filled["train_batch_size"] == 64 * 2 * 2
     assert filled["gradient_accumulation_steps"] == 2
     assert filled["gradient_clipping"] == 0.5
-    assert filled["bf16"] == {"enabled": True}
+    # bf16 is the model's autocast: DeepSpeed keeps fp32 parameters (the master weights) and fp32 gradients
+    assert filled["bf16"] == {"enabled": False}
+    ds.write_text(json.dumps({"bf16": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="enables bf16; set engine.precision=bf16"):
+        deepspeed_config(cfg, world_size=2)
     assert filled["zero_optimization"] == {"stage": 2}
 
 

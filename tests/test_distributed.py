@@ -177,8 +177,8 @@ def check_run(out: Path, last_step: int, world: int = 2) -> None:
     assert tag == f"step{last_step:07d}"
     state = torch.load(ckpts / tag / "mp_rank_00_model_states.pt", weights_only=False)
     assert state["dp_world_size"] == world
-    assert state["step"] == state["global_steps"] == last_step
-    assert state["samples"] == last_step * RUN_BATCH * world
+    assert state["run_state"]["step"] == state["global_steps"] == last_step
+    assert state["run_state"]["samples"] == last_step * RUN_BATCH * world
     test = json.loads((out / "eval" / "test.json").read_text())
     assert test["step"] == last_step
     assert test["counts"] == {"images": 32, "captions": 160}

@@ -385,7 +385,8 @@ def test_killed_and_preempted_run_resumes_to_exactly_the_uninterrupted_parameter
     weights must be bit-identical: same data (the position is in the checkpoint), same optimizer state, and
     CPU float arithmetic done in the same order."""
     from trainer.export import export
-    from trainer.train import build_model, load_init_weights, train
+    from trainer.factory import build_model
+    from trainer.train import load_init_weights, train
 
     ref, run = tmp_path / "reference", tmp_path / "interrupted"
     procs, logs = start_ranks(train_cmd(tiny_shards, ref), tmp_path, "reference")

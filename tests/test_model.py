@@ -313,10 +313,23 @@ def test_fixed_length_gpo_equals_the_full_length_row_of_the_table():
         fixed(torch.randn(3, 5, 5), full)
 
 
-def test_bf16_forward_and_backward():
-    m = tiny_model(concept_head=True).to(torch.bfloat16)
+def test_bf16_autocast_runs_encoders_in_bf16_and_pooling_norm_and_concepts_in_fp32():
+    torch.manual_seed(0)
+    m = tiny_model(concept_head=True)
     images, tokens, lengths = batch([3, 1, 4])
-    out = m(images.to(torch.bfloat16), tokens, lengths)
-    assert all(v.dtype == torch.bfloat16 for v in out.values())
-    sum(v.float().sum() for v in out.values()).backward()
-    assert all(p.grad is not None for p in m.parameters())
+    reference = m(images, tokens, lengths)
+    m.autocast_dtype = torch.bfloat16  # what engine.precision=bf16 builds (trainer.factory.autocast_dtype)
+    seen = {}
+    m.image_global.project.register_forward_hook(lambda mod, i, o: seen.update(projection=o.dtype))
+    m.text_global.pool.register_forward_hook(lambda mod, i, o: seen.update(pool_in=i[0].dtype, pool=o.dtype))
+    out = m(images, tokens, lengths)
+    assert seen == {"projection": torch.bfloat16, "pool_in": torch.float32, "pool": torch.float32}
+    # the exported vectors and the concept logits are fp32: the loss's n x N scores are computed from them
+    assert all(v.dtype == torch.float32 for v in out.values())
+    for key in ("img_g", "txt_g", "img_l", "txt_l"):  # unit vectors: bf16's 8-bit mantissa, a few 1e-2 at most
+        torch.testing.assert_close(out[key], reference[key], atol=0.05, rtol=0)
+        assert torch.allclose(out[key].norm(dim=-1), torch.ones(3), atol=1e-5)  # normalised in fp32
+    sum(v.sum() for v in out.values()).backward()
+    # parameters stay fp32 (the master weights) and get fp32 gradients
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+               for p in m.parameters())

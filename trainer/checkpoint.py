@@ -25,8 +25,8 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from trainer.distributed import barrier, broadcast_object
 from trainer.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -65,18 +65,13 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, world_size: int, keep: int,
          is_main: bool) -> Path:
     """Every rank writes its part; after a barrier rank 0 writes the marker, moves `latest`, prunes old ones."""
     tag = tag_for(step)
     folder = ckpt_dir / tag
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    _barrier()  # every rank's files are written
+    barrier()  # every rank's files are written
     if is_main:
         _fsync_tree(folder)
         files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
@@ -86,7 +81,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, world_size: int,
         _atomic_write(folder / MARKER, json.dumps(marker, indent=1))
         _atomic_write(ckpt_dir / LATEST, tag)
         prune(ckpt_dir, keep)
-    _barrier()  # nobody reads `latest` or goes on to a next save before it moved
+    barrier()  # nobody reads `latest` or goes on to a next save before it moved
     return folder
 
 
@@ -186,13 +181,20 @@ def find_on_all_ranks(ckpt_dir: Path, wanted: str, is_main: bool) -> tuple[str, 
             answer = str(e)
     else:
         answer = ""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [answer]
-        dist.broadcast_object_list(box, src=0)
-        answer = box[0]
+    answer = broadcast_object(answer)
     if isinstance(answer, str):
         raise CheckpointError(answer)
     return answer
+
+
+def load(engine, ckpt_dir: Path, tag: str, world_size: int, is_main: bool) -> dict:
+    """Load a complete checkpoint (model, optimizer, scheduler) into `engine`; its client state."""
+    marker = read_marker(Path(ckpt_dir) / tag)
+    check_world_size(ckpt_dir, tag, marker, world_size)
+    load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if load_path is None:
+        raise CheckpointError(f"run.resume: DeepSpeed could not load {Path(ckpt_dir) / tag}")
+    return client
 
 
 def fp32_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -38,7 +38,7 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 2000  # raw samples held per worker before decoding
     resampled: bool = True  # sample shards with replacement in virtual epochs (False: one pass, split by rank)
-    samples_per_epoch: int = 0  # virtual epoch size per rank; 0 = the train split's image count / world size
+    samples_per_epoch: int = 0  # virtual epoch size in samples, global over all ranks; 0 = the train split's images
     max_words: int = 32
     image_size: int = 64
     eval_batch_size: int = 256

@@ -39,11 +39,15 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     if "optimizer" in ds or "scheduler" in ds:
         raise ConfigError(f"engine.deepspeed_config: {path} defines an optimizer/scheduler; they come from the "
                           f"optim section of the YAML (AdamW, warmup + cosine)")
-    if ds.get("fp16", {}).get("enabled"):
-        raise ConfigError(f"engine.deepspeed_config: {path} enables fp16; use engine.precision=bf16 instead")
+    for half in ("fp16", "bf16"):
+        if ds.get(half, {}).get("enabled"):
+            raise ConfigError(f"engine.deepspeed_config: {path} enables {half}; set engine.precision=bf16 in the "
+                              f"YAML instead (bf16 autocast over fp32 master weights)")
     ds.update(want)
     ds["gradient_clipping"] = cfg.optim.grad_clip
-    ds["bf16"] = {"enabled": cfg.engine.precision == "bf16"}
+    # engine.precision=bf16 is autocast inside the model (trainer.factory.autocast_dtype): DeepSpeed keeps fp32
+    # parameters, which are the master weights, with fp32 gradients and optimizer state.
+    ds["bf16"] = {"enabled": False}
     ds.setdefault("steps_per_print", 10**9)  # we log ourselves
     ds.setdefault("wall_clock_breakdown", False)
     return ds

@@ -1,6 +1,7 @@
 """Retrieval evaluation (DESIGN.md section 4): embed a split once, score by chunked matrix products.
 
-Every rank embeds its share of the split's shards; the embeddings are gathered and scored once, on rank 0.
+Every rank embeds its share of the split's shards (any share, none included); the embeddings are gathered on
+rank 0 and scored there once, on its device, in tiles (trainer.metrics); the results go to every rank.
 Ranks run the same number of forward calls (a rank that ran out of data embeds a dummy batch), because under
 ZeRO-3 each forward call gathers partitioned parameters collectively.
 
@@ -18,54 +19,47 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 from trainer import metrics
 from trainer.config import Config
 from trainer.data import RegionSpec, ShardSet, iter_eval_samples, pad_tokens, stack_image_inputs
-from trainer.distributed import DistInfo
+from trainer.distributed import (DistInfo, all_reduce_max, broadcast_object, gather_no_grad, gather_objects_to_main,
+                                 gather_rows_to_main)
+from trainer.distributed import rank as dist_rank
+from trainer.factory import build_model, build_tokenizer
 from trainer.progress import ProgressBar, progress_enabled
 from trainer.text import CaptionTokenizer, WordTokenizer
-from trainer.text_encoders import caption_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-def _embed_batch(model, image_inputs: dict, token_lists: list[list[int]], pad_id: int, dtype: torch.dtype):
-    """image_inputs: {"images"} (pictures) or {"images", "image_lengths"} (region features)."""
+def _embed_batch(model, image_inputs: dict, token_lists: list[list[int]], pad_id: int):
+    """image_inputs: {"images"} (pictures) or {"images", "image_lengths"} (region features). Lengths stay on
+    the host, where the model checks them."""
     tokens, lengths = pad_tokens(token_lists, pad_id)
     device = next(iter(model.parameters())).device
-    image_lengths = image_inputs.get("image_lengths")
-    img_g, img_l = model.encode_image(image_inputs["images"].to(device=device, dtype=dtype),
-                                      None if image_lengths is None else image_lengths.to(device))
-    cap_g, cap_l = model.encode_text(tokens.to(device), lengths.to(device))
+    img_g, img_l = model.encode_image(image_inputs["images"].to(device, non_blocking=True),
+                                      image_inputs.get("image_lengths"))
+    cap_g, cap_l = model.encode_text(tokens.to(device, non_blocking=True), lengths)
     return img_g, img_l, cap_g, cap_l
 
 
-def _gather_rows(t: torch.Tensor | None, world: int) -> torch.Tensor | None:
-    """Concatenate per-rank tensors of different lengths along dim 0 (pad to the longest, gather, trim)."""
-    if t is None or world == 1:
-        return t
-    count = torch.tensor([t.shape[0]], dtype=torch.long)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    longest = int(max(c.item() for c in counts))
-    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype)
-    padded[: t.shape[0]] = t
-    parts = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)])
+def _next_chunk(samples, batch_size: int) -> list[dict]:
+    return [s for _, s in zip(range(batch_size), samples)]
 
 
 @torch.no_grad()
 def embed_split(model, shardset: ShardSet, split: str, *, image_size: int, max_words: int, batch_size: int,
-                dtype: torch.dtype = torch.float32, rank: int = 0, world: int = 1,
-                tokenizer: CaptionTokenizer | None = None, regions: RegionSpec | None = None) -> dict:
-    """Embeddings of every picture and caption of a split, gathered on every rank (float32, CPU). Captions are
-    tokenised by `tokenizer` (trainer.text_encoders.caption_tokenizer; None = the shard set's words). With
-    `regions` the samples' npy region features are embedded instead of pictures."""
+                rank: int = 0, world: int = 1, tokenizer: CaptionTokenizer | None = None,
+                regions: RegionSpec | None = None, device: torch.device | None = None) -> dict | None:
+    """Embeddings of every picture and caption of a split (float32, on the model's device), gathered on rank 0;
+    None on the other ranks. Every rank embeds its share of the split's shards (any share: a rank with no
+    shard embeds dummy batches while others work, so forward calls stay in step under ZeRO-3, and joins every
+    gather with zero rows). Captions are tokenised by `tokenizer` (trainer.factory.build_tokenizer; None = the
+    shard set's words). With `regions` the samples' npy region features are embedded instead of pictures."""
     was_training = model.training
     model.eval()
+    device = device or next(iter(model.parameters())).device
     tokenizer = tokenizer or WordTokenizer(shardset.vocab, max_words)
     samples = iter_eval_samples(shardset, split, image_size, max_words, rank, world, tokenizer, regions)
     bar = ProgressBar(shardset.split_info(split)["images"], f"embed {split}", unit="img", leave=False,
@@ -76,21 +70,18 @@ def embed_split(model, shardset: ShardSet, split: str, *, image_size: int, max_w
     out = {"img_g": [], "img_l": [], "cap_g": [], "cap_l": [], "cap_to_img": [], "image_ids": [], "captions": []}
     n_images = 0
     while True:
-        chunk = [s for _, s in zip(range(batch_size), samples)]
-        has_data = torch.tensor([len(chunk)], dtype=torch.long)
-        if world > 1:
-            dist.all_reduce(has_data, op=dist.ReduceOp.MAX)
-        if int(has_data) == 0:
+        chunk = _next_chunk(samples, batch_size)
+        if int(all_reduce_max(torch.tensor([len(chunk)], device=device))[0]) == 0:
             break
         if not chunk:  # keep collective forward calls in step with the ranks that still have data
-            _embed_batch(model, dummy, [tokenizer.encode("")], tokenizer.pad_id, dtype)
+            _embed_batch(model, dummy, [tokenizer.encode("")], tokenizer.pad_id)
             continue
         image_inputs = stack_image_inputs([s["image"] for s in chunk], regions)
         token_lists = [t for s in chunk for t in s["tokens"]]
-        img_g, img_l, cap_g, cap_l = _embed_batch(model, image_inputs, token_lists, tokenizer.pad_id, dtype)
-        for key, value in (("img_g", img_g), ("img_l", img_l), ("cap_g", cap_g), ("cap_l", cap_l)):
+        for key, value in zip(("img_g", "img_l", "cap_g", "cap_l"),
+                              _embed_batch(model, image_inputs, token_lists, tokenizer.pad_id)):
             if value is not None:
-                out[key].append(value.float().cpu())
+                out[key].append(value.float())
         for i, s in enumerate(chunk):
             out["cap_to_img"].extend([n_images + i] * len(s["tokens"]))
             out["captions"].extend(s["captions"])
@@ -99,46 +90,56 @@ def embed_split(model, shardset: ShardSet, split: str, *, image_size: int, max_w
         bar.update(len(chunk) * world)  # the ranks embed at about the same pace: count the split as a whole
     bar.close()
     model.train(was_training)
+    return _gather_embeddings(out, n_images, model, device)
 
-    result = {k: (torch.cat(v) if v else None) for k, v in out.items() if k in ("img_g", "img_l", "cap_g", "cap_l")}
-    cap_to_img = torch.tensor(out["cap_to_img"], dtype=torch.long)
-    if world > 1:
-        # Caption -> image indices are local to a rank: shift each rank's by the images of the ranks before it.
-        counts = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-        dist.all_gather(counts, torch.tensor([n_images]))
-        cap_to_img = cap_to_img + int(sum(int(c) for c in counts[:rank]))
-        gathered_ids: list = [None] * world
-        gathered_caps: list = [None] * world
-        dist.all_gather_object(gathered_ids, out["image_ids"])
-        dist.all_gather_object(gathered_caps, out["captions"])
-        out["image_ids"] = [i for part in gathered_ids for i in part]
-        out["captions"] = [c for part in gathered_caps for c in part]
-    result = {k: _gather_rows(v, world) for k, v in result.items()}
-    result["cap_to_img"] = _gather_rows(cap_to_img, world)
-    result["image_ids"] = out["image_ids"]
-    result["captions"] = out["captions"]
-    return result
+
+def _gather_embeddings(out: dict, n_images: int, model, device: torch.device) -> dict | None:
+    """This rank's embeddings and labels, gathered on rank 0 (None elsewhere). Every rank joins every gather,
+    also with nothing embedded."""
+    width = model.embed_dim
+    spaces = ("img_g", "img_l", "cap_g", "cap_l") if model.local_space else ("img_g", "cap_g")
+    gathered = {k: gather_rows_to_main(torch.cat(out[k]) if out[k] else torch.zeros(0, width, device=device))
+                for k in spaces}
+    # Caption -> image indices are local to a rank: shift each rank's by the images of the ranks before it.
+    images_per_rank = gather_no_grad(torch.tensor([n_images], device=device)).tolist()
+    cap_to_img = torch.tensor(out["cap_to_img"], dtype=torch.long) + sum(images_per_rank[:dist_rank()])
+    gathered["cap_to_img"] = gather_rows_to_main(cap_to_img.to(device))
+    ids = gather_objects_to_main(out["image_ids"])
+    captions = gather_objects_to_main(out["captions"])
+    if ids is None:
+        return None
+    gathered.setdefault("img_l", None)
+    gathered.setdefault("cap_l", None)
+    gathered["image_ids"] = [i for part in ids for i in part]
+    gathered["captions"] = [c for part in captions for c in part]
+    return gathered
 
 
 def score_embeddings(emb: dict, local_weight: float) -> dict:
-    """R@K and rSum for the global, local and concatenated scores, plus chance level."""
+    """R@K and rSum for the global, local and concatenated scores, plus chance level (on the embeddings'
+    device, in tiles: trainer.metrics)."""
     results = metrics.evaluate_embeddings(emb["img_g"], emb["img_l"], emb["cap_g"], emb["cap_l"],
                                           emb["cap_to_img"], local_weight=local_weight)
-    per_image = torch.bincount(emb["cap_to_img"], minlength=emb["img_g"].shape[0])
+    per_image = torch.bincount(emb["cap_to_img"].cpu(), minlength=emb["img_g"].shape[0])
     results["chance"] = metrics.chance_recalls(per_image)
     results["counts"] = {"images": int(emb["img_g"].shape[0]), "captions": int(emb["cap_g"].shape[0])}
     return results
 
 
-def evaluate_split(model, shardset: ShardSet, split: str, cfg, *, dtype=torch.float32, rank=0, world=1,
+def evaluate_split(model, shardset: ShardSet, split: str, cfg, *, rank=0, world=1,
                    on_embeddings: Callable[[dict], None] | None = None) -> dict:
-    """Recalls of a split; `on_embeddings` (e.g. TensorBoard's retrieval examples) sees embed_split's output."""
+    """Recalls of a split, on every rank: embedded on all ranks, scored once on rank 0 (on its device), the
+    results sent to the others. `on_embeddings` (e.g. TensorBoard's retrieval examples) sees embed_split's
+    output, on rank 0 only, moved to the host."""
     emb = embed_split(model, shardset, split, image_size=cfg.data.image_size, max_words=cfg.data.max_words,
-                      batch_size=cfg.data.eval_batch_size, dtype=dtype, rank=rank, world=world,
-                      tokenizer=caption_tokenizer(cfg, shardset.vocab), regions=RegionSpec.from_config(cfg))
-    if on_embeddings is not None:
-        on_embeddings(emb)
-    return score_embeddings(emb, cfg.model.local_score_weight)
+                      batch_size=cfg.data.eval_batch_size, rank=rank, world=world,
+                      tokenizer=build_tokenizer(cfg, shardset.vocab), regions=RegionSpec.from_config(cfg))
+    results = None
+    if emb is not None:
+        results = score_embeddings(emb, cfg.model.local_score_weight)
+        if on_embeddings is not None:
+            on_embeddings({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in emb.items()})
+    return broadcast_object(results)
 
 
 def results_table(results: dict) -> str:
@@ -175,7 +176,6 @@ def load_run(run_dir: str | Path, checkpoint: str = "latest", overrides: list[st
     from trainer.config import load_config
     from trainer.distributed import init_distributed
     from trainer.engine import build_engine, deepspeed_config
-    from trainer.train import build_model
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml", list(overrides))
@@ -194,12 +194,10 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, checkpoint: str 
                  overrides: list[str] = ()) -> dict:
     """Evaluate one split of a run's checkpoint; rank 0 writes RUN/eval/<split>.json. Leaves the process group up
     (the caller may go on using it)."""
-    from trainer.train import model_dtype
-
     run = load_run(run_dir, checkpoint, overrides)
     split = split or run.cfg.data.test_split
-    results = evaluate_split(run.model, run.shardset, split, run.cfg, dtype=model_dtype(run.cfg),
-                             rank=run.info.rank, world=run.info.world_size)
+    results = evaluate_split(run.model, run.shardset, split, run.cfg, rank=run.info.rank,
+                             world=run.info.world_size)
     if run.info.is_main:
         path = write_results(results, Path(run_dir), split, run.step)
         print(f"{split} split, checkpoint {run.load_path} (step {run.step}):\n{results_table(results)}\n"

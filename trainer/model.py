@@ -10,6 +10,7 @@ modules in the same order on every step: nothing here skips or repeats a module 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -158,7 +159,11 @@ class EmbeddingHead(nn.Module):
         self.pool = GPOPool(max_parts, variable_length=variable_length) if pooling == "gpo" else MeanPool(max_parts)
 
     def forward(self, parts: Tensor, lengths: Tensor) -> Tensor:
-        return F.normalize(self.pool(self.project(parts), lengths), dim=-1)
+        projected = self.project(parts)  # bf16 under the encoders' autocast
+        # GPO's temperature-0.1 softmax and the normalisation lose too much in bf16: both run in fp32.
+        with torch.autocast(projected.device.type, enabled=False):
+            pooled = self.pool(projected.float(), lengths.to(projected.device, non_blocking=True))
+            return F.normalize(pooled, dim=-1)
 
 
 class ConceptHead(nn.Module):
@@ -299,6 +304,7 @@ class RegionFeatures(nn.Module):
             sample = int(bad.nonzero()[0, 0])
             raise ValueError(f"picture {sample} has {int(lengths[sample])} regions; counts must lie in "
                              f"[1, min(R={features.size(1)}, max_regions={self.num_parts})]")
+        lengths = lengths.to(features.device, non_blocking=True)  # checked above where it came (the host)
         if self.training and self.region_dropout > 0:
             return drop_regions(features, lengths, self.region_dropout)
         return features, lengths
@@ -403,11 +409,16 @@ class HierarchicalEmbedder(nn.Module):
                  cnn_width: int = 64, image_size: int = 64, word_dim: int = 128, gru_hidden: int = 256,
                  gru_layers: int = 1, max_words: int = 32, pooling: str = "gpo", local_space: bool = True,
                  local_score_weight: float = 1.0, concept_head: bool = False, text_encoder: nn.Module | None = None,
-                 image_encoder_options: dict | None = None):
+                 image_encoder_options: dict | None = None, autocast_dtype: torch.dtype | None = None):
         """text_encoder: a built caption encoder with `out_dim` and forward(tokens, lengths) -> parts (a
         pretrained transformer from trainer.text_encoders); None builds the GRU from vocab_size, word_dim,
         gru_hidden and gru_layers. `image_encoder_options`: the image encoder's own settings (see its class),
-        e.g. region_dim and max_regions for `regions`, trainable and weights for `efficientnet_lite0`."""
+        e.g. region_dim and max_regions for `regions`, trainable and weights for `efficientnet_lite0`.
+        autocast_dtype: torch.bfloat16 runs the encoders and projections under autocast (parameters stay fp32,
+        the optimizer's master copy); pooling, normalisation and everything after them stay fp32.
+
+        Lengths (caption lengths, region counts) may come on the host: they are checked there, so a step on a
+        GPU never waits for a device-to-host copy, and moved to the device where the device needs them."""
         super().__init__()
         _require_positive(vocab_size=vocab_size, embed_dim=embed_dim, cnn_width=cnn_width, image_size=image_size,
                           word_dim=word_dim, gru_hidden=gru_hidden, gru_layers=gru_layers, max_words=max_words)
@@ -422,7 +433,9 @@ class HierarchicalEmbedder(nn.Module):
         if not math.isfinite(local_score_weight) or local_score_weight < 0:
             raise ValueError(f"local_score_weight must be a finite number >= 0, got {local_score_weight!r}")
         self.local_space = local_space
+        self.embed_dim = embed_dim
         self.local_score_weight = float(local_score_weight)
+        self.autocast_dtype = autocast_dtype
         self.max_words = max_words
 
         self.image_encoder = build_image_encoder(image_encoder, image_size=image_size, cnn_width=cnn_width,
@@ -445,25 +458,34 @@ class HierarchicalEmbedder(nn.Module):
     def encode_image(self, images: Tensor, image_lengths: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """images [B, 3, H, W] (grid encoders) or region features [B, R, D] with region counts image_lengths [B]
         (set encoders) -> (g, l), each L2-normalised [B, D]; l is None without a local space."""
-        if self.variable_image_parts:
-            if image_lengths is None:
-                raise ValueError("this image encoder takes region features [B, R, D] with their region counts "
-                                 "(image_lengths), not pictures")
-            parts, lengths = self.image_encoder(images, image_lengths)
-        else:
-            if image_lengths is not None:
-                raise ValueError("image_lengths is only for region features; this image encoder takes pictures")
-            parts = self.image_encoder(images)
-            lengths = self.image_lengths.expand(parts.size(0))  # every grid cell is a valid part
-        local = self.image_local(parts, lengths) if self.image_local is not None else None
-        return self.image_global(parts, lengths), local
+        images = images.float()  # region features travel as float16 (half the copy); weights are fp32
+        with self._autocast(images.device.type):
+            if self.variable_image_parts:
+                if image_lengths is None:
+                    raise ValueError("this image encoder takes region features [B, R, D] with their region "
+                                     "counts (image_lengths), not pictures")
+                parts, lengths = self.image_encoder(images, image_lengths)
+            else:
+                if image_lengths is not None:
+                    raise ValueError("image_lengths is only for region features; this image encoder takes "
+                                     "pictures")
+                parts = self.image_encoder(images)
+                lengths = self.image_lengths.expand(parts.size(0))  # every grid cell is a valid part
+            local = self.image_local(parts, lengths) if self.image_local is not None else None
+            return self.image_global(parts, lengths), local
 
     def encode_text(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor | None]:
         """tokens [B, T] right-padded with 0, lengths [B] -> (g, l), each L2-normalised [B, D]."""
         self._check_text(tokens, lengths)
-        parts = self.text_encoder(tokens, lengths)
-        local = self.text_local(parts, lengths) if self.text_local is not None else None
-        return self.text_global(parts, lengths), local
+        with self._autocast(tokens.device.type):
+            parts = self.text_encoder(tokens, lengths)
+            local = self.text_local(parts, lengths) if self.text_local is not None else None
+            return self.text_global(parts, lengths), local
+
+    def _autocast(self, device_type: str):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
 
     def forward(self, images: Tensor, tokens: Tensor, lengths: Tensor,
                 image_lengths: Tensor | None = None) -> dict[str, Tensor]:
@@ -474,7 +496,8 @@ class HierarchicalEmbedder(nn.Module):
             out.update(img_l=img_l, txt_l=txt_l)
         if self.concept_head is not None:
             # One call on both modalities: the same module calls every step, whatever the batch.
-            logits = self.concept_head(torch.cat([img_l, txt_l]))
+            with torch.autocast(img_l.device.type, enabled=False):  # a sigmoid's logits: fp32
+                logits = self.concept_head(torch.cat([img_l, txt_l]))
             out.update(img_concept_logits=logits[: img_l.size(0)], txt_concept_logits=logits[img_l.size(0):])
         return out
 

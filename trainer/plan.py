@@ -5,19 +5,20 @@
 
 What it counts, per GPU, for W = gpus x nodes ranks, P parameters, n pairs per rank and N = n x W columns:
 - model states, as DeepSpeed 0.19 lays them out (checked against real engines by tests/test_plan.py):
-  stage 0: parameters, gradients and AdamW's two moments whole on every rank (bf16 adds fp32 master weights
-  and fp32 gradients); stage 1: fp32 master weights and moments split W ways; stage 2: also the gradients;
+  stage 0: parameters, gradients and AdamW's two moments whole on every rank; stage 1: fp32 master weights and moments split W ways; stage 2: also the gradients;
   stage 3: also the parameters. "+offload": master weights, moments and fp32 gradients in CPU memory.
+  engine.precision=bf16 is autocast over fp32 parameters (the master weights): model states are fp32 in
+  both precisions, only the activations shrink.
 - activations: measured, not guessed: one forward of the configured model on the CPU at two small batch sizes,
-  in the configured precision, summing the bytes of the distinct storages autograd saves for backward
+  under the configured autocast, summing the bytes of the distinct storages autograd saves for backward
   (`torch.autograd.graph.saved_tensors_hooks`); the difference gives bytes per sample, the rest a fixed part
   (e.g. GPO's weight tables). Captions are taken at full length (data.max_words), the worst case.
 - the loss: each rank scores n rows against N columns, both directions, two spaces: score matrices, labels,
   masks, hinge and soft-target intermediates and their gradients, LOSS_BYTES_PER_PAIR bytes per (row, column)
   at the peak of forward + backward (measured by bench/loss_scaling.py), plus the float concept indicators of
   all N rows (LOSS_BYTES_PER_CONCEPT_CELL per column and concept).
-- the all-gather of the global batch: embeddings (4 x N x D in the model dtype, with autograd) and labels
-  (N image ids, 2 x N x K float32 concept multi-hots), exactly what `trainer.train.gather_global_batch` gathers.
+- the all-gather of the global batch: embeddings (4 x N x D in fp32, with autograd) and labels
+  (N image ids, 2 x N x K float32 concept multi-hots), exactly what `trainer.step.gather_global_batch` gathers.
 Memory an allocator keeps in reserve, CUDA context and DeepSpeed's communication buckets are not counted:
 the fit uses --headroom (default 0.85) of the GPU's memory.
 """
@@ -97,11 +98,10 @@ def loss_bytes(rows: int, columns: int, num_concepts: int) -> int:
     return LOSS_BYTES_PER_PAIR * rows * columns + LOSS_BYTES_PER_CONCEPT_CELL * columns * num_concepts
 
 
-def saved_activation_bytes(model: torch.nn.Module, batch_size: int, image_size: int, max_words: int,
-                           dtype: torch.dtype) -> int:
+def saved_activation_bytes(model: torch.nn.Module, batch_size: int, image_size: int, max_words: int) -> int:
     """Bytes of the distinct storages autograd saves during one training forward of `batch_size` samples."""
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, image_size, image_size, generator=gen).to(dtype)
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
     vocab = model.text_encoder.embed.num_embeddings
     tokens = torch.randint(1, vocab, (batch_size, max_words), generator=gen)
     lengths = torch.full((batch_size,), max_words)
@@ -130,12 +130,12 @@ class ActivationEstimate:
         return self.fixed + self.per_sample * batch_size
 
 
-def activation_estimate(model: torch.nn.Module, image_size: int, max_words: int, dtype: torch.dtype,
-                        small: int = 2, large: int = 6) -> ActivationEstimate:
-    """Linear fit of saved-activation bytes between two small batches (see saved_activation_bytes)."""
-    model = model.to(dtype)
-    a = saved_activation_bytes(model, small, image_size, max_words, dtype)
-    b = saved_activation_bytes(model, large, image_size, max_words, dtype)
+def activation_estimate(model: torch.nn.Module, image_size: int, max_words: int, small: int = 2,
+                        large: int = 6) -> ActivationEstimate:
+    """Linear fit of saved-activation bytes between two small batches (see saved_activation_bytes); the model's
+    own autocast (engine.precision) decides the activations' dtype."""
+    a = saved_activation_bytes(model, small, image_size, max_words)
+    b = saved_activation_bytes(model, large, image_size, max_words)
     per_sample = max(0, math.ceil((b - a) / (large - small)))
     return ActivationEstimate(per_sample=per_sample, fixed=max(0, a - per_sample * small))
 
@@ -156,9 +156,10 @@ class Plan:
     def per_gpu(self, stage: int, offload: bool, rows: int) -> dict[str, int]:
         """Every counted part of one GPU's memory for `rows` pairs per rank."""
         columns = rows * self.world
-        states = model_state_bytes(self.num_params, stage, self.world, self.bf16, offload)
+        # bf16 is autocast: parameters, gradients and the gathered embeddings stay fp32 (see the module doc)
+        states = model_state_bytes(self.num_params, stage, self.world, False, offload)
         gathered = gathered_bytes(columns, self.cfg.model.embed_dim, self.num_concepts,
-                                  self.cfg.loss.local != "none", self.bf16)
+                                  self.cfg.loss.local != "none", False)
         parts = {"params": states.params, "grads": states.grads, "master": states.master,
                  "optimizer": states.optimizer, "activations": self.activations.at(rows),
                  "loss": loss_bytes(rows, columns, self.num_concepts), "gathered": sum(gathered.values())}
@@ -180,19 +181,14 @@ class Plan:
 
 
 def make_plan(cfg: Config, world: int, vocab_size: int, num_concepts: int) -> Plan:
-    from trainer.model import HierarchicalEmbedder
+    from types import SimpleNamespace
 
-    m = cfg.model
+    from trainer.factory import build_model
+
     torch.manual_seed(0)
-    model = HierarchicalEmbedder(
-        vocab_size=vocab_size, num_concepts=num_concepts, embed_dim=m.embed_dim, image_encoder=m.image_encoder,
-        cnn_width=m.cnn_width, image_size=cfg.data.image_size, word_dim=m.word_dim, gru_hidden=m.gru_hidden,
-        gru_layers=m.gru_layers, max_words=cfg.data.max_words, pooling=m.pooling,
-        local_space=cfg.loss.local != "none", local_score_weight=m.local_score_weight,
-        concept_head=cfg.loss.concept_bce_weight > 0)
+    model = build_model(cfg, SimpleNamespace(vocab=[None] * vocab_size, num_concepts=num_concepts))
     num_params = sum(p.numel() for p in model.parameters())
-    dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
-    acts = activation_estimate(model, cfg.data.image_size, cfg.data.max_words, dtype)
+    acts = activation_estimate(model, cfg.data.image_size, cfg.data.max_words)
     return Plan(cfg, world, num_params, acts, vocab_size, num_concepts)
 
 

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from trainer.data import RegionSpec, decode_image, pad_tokens
+from trainer.distributed import broadcast_object
 from trainer.evaluate import LoadedRun, add_checkpoint_arguments, embed_split, load_run
-from trainer.text_encoders import caption_tokenizer
+from trainer.factory import build_tokenizer
 
 INDEX_FILES = ("index.json", "image_vectors.npy", "caption_vectors.npy", "images.json", "captions.json")
 
@@ -31,16 +32,21 @@ INDEX_FILES = ("index.json", "image_vectors.npy", "caption_vectors.npy", "images
 def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = None,
                  checkpoint: str = "latest") -> dict:
     """Embed a split with a run's checkpoint and write the index folder (rank 0 writes); returns index.json."""
-    from trainer.train import model_dtype
-
     run_dir = Path(run_dir).resolve()
     run = load_run(run_dir, checkpoint)
     cfg, info = run.cfg, run.info
     split = split or cfg.data.test_split
     emb = embed_split(run.model, run.shardset, split, image_size=cfg.data.image_size, max_words=cfg.data.max_words,
-                      batch_size=cfg.data.eval_batch_size, dtype=model_dtype(cfg), rank=info.rank,
-                      world=info.world_size, tokenizer=caption_tokenizer(cfg, run.shardset.vocab),
-                      regions=RegionSpec.from_config(cfg))
+                      batch_size=cfg.data.eval_batch_size, rank=info.rank, world=info.world_size,
+                      tokenizer=build_tokenizer(cfg, run.shardset.vocab), regions=RegionSpec.from_config(cfg))
+    meta = broadcast_object(_write_index(run, emb, split, run_dir, out_dir) if info.is_main else None)
+    return meta
+
+
+def _write_index(run: LoadedRun, emb: dict, split: str, run_dir: Path, out_dir: str | Path) -> dict:
+    """Rank 0, which holds the gathered embeddings, writes the index folder."""
+    cfg = run.cfg
+    emb = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in emb.items()}
     image_vectors = run.model.retrieval_vector(emb["img_g"], emb["img_l"]).float().numpy()
     caption_vectors = run.model.retrieval_vector(emb["cap_g"], emb["cap_l"]).float().numpy()
     meta = {
@@ -54,15 +60,14 @@ def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = N
         "dim": int(image_vectors.shape[1]),
         "counts": {"images": int(image_vectors.shape[0]), "captions": int(caption_vectors.shape[0])},
     }
-    if info.is_main:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        np.save(out / "image_vectors.npy", np.ascontiguousarray(image_vectors, dtype=np.float32))
-        np.save(out / "caption_vectors.npy", np.ascontiguousarray(caption_vectors, dtype=np.float32))
-        (out / "images.json").write_text(json.dumps(emb["image_ids"]))
-        captions = [{"text": c, "image_row": int(r)} for c, r in zip(emb["captions"], emb["cap_to_img"].tolist())]
-        (out / "captions.json").write_text(json.dumps(captions, indent=0))
-        (out / "index.json").write_text(json.dumps(meta, indent=2))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "image_vectors.npy", np.ascontiguousarray(image_vectors, dtype=np.float32))
+    np.save(out / "caption_vectors.npy", np.ascontiguousarray(caption_vectors, dtype=np.float32))
+    (out / "images.json").write_text(json.dumps(emb["image_ids"]))
+    captions = [{"text": c, "image_row": int(r)} for c, r in zip(emb["captions"], emb["cap_to_img"].tolist())]
+    (out / "captions.json").write_text(json.dumps(captions, indent=0))
+    (out / "index.json").write_text(json.dumps(meta, indent=2))
     return meta
 
 
@@ -88,21 +93,19 @@ def read_index(index_dir: str | Path) -> dict:
 @torch.no_grad()
 def encode_query(run: LoadedRun, text: str | None = None, image_path: str | Path | None = None) -> np.ndarray:
     """The query's retrieval vector [D] (float32), encoded as evaluation encodes captions and pictures."""
-    from trainer.train import model_dtype
-
     model, cfg = run.model, run.cfg
     model.eval()
     device = next(iter(model.parameters())).device
     if text is not None:
-        tokenizer = caption_tokenizer(cfg, run.shardset.vocab)
+        tokenizer = build_tokenizer(cfg, run.shardset.vocab)
         tokens, lengths = pad_tokens([tokenizer.encode(text)], tokenizer.pad_id)
-        g, l = model.encode_text(tokens.to(device), lengths.to(device))
+        g, l = model.encode_text(tokens.to(device), lengths)
     else:
         if RegionSpec.from_config(cfg) is not None:
             raise ValueError(f"{image_path}: this run reads region features, not pictures (model.image_encoder="
                              f"regions); query it with --text, or with a run that has a picture encoder")
         image = decode_image(Path(image_path).read_bytes(), cfg.data.image_size)
-        g, l = model.encode_image(image[None].to(device=device, dtype=model_dtype(cfg)))
+        g, l = model.encode_image(image[None].to(device))
     return model.retrieval_vector(g, l)[0].float().cpu().numpy()
 
 

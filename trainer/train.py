@@ -25,6 +25,7 @@ Faults (each rank decides nothing alone: one all-reduce per step makes every ran
   reproduced: a resume on another world size or worker count (other shards per worker), timing scalars, and on
   GPUs any kernel or collective that sums in a varying order (then the runs agree to float rounding only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,137 +37,78 @@ import random
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from trainer import checkpoint
 from trainer.config import Config, ConfigError, load_config, save_config
-from trainer.data import (BAD_KINDS, RegionSpec, ShardSet, TrainStream, batches_per_worker, check_image_input,
-                          check_shards_for_workers, mix_sets, train_batches)
-from trainer.distributed import (DistInfo, all_reduce_max, all_reduce_sum, gather_no_grad, gather_with_grad,
-                                 init_distributed, shutdown)
+from trainer.data import (BAD_KINDS, RegionSpec, ShardSet, check_image_input, check_shards_for_workers, mix_sets,
+                          train_batches)
+from trainer.distributed import DistInfo, gather_no_grad, init_distributed, shutdown
 from trainer.evaluate import evaluate_split, results_table, write_results
-from trainer.loss import HierarchicalLoss
-from trainer.model import HierarchicalEmbedder
+from trainer.factory import build_loss, build_model, build_train_stream
 from trainer.progress import ProgressBar, progress_enabled
+from trainer.step import train_step
 from trainer.tblog import RunLogger
-from trainer.text_encoders import caption_tokenizer, init_word_embeddings, pretrained_text_encoder
 
 log = logging.getLogger("trainer")
 
-EMBEDDING_KEYS = ("img_g", "img_l", "txt_g", "txt_l")
-LABEL_KEYS = ("image_ids", "image_concepts", "caption_concepts")
+
+# ---------------------------------------------------------------------------------------------- run state
 
 
-def image_encoder_options(cfg: Config) -> dict:
-    """The chosen image encoder's own settings from the model section."""
-    m = cfg.model
-    if m.image_encoder == "regions":
-        return {"region_dim": m.region_dim, "max_regions": m.max_regions, "region_dropout": m.region_dropout}
-    if m.image_encoder == "efficientnet_lite0":
-        return {"trainable": m.backbone_trainable, "trainable_blocks": m.backbone_trainable_blocks,
-                "weights": m.backbone_weights}
-    return {}
+@dataclass
+class RunState:
+    """Everything the run counts, saved to and restored from the checkpoint as a whole. The totals are over
+    all ranks (every rank holds the same numbers); data_epoch and data_batches are this rank's stream position."""
+
+    step: int = 0
+    samples: int = 0
+    data_epoch: int = 0
+    data_batches: int = 0
+    read_total: int = 0
+    bad_totals: list[int] = field(default_factory=lambda: [0] * len(BAD_KINDS))
+    set_samples: list[int] = field(default_factory=list)
+    nonfinite_steps: int = 0
+    nonfinite_streak: int = 0
+
+    def advance_data(self, epoch: int) -> None:
+        if epoch != self.data_epoch:
+            self.data_epoch, self.data_batches = epoch, 0
+        self.data_batches += 1
+
+    def totals(self) -> dict:
+        """What is the same on every rank (the data position is not)."""
+        out = asdict(self)
+        out.pop("data_epoch"), out.pop("data_batches")
+        return out
 
 
-def build_model(cfg: Config, shardset: ShardSet) -> HierarchicalEmbedder:
-    """The model with its pretrained weights loaded (before DeepSpeed partitions anything)."""
-    m = cfg.model
-    model = HierarchicalEmbedder(
-        vocab_size=len(shardset.vocab), num_concepts=shardset.num_concepts, embed_dim=m.embed_dim,
-        image_encoder=m.image_encoder, cnn_width=m.cnn_width, image_size=cfg.data.image_size,
-        word_dim=m.word_dim, gru_hidden=m.gru_hidden, gru_layers=m.gru_layers, max_words=cfg.data.max_words,
-        pooling=m.pooling, local_space=cfg.loss.local != "none", local_score_weight=m.local_score_weight,
-        concept_head=cfg.loss.concept_bce_weight > 0, text_encoder=pretrained_text_encoder(cfg),
-        image_encoder_options=image_encoder_options(cfg))
-    if m.word_vectors is not None:
-        init_word_embeddings(model.text_encoder.embed, shardset.vocab, m.word_vectors)
-    return model
+def client_state(cfg: Config, state: RunState, positions: list[list[int]]) -> dict:
+    """Saved beside DeepSpeed's state. positions: [epoch, batches] of every rank (all-gathered)."""
+    return {"run_state": state.totals(), "data_positions": positions, "world_size": len(positions),
+            "config": cfg.to_dict(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
 
 
-def build_loss(cfg: Config) -> HierarchicalLoss:
-    lo = cfg.loss
-    return HierarchicalLoss(margin=lo.margin, warmup_steps=lo.warmup_steps, local=lo.local,
-                            local_weight=lo.local_weight, temperature=lo.temperature, local_margin=lo.local_margin,
-                            concept_bce_weight=lo.concept_bce_weight, labels=lo.labels, seed=cfg.run.seed,
-                            label_mass=lo.label_mass)
+def restored_state(saved: dict, rank: int, world: int, num_sets: int) -> RunState:
+    """The RunState of a checkpoint's client state for this rank. On the world size it was written with, each
+    rank continues its own stream where it stopped. On another world size the streams (shards per rank and
+    worker) are not the same ones: every rank starts the virtual epoch after the furthest one any rank had
+    begun, so no sample of the interrupted epoch is trained twice (the rest of that epoch is left out)."""
+    state = RunState(**saved["run_state"])
+    if not state.set_samples:
+        state.set_samples = [0] * num_sets
+    positions = saved["data_positions"]
+    if len(positions) == world:
+        state.data_epoch, state.data_batches = positions[rank]
+    else:
+        state.data_epoch, state.data_batches = max(epoch for epoch, _ in positions) + 1, 0
+    return state
 
 
-def model_dtype(cfg: Config) -> torch.dtype:
-    return torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
-
-
-def gather_global_batch(out: dict, batch: dict) -> dict:
-    """The global batch the loss scores against: embeddings with autograd, labels without."""
-    gathered = {k: gather_with_grad(out[k]) for k in EMBEDDING_KEYS if k in out}
-    gathered.update({k: gather_no_grad(batch[k]) for k in LABEL_KEYS})
-    return gathered
-
-
-def local_grads_nonfinite(engine) -> bool:
-    """Whether this rank's gradients hold inf/NaN, after backward at an accumulation boundary. Without ZeRO
-    they are whole in p.grad; under ZeRO 1-3 they are partitioned and the optimizer's own check (a collective
-    over the data-parallel group, so every rank calls it) reads its partitions."""
-    if engine.zero_optimization_stage() >= 1 and hasattr(engine.optimizer, "has_overflow"):
-        return bool(engine.optimizer.has_overflow(partition_gradients=True))
-    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-
-
-def skip_optimizer_step(engine) -> None:
-    """engine.step() with the optimizer's update left out: DeepSpeed still clears the gradients (of whatever
-    ZeRO stage), counts the micro-steps and moves the LR schedule, but no parameter and no Adam moment or step
-    count changes. The client optimizer (build_engine's torch AdamW) is the one every DeepSpeed wrapper calls."""
-    inner = engine.client_optimizer
-    own = vars(inner).get("step")  # the LR scheduler wraps step as an instance attribute
-    inner.step = lambda *args, **kwargs: None
-    try:
-        engine.step()
-    finally:
-        if own is not None:
-            inner.step = own
-        else:
-            del inner.step
-
-
-def train_step(engine, loss_fn, batch: dict, step: int, info: DistInfo, dtype: torch.dtype,
-               want_grad_norm: bool = False) -> dict:
-    """One micro-step: forward on this rank's pairs, gather, loss of own rows vs all columns, backward; at the
-    accumulation boundary the update, or (any rank's loss or gradient not finite) a skip on every rank.
-    stats["skipped"]: 1.0 when the boundary's update was skipped."""
-    device = info.device
-    image_lengths = batch.get("image_lengths")  # region counts, with region features
-    out = engine(batch["images"].to(device=device, dtype=dtype, non_blocking=True),
-                 batch["tokens"].to(device, non_blocking=True), batch["lengths"].to(device, non_blocking=True),
-                 None if image_lengths is None else image_lengths.to(device, non_blocking=True))
-    labels = {k: batch[k].to(device, non_blocking=True) for k in LABEL_KEYS}
-    gathered = gather_global_batch(out, labels)
-    n = batch["images"].shape[0]
-    logits = (out["img_concept_logits"], out["txt_concept_logits"]) if "img_concept_logits" in out else None
-    losses = loss_fn(gathered, row_offset=info.rank * n, num_rows=n, step=step, concept_logits=logits)
-    engine.backward(losses["loss"])
-    stats = {k: v.detach() for k, v in losses.items()}
-    boundary = engine.is_gradient_accumulation_boundary()
-    if not boundary:
-        # Mid-window: a non-finite loss here poisons the accumulated grads, which the boundary check sees.
-        engine.step()
-        return stats
-    grads_bad = local_grads_nonfinite(engine)  # first and on every rank: under ZeRO it is a collective
-    bad = grads_bad or not bool(torch.isfinite(stats["loss"]))
-    bad = bool(all_reduce_max(torch.tensor([int(bad)], dtype=torch.long))[0])  # every rank the same branch
-    stats["skipped"] = torch.tensor(float(bad))
-    if bad:
-        skip_optimizer_step(engine)
-        return stats
-    if want_grad_norm and engine.zero_optimization_stage() == 0:
-        # DeepSpeed reports a grad norm only for its ZeRO optimizers; without ZeRO the grads are whole here.
-        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        stats["grad_norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    engine.step()
-    return stats
-
-
+# ---------------------------------------------------------------------------------------------- stop request
 class StopRequest:
     """Set by SIGTERM / SIGUSR1; the training loop checkpoints and leaves at the next step boundary."""
 
@@ -192,30 +134,328 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-class DataPosition:
-    """Where this rank's stream is: the virtual epoch and how many of its batches were trained on."""
 
-    def __init__(self, epoch: int = 0, batches: int = 0) -> None:
-        self.epoch, self.batches = epoch, batches
-
-    def advance(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.batches = epoch, 0
-        self.batches += 1
+# ---------------------------------------------------------------------------------------------- prepare
 
 
-def client_state(cfg: Config, step: int, samples: int, positions: list[list[int]], counters: dict) -> dict:
-    """Saved by rank 0 beside DeepSpeed's state. positions: [epoch, batches] of every rank (all-gathered);
-    counters: the run's totals of bad samples (per kind), samples read and skipped steps, all ranks together."""
-    return {"step": step, "samples": samples, "data_positions": positions, "counters": counters,
-            "config": cfg.to_dict(), "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+@dataclass
+class Run:
+    """What the phases share: the config, this process's place, the engine and its inputs and outputs."""
+
+    cfg: Config
+    info: DistInfo
+    shardset: ShardSet
+    engine: object  # deepspeed.DeepSpeedEngine
+    loss_fn: object
+    tb: RunLogger
+    out_dir: Path
+    set_names: list[str]
+    regions: RegionSpec | None
+    num_params: int
+    resume_tag: str | None = None
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.data.batch_size * self.info.world_size * self.cfg.engine.grad_accum
 
 
-def save_checkpoint(engine, cfg: Config, ckpt_dir: Path, step: int, samples: int, position: DataPosition,
-                    counters: dict, info: DistInfo) -> None:
-    positions = gather_no_grad(torch.tensor([[position.epoch, position.batches]], dtype=torch.long)).tolist()
-    checkpoint.save(engine, ckpt_dir, step, client_state(cfg, step, samples, positions, counters),
-                    info.world_size, cfg.train.keep_checkpoints, info.is_main)
+def check_inputs(cfg: Config, info: DistInfo) -> tuple[ShardSet, list, RegionSpec | None]:
+    """Refuse missing shards, too few shards for the workers and mismatched image inputs before any work."""
+    d = cfg.data
+    shardset = ShardSet.open(d.shards)
+    shardset.urls(d.train_split)  # refuses missing shard files
+    if not d.resampled:
+        check_shards_for_workers(len(shardset.split_info(d.train_split)["shards"]), info.world_size,
+                                 d.num_workers, d.train_split)
+    regions = RegionSpec.from_config(cfg)
+    mix = mix_sets(shardset, d.mix_shards, d.mix_weights, d.train_split)
+    for one in [shardset] + [s for s, _ in mix[1:]]:
+        check_image_input(one, d.train_split, regions)  # pictures vs region features
+    return shardset, mix, regions
+
+
+def prepare(cfg: Config) -> tuple[Run, list]:
+    """Process group, checks, config saved, model and engine built; (run, corpus mix)."""
+    info = init_distributed()
+    from trainer.engine import build_engine, deepspeed_config
+
+    ds_config = deepspeed_config(cfg, info.world_size)  # refuses disagreeing batch sizes before any work
+    shardset, mix, regions = check_inputs(cfg, info)
+    out_dir = Path(cfg.run.out_dir)
+    resume_tag = None
+    if cfg.run.resume:
+        resume_tag, marker = checkpoint.find_on_all_ranks(out_dir / "checkpoints", cfg.run.resume, info.is_main)
+        checkpoint.check_world_size(out_dir / "checkpoints", resume_tag, marker, info.world_size)
+    configure_threads(cfg, info)
+    random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    model = build_model(cfg, shardset)
+    num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
+    if cfg.model.init_from and not cfg.run.resume:
+        load_init_weights(model, cfg.model.init_from)
+    engine = build_engine(cfg, model, ds_config)
+    tb = RunLogger(out_dir / "tb", enabled=info.is_main)
+    tb.text("config", f"```\n{cfg.to_yaml()}\n```")
+    tb.retrieval_layout(list(dict.fromkeys([cfg.data.eval_split, cfg.data.test_split])))
+    set_names = [str(s.root) for s, _ in mix] or [str(shardset.root)]
+    run = Run(cfg, info, shardset, engine, build_loss(cfg), tb, out_dir, set_names, regions, num_params,
+              resume_tag)
+    return run, mix
+
+
+def restore(run: Run) -> RunState:
+    """A fresh RunState, or the checkpoint's (DeepSpeed state loaded; another world size through DeepSpeed's
+    universal checkpoint, optimizer state included)."""
+    if run.resume_tag is None:
+        return RunState(set_samples=[0] * len(run.set_names))
+    saved = checkpoint.load(run.engine, run.ckpt_dir, run.resume_tag, run.info.world_size, run.info.is_main)
+    torch.set_rng_state(saved["torch_rng"])
+    random.setstate(saved["python_rng"])
+    state = restored_state(saved, run.info.rank, run.info.world_size, len(run.set_names))
+    log.info("resumed from %s at step %d (%d samples seen)", run.ckpt_dir / run.resume_tag, state.step,
+             state.samples)
+    return state
+
+
+def open_batches(run: Run, mix: list, state: RunState):
+    stream = build_train_stream(run.cfg, run.shardset, rank=run.info.rank, world_size=run.info.world_size,
+                                mix=mix)
+    return train_batches(stream, run.cfg.data.num_workers, start_epoch=state.data_epoch,
+                         skip_batches=state.data_batches)
+
+
+def announce(run: Run, mix: list) -> None:
+    cfg, info = run.cfg, run.info
+    if not info.is_main:
+        return
+    if mix:
+        log.info("mixing %d shard sets: %s", len(mix),
+                 ", ".join(f"{name} {w:.1%}" for name, (_, w) in zip(run.set_names, mix)))
+    log.info("training %d steps, global batch %d (%d ranks x %d x accum %d), %.2fM parameters, %s",
+             cfg.train.steps, run.global_batch, info.world_size, cfg.data.batch_size, cfg.engine.grad_accum,
+             run.num_params / 1e6, cfg.engine.precision)
+
+
+# ---------------------------------------------------------------------------------------------- step
+
+
+@dataclass
+class LogWindow:
+    """Sums between two log lines."""
+
+    sums: dict = field(default_factory=dict)
+    micro: int = 0
+    updates: int = 0
+    data_wait: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+    grad_norm: torch.Tensor | None = None
+    skipped: bool = False
+
+
+def step_once(run: Run, state: RunState, batches, stop: StopRequest, window: LogWindow) -> bool:
+    """One optimizer step of engine.grad_accum micro-steps; True when some rank asked to stop. The counts of
+    this step (samples read, bad per kind, samples per mixed set) and the stop flag ride on the step's one
+    all-reduce, inside train_step."""
+    cfg = run.cfg
+    counts = torch.zeros(2 + len(BAD_KINDS) + len(run.set_names), dtype=torch.long)
+    step_sums: dict[str, torch.Tensor] = {}
+    log_now = (state.step + 1) % cfg.train.log_every == 0 or state.step + 1 == cfg.train.steps
+    run.engine.module.set_backbone_grad(state.step >= cfg.optim.backbone_freeze_steps)
+    for micro in range(cfg.engine.grad_accum):
+        t0 = time.perf_counter()
+        epoch, batch = next(batches)
+        state.advance_data(epoch)
+        window.data_wait += time.perf_counter() - t0
+        counts[1] += batch["n_read"]
+        counts[2:2 + len(BAD_KINDS)] += batch["bad_counts"]
+        counts[2 + len(BAD_KINDS):] += batch["set_counts"]
+        last = micro == cfg.engine.grad_accum - 1
+        if last:
+            counts[0] = int(stop.signal is not None)
+        stats = train_step(run.engine, run.loss_fn, batch, state.step, run.info, want_grad_norm=log_now,
+                           host_counts=counts if last else None)
+        for k, v in stats.items():
+            if k not in ("skipped", "agreed", "grad_norm"):
+                step_sums[k] = step_sums.get(k, 0.0) + v
+        window.micro += 1
+    agreed = stats["agreed"]
+    state.step += 1
+    state.samples += run.global_batch
+    state.read_total += agreed[1]
+    state.bad_totals = [a + b for a, b in zip(state.bad_totals, agreed[2:2 + len(BAD_KINDS)])]
+    state.set_samples = [a + b for a, b in zip(state.set_samples, agreed[2 + len(BAD_KINDS):])]
+    window.grad_norm, window.skipped = stats.get("grad_norm"), bool(stats["skipped"])
+    count_update(run, state, window, step_sums)
+    return agreed[0] > 0
+
+
+def count_update(run: Run, state: RunState, window: LogWindow, step_sums: dict) -> None:
+    if window.skipped:
+        state.nonfinite_steps += 1
+        state.nonfinite_streak += 1
+        if run.info.is_main:
+            log.warning("step %d: non-finite loss or gradient on some rank; update skipped on every rank "
+                        "(%d in a row, %d in all)", state.step, state.nonfinite_streak, state.nonfinite_steps)
+        return
+    state.nonfinite_streak = 0
+    window.updates += 1
+    for k, v in step_sums.items():
+        window.sums[k] = window.sums.get(k, 0.0) + v
+
+
+def check_health(run: Run, state: RunState) -> None:
+    """Stop the run (an error on every rank alike: the totals are agreed) on too many bad samples or skips."""
+    d, cfg = run.cfg.data, run.cfg
+    bad = sum(state.bad_totals)
+    if state.read_total >= d.bad_fraction_min_read and bad > d.max_bad_fraction * state.read_total:
+        counts = ", ".join(f"{kind} {n}" for kind, n in zip(BAD_KINDS, state.bad_totals) if n)
+        raise RuntimeError(f"{bad} of {state.read_total} samples read were bad ({bad / state.read_total:.2%} > "
+                           f"data.max_bad_fraction={d.max_bad_fraction}; {counts}); see the warnings above")
+    if state.nonfinite_streak >= cfg.train.max_nonfinite_steps:
+        raise RuntimeError(f"{state.nonfinite_streak} steps in a row had a non-finite loss or gradient "
+                           f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}), up to step {state.step}; "
+                           f"the last checkpoint written before them is kept in {run.ckpt_dir}")
+
+
+# ---------------------------------------------------------------------------------------------- log
+
+
+def window_scalars(run: Run, state: RunState, window: LogWindow) -> dict:
+    from trainer.engine import backbone_lr
+
+    cfg, engine = run.cfg, run.engine
+    elapsed = time.perf_counter() - window.start
+    per_update = max(1, window.updates * cfg.engine.grad_accum)
+    scalars = {f"loss/{k}": float(v) / per_update for k, v in window.sums.items()}
+    grad_norm = window.grad_norm
+    if grad_norm is None and not window.skipped:
+        grad_norm = engine.get_global_grad_norm()
+    scalars.update({
+        "train/lr": engine.get_lr()[0],
+        "train/samples_per_s": run.global_batch / cfg.engine.grad_accum * window.micro / elapsed,
+        "train/data_wait_frac": window.data_wait / elapsed,
+        "train/step_s": elapsed / (window.micro / cfg.engine.grad_accum),
+        "train/bad_samples": sum(state.bad_totals),
+        "train/data_epoch": state.data_epoch,
+        "train/nonfinite_steps": state.nonfinite_steps,
+    })
+    scalars.update({f"data/bad/{kind}": n for kind, n in zip(BAD_KINDS, state.bad_totals)})
+    if len(run.set_names) > 1:  # how many training samples each corpus contributed so far
+        scalars.update({f"data/samples/{Path(name).name}": n for name, n in zip(run.set_names, state.set_samples)})
+    if grad_norm is not None:
+        scalars["train/grad_norm"] = float(grad_norm)
+    if (rate := backbone_lr(engine)) is not None:
+        scalars["train/backbone_lr"] = rate
+    if torch.cuda.is_available():
+        scalars["train/max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return scalars
+
+
+def log_window(run: Run, state: RunState, window: LogWindow, bar: ProgressBar) -> None:
+    scalars = window_scalars(run, state, window)
+    run.tb.scalars(state.step, scalars)
+    if run.info.is_main:
+        steps = run.cfg.train.steps
+        left_s = (steps - state.step) * scalars["train/step_s"]
+        log.info("step %d/%d loss %.4f (global %.4f local %.4f) lr %.2e %.0f samples/s data wait %.0f%% "
+                 "eta %dm%02ds", state.step, steps, scalars.get("loss/loss", math.nan),
+                 scalars.get("loss/global", math.nan), scalars.get("loss/local", math.nan), scalars["train/lr"],
+                 scalars["train/samples_per_s"], 100 * scalars["train/data_wait_frac"], left_s // 60, left_s % 60)
+        bar.update(0, loss=f"{scalars.get('loss/loss', math.nan):.4f}")
+        with (run.out_dir / "train_log.jsonl").open("a") as f:
+            f.write(json.dumps({"step": state.step, **scalars}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- evaluate, save
+
+
+def evaluate(run: Run, split: str, step: int, examples: bool) -> dict:
+    """Every rank embeds its share; rank 0 scores, logs and writes RUN/eval/<split>.json; all get the results."""
+    def on_embeddings(emb: dict) -> None:  # retrieval examples + projector, on rank 0 (it has the embeddings)
+        if examples and run.regions is None:  # feature shard sets hold no pictures to show
+            run.tb.eval_examples(step, emb, run.shardset, split, run.cfg.model.local_score_weight)
+
+    results = evaluate_split(run.engine.module, run.shardset, split, run.cfg, rank=run.info.rank,
+                             world=run.info.world_size, on_embeddings=on_embeddings)
+    run.tb.retrieval(step, split, results)
+    if run.info.is_main:
+        write_results(results, run.out_dir, split, step)
+    return results
+
+
+def save_checkpoint(run: Run, state: RunState) -> None:
+    positions = gather_no_grad(torch.tensor([[state.data_epoch, state.data_batches]], dtype=torch.long)).tolist()
+    checkpoint.save(run.engine, run.ckpt_dir, state.step, client_state(run.cfg, state, positions),
+                    run.info.world_size, run.cfg.train.keep_checkpoints, run.info.is_main)
+
+
+def final_evaluation(run: Run, state: RunState) -> dict:
+    d = run.cfg.data
+    final = {}
+    for split in dict.fromkeys([d.eval_split, d.test_split]):
+        final[split] = results = evaluate(run, split, state.step, examples=split == d.eval_split)
+        if run.info.is_main:
+            print(f"\n{split} split after {state.step} steps ({results['counts']['images']} images, "
+                  f"{results['counts']['captions']} captions):\n{results_table(results)}\n"
+                  f"(written to {run.out_dir / 'eval' / f'{split}.json'})", flush=True)
+    run.tb.hparams(run.cfg.to_dict(), final[d.test_split], d.test_split)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config) -> dict:
+    """Train as configured; {split: results} at the end (on every rank), or {"preempted": {"step", "signal"}}
+    after a stop request (SIGTERM/SIGUSR1), whose handlers are in place from the start."""
+    with StopRequest() as stop:
+        run, mix = prepare(cfg)
+        state = restore(run)
+        try:
+            return train_loop(run, state, open_batches(run, mix, state), stop, mix)
+        finally:
+            run.tb.close()
+
+
+def train_loop(run: Run, state: RunState, batches, stop: StopRequest, mix: list) -> dict:
+    cfg = run.cfg
+    announce(run, mix)
+    bar = ProgressBar(cfg.train.steps * run.global_batch, "train", initial=state.samples,
+                      enabled=progress_enabled(run.info.rank))
+    window = LogWindow()
+    last_saved = state.step if run.resume_tag is not None else -1
+    while state.step < cfg.train.steps:
+        stop_now = step_once(run, state, batches, stop, window)
+        bar.update(run.global_batch, step=f"{state.step}/{cfg.train.steps}")
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+            log_window(run, state, window, bar)
+            window = LogWindow()
+        check_health(run, state)
+        if stop_now:
+            if run.info.is_main:
+                log.warning("stop requested by SIGTERM/SIGUSR1 to at least one rank: checkpoint at step %d, "
+                            "then exit", state.step)
+            save_checkpoint(run, state)
+            bar.close()
+            return {"preempted": {"step": state.step, "signal": stop.signal}}
+        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.steps:
+            results = evaluate(run, cfg.data.eval_split, state.step, examples=True)
+            if run.info.is_main:
+                log.info("step %d %s split:\n%s", state.step, cfg.data.eval_split, results_table(results))
+        if cfg.train.ckpt_every and state.step % cfg.train.ckpt_every == 0 and state.nonfinite_streak == 0:
+            save_checkpoint(run, state)
+            last_saved = state.step
+    bar.close()
+    if last_saved != state.step:
+        save_checkpoint(run, state)
+    return final_evaluation(run, state)
 
 
 def load_init_weights(model: torch.nn.Module, path: str) -> None:
@@ -233,235 +473,6 @@ def configure_threads(cfg: Config, info: DistInfo) -> None:
         threads = cfg.engine.threads or max(1, (os.cpu_count() or 1) // max(1, info.local_world_size))
         torch.set_num_threads(threads)
 
-
-def train(cfg: Config) -> dict:
-    """Train as configured; {split: results} at the end, or {"preempted": {"step", "signal"}} after a stop
-    request (SIGTERM/SIGUSR1), whose handlers are in place from the start."""
-    with StopRequest() as stop:
-        return _train(cfg, stop)
-
-
-def _train(cfg: Config, stop: StopRequest) -> dict:
-    info = init_distributed()
-    from trainer.engine import backbone_lr, build_engine, deepspeed_config
-
-    ds_config = deepspeed_config(cfg, info.world_size)  # refuses disagreeing batch sizes before any work
-    d = cfg.data
-    shardset = ShardSet.open(d.shards)
-    split_info = shardset.split_info(d.train_split)
-    shardset.urls(d.train_split)  # refuses missing shard files before any work
-    if not d.resampled:
-        check_shards_for_workers(len(split_info["shards"]), info.world_size, d.num_workers, d.train_split)
-    regions = RegionSpec.from_config(cfg)
-    check_image_input(shardset, d.train_split, regions)  # pictures vs region features, before any work
-    out_dir = Path(cfg.run.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    resume_tag = None
-    if cfg.run.resume:
-        resume_tag, marker = checkpoint.find_on_all_ranks(ckpt_dir, cfg.run.resume, info.is_main)
-        checkpoint.check_world_size(ckpt_dir, resume_tag, marker, info.world_size)
-    configure_threads(cfg, info)
-    random.seed(cfg.run.seed)
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-    dtype = model_dtype(cfg)
-
-    model = build_model(cfg, shardset)
-    num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
-    if cfg.model.init_from and not cfg.run.resume:
-        load_init_weights(model, cfg.model.init_from)
-    loss_fn = build_loss(cfg)
-    engine = build_engine(cfg, model, ds_config)
-    tb = RunLogger(out_dir / "tb", enabled=info.is_main)
-    tb.text("config", f"```\n{cfg.to_yaml()}\n```")
-    tb.retrieval_layout(list(dict.fromkeys([cfg.data.eval_split, cfg.data.test_split])))
-
-    def log_examples(emb: dict) -> None:  # retrieval examples + projector of the eval split, at the current step
-        if regions is None:  # feature shard sets hold no pictures to show
-            tb.eval_examples(step, emb, shardset, d.eval_split, cfg.model.local_score_weight)
-
-    step, samples, position, counters = 0, 0, DataPosition(), {}
-    if resume_tag is not None:
-        load_path, state = engine.load_checkpoint(str(ckpt_dir), tag=resume_tag)
-        if load_path is None:
-            raise checkpoint.CheckpointError(f"run.resume: DeepSpeed could not load {ckpt_dir / resume_tag}")
-        step, samples = state["step"], state["samples"]
-        position = DataPosition(*state["data_positions"][info.rank])
-        counters = state["counters"]
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        log.info("resumed from %s at step %d (%d samples seen)", load_path, step, samples)
-
-    mix = mix_sets(shardset, d.mix_shards, d.mix_weights, d.train_split)
-    train_images = sum(s.split_info(d.train_split)["images"] for s, _ in mix) if mix else split_info["images"]
-    for extra, _ in mix[1:]:
-        check_image_input(extra, d.train_split, regions)
-    set_names = [str(s.root) for s, _ in mix] or [str(shardset.root)]
-    per_rank_epoch = d.samples_per_epoch or max(d.batch_size, train_images // info.world_size)
-    stream = TrainStream(shardset, d.train_split, batch_size=d.batch_size, image_size=d.image_size,
-                         max_words=d.max_words, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
-                         batches_per_worker=batches_per_worker(per_rank_epoch, d.batch_size, d.num_workers),
-                         seed=cfg.run.seed, rank=info.rank, world_size=info.world_size,
-                         tokenizer=caption_tokenizer(cfg, shardset.vocab), max_image_pixels=d.max_image_pixels,
-                         regions=regions, mix=mix)
-    batches = train_batches(stream, d.num_workers, start_epoch=position.epoch, skip_batches=position.batches)
-
-    global_batch = d.batch_size * info.world_size
-    bad_totals = torch.tensor(counters.get("bad_totals", [0] * len(BAD_KINDS)), dtype=torch.long)  # all ranks
-    read_total = counters.get("read_total", 0)
-    nonfinite_total = counters.get("nonfinite_steps", 0)
-    set_samples = torch.tensor(counters.get("set_samples", [0] * len(set_names)), dtype=torch.long)  # all ranks
-    if info.is_main and mix:
-        log.info("mixing %d shard sets: %s", len(mix), ", ".join(f"{name} {w:.1%}" for name, (_, w) in
-                                                               zip(set_names, mix)))
-    if info.is_main:
-        log.info("training %d steps, global batch %d (%d ranks x %d x accum %d), %.2fM parameters, %s",
-                 cfg.train.steps, global_batch, info.world_size, d.batch_size, cfg.engine.grad_accum,
-                 num_params / 1e6, cfg.engine.precision)
-
-    sums: dict[str, torch.Tensor] = {}
-    window = {"micro": 0, "updates": 0, "data_wait": 0.0, "start": time.perf_counter()}
-    streak = counters.get("nonfinite_streak", 0)
-    last_saved = step if resume_tag is not None else -1
-    log_path = out_dir / "train_log.jsonl"
-    bar = ProgressBar(cfg.train.steps * global_batch * cfg.engine.grad_accum, "train", initial=samples,
-                      enabled=progress_enabled(info.rank))
-    preempted = None
-
-    def save() -> None:
-        save_checkpoint(engine, cfg, ckpt_dir, step, samples, position,
-                        {"bad_totals": bad_totals.tolist(), "read_total": read_total,
-                         "nonfinite_steps": nonfinite_total, "nonfinite_streak": streak,
-                         "set_samples": set_samples.tolist()}, info)
-
-    while step < cfg.train.steps:
-        # read, bad per kind, samples per mixed shard set: this rank, this step
-        local_counts = torch.zeros(1 + len(BAD_KINDS) + len(set_names), dtype=torch.long)
-        step_sums: dict[str, torch.Tensor] = {}
-        for _ in range(cfg.engine.grad_accum):
-            t0 = time.perf_counter()
-            epoch, batch = next(batches)
-            position.advance(epoch)
-            window["data_wait"] += time.perf_counter() - t0
-            local_counts[0] += batch["n_read"]
-            local_counts[1:1 + len(BAD_KINDS)] += batch["bad_counts"]
-            local_counts[1 + len(BAD_KINDS):] += batch["set_counts"]
-            log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
-            engine.module.set_backbone_grad(step >= cfg.optim.backbone_freeze_steps)
-            losses = train_step(engine, loss_fn, batch, step, info, dtype, want_grad_norm=log_now)
-            grad_norm = losses.pop("grad_norm", None)
-            skipped = bool(losses.pop("skipped", 0.0))  # decided at the boundary, the last micro-step
-            for k, v in losses.items():
-                step_sums[k] = step_sums.get(k, 0.0) + v
-            window["micro"] += 1
-        step += 1
-        samples += global_batch * cfg.engine.grad_accum
-        bar.update(global_batch * cfg.engine.grad_accum, step=f"{step}/{cfg.train.steps}")
-        # One all-reduce per step: whether any rank was asked to stop, and every rank's data counts.
-        agreed = all_reduce_sum(torch.cat([torch.tensor([int(stop.signal is not None)]), local_counts]))
-        stop_now = bool(agreed[0] > 0)
-        read_total += int(agreed[1])
-        bad_totals += agreed[2:2 + len(BAD_KINDS)]
-        set_samples += agreed[2 + len(BAD_KINDS):]
-        if skipped:
-            nonfinite_total += 1
-            streak += 1
-            if info.is_main:
-                log.warning("step %d: non-finite loss or gradient on some rank; update skipped on every rank "
-                            "(%d in a row, %d in all)", step, streak, nonfinite_total)
-        else:
-            streak = 0
-            window["updates"] += 1
-            for k, v in step_sums.items():
-                sums[k] = sums.get(k, 0.0) + v
-
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            elapsed = time.perf_counter() - window["start"]
-            per_update = max(1, window["updates"] * cfg.engine.grad_accum)
-            scalars = {f"loss/{k}": float(v) / per_update for k, v in sums.items()}
-            if grad_norm is None and not skipped:
-                grad_norm = engine.get_global_grad_norm()
-            scalars.update({
-                "train/lr": engine.get_lr()[0],
-                "train/samples_per_s": global_batch * window["micro"] / elapsed,
-                "train/data_wait_frac": window["data_wait"] / elapsed,
-                "train/step_s": elapsed / (window["micro"] / cfg.engine.grad_accum),
-                "train/bad_samples": int(bad_totals.sum()),
-                "train/data_epoch": position.epoch,
-                "train/nonfinite_steps": nonfinite_total,
-            })
-            scalars.update({f"data/bad/{kind}": int(n) for kind, n in zip(BAD_KINDS, bad_totals)})
-            if mix:  # how many training samples each corpus contributed so far
-                scalars.update({f"data/samples/{Path(name).name}": int(n) for name, n in zip(set_names, set_samples)})
-            if grad_norm is not None:
-                scalars["train/grad_norm"] = float(grad_norm)
-            if (rate := backbone_lr(engine)) is not None:
-                scalars["train/backbone_lr"] = rate
-            if torch.cuda.is_available():
-                scalars["train/max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            tb.scalars(step, scalars)
-            if info.is_main:
-                left_s = (cfg.train.steps - step) * scalars["train/step_s"]
-                log.info("step %d/%d loss %.4f (global %.4f local %.4f) lr %.2e %.0f samples/s data wait %.0f%% "
-                         "eta %dm%02ds", step, cfg.train.steps, scalars.get("loss/loss", math.nan),
-                         scalars.get("loss/global", math.nan), scalars.get("loss/local", math.nan),
-                         scalars["train/lr"], scalars["train/samples_per_s"], 100 * scalars["train/data_wait_frac"],
-                         left_s // 60, left_s % 60)
-                bar.update(0, loss=f"{scalars.get('loss/loss', math.nan):.4f}")
-                with log_path.open("a") as f:
-                    f.write(json.dumps({"step": step, **scalars}) + "\n")
-            sums.clear()
-            window.update(micro=0, updates=0, data_wait=0.0, start=time.perf_counter())
-
-        bad = int(bad_totals.sum())
-        if read_total >= d.bad_fraction_min_read and bad > d.max_bad_fraction * read_total:
-            counts = ", ".join(f"{kind} {int(n)}" for kind, n in zip(BAD_KINDS, bad_totals) if n)
-            raise RuntimeError(f"{bad} of {read_total} samples read were bad ({bad / read_total:.2%} > "
-                               f"data.max_bad_fraction={d.max_bad_fraction}; {counts}); see the warnings above")
-        if streak >= cfg.train.max_nonfinite_steps:
-            raise RuntimeError(f"{streak} steps in a row had a non-finite loss or gradient (train.max_nonfinite_"
-                               f"steps={cfg.train.max_nonfinite_steps}), up to step {step}; the last checkpoint "
-                               f"written before them is kept in {ckpt_dir}")
-        if stop_now:
-            preempted = {"step": step, "signal": stop.signal}
-            if info.is_main:
-                log.warning("stop requested by SIGTERM/SIGUSR1 to at least one rank: checkpoint at step %d, "
-                            "then exit", step)
-            save()
-            break
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-            results = evaluate_split(engine.module, shardset, d.eval_split, cfg, dtype=dtype, rank=info.rank,
-                                     world=info.world_size, on_embeddings=log_examples)
-            tb.retrieval(step, d.eval_split, results)
-            if info.is_main:
-                write_results(results, out_dir, d.eval_split, step)
-                log.info("step %d %s split:\n%s", step, d.eval_split, results_table(results))
-        if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and streak == 0:
-            save()
-            last_saved = step
-
-    bar.close()
-    if preempted is not None:
-        tb.close()
-        return {"preempted": preempted}
-    if last_saved != step:
-        save()
-    final = {}
-    for split in dict.fromkeys([d.eval_split, d.test_split]):
-        results = evaluate_split(engine.module, shardset, split, cfg, dtype=dtype, rank=info.rank,
-                                 world=info.world_size, on_embeddings=log_examples if split == d.eval_split else None)
-        tb.retrieval(step, split, results)
-        final[split] = results
-        if info.is_main:
-            path = write_results(results, out_dir, split, step)
-            print(f"\n{split} split after {step} steps ({results['counts']['images']} images, "
-                  f"{results['counts']['captions']} captions):\n{results_table(results)}\n(written to {path})",
-                  flush=True)
-    tb.hparams(cfg.to_dict(), final[d.test_split], d.test_split)
-    tb.close()
-    return final
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

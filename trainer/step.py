@@ -1,0 +1,104 @@
+"""One training micro-step: forward on this rank's pairs, gather the global batch, loss of own rows against all
+columns, backward; at the accumulation boundary one all-reduce on which every rank agrees to update or skip.
+
+No host synchronisation happens inside a step except that agreement (DESIGN.md section 2): batches reach the
+device with non_blocking copies (the loader pins them on GPU machines), caption lengths and region counts stay on
+the host where the model checks them, and the non-finite check is a device tensor until the agreement reads it.
+"""
+from __future__ import annotations
+
+import torch
+
+from trainer.distributed import DistInfo, all_reduce_sum, gather_no_grad, gather_with_grad
+
+EMBEDDING_KEYS = ("img_g", "img_l", "txt_g", "txt_l")
+LABEL_KEYS = ("image_ids", "image_concepts", "caption_concepts")
+
+
+def gather_global_batch(out: dict, labels: dict) -> dict:
+    """The global batch the loss scores against: embeddings with autograd (cast to fp32: the n x N scores and
+    the loss are computed in fp32 whatever the encoders ran in), labels without."""
+    gathered = {k: gather_with_grad(out[k].float()) for k in EMBEDDING_KEYS if k in out}
+    gathered.update({k: gather_no_grad(labels[k]) for k in LABEL_KEYS})
+    return gathered
+
+
+def local_grads_nonfinite(engine) -> torch.Tensor:
+    """Whether this rank's gradients hold inf/NaN (a 0-d bool tensor), after backward at an accumulation
+    boundary. Without ZeRO they are whole in p.grad and the check stays on the device; under ZeRO 1-3 they are
+    partitioned and the optimizer's own check (a collective over the data-parallel group, so every rank calls
+    it) reads its partitions."""
+    if engine.zero_optimization_stage() >= 1 and hasattr(engine.optimizer, "has_overflow"):
+        return torch.tensor(bool(engine.optimizer.has_overflow(partition_gradients=True)))
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.tensor(False)
+    return ~torch.stack([torch.isfinite(g).all() for g in grads]).all()
+
+
+def skip_optimizer_step(engine) -> None:
+    """engine.step() with the optimizer's update left out: DeepSpeed still clears the gradients (of whatever
+    ZeRO stage), counts the micro-steps and moves the LR schedule, but no parameter and no Adam moment or step
+    count changes. The client optimizer (build_engine's torch AdamW) is the one every DeepSpeed wrapper calls."""
+    inner = engine.client_optimizer
+    own = vars(inner).get("step")  # the LR scheduler wraps step as an instance attribute
+    inner.step = lambda *args, **kwargs: None
+    try:
+        engine.step()
+    finally:
+        if own is not None:
+            inner.step = own
+        else:
+            del inner.step
+
+
+def to_device(batch: dict, device: torch.device) -> tuple[dict, dict]:
+    """(model inputs, labels) on `device`; lengths and region counts stay on the host (see the module doc)."""
+    inputs = {"images": batch["images"].to(device, non_blocking=True),
+              "tokens": batch["tokens"].to(device, non_blocking=True), "lengths": batch["lengths"],
+              "image_lengths": batch.get("image_lengths")}
+    labels = {k: batch[k].to(device, non_blocking=True) for k in LABEL_KEYS}
+    return inputs, labels
+
+
+def agree(flag: torch.Tensor, host_counts: torch.Tensor | None, device: torch.device) -> list[int]:
+    """The step's one all-reduce: [ranks whose update is bad, *host_counts summed over ranks]."""
+    counts = host_counts if host_counts is not None else torch.zeros(0, dtype=torch.long)
+    vector = torch.cat([flag.to(device=device, dtype=torch.long).view(1), counts.to(device, non_blocking=True)])
+    return all_reduce_sum(vector).tolist()
+
+
+def _grad_norm(engine) -> torch.Tensor:
+    # DeepSpeed reports a grad norm only for its ZeRO optimizers; without ZeRO the grads are whole here.
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def train_step(engine, loss_fn, batch: dict, step: int, info: DistInfo, want_grad_norm: bool = False,
+               host_counts: torch.Tensor | None = None) -> dict:
+    """One micro-step. At the accumulation boundary: the update, or (any rank's loss or gradient not finite) a
+    skip on every rank; `host_counts` (this rank's counts to sum over ranks) ride along in the same all-reduce.
+    Boundary stats: "skipped" (1.0 when the update was skipped) and "agreed" (host_counts summed, a list)."""
+    inputs, labels = to_device(batch, info.device)
+    out = engine(inputs["images"], inputs["tokens"], inputs["lengths"], inputs["image_lengths"])
+    gathered = gather_global_batch(out, labels)
+    n = batch["images"].shape[0]
+    logits = (out["img_concept_logits"], out["txt_concept_logits"]) if "img_concept_logits" in out else None
+    losses = loss_fn(gathered, row_offset=info.rank * n, num_rows=n, step=step, concept_logits=logits)
+    engine.backward(losses["loss"])
+    stats = {k: v.detach() for k, v in losses.items()}
+    if not engine.is_gradient_accumulation_boundary():
+        # Mid-window: a non-finite loss here poisons the accumulated grads, which the boundary check sees.
+        engine.step()
+        return stats
+    bad_here = local_grads_nonfinite(engine).to(info.device) | ~torch.isfinite(stats["loss"])
+    agreed = agree(bad_here, host_counts, info.device)
+    stats["skipped"] = torch.tensor(float(agreed[0] > 0))
+    stats["agreed"] = agreed[1:]
+    if agreed[0] > 0:
+        skip_optimizer_step(engine)
+        return stats
+    if want_grad_norm and engine.zero_optimization_stage() == 0:
+        stats["grad_norm"] = _grad_norm(engine)
+    engine.step()
+    return stats
