@@ -24,6 +24,13 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def uneven_shards(tmp_path_factory) -> Path:
+    """96 train pictures in 3 shards of 32; val and test of 24 pictures in ONE shard each, as the built-in
+    corpus's val split is: with 2 ranks one of them embeds nothing at evaluation and must still join."""
+    return build_builtin(tmp_path_factory.mktemp("uneven") / "builtin", 96, 24, 24, 32)
+
+
+@pytest.fixture(scope="session")
 def small_shards(tmp_path_factory) -> Path:
     """A corpus big enough that a short training run learns something measurable."""
     return build_builtin(tmp_path_factory.mktemp("small") / "builtin", 1024, 100, 100, 128, "--pos", "NOUN,ADJ")

@@ -481,7 +481,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint tag (same as run.resume=...)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200 loss.labels=none")
-    return parser.parse_args(argv)
+    # intermixed: overrides may stand before and after --resume / --config
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
