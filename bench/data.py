@@ -39,7 +39,7 @@ from step import TrainerLoop, bench_config, build_bench_shards, open_stream  # n
 from trainer.data import ShardSet  # noqa: E402
 from trainer.distributed import init_distributed, shutdown  # noqa: E402
 from trainer.step import train_step  # noqa: E402
-from trainer.train import configure_threads  # noqa: E402
+from trainer.train import configure_device  # noqa: E402
 
 
 def rate(batches, count: int, batch_size: int) -> float:
@@ -52,7 +52,7 @@ def rate(batches, count: int, batch_size: int) -> float:
 
 def measure(cfg, shardset: ShardSet, args: argparse.Namespace) -> dict:
     info = init_distributed()
-    configure_threads(cfg, info)
+    configure_device(cfg, info)
     n, workers = cfg.data.batch_size, cfg.data.num_workers
     trainer = TrainerLoop(cfg, shardset, info)  # its own stream is the "delivered" loader
     single = open_stream(cfg, shardset, info, num_workers=0)

@@ -44,7 +44,7 @@ from trainer.distributed import DistInfo, init_distributed, shutdown  # noqa: E4
 from trainer.engine import build_engine, deepspeed_config, param_groups  # noqa: E402
 from trainer.factory import build_loss, build_model, build_train_stream  # noqa: E402
 from trainer.step import LABEL_KEYS, gather_global_batch, train_step  # noqa: E402
-from trainer.train import configure_threads  # noqa: E402
+from trainer.train import configure_device  # noqa: E402
 
 PARTS = ("data_wait", "forward", "loss", "backward", "optimizer")
 
@@ -201,7 +201,7 @@ def measure(cfg: Config, shardset: ShardSet, args: argparse.Namespace) -> dict:
     info = init_distributed()
     if info.world_size != 1:
         raise SystemExit("bench/step.py measures one process; run it without a launcher")
-    configure_threads(cfg, info)
+    configure_device(cfg, info)
     sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
     n = cfg.data.batch_size
     _, first = next(open_stream(cfg, shardset, info, num_workers=0))

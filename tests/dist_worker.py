@@ -37,15 +37,17 @@ SEED = 0
 # DeepSpeed JSONs under configs/deepspeed/ (the offload ones run torch AdamW on the CPU copy of the weights)
 ZERO_CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 ACCUM_CONFIGS = ("zero0", "zero2", "zero3")
+BF16_CONFIGS = ("zero0", "zero1", "zero2", "zero3")
 LR = 1e-4
 GATHER_WITH_GRAD = train_module.gather_with_grad
 
 
-def make_config(zero: str, batch_size: int, grad_accum: int = 1) -> Config:
-    """A tiny model on plain fp32 AdamW (no LR warmup, so the first step uses the full rate)."""
+def make_config(zero: str, batch_size: int, grad_accum: int = 1, precision: str = "fp32") -> Config:
+    """A tiny model on plain fp32 AdamW (no LR warmup, so the first step uses the full rate); precision=bf16 runs
+    the encoders under bf16 autocast, as engine.precision=bf16 does."""
     return load_config(None, [
         f"engine.deepspeed_config={REPO / 'configs' / 'deepspeed' / f'{zero}.json'}",
-        f"engine.grad_accum={grad_accum}", "engine.precision=fp32", f"data.batch_size={batch_size}",
+        f"engine.grad_accum={grad_accum}", f"engine.precision={precision}", f"data.batch_size={batch_size}",
         f"data.image_size={IMAGE_SIZE}", f"data.max_words={MAX_WORDS}", "model.embed_dim=32", "model.cnn_width=16",
         "model.gru_hidden=32", "model.word_dim=16", f"optim.lr={LR}", "optim.warmup_steps=0",
         "loss.warmup_steps=0", "loss.concept_bce_weight=0.5", f"run.seed={SEED}",
@@ -161,6 +163,7 @@ def run_reference(info: DistInfo) -> dict:
     batch, batch_b = synthetic_batch(n_global, seed=1), synthetic_batch(n_global, seed=2)
     return {
         "step": one_step(make_config("zero0", n_global), info, batch),
+        "step_bf16": one_step(make_config("zero0", n_global, precision="bf16"), info, batch),
         "accum": mean_loss_step(make_config("zero0", n_global), info, [batch, batch_b]),
         # Not what accumulation computes: one loss over both micro-batches (negatives from 4n pairs).
         "accum_as_one_batch": one_step(make_config("zero0", 2 * n_global), info, concat(batch, batch_b))["params"],
@@ -172,6 +175,8 @@ def run_distributed(info: DistInfo) -> dict:
     n_global = 2 * RANK_BATCH
     batch, batch_b = synthetic_batch(n_global, seed=1), synthetic_batch(n_global, seed=2)
     results = {f"step/{zero}": one_step(make_config(zero, RANK_BATCH), info, batch) for zero in ZERO_CONFIGS}
+    results.update({f"step_bf16/{zero}": one_step(make_config(zero, RANK_BATCH, precision="bf16"), info, batch)
+                    for zero in BF16_CONFIGS})
     train_module.gather_with_grad = gather_local_slice_back  # what train_step's gather resolves to
     try:
         results["no_grad_gather"] = one_step(make_config("zero0", RANK_BATCH), info, batch)

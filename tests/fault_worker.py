@@ -22,6 +22,7 @@ from trainer.distributed import gather_no_grad, init_distributed, shutdown  # no
 from trainer.step import train_step  # noqa: E402
 
 STAGES = ("zero0", "zero2", "zero3")  # ZeRO-1 shares ZeRO-2's optimizer code
+BF16_STAGES = ("zero0", "zero1", "zero2", "zero3")
 
 
 class InjectNaN:
@@ -55,8 +56,8 @@ def every_rank(flag: bool) -> list[bool]:
     return [bool(x) for x in gather_no_grad(torch.tensor([int(flag)])).tolist()]
 
 
-def run_stage(zero: str, info) -> dict:
-    cfg = make_config(zero, RANK_BATCH)
+def run_stage(zero: str, info, precision: str = "fp32") -> dict:
+    cfg = make_config(zero, RANK_BATCH, precision=precision)
     cfg.optim.min_lr_ratio = 1.0  # a constant LR: a skipped step still moves the LR schedule by one
     batches = [rank_part(synthetic_batch(2 * RANK_BATCH, seed=s), info) for s in (1, 2, 3, 4)]
     engine, loss_fn = new_engine(cfg, info)
@@ -87,6 +88,8 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     try:
         results = {zero: run_stage(zero, info) for zero in STAGES}
+        # bf16 autocast: the same skip, and the skip still leaves the fp32 master weights and Adam untouched
+        results.update({f"{zero}/bf16": run_stage(zero, info, "bf16") for zero in BF16_STAGES})
         if info.is_main:
             torch.save(results, out_path)
     finally:

@@ -135,6 +135,11 @@ class EngineConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     grad_accum: int = 1
     threads: int = 0  # torch CPU threads per process; 0 = cores / local processes
+    # torch.compile of the image and text encoders (ZeRO 0-2: ZeRO-3's parameter hooks break compiled graphs);
+    # compile_backend: a torch.compile backend ("inductor" on GPUs; "eager" checks the wiring anywhere).
+    compile: bool = False
+    compile_backend: str = "inductor"
+    tf32: bool = True  # TF32 tensor-core matmuls and convolutions for fp32 on GPUs (about 10 mantissa bits)
 
 
 @dataclass
@@ -332,6 +337,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = no clipping), got {o.grad_clip}")
     _require(e.grad_accum >= 1, "engine.grad_accum", f"must be positive, got {e.grad_accum}")
     _require(e.threads >= 0, "engine.threads", f"must be >= 0, got {e.threads}")
+    _require(bool(e.compile_backend.strip()), "engine.compile_backend", "must name a torch.compile backend")
     _require(t.steps >= 1, "train.steps", f"must be positive, got {t.steps}")
     for key in ("log_every", "eval_every", "ckpt_every"):
         _require(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")

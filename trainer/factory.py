@@ -53,6 +53,14 @@ def build_model(cfg: Config, shardset) -> HierarchicalEmbedder:
 
 
 
+def compile_encoders(model: HierarchicalEmbedder, backend: str) -> None:
+    """engine.compile: torch.compile the image and text encoders in place (parameter names and the state dict
+    stay as they are, so checkpoints do not depend on it). The heads, pooling and loss stay eager: they are
+    small, and GPO's per-length table is data-dependent indexing that would recompile for new lengths."""
+    for encoder in (model.image_encoder, model.text_encoder):
+        encoder.compile(backend=backend, dynamic=True)
+
+
 def build_loss(cfg: Config) -> HierarchicalLoss:
     lo = cfg.loss
     return HierarchicalLoss(margin=lo.margin, warmup_steps=lo.warmup_steps, local=lo.local,

@@ -48,7 +48,7 @@ from trainer.data import (BAD_KINDS, RegionSpec, ShardSet, check_image_input, ch
                           train_batches)
 from trainer.distributed import DistInfo, gather_no_grad, init_distributed, shutdown
 from trainer.evaluate import evaluate_split, results_table, write_results
-from trainer.factory import build_loss, build_model, build_train_stream
+from trainer.factory import build_loss, build_model, build_train_stream, compile_encoders
 from trainer.progress import ProgressBar, progress_enabled
 from trainer.step import train_step
 from trainer.tblog import RunLogger
@@ -190,7 +190,7 @@ def prepare(cfg: Config) -> tuple[Run, list]:
     if cfg.run.resume:
         resume_tag, marker = checkpoint.find_on_all_ranks(out_dir / "checkpoints", cfg.run.resume, info.is_main)
         checkpoint.check_world_size(out_dir / "checkpoints", resume_tag, marker, info.world_size)
-    configure_threads(cfg, info)
+    configure_device(cfg, info)
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     if info.is_main:
@@ -200,6 +200,8 @@ def prepare(cfg: Config) -> tuple[Run, list]:
     num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
     if cfg.model.init_from and not cfg.run.resume:
         load_init_weights(model, cfg.model.init_from)
+    if cfg.engine.compile:
+        compile_encoders(model, cfg.engine.compile_backend)
     engine = build_engine(cfg, model, ds_config)
     tb = RunLogger(out_dir / "tb", enabled=info.is_main)
     tb.text("config", f"```\n{cfg.to_yaml()}\n```")
@@ -468,10 +470,15 @@ def load_init_weights(model: torch.nn.Module, path: str) -> None:
     log.info("initial weights from %s (step %s of %s)", path, saved.get("step"), saved.get("run"))
 
 
-def configure_threads(cfg: Config, info: DistInfo) -> None:
+def configure_device(cfg: Config, info: DistInfo) -> None:
+    """CPU: torch threads per process (cores / local processes unless engine.threads). GPU: TF32 for fp32
+    matmuls and convolutions (engine.tf32), as large-scale trainers run fp32 on tensor cores."""
     if info.device.type == "cpu":
         threads = cfg.engine.threads or max(1, (os.cpu_count() or 1) // max(1, info.local_world_size))
         torch.set_num_threads(threads)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = cfg.engine.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.engine.tf32
 
 
 
