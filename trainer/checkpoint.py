@@ -264,7 +264,7 @@ def load(engine, ckpt_dir: Path, tag: str, world_size: int, is_main: bool) -> di
     if load_path is None:
         raise CheckpointError(f"run.resume: DeepSpeed could not load {load_dir / tag}")
     if universal and engine.zero_optimization_stage() == 3:
-        _restore_group_settings(engine, load_dir / tag)
+        _mend_zero3_universal_load(engine, load_dir / tag)
     positions = client.get("data_positions", [])
     if is_main and positions and len(positions) != world_size:
         log.warning("data position on %d ranks instead of %d: every rank starts virtual epoch %d from its first "
@@ -273,9 +273,15 @@ def load(engine, ckpt_dir: Path, tag: str, world_size: int, is_main: bool) -> di
     return client
 
 
-def _restore_group_settings(engine, folder: Path) -> None:
-    """DeepSpeed's ZeRO-3 universal load gives every parameter group the settings of the first one (weight
-    decay, learning rate, our "pretrained" flag); put back each group's own, as saved."""
+def _mend_zero3_universal_load(engine, folder: Path) -> None:
+    """Two faults of DeepSpeed's ZeRO-3 universal load (0.19.8), mended: it gives every parameter group the
+    settings of the first one (weight decay, learning rate, our "pretrained" flag), so each group's own are put
+    back, as saved; and it puts one and the same `step` tensor into every group's Adam state, which torch's
+    AdamW then increments in place once per group per step (2 groups: the step count, and with it the bias
+    correction, runs twice as fast), so each group gets its own copy."""
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
     saved = torch.load(folder / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
     groups = saved["param_groups"]
     current = engine.optimizer.param_groups
