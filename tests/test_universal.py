@@ -30,7 +30,7 @@ WORKER = REPO / "tests" / "universal_worker.py"
 def launch(world: int, shards: Path, out: Path, zero: str, steps: int, logs_dir: Path, *extra: str) -> list[Path]:
     cmd = [sys.executable, str(WORKER), "--config", str(REPO / "configs" / "builtin.yaml"), f"data.shards={shards}",
            f"run.out_dir={out}", f"engine.deepspeed_config={REPO / 'configs' / 'deepspeed' / f'{zero}.json'}",
-           *TINY_RUN, f"train.steps={steps}", "train.keep_checkpoints=3", *extra]
+           *TINY_RUN, f"train.steps={steps}", "train.keep_checkpoints=2", *extra]
     procs, logs = start_ranks(cmd, logs_dir, f"{zero}-w{world}-to{steps}", world=world)
     wait_all(procs, logs, timeout=400)
     return logs

@@ -9,7 +9,9 @@ Rank 0 writes DIR/saved-<step>-w<world>.pt and DIR/restored-<step>-w<world>.pt, 
 """
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -28,6 +30,12 @@ def full_state(engine) -> dict:
 
     out = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}}
     zero = engine.zero_optimization_stage() > 0
+    if getattr(engine.optimizer, "_hp_optimizer_states_linked", None) is not None:
+        # ZeRO 1/2 link each parameter to its Adam state fragments once, after the first step, and a flat group
+        # that had no Adam state yet then stays unlinked (safe_get_full_optimizer_state raises on that rank):
+        # link again now that every group has its state.
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue
@@ -54,6 +62,7 @@ def dump(engine, label: str, step: int) -> None:
 
 
 def main() -> int:
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # a stack of every thread on demand, if it hangs
     save, restore = checkpoint.save, train_module.restore
 
     def save_and_dump(engine, ckpt_dir, step, *args, **kwargs):
