@@ -84,7 +84,7 @@ def test_resume_on_another_world_size_keeps_weights_and_adam_moments(tiny_shards
     uc_marker = json.loads((converted / "complete.json").read_text())
     assert uc_marker["source_world_size"] == 1 and uc_marker["zero_stage"] == int(zero[-1])
     assert not (ckpts / "universal" / "step0000002").exists()  # pruned with its source checkpoint
-    print(f"{zero}: conversion of {len(uc_marker['source_files'])} files took {uc_marker['seconds']} s")
+    print(f"{zero}: conversion to {len(uc_marker['files'])} files took {uc_marker['seconds']} s")
     if zero == "zero2":  # a killed conversion (no marker) is done again, here by the command for doing it by hand
         (converted / "complete.json").unlink()
         cli = subprocess.run([sys.executable, "-m", "trainer.universal", "--run", str(out), "--tag", "step0000004"],
