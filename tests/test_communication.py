@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from trainer import distributed
+from trainer import distributed as comm
 
 REPO = Path(__file__).resolve().parents[1]
 OWNER = REPO / "trainer" / "distributed.py"
@@ -83,10 +83,10 @@ def test_gpu_machines_get_one_device_mapped_group(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    info = distributed.init_distributed()
+    info = comm.init_distributed()
     assert calls == [("set_device", 1), ("init", "cpu:gloo,cuda:nccl"), ("deepspeed", "nccl")]
     assert info.device == torch.device("cuda", 1)
-    assert distributed.backend_for(False) == "gloo"
+    assert comm.backend_for(False) == "gloo"
 
 
 @pytest.fixture
@@ -110,18 +110,18 @@ def test_world_of_one_runs_every_helper_through_its_collective(one_process_group
     for name in ("all_reduce", "broadcast_object_list", "gather_object", "gather", "barrier"):
         original = getattr(dist, name)
         monkeypatch.setattr(dist, name, lambda *a, _o=original, _n=name, **k: (called.append(_n), _o(*a, **k))[1])
-    original_single = distributed._all_gather_single
-    monkeypatch.setattr(distributed, "_all_gather_single",
+    original_single = comm._all_gather_single
+    monkeypatch.setattr(comm, "_all_gather_single",
                         lambda *a, **k: (called.append("all_gather"), original_single(*a, **k))[1])
     x = torch.ones(3, 2, requires_grad=True)
-    gathered = distributed.gather_with_grad(x)
+    gathered = comm.gather_with_grad(x)
     gathered.sum().backward()  # the backward's all_reduce (gloo has no reduce_scatter)
     assert torch.equal(x.grad, torch.ones(3, 2))
-    assert distributed.all_reduce_sum(torch.tensor([2])).tolist() == [2]
-    assert distributed.all_reduce_max(torch.tensor([5])).tolist() == [5]
-    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
-    assert distributed.gather_objects_to_main(7) == [7]
-    assert distributed.gather_rows_to_main(torch.zeros(0, 4)).shape == (0, 4)  # an empty share joins too
-    distributed.barrier()
+    assert comm.all_reduce_sum(torch.tensor([2])).tolist() == [2]
+    assert comm.all_reduce_max(torch.tensor([5])).tolist() == [5]
+    assert comm.broadcast_object({"a": 1}) == {"a": 1}
+    assert comm.gather_objects_to_main(7) == [7]
+    assert comm.gather_rows_to_main(torch.zeros(0, 4)).shape == (0, 4)  # an empty share joins too
+    comm.barrier()
     assert sorted(set(called)) == ["all_gather", "all_reduce", "barrier", "broadcast_object_list", "gather",
                                    "gather_object"], called

@@ -10,11 +10,21 @@ At resume the candidate (`latest`, or the tag asked for) is checked against its 
 missing file or a file of another size (truncated) is reported naming the file, and with --resume latest the
 previous complete checkpoint is used instead.
 
-A checkpoint is bound to its world size (ZeRO partitions the optimizer state by rank). To continue on another
-number of ranks, export the weights and start afresh from them:
+On another world size than the checkpoint's (a job back with 8 nodes instead of 16), `--resume` converts it
+(trainer.universal): ZeRO partitions the fp32 weights and the Adam moments by rank, so rank 0 turns CKPT/stepNNN
+into DeepSpeed's universal checkpoint CKPT/universal/stepNNN (every parameter whole: fp32 value, exp_avg,
+exp_avg_sq, step), the other ranks wait, and the engine, built with "checkpoint": {"load_universal": true},
+loads it: weights, Adam moments and step counts, per-group hyperparameters, LR schedule and client state are
+those of the checkpoint. A conversion is redone when its own marker is missing (killed); `python -m
+trainer.universal --run RUN` converts beforehand. Without ZeRO (stage 0) the optimizer state is whole in one
+file and loads on any world size as it is. The data position maps as trainer.train.restored_state says: every
+rank starts the virtual epoch after the furthest one any rank of the writing run had begun (the rest of that
+epoch is not trained); the global batch is data.batch_size x the new world size x engine.grad_accum.
+Refused, before any work, with the way out: another ZeRO stage than the checkpoint's, and optimizer or parameter
+state offloaded to NVMe (DeepSpeed's universal load does not restore its swap files). The way out:
     python -m trainer.export --run RUN --out model.pt
     python -m trainer.train --config CONFIG model.init_from=model.pt run.out_dir=NEW_RUN
-(or convert with DeepSpeed's universal checkpoint tool, ds_to_universal.py, and load with "load_universal").
+(weights only: the optimizer state starts afresh).
 """
 from __future__ import annotations
 
@@ -32,6 +42,7 @@ from trainer.config import ConfigError
 log = logging.getLogger(__name__)
 
 MARKER = "complete.json"
+UNIVERSAL = "universal"  # CKPT/universal/TAG: a checkpoint converted for another world size (trainer.universal)
 LATEST = "latest"
 
 
@@ -100,6 +111,18 @@ def prune(ckpt_dir: Path, keep: int) -> None:
     for tag in _step_tags(ckpt_dir):
         if tag not in kept and tag < newest:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    _prune_conversions(ckpt_dir)
+
+
+def _prune_conversions(ckpt_dir: Path) -> None:
+    """Drop universal conversions (CKPT/universal/TAG, trainer.universal) whose source checkpoint is gone."""
+    folder = Path(ckpt_dir) / UNIVERSAL
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.is_dir() and not (Path(ckpt_dir) / path.name).is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            (folder / f".{path.name}.log").unlink(missing_ok=True)
 
 
 def problem(folder: Path) -> str | None:
@@ -159,15 +182,35 @@ def find(ckpt_dir: Path, wanted: str) -> tuple[str, dict]:
     raise CheckpointError(f"run.resume=latest: no complete checkpoint in {ckpt_dir} ({detail})")
 
 
-def check_world_size(ckpt_dir: Path, tag: str, marker: dict, world_size: int) -> None:
-    """ZeRO partitions are per rank: refuse before any work, and say how to convert."""
+def _offloaded_to_nvme(ds_config: dict) -> bool:
+    zero = ds_config.get("zero_optimization", {})
+    return any(zero.get(key, {}).get("device") == "nvme" for key in ("offload_optimizer", "offload_param"))
+
+
+def check_world_size(ckpt_dir: Path, tag: str, marker: dict, world_size: int, ds_config: dict | None = None) -> str:
+    """How this run loads the checkpoint: "same" (its own world size), "plain" (another world size without ZeRO:
+    the optimizer state is whole) or "universal" (another world size, ZeRO 1-3: converted first). Where that
+    cannot work, refuse before any work and say why and how to go on."""
     written = marker.get("world_size")
-    if written != world_size:
-        raise CheckpointError(
-            f"{Path(ckpt_dir) / tag / MARKER}: checkpoint written by {written} ranks, this run has {world_size}. "
-            f"Resume with {written} ranks, or convert: `python -m trainer.export --run RUN --checkpoint {tag} "
-            f"--out model.pt`, then start a new run with model.init_from=model.pt (the optimizer state starts "
-            f"afresh), or convert with DeepSpeed's ds_to_universal.py and load it as a universal checkpoint")
+    if written == world_size:
+        return "same"
+    stage = marker.get("zero_stage", 0)
+    want = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
+    why = None
+    if ds_config is None:
+        why = "no DeepSpeed config to check it against"
+    elif stage != want:
+        why = (f"it was written with ZeRO stage {stage} and this run uses stage {want} (use the checkpoint's stage: "
+               f"engine.deepspeed_config)")
+    elif _offloaded_to_nvme(ds_config):
+        why = "optimizer or parameter state offloaded to NVMe is not restored by DeepSpeed's universal checkpoint load"
+    if why is None:
+        return "plain" if stage == 0 else "universal"
+    raise CheckpointError(
+        f"{Path(ckpt_dir) / tag / MARKER}: checkpoint written by {written} ranks, this run has {world_size}, and it "
+        f"cannot be carried over: {why}. Resume with {written} ranks, or export the weights: `python -m "
+        f"trainer.export --run RUN --checkpoint {tag} --out model.pt`, then start a new run with "
+        f"model.init_from=model.pt (the optimizer state starts afresh)")
 
 
 def find_on_all_ranks(ckpt_dir: Path, wanted: str, is_main: bool) -> tuple[str, dict]:
@@ -188,13 +231,43 @@ def find_on_all_ranks(ckpt_dir: Path, wanted: str, is_main: bool) -> tuple[str, 
 
 
 def load(engine, ckpt_dir: Path, tag: str, world_size: int, is_main: bool) -> dict:
-    """Load a complete checkpoint (model, optimizer, scheduler) into `engine`; its client state."""
+    """Load a complete checkpoint (model, optimizer, scheduler) into `engine`; its client state. On another world
+    size under ZeRO, its universal conversion (trainer.universal.prepare_resume made it and built the engine to load it)."""
     marker = read_marker(Path(ckpt_dir) / tag)
-    check_world_size(ckpt_dir, tag, marker, world_size)
-    load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    universal = engine.load_universal_checkpoint()
+    if marker.get("world_size") != world_size and marker.get("zero_stage", 0) > 0 and not universal:
+        raise CheckpointError(f"{Path(ckpt_dir) / tag}: written by {marker.get('world_size')} ranks, this run has "
+                              f"{world_size}; the engine must be built with load_universal (see trainer.universal.prepare_resume)")
+    load_dir = Path(ckpt_dir) / UNIVERSAL if universal else Path(ckpt_dir)
+    load_path, client = engine.load_checkpoint(str(load_dir), tag=tag)
     if load_path is None:
-        raise CheckpointError(f"run.resume: DeepSpeed could not load {Path(ckpt_dir) / tag}")
+        raise CheckpointError(f"run.resume: DeepSpeed could not load {load_dir / tag}")
+    if universal and engine.zero_optimization_stage() == 3:
+        _mend_zero3_universal_load(engine, load_dir / tag)
+    positions = client.get("data_positions", [])
+    if is_main and positions and len(positions) != world_size:
+        log.warning("data position on %d ranks instead of %d: every rank starts virtual epoch %d from its first "
+                    "batch (the furthest epoch any rank had begun was %d; the rest of it is not trained)",
+                    world_size, len(positions), max(e for e, _ in positions) + 1, max(e for e, _ in positions))
     return client
+
+
+def _mend_zero3_universal_load(engine, folder: Path) -> None:
+    """Two faults of DeepSpeed's ZeRO-3 universal load (0.19.8), mended: it gives every parameter group the
+    settings of the first one (weight decay, learning rate, our "pretrained" flag), so each group's own are put
+    back, as saved; and it puts one and the same `step` tensor into every group's Adam state, which torch's
+    AdamW then increments in place once per group per step (2 groups: the step count, and with it the bias
+    correction, runs twice as fast), so each group gets its own copy."""
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    saved = torch.load(folder / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    groups = saved["param_groups"]
+    current = engine.optimizer.param_groups
+    if len(groups) != len(current):
+        raise CheckpointError(f"{folder}: {len(groups)} parameter groups saved, the optimizer has {len(current)}")
+    for group, saved_group in zip(current, groups):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
 
 
 def fp32_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:

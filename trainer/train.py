@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint
+from trainer import checkpoint, universal
 from trainer.config import Config, ConfigError, load_config, save_config
 from trainer.data import (BAD_KINDS, RegionSpec, ShardSet, check_image_input, check_shards_for_workers, mix_sets,
                           train_batches)
@@ -189,7 +189,9 @@ def prepare(cfg: Config) -> tuple[Run, list]:
     resume_tag = None
     if cfg.run.resume:
         resume_tag, marker = checkpoint.find_on_all_ranks(out_dir / "checkpoints", cfg.run.resume, info.is_main)
-        checkpoint.check_world_size(out_dir / "checkpoints", resume_tag, marker, info.world_size)
+        # another world size: refused where impossible, else converted (ZeRO) and loaded as universal checkpoint
+        ds_config = universal.prepare_resume(out_dir / "checkpoints", resume_tag, marker, info.world_size,
+                                             ds_config, info.is_main)
     configure_device(cfg, info)
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
