@@ -221,6 +221,23 @@ def test_cli_prints_every_stage(capsys):
         assert any(line.startswith(name) for line in out.splitlines()), name
 
 
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_cli_plans_every_shipped_config(capsys, config):
+    """Every recipe's own encoders (pictures or region features, GRU or transformer) go through one forward."""
+    code = plan_main(["--config", str(REPO / "configs" / config), "--gpus", "8", "--nodes", "2",
+                      "--vocab-size", "500", "--num-concepts", "100"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "16 GPUs" in out and "per sample" in out
+
+
+def test_cli_plans_a_transformer_text_tower_on_region_features(capsys):
+    code = plan_main(["--config", str(REPO / "configs/flickr30k_butd_bigru.yaml"), "--gpus", "1",
+                      "--vocab-size", "50", "--num-concepts", "10", "model.text_encoder=minilm"])
+    assert code == 0, capsys.readouterr().err
+    assert "per sample" in capsys.readouterr().out
+
+
 def test_cli_without_shards_or_sizes_says_what_to_pass(capsys, tmp_path):
     code = plan_main(["--config", str(REPO / "configs/builtin.yaml"), "--gpus", "1", f"data.shards={tmp_path}"])
     assert code == 2
