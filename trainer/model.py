@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from trainer.backbones.efficientnet_lite import (DOWNSAMPLE, IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0,
                                                  load_imagenet_weights)
-from trainer.data import PIXEL_MEAN, PIXEL_STD
+from trainer.pixels import PIXEL_MEAN, PIXEL_STD
 
 
 def _require_positive(**values: int) -> None:
