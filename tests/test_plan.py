@@ -221,10 +221,12 @@ def test_cli_prints_every_stage(capsys):
         assert any(line.startswith(name) for line in out.splitlines()), name
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # bf16 GRUs on 2 shared cores: 4x faster on one thread
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_cli_plans_every_shipped_config(capsys, config):
     """Every recipe's own encoders (pictures or region features, GRU or transformer) go through one forward.
-    A recipe that needs the user's own transformer folder (BERT-base) gets the packaged MiniLM in its place."""
+    A recipe that needs the user's own transformer folder (coco_butd_bert.yaml's BERT-base) gets the packaged
+    MiniLM in its place: region features and a transformer tower."""
     cfg = load_config(REPO / "configs" / config, check_paths=False)
     stand_in = []
     if cfg.model.text_model_path is not None and not Path(cfg.model.text_model_path).is_dir():
@@ -236,13 +238,6 @@ def test_cli_plans_every_shipped_config(capsys, config):
     out = capsys.readouterr().out
     assert code == 0
     assert "16 GPUs" in out and "per sample" in out
-
-
-def test_cli_plans_a_transformer_text_tower_on_region_features(capsys):
-    code = plan_main(["--config", str(REPO / "configs/flickr30k_butd_bigru.yaml"), "--gpus", "1",
-                      "--vocab-size", "50", "--num-concepts", "10", "model.text_encoder=minilm"])
-    assert code == 0, capsys.readouterr().err
-    assert "per sample" in capsys.readouterr().out
 
 
 def test_cli_without_shards_or_sizes_says_what_to_pass(capsys, tmp_path):

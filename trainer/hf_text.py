@@ -122,6 +122,16 @@ class TransformerTextEncoder(nn.Module):
         return out.last_hidden_state
 
 
+def enable_checkpointing(transformer: nn.Module) -> None:
+    """Recompute each layer in backward. Non-reentrant checkpoints: they replay dropout's RNG state and work with
+    inputs that need no gradient (token ids). transformers 5 renamed the switch; 4.x has only the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(transformer, "activation_checkpointing_enable"):
+        transformer.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _refuse_random_weights(folder: Path, info: dict) -> None:
     """transformers fills weights a checkpoint lacks (or has in another shape) with random ones and only warns:
     a pretrained tower must be the checkpoint's. The pooler alone may be absent (it is dropped)."""
@@ -158,5 +168,5 @@ def load_text_transformer(encoder: str, path: str | None, max_len: int, lr_mult:
         raise ValueError(f"{folder}: the tokenizer has ids past the model's vocab_size="
                          f"{transformer.config.vocab_size}")
     if grad_checkpointing:
-        transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(transformer)
     return TransformerTextEncoder(transformer, tokenizer.first_id, tokenizer.last_id, lr_mult), tokenizer

@@ -2,6 +2,8 @@
 
     python -m trainer.plan --config configs/builtin.yaml --gpus 8 --nodes 4
     python -m trainer.plan --config configs/builtin.yaml --gpus 8 --nodes 1 --gpu-mem-gib 40 engine.precision=bf16
+    python -m trainer.plan --config configs/coco_butd_bigru.yaml --gpus 8 --nodes 16 --gpu-mem-gib 80 \
+        --vocab-size 10000 --num-concepts 1000      # without the shard set at hand
 
 What it counts, per GPU, for W = gpus x nodes ranks, P parameters, n pairs per rank and N = n x W columns:
 - model states, as DeepSpeed 0.19 lays them out (checked against real engines by tests/test_plan.py):
