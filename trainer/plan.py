@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, check_paths=False)
         vocab, concepts = shard_set_sizes(cfg, args.vocab_size, args.num_concepts)
         plan = make_plan(cfg, args.gpus * args.nodes, vocab, concepts)
-    except ConfigError as e:
+    except (ConfigError, FileNotFoundError) as e:  # FileNotFoundError: a pretrained encoder's files, named
         print(f"config error: {e}", file=sys.stderr)
         return 2
     print(format_plan(plan, args.gpu_mem_gib, args.headroom))
