@@ -256,9 +256,10 @@ def test_any_model_folder_loads_and_a_checkpoint_missing_weights_is_refused_by_n
         config("model.text_encoder=hf", f"model.text_model_path={tmp_path / 'none'}", shards=tiny_shards)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_gradient_checkpointing_gives_the_same_gradients(minilm):
     encoder, tokenizer = minilm
-    tokens, lengths = pad_tokens([tokenizer.encode(s) for s in SENTENCES[:2]], tokenizer.pad_id)
+    tokens, lengths = pad_tokens([tokenizer.encode(SENTENCES[1])], tokenizer.pad_id)  # short: 2 backward passes
     grads = []
     for checkpointing in (False, True):
         tower = copy.deepcopy(encoder).train()

