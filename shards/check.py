@@ -20,12 +20,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from trainer.text import Vocab
-
-FORMAT = "hier-shards"
-PICTURE_EXTS = ("png", "jpg", "jpeg", "webp")
-FEATURE_EXT = "npy"
-JSON_FIELDS = ("image_id", "captions", "caption_concepts", "image_concepts", "split", "source")
+from shards.format import FEATURE_EXT, FORMAT, PICTURE_EXTS, SAMPLE_FIELDS
+from shards.text import Vocab
 MAX_SHOWN = 50  # problems printed; the count says how many there were in all
 
 Image.MAX_IMAGE_PIXELS = 64_000_000  # as the trainer: a decompression bomb is a problem, not a picture
@@ -129,7 +125,7 @@ def check_record(meta, key: str, split: str, source: str | None, num_concepts: i
     """What is wrong with one sample's json (empty when nothing)."""
     if not isinstance(meta, dict):
         return ["json is not an object"]
-    missing = [f for f in JSON_FIELDS if f not in meta]
+    missing = [f for f in SAMPLE_FIELDS if f not in meta]
     if missing:
         return [f"json lacks {missing}"]
     out = []

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from shards.check import SetFiles, ShardSetError, read_json_file, tar_samples
-from trainer.text import tokenize
+from shards.text import tokenize
 
 
 def _summary(values: list[int]) -> dict:

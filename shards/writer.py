@@ -1,9 +1,7 @@
 """Writing a shard set (format: DESIGN.md section 3).
 
-A shard set is a folder with `NAME-SPLIT-000000.tar ...`, `manifest.json`, `concepts.json` and `vocab.json`.
-Each image is one WebDataset sample: `{image_id}.{image_ext}` (the picture bytes, or region features as an
-`npy` file) and `{image_id}.json`. Pictures of one set may mix jpg/png/webp (sources keep original bytes);
-a set holds either pictures or features, never both.
+The format itself (member names, extensions, json fields, file names) is `shards.format`'s. Pictures of one
+set may mix its picture formats (sources keep original bytes); a set holds either pictures or features.
 Tars are byte-identical for the same input (fixed member metadata), and each is written under a
 temporary name and renamed when complete, so a half-written shard never looks finished.
 `manifest.json` is written last: its presence marks a complete shard set.
@@ -18,11 +16,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FORMAT = "hier-shards"
-FORMAT_VERSION = 1
-PICTURE_EXTS = ("jpg", "png", "webp")
-FEATURE_EXT = "npy"  # np.save bytes of a float16 [regions, dim] array
-IMAGE_EXTS = (*PICTURE_EXTS, FEATURE_EXT)
+from shards.format import FEATURE_EXT, FORMAT, FORMAT_VERSION, IMAGE_EXTS, SAMPLE_FIELDS, shard_file_name
+
 MIXED = "mixed"  # manifest image_ext when the pictures of a set have several formats
 PARTIAL_SUFFIX = ".partial"
 # fields the builder must pass to close(); the writer fills in the rest
@@ -40,10 +35,6 @@ class RawSample:
     image_bytes: bytes
     image_ext: str
     captions: list[str]
-
-
-def shard_file_name(name: str, split: str, index: int) -> str:
-    return f"{name}-{split}-{index:06d}.tar"
 
 
 def _check_image_id(image_id: str) -> None:
@@ -225,14 +216,8 @@ class ShardSetWriter:
 def sample_json(split: str, image_id: str, captions: list[str], caption_concepts: list[list[int]],
                 image_concepts: list[int], source: str) -> bytes:
     """The `{image_id}.json` member of a sample, exactly as written."""
-    record = {
-        "image_id": image_id,
-        "captions": list(captions),
-        "caption_concepts": [list(ids) for ids in caption_concepts],
-        "image_concepts": list(image_concepts),
-        "split": split,
-        "source": source,
-    }
+    values = (image_id, list(captions), [list(ids) for ids in caption_concepts], list(image_concepts), split, source)
+    record = dict(zip(SAMPLE_FIELDS, values))
     return json.dumps(record, ensure_ascii=False).encode("utf-8")
 
 

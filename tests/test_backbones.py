@@ -20,7 +20,7 @@ from trainer.backbones.efficientnet_lite import (IMAGENET_MEAN, IMAGENET_STD, Fr
                                                  default_weights_path, load_efficientnet_lite0)
 from trainer.config import load_config
 from trainer.data import decode_image
-from trainer.engine import backbone_lr_factor, param_groups, warmup_cosine
+from trainer.engine import backbone_lr, backbone_lr_factor, build_engine, param_groups, warmup_cosine
 from trainer.model import EfficientNetLite0Grid, HierarchicalEmbedder, build_image_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +151,7 @@ def test_backbone_without_grad_during_freeze_gets_no_gradient_but_heads_do():
     assert all(p.grad is not None for p in model.image_encoder.parameters())
 
 
-def test_backbone_parameters_get_their_own_learning_rate_and_freeze():
+def test_backbone_parameters_get_their_own_learning_rate_and_freeze(monkeypatch):
     torch.manual_seed(0)
     model = HierarchicalEmbedder(vocab_size=20, num_concepts=0, embed_dim=8, image_encoder="efficientnet_lite0",
                                  image_size=64, word_dim=8, gru_hidden=8, max_words=5,
@@ -168,12 +168,20 @@ def test_backbone_parameters_get_their_own_learning_rate_and_freeze():
     assert [backbone_lr_factor(s, o, 100) for s in range(10)] == [0.0] * 10
     for step, ramp in ((10, 0.25), (11, 0.5), (13, 1.0), (50, 1.0)):
         assert backbone_lr_factor(step, o, 100) == pytest.approx(0.1 * ramp * warmup_cosine(step, 4, 100, 0.05))
-    # the engine's scheduler applies it per group
-    optimizer = torch.optim.AdamW(groups, lr=1e-3)
-    schedules = [(lambda s: backbone_lr_factor(s, o, 100)) if g["pretrained"] else
-                 (lambda s: warmup_cosine(s, 4, 100, 0.05)) for g in groups]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
-    for _ in range(13):
+    # the engine's own optimizer and scheduler (what build_engine hands DeepSpeed) apply it per group
+    import deepspeed
+
+    handed = {}
+
+    def initialize(model, optimizer, lr_scheduler, config):
+        handed.update(optimizer=optimizer, scheduler=lr_scheduler)
+        return SimpleNamespace(optimizer=optimizer), optimizer, None, lr_scheduler
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    engine = build_engine(cfg, model, {})
+    optimizer, scheduler = handed["optimizer"], handed["scheduler"]
+    for step in range(13):
+        assert backbone_lr(engine) == pytest.approx(1e-3 * backbone_lr_factor(step, o, 100))
         optimizer.step()
         scheduler.step()
     for g in optimizer.param_groups:

@@ -14,7 +14,7 @@ import pytest
 
 from shards.__main__ import main
 from shards.builtin_corpus import builtin_samples
-from trainer.text import tokenize
+from shards.text import tokenize
 
 SIZES = {"train": 30, "val": 8, "test": 10}
 

@@ -71,6 +71,56 @@ def test_unknown_key_in_yaml_file(tmp_path, shard_dir):
         _load(shard_dir, path=path)
 
 
+def test_base_files_chain_and_deep_merge(tmp_path, shard_dir):
+    (tmp_path / "family").mkdir()
+    (tmp_path / "family" / "root.yaml").write_text("model:\n  embed_dim: 64\n  word_dim: 32\ntrain:\n  steps: 5\n")
+    (tmp_path / "family" / "middle.yaml").write_text("base: root.yaml\nmodel:\n  word_dim: 48\n")
+    (tmp_path / "leaf.yaml").write_text("base: family/middle.yaml\ntrain:\n  log_every: 3\n")
+    cfg = _load(shard_dir, "train.steps=9", path=tmp_path / "leaf.yaml")
+    assert (cfg.model.embed_dim, cfg.model.word_dim) == (64, 48)  # root's key kept beside middle's override
+    assert (cfg.train.steps, cfg.train.log_every) == (9, 3)  # the command line wins over every file
+
+
+def test_base_cycles_and_unknown_keys_name_their_files(tmp_path, shard_dir):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        _load(shard_dir, path=tmp_path / "a.yaml")
+    (tmp_path / "base.yaml").write_text("model:\n  colour: red\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file .*base\.yaml: model\.colour: unknown key"):
+        _load(shard_dir, path=tmp_path / "child.yaml")
+    (tmp_path / "lost.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing\.yaml does not exist"):
+        _load(shard_dir, path=tmp_path / "lost.yaml")
+
+
+def test_recipes_inherit_their_family_base():
+    for name in ("flickr30k_butd_bigru", "coco_butd_bigru", "coco_butd_bert"):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml", check_paths=False)
+        assert (cfg.model.image_encoder, cfg.model.embed_dim, cfg.optim.grad_clip) == ("regions", 1024, 2.0), name
+        assert cfg.run.out_dir == f"runs/{name}"
+    assert load_config(REPO / "configs" / "coco_butd_bert.yaml", check_paths=False).model.text_encoder == "hf"
+
+
+def test_print_config_prints_the_resolved_tree_and_starts_nothing(capsys, tmp_path):
+    from trainer.train import main
+
+    out = tmp_path / "never"
+    assert main(["--config", str(REPO / "configs" / "coco_butd_bigru.yaml"), "--print-config",
+                 f"run.out_dir={out}", "train.steps=3"]) == 0
+    printed = load_config_text(capsys.readouterr().out, tmp_path)
+    assert printed == load_config(REPO / "configs" / "coco_butd_bigru.yaml", [f"run.out_dir={out}", "train.steps=3"],
+                                  check_paths=False)
+    assert not out.exists()
+
+
+def load_config_text(text: str, folder: Path):
+    path = folder / "printed.yaml"
+    path.write_text(text)
+    return load_config(path, check_paths=False)
+
+
 def test_saved_config_round_trips(tmp_path, shard_dir):
     cfg = _load(shard_dir, "train.steps=11", "run.resume=latest")
     save_config(cfg, tmp_path / "config.yaml")

@@ -71,6 +71,7 @@ def test_a_missing_mix_set_is_refused_before_work(tiny_shards, tmp_path):
                                                         f"data.mix_shards=[{tmp_path / 'nothing'}]"])
 
 
+@pytest.mark.slow  # a DeepSpeed training run
 def test_training_on_a_mix_logs_what_each_set_contributed(tiny_shards, second_corpus, tmp_path):
     out = tmp_path / "run"
     cfg = load_config(REPO / "configs" / "builtin.yaml", [

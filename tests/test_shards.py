@@ -15,7 +15,7 @@ from shards.__main__ import main
 from shards.builtin_corpus import builtin_samples
 from shards.concepts import ConceptExtractor, build_concept_vocab, concept_ids, union_ids
 from shards.writer import ShardSetWriter
-from trainer.text import Vocab
+from shards.text import Vocab
 
 SIZES = {"train": 40, "val": 12, "test": 15}
 SHARD_SIZE = 16
@@ -224,3 +224,18 @@ def test_writer_does_not_leave_an_empty_shard(tmp_path):
     manifest = writer.close(MANIFEST_FIELDS)
     assert manifest["splits"]["test"]["shards"] == ["t-test-000000.tar", "t-test-000001.tar"]
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["t-test-000000.tar", "t-test-000001.tar"]
+
+
+def test_every_picture_extension_of_the_format_is_written_and_read(tmp_path):
+    """shards.format is the one list: the writer takes each picture extension (jpeg included) and the trainer's
+    reader finds the picture under it."""
+    from shards.format import PICTURE_EXTS
+    from shards.writer import shard_contents
+    from trainer.data import _picture_bytes
+
+    writer = ShardSetWriter(tmp_path, "t", shard_size=len(PICTURE_EXTS))
+    for ext in PICTURE_EXTS:
+        write_sample(writer, "train", f"img-{ext}", ext=ext)
+        assert _picture_bytes({"__key__": f"img-{ext}", ext: b"img", "json": b"{}"}) == b"img"
+    writer.close(MANIFEST_FIELDS)
+    assert [ext for _, ext, _ in shard_contents(tmp_path / "t-train-000000.tar")] == list(PICTURE_EXTS)

@@ -201,18 +201,19 @@ def test_progress_only_on_rank_zero_at_a_terminal(tmp_path):
         os.close(leader)
 
 
-def test_progress_bar_shows_rate_and_time_left_or_nothing():
+def test_progress_bar_counts_samples_and_keeps_postfixes_or_draws_nothing():
+    """Our part, not tqdm's formatting: what the bar counts, which postfix it shows, that disabled means silent."""
     out = _Tty()
     bar = ProgressBar(total=1000, desc="train", unit="sample", stream=out)
     bar.update(100, step="1/10")
     bar.update(100, loss="0.5000")
     bar.update(100, step="3/10")
     assert bar.count == 300
+    assert bar._bar.postfix == "step=3/10, loss=0.5000"  # a postfix given once stays until replaced
+    assert (bar._bar.total, bar._bar.unit, bar._bar.desc) == (1000, "sample", "train")
     bar.close()
-    text = out.getvalue()
-    assert "train" in text and "sample/s" in text and "300/1.00k" in text
-    assert "<" in text  # elapsed<left
-    assert "step=3/10, loss=0.5000" in text  # a postfix given once stays until replaced
+    bar.close()  # closing twice is harmless (the loop closes on every exit path)
+    assert out.getvalue()
 
     quiet = _Tty()
     bar = ProgressBar(total=1000, desc="train", enabled=False, stream=quiet)
@@ -267,9 +268,11 @@ def test_progress_bar_draws_on_a_terminal_that_reports_no_size():
         with os.fdopen(follower, "w") as terminal:
             assert os.get_terminal_size(terminal.fileno()).columns == 0
             bar = ProgressBar(total=100, desc="embed val", unit="img", stream=terminal)
+            fixed = (bar._bar.ncols, bar._bar.nrows)
             bar.update(50)
             bar.close()
             text = os.read(leader, 65536).decode()
     finally:
         os.close(leader)
-    assert "embed val" in text and "50.0/100" in text and "img/s" in text
+    assert fixed == (100, 20)  # our fixed size in place of the terminal's 0 x 0
+    assert "embed val" in text  # so the bar was drawn

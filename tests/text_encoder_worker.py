@@ -22,7 +22,8 @@ from trainer.config import load_config  # noqa: E402
 from trainer.data import pad_tokens  # noqa: E402
 from trainer.distributed import init_distributed, shutdown  # noqa: E402
 from trainer.engine import build_engine, deepspeed_config  # noqa: E402
-from trainer.text_encoders import caption_tokenizer, load_minilm  # noqa: E402
+from trainer.hf_text import load_text_transformer  # noqa: E402
+from trainer.text_encoders import caption_tokenizer  # noqa: E402
 from trainer.factory import build_model  # noqa: E402
 
 CAPTIONS = ["a red star above a blue circle", "two dogs", "an unbelievably long caption, with punctuation"]
@@ -46,7 +47,7 @@ def run_stage(zero: str, checkpoint_bert: torch.nn.Module, info) -> dict:
     torch.manual_seed(0)
     engine = build_engine(cfg, build_model(cfg, SHARDSET), deepspeed_config(cfg, info.world_size))
     model = engine.module.eval()
-    word_embeddings = model.text_encoder.bert.embeddings.word_embeddings.weight
+    word_embeddings = model.text_encoder.transformer.embeddings.word_embeddings.weight
     with torch.no_grad():
         expected_g, expected_l = plain.encode_text(tokens, lengths)
         got_g, got_l = model.encode_text(tokens, lengths)
@@ -64,7 +65,7 @@ def main(out_path: str) -> int:
     info = init_distributed()
     torch.set_num_threads(1)
     try:
-        checkpoint_bert = load_minilm(max_len=16)[0].eval()
+        checkpoint_bert = load_text_transformer("minilm", None, max_len=16)[0].eval()
         results = {zero: run_stage(zero, checkpoint_bert, info) for zero in ("zero0", "zero1", "zero2", "zero3")}
         Path(out_path).write_text(json.dumps(results, indent=2))
         print(json.dumps(results))

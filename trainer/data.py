@@ -1,7 +1,8 @@
 """Streaming WebDataset shards into training batches, and reading evaluation splits in order.
 
-The trainer reads shard sets only through their documented format (DESIGN.md section 3): `manifest.json`,
-`concepts.json`, `vocab.json` and tars of `{image_id}.{png,jpg,webp,npy}` + `{image_id}.json`.
+The trainer reads shard sets only through their documented format (DESIGN.md section 3, defined once in
+`shards.format`): `manifest.json`, `concepts.json`, `vocab.json` and tars of `{image_id}.{jpg,jpeg,png,webp,npy}`
++ `{image_id}.json`.
 
 Training stream, per worker of each rank:
   shard urls (resampled with replacement, or one deterministic pass split by rank then worker)
@@ -36,12 +37,12 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from shards.format import CONCEPTS, MANIFEST, PICTURE_EXTS, VOCAB, is_manifest
+from trainer.pixels import PIXEL_MEAN, PIXEL_STD
 from trainer.text import CaptionTokenizer, Vocab, WordTokenizer
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
 Image.MAX_IMAGE_PIXELS = 64_000_000  # a decompression bomb is refused, not decoded
 
 
@@ -62,20 +63,20 @@ class ShardSet:
     @classmethod
     def open(cls, root: str | Path) -> "ShardSet":
         root = Path(root)
-        manifest_path = root / "manifest.json"
+        manifest_path = root / MANIFEST
         try:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read shard-set manifest {manifest_path}: {e}") from e
-        if manifest.get("format") != "hier-shards" or "splits" not in manifest:
+        if not is_manifest(manifest):
             raise ValueError(f"{manifest_path} is not a hier-shards manifest (format/splits missing)")
-        concepts_path = root / "concepts.json"
+        concepts_path = root / CONCEPTS
         try:
             entries = json.loads(concepts_path.read_text())["concepts"]
             concepts = [e["lemma"] for e in sorted(entries, key=lambda e: e["id"])]
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"cannot read concept vocabulary {concepts_path}: {e}") from e
-        return cls(root, manifest, concepts, Vocab.from_json(root / "vocab.json"))
+        return cls(root, manifest, concepts, Vocab.from_json(root / VOCAB))
 
     @property
     def num_concepts(self) -> int:
@@ -221,7 +222,7 @@ def check_image_input(shardset: ShardSet, split: str, regions: RegionSpec | None
         raise ValueError(f"split {split!r} of {shardset.root}: its first shard holds no sample")
     has_features = "npy" in first
     where = f"{shardset.root} (split {split!r}, sample {first.get('__key__')})"
-    if regions is None and has_features and not any(ext in first for ext in IMAGE_EXTS):
+    if regions is None and has_features and not any(ext in first for ext in PICTURE_EXTS):
         raise ValueError(f"{where} holds npy region features, not pictures: use model.image_encoder=regions")
     if regions is not None:
         if not has_features:
@@ -273,10 +274,10 @@ def parse_meta(raw: bytes, key: str, num_concepts: int) -> dict:
 
 
 def _picture_bytes(sample: dict) -> bytes:
-    for ext in IMAGE_EXTS:
+    for ext in PICTURE_EXTS:
         if ext in sample:
             return sample[ext]
-    raise BadSample(f"{sample.get('__key__')}: no picture member ({'/'.join(IMAGE_EXTS)})", "missing_image")
+    raise BadSample(f"{sample.get('__key__')}: no picture member ({'/'.join(PICTURE_EXTS)})", "missing_image")
 
 
 def multi_hot(id_lists: list[list[int]], num_concepts: int) -> torch.Tensor:

@@ -70,7 +70,7 @@ def build_loss(cfg: Config) -> HierarchicalLoss:
 
 
 def build_tokenizer(cfg: Config, vocab: Vocab) -> CaptionTokenizer:
-    """The caption tokenizer that matches the configured text encoder (words for the GRU, WordPiece for BERT)."""
+    """The caption tokenizer that matches the configured text encoder (words for the GRU, the folder's own for a transformer)."""
     return caption_tokenizer(cfg, vocab)
 
 

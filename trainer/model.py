@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from trainer.backbones.efficientnet_lite import (DOWNSAMPLE, IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0,
                                                  load_imagenet_weights)
-from trainer.data import PIXEL_MEAN, PIXEL_STD
+from trainer.pixels import PIXEL_MEAN, PIXEL_STD
 
 
 def _require_positive(**values: int) -> None:
@@ -411,7 +411,7 @@ class HierarchicalEmbedder(nn.Module):
                  local_score_weight: float = 1.0, concept_head: bool = False, text_encoder: nn.Module | None = None,
                  image_encoder_options: dict | None = None, autocast_dtype: torch.dtype | None = None):
         """text_encoder: a built caption encoder with `out_dim` and forward(tokens, lengths) -> parts (a
-        pretrained transformer from trainer.text_encoders); None builds the GRU from vocab_size, word_dim,
+        pretrained transformer from trainer.hf_text); None builds the GRU from vocab_size, word_dim,
         gru_hidden and gru_layers. `image_encoder_options`: the image encoder's own settings (see its class),
         e.g. region_dim and max_regions for `regions`, trainable and weights for `efficientnet_lite0`.
         autocast_dtype: torch.bfloat16 runs the encoders and projections under autocast (parameters stay fp32,

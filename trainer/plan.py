@@ -2,6 +2,8 @@
 
     python -m trainer.plan --config configs/builtin.yaml --gpus 8 --nodes 4
     python -m trainer.plan --config configs/builtin.yaml --gpus 8 --nodes 1 --gpu-mem-gib 40 engine.precision=bf16
+    python -m trainer.plan --config configs/coco_butd_bigru.yaml --gpus 8 --nodes 16 --gpu-mem-gib 80 \
+        --vocab-size 10000 --num-concepts 1000      # without the shard set at hand
 
 What it counts, per GPU, for W = gpus x nodes ranks, P parameters, n pairs per rank and N = n x W columns:
 - model states, as DeepSpeed 0.19 lays them out (checked against real engines by tests/test_plan.py):
@@ -12,7 +14,8 @@ What it counts, per GPU, for W = gpus x nodes ranks, P parameters, n pairs per r
 - activations: measured, not guessed: one forward of the configured model on the CPU at two small batch sizes,
   under the configured autocast, summing the bytes of the distinct storages autograd saves for backward
   (`torch.autograd.graph.saved_tensors_hooks`); the difference gives bytes per sample, the rest a fixed part
-  (e.g. GPO's weight tables). Captions are taken at full length (data.max_words), the worst case.
+  (e.g. GPO's weight tables). Inputs are the configured encoders' own: pictures, or model.max_regions region
+  features; captions from the configured tokenizer at full length (data.max_words), the worst case.
 - the loss: each rank scores n rows against N columns, both directions, two spaces: score matrices, labels,
   masks, hinge and soft-target intermediates and their gradients, LOSS_BYTES_PER_PAIR bytes per (row, column)
   at the peak of forward + backward (measured by bench/loss_scaling.py), plus the float concept indicators of
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.config import Config, ConfigError, load_config
+from trainer.text import PAD, UNK, CaptionTokenizer, Vocab
 
 GIB = 2**30
 # Peak loss memory per scored (row, column) pair, forward + backward: bench/loss_scaling.py measured ~56 B
@@ -98,13 +102,24 @@ def loss_bytes(rows: int, columns: int, num_concepts: int) -> int:
     return LOSS_BYTES_PER_PAIR * rows * columns + LOSS_BYTES_PER_CONCEPT_CELL * columns * num_concepts
 
 
-def saved_activation_bytes(model: torch.nn.Module, batch_size: int, image_size: int, max_words: int) -> int:
-    """Bytes of the distinct storages autograd saves during one training forward of `batch_size` samples."""
+def example_batch(model: torch.nn.Module, caption: list[int], batch_size: int, image_size: int) -> dict:
+    """A full-size training batch for `model`: pictures [B, 3, S, S], or as many region features as the model
+    takes ([B, max_regions, region_dim] with full counts), and `caption` (token ids of the configured tokenizer,
+    so a transformer gets its [CLS] ... [SEP]) repeated B times. Lengths on the host, as the data pipeline's."""
     gen = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
-    vocab = model.text_encoder.embed.num_embeddings
-    tokens = torch.randint(1, vocab, (batch_size, max_words), generator=gen)
-    lengths = torch.full((batch_size,), max_words)
+    batch = {"tokens": torch.tensor([caption] * batch_size), "lengths": torch.full((batch_size,), len(caption))}
+    if model.variable_image_parts:
+        encoder = model.image_encoder
+        # float16, as decode_features delivers them (the model widens them itself)
+        batch["images"] = torch.randn(batch_size, encoder.num_parts, encoder.out_dim, generator=gen).half()
+        batch["image_lengths"] = torch.full((batch_size,), encoder.num_parts)
+    else:
+        batch["images"] = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
+    return batch
+
+
+def saved_activation_bytes(model: torch.nn.Module, batch: dict) -> int:
+    """Bytes of the distinct storages autograd saves during one training forward of `batch`."""
     storages: dict[int, int] = {}
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
@@ -116,7 +131,7 @@ def saved_activation_bytes(model: torch.nn.Module, batch_size: int, image_size: 
 
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(images, tokens, lengths)
+        out = model(batch["images"], batch["tokens"], batch["lengths"], batch.get("image_lengths"))
     del out
     return sum(storages.values())
 
@@ -130,12 +145,12 @@ class ActivationEstimate:
         return self.fixed + self.per_sample * batch_size
 
 
-def activation_estimate(model: torch.nn.Module, image_size: int, max_words: int, small: int = 2,
+def activation_estimate(model: torch.nn.Module, caption: list[int], image_size: int, small: int = 2,
                         large: int = 6) -> ActivationEstimate:
-    """Linear fit of saved-activation bytes between two small batches (see saved_activation_bytes); the model's
-    own autocast (engine.precision) decides the activations' dtype."""
-    a = saved_activation_bytes(model, small, image_size, max_words)
-    b = saved_activation_bytes(model, large, image_size, max_words)
+    """Linear fit of saved-activation bytes between two small batches (see example_batch and
+    saved_activation_bytes); the model's own autocast (engine.precision) decides the activations' dtype."""
+    a = saved_activation_bytes(model, example_batch(model, caption, small, image_size))
+    b = saved_activation_bytes(model, example_batch(model, caption, large, image_size))
     per_sample = max(0, math.ceil((b - a) / (large - small)))
     return ActivationEstimate(per_sample=per_sample, fixed=max(0, a - per_sample * small))
 
@@ -180,15 +195,29 @@ class Plan:
         return low
 
 
+def stand_in_vocab(vocab_size: int) -> Vocab:
+    """A word vocabulary of `vocab_size` entries, for planning without the shard set at hand."""
+    if vocab_size < 3:
+        raise ConfigError(f"--vocab-size must be at least 3 (<pad>, <unk> and a word), got {vocab_size}")
+    return Vocab([PAD, UNK] + [f"word{i}" for i in range(vocab_size - 2)])
+
+
+def full_length_caption(tokenizer: CaptionTokenizer) -> list[int]:
+    """Token ids of a caption the tokenizer cuts at its max_len: the worst case for activations."""
+    return tokenizer.encode(" ".join(["word0"] * (2 * tokenizer.max_len)))
+
+
 def make_plan(cfg: Config, world: int, vocab_size: int, num_concepts: int) -> Plan:
     from types import SimpleNamespace
 
-    from trainer.factory import build_model
+    from trainer.factory import build_model, build_tokenizer
 
+    vocab = stand_in_vocab(vocab_size)
     torch.manual_seed(0)
-    model = build_model(cfg, SimpleNamespace(vocab=[None] * vocab_size, num_concepts=num_concepts))
+    model = build_model(cfg, SimpleNamespace(vocab=vocab, num_concepts=num_concepts))
     num_params = sum(p.numel() for p in model.parameters())
-    acts = activation_estimate(model, cfg.data.image_size, cfg.data.max_words)
+    caption = full_length_caption(build_tokenizer(cfg, vocab))
+    acts = activation_estimate(model, caption, cfg.data.image_size)
     return Plan(cfg, world, num_params, acts, vocab_size, num_concepts)
 
 
@@ -253,10 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, check_paths=False)
         vocab, concepts = shard_set_sizes(cfg, args.vocab_size, args.num_concepts)
-    except ConfigError as e:
+        plan = make_plan(cfg, args.gpus * args.nodes, vocab, concepts)
+    except (ConfigError, FileNotFoundError) as e:  # FileNotFoundError: a pretrained encoder's files, named
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    plan = make_plan(cfg, args.gpus * args.nodes, vocab, concepts)
     print(format_plan(plan, args.gpu_mem_gib, args.headroom))
     return 0
 

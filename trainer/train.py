@@ -488,6 +488,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file under configs/")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint tag (same as run.resume=...)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (base files and overrides applied) and exit")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200 loss.labels=none")
     # intermixed: overrides may stand before and after --resume / --config
@@ -499,10 +501,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides) + ([f"run.resume={args.resume}"] if args.resume else [])
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides, check_paths=not args.print_config)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:  # shards and checkpoints need not exist yet: nothing starts
+        print(cfg.to_yaml(), end="")
+        return 0
     try:
         train(cfg)
     except ConfigError as e:  # a refusal before any work (config, checkpoint, world size): the same on all ranks

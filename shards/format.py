@@ -1,0 +1,27 @@
+"""The shard-set format (DESIGN.md section 3), defined once: shards/ writes and checks it, trainer/ reads it.
+
+A shard set is a folder of `NAME-SPLIT-000000.tar ...` plus MANIFEST, CONCEPTS and VOCAB. Each picture is one
+WebDataset sample: `{image_id}.{ext}` (the picture's own bytes, one of PICTURE_EXTS, or float16 region features
+[regions, dim] saved by np.save, FEATURE_EXT) and `{image_id}.json` (the fields of SAMPLE_FIELDS). A set holds
+pictures or features, never both. Standard library only: importing the format drags in nothing else.
+"""
+from __future__ import annotations
+
+FORMAT = "hier-shards"  # manifest.json's "format"
+FORMAT_VERSION = 1
+PICTURE_EXTS = ("jpg", "jpeg", "png", "webp")
+FEATURE_EXT = "npy"
+IMAGE_EXTS = (*PICTURE_EXTS, FEATURE_EXT)  # every member extension that carries a sample's image side
+META_EXT = "json"
+SAMPLE_FIELDS = ("image_id", "captions", "caption_concepts", "image_concepts", "split", "source")
+MANIFEST, CONCEPTS, VOCAB = "manifest.json", "concepts.json", "vocab.json"
+SHARD_SET_FILES = (MANIFEST, CONCEPTS, VOCAB)
+
+
+def shard_file_name(name: str, split: str, index: int) -> str:
+    return f"{name}-{split}-{index:06d}.tar"
+
+
+def is_manifest(manifest: object) -> bool:
+    """Whether a parsed manifest.json declares this format (and lists its splits)."""
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT and "splits" in manifest
