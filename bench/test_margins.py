@@ -10,6 +10,11 @@ line with everything.
     python bench/test_margins.py --cases emoji --seeds 0 1 --threads 1
     python bench/test_margins.py --threads 1 --parallel 2 && python bench/test_margins.py --threads 2 --parallel 1
         # (the same runs, faster on 2 cores: one-thread runs two at a time; the last command reuses them)
+    python bench/test_margins.py --cases emoji -- train.steps=60    # try a change of a test's configuration
+
+On 2 shared cores a one-thread run takes 1-5 min (e2e), 40-75 s (regions), 50-100 s (emoji); a two-thread run
+took 10-30 min there (oversubscribed), so the figures beside the tests' bounds are seeds 0-9 (e2e, regions) or
+0-4 (emoji) with one thread, plus seed 0 with two threads for e2e and emoji.
 
 Cases (test -> figures):
   e2e      tests/test_train_e2e.py::test_short_run_learns_checkpoints_resumes_and_logs (small_shards corpus);
