@@ -23,6 +23,11 @@ def tiny_shards(tmp_path_factory) -> Path:
     return build_builtin(tmp_path_factory.mktemp("tiny") / "builtin", 96, 32, 32, 16)
 
 
+# train, val, test pictures, shard size, options: a corpus big enough that a short run learns something
+# measurable (bench/test_margins.py builds the same one to measure the learning tests' margins)
+SMALL_CORPUS = (1024, 100, 100, 128, "--pos", "NOUN,ADJ")
+
+
 @pytest.fixture(scope="session")
 def uneven_shards(tmp_path_factory) -> Path:
     """96 train pictures in 3 shards of 32; val and test of 24 pictures in ONE shard each, as the built-in
@@ -33,7 +38,7 @@ def uneven_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_shards(tmp_path_factory) -> Path:
     """A corpus big enough that a short training run learns something measurable."""
-    return build_builtin(tmp_path_factory.mktemp("small") / "builtin", 1024, 100, 100, 128, "--pos", "NOUN,ADJ")
+    return build_builtin(tmp_path_factory.mktemp("small") / "builtin", *SMALL_CORPUS)
 
 
 @pytest.fixture(scope="module")

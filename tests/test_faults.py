@@ -283,6 +283,7 @@ def test_nonfinite_steps_are_skipped_on_every_rank_with_exactly_no_update(tmp_pa
         assert got["skipped"] == [[False, False], [True, True], [True, True], [False, False]], zero
         for mode in ("value", "grad"):
             assert got[f"params_unchanged/{mode}"] and got[f"adam_unchanged/{mode}"], (zero, mode)
+        # exact: the engine that skipped and the one that never saw the bad steps run on this machine, same threads
         assert got["moved"] > 0 and got["final_vs_reference"] == 0.0, (zero, got)
 
 
@@ -383,7 +384,8 @@ def test_killed_and_preempted_run_resumes_to_exactly_the_uninterrupted_parameter
     ranks after step 3; `--resume latest`; SIGUSR1 to rank 1 only two steps later (both ranks checkpoint the
     same step and exit 0); `--resume latest` through launch/cpu_2proc.sh to the end. Both runs' exported
     weights must be bit-identical: same data (the position is in the checkpoint), same optimizer state, and
-    CPU float arithmetic done in the same order."""
+    CPU float arithmetic done in the same order. Both runs are on this machine with the same thread count, which
+    is the assumption: bit-identity is between two runs on one machine, never across CPU models."""
     from trainer.export import export
     from trainer.factory import build_model
     from trainer.train import load_init_weights, train

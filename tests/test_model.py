@@ -15,7 +15,7 @@ VOCAB = 40
 CONCEPTS = 7
 TINY = dict(vocab_size=VOCAB, num_concepts=CONCEPTS, embed_dim=16, cnn_width=8, image_size=16, word_dim=8,
             gru_hidden=12, max_words=10)
-ATOL = 1e-5
+ATOL = 1e-5  # fp32 rounding between two computations in one process (batching, padding): any CPU
 
 
 def tiny_model(**overrides) -> HierarchicalEmbedder:
