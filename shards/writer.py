@@ -2,7 +2,9 @@
 
 A shard set is a folder with `NAME-SPLIT-000000.tar ...`, `manifest.json`, `concepts.json` and `vocab.json`.
 Each image is one WebDataset sample: `{image_id}.{image_ext}` (the picture bytes, or region features as an
-`npy` file) and `{image_id}.json`. Pictures of one set may mix jpg/png/webp (sources keep original bytes);
+`npy` file) and `{image_id}.json` ({"image_id", "captions", "caption_concepts", "image_concepts", "split",
+"source"}, plus "objects" where the source knows what a picture shows: the built-in corpus writes one
+{"shape", "colour", "size", "row", "col"} per drawn object, ground truth for plausible-match metrics). Pictures of one set may mix jpg/png/webp (sources keep original bytes);
 a set holds either pictures or features, never both.
 Tars are byte-identical for the same input (fixed member metadata), and each is written under a
 temporary name and renamed when complete, so a half-written shard never looks finished.
@@ -40,6 +42,9 @@ class RawSample:
     image_bytes: bytes
     image_ext: str
     captions: list[str]
+    # Ground truth about the picture that does not come from its captions' words (the built-in corpus: one
+    # {"shape", "colour", "size", "row", "col"} per object), for plausible-match metrics; None = unknown.
+    objects: list[dict] | None = None
 
 
 def shard_file_name(name: str, split: str, index: int) -> str:
@@ -96,6 +101,7 @@ class ShardSetWriter:
         caption_concepts: list[list[int]],
         image_concepts: list[int],
         source: str,
+        objects: list[dict] | None = None,
     ) -> None:
         if self._closed:
             raise RuntimeError("ShardSetWriter is closed")
@@ -126,7 +132,7 @@ class ShardSetWriter:
             self._open_shard(split, state)
         self._add_member(state.tar, f"{image_id}.{image_ext}", image_bytes)
         self._add_member(state.tar, f"{image_id}.json",
-                         sample_json(split, image_id, captions, caption_concepts, image_concepts, source))
+                         sample_json(split, image_id, captions, caption_concepts, image_concepts, source, objects))
         self.image_exts[image_ext] = self.image_exts.get(image_ext, 0) + 1
         state.images += 1
         state.captions += len(captions)
@@ -223,8 +229,8 @@ class ShardSetWriter:
 
 
 def sample_json(split: str, image_id: str, captions: list[str], caption_concepts: list[list[int]],
-                image_concepts: list[int], source: str) -> bytes:
-    """The `{image_id}.json` member of a sample, exactly as written."""
+                image_concepts: list[int], source: str, objects: list[dict] | None = None) -> bytes:
+    """The `{image_id}.json` member of a sample, exactly as written; "objects" only where the source knows them."""
     record = {
         "image_id": image_id,
         "captions": list(captions),
@@ -233,6 +239,8 @@ def sample_json(split: str, image_id: str, captions: list[str], caption_concepts
         "split": split,
         "source": source,
     }
+    if objects is not None:
+        record["objects"] = [dict(o) for o in objects]
     return json.dumps(record, ensure_ascii=False).encode("utf-8")
 
 

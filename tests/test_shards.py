@@ -69,7 +69,9 @@ def test_tars_hold_every_field_of_every_sample(built, extractor):
             assert image_bytes == sample.image_bytes
             assert Image.open(io.BytesIO(image_bytes)).size == (64, 64)
             record = json.loads(json_bytes)
-            assert set(record) == {"image_id", "captions", "caption_concepts", "image_concepts", "split", "source"}
+            assert set(record) == {"image_id", "captions", "caption_concepts", "image_concepts", "split", "source",
+                                   "objects"}
+            assert record["objects"] == sample.objects  # the drawn scene, ground truth not taken from captions
             assert record["image_id"] == sample.image_id
             assert record["captions"] == sample.captions
             assert record["split"] == split and record["source"] == "builtin"
