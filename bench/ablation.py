@@ -124,7 +124,10 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
 
 
 def figure(result: dict, score: str, metric: str) -> float | None:
+    """One figure of a run's eval JSON: R@K / rsum of a score, or a plausible-match figure (pmrp, i2t_z1, ...)."""
     value = result.get(score, {}).get(metric)
+    if value is None:
+        value = result.get("pmrp", {}).get(score, {}).get(metric)
     return None if value is None else float(value)
 
 

@@ -226,3 +226,24 @@ def test_writer_does_not_leave_an_empty_shard(tmp_path):
     manifest = writer.close(MANIFEST_FIELDS)
     assert manifest["splits"]["test"]["shards"] == ["t-test-000000.tar", "t-test-000001.tar"]
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["t-test-000000.tar", "t-test-000001.tar"]
+
+
+def test_evaluation_reads_the_objects_and_reports_pmrp(built):
+    import torch
+
+    from trainer.data import ShardSet
+    from trainer.evaluate import score_embeddings
+    from trainer.ground_truth import split_objects
+
+    samples = expected_samples()["val"]
+    ids = [s.image_id for s in samples][::-1]  # any order: objects follow the embedded pictures' order
+    objects = split_objects(ShardSet.open(built), "val", ids)
+    assert objects == [s.objects for s in samples][::-1]
+    g = torch.Generator().manual_seed(0)
+    n = len(ids)
+    emb = {"img_g": torch.randn(n, 4, generator=g), "img_l": torch.randn(n, 4, generator=g),
+           "cap_g": torch.randn(5 * n, 4, generator=g), "cap_l": torch.randn(5 * n, 4, generator=g),
+           "cap_to_img": torch.arange(n).repeat_interleave(5), "objects": objects}
+    results = score_embeddings(emb, 1.0)
+    assert set(results["pmrp"]) == {"global", "local", "concat"} and 0 < results["pmrp"]["concat"]["pmrp"] <= 100
+    assert "pmrp" not in score_embeddings({**emb, "objects": None}, 1.0)
