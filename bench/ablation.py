@@ -174,13 +174,13 @@ def format_diff(d: dict | None) -> str:
     return f"{d['diff']:>+8.1f} ±{d['se']:>5.1f}{mark}"
 
 
-def print_tables(rows: list[dict], args: argparse.Namespace, chance: float | None) -> None:
+def print_tables(rows: list[dict], args: argparse.Namespace, chance: dict[str, float]) -> None:
     for split in SPLITS:
         for score in args.scores:
             block = [r for r in rows if r["split"] == split and r["score"] == score]
             if not block:
                 continue
-            print(f"\n{split} split, {score} score, {args.metric} (chance rSum {chance}); mean ± SE over seeds; "
+            print(f"\n{split} split, {score} score, {args.metric} (chance rSum {chance.get(split)}); mean ± SE over seeds; "
                   f"paired differences ± SE, * = |diff| > 2 SE")
             print(f"{'variant':<17}{'n':>2} {'mean':>7} {'± SE':>6}  {'vs shuffled':>16} {'vs label-free':>16} "
                   f"{'vs global_only':>16}  per seed")
@@ -215,6 +215,17 @@ def plot(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"plot written to {args.plot}")
 
 
+def no_nan(obj):
+    """JSON has no NaN: an undefined SE (one seed) becomes null."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [no_nan(v) for v in obj]
+    return obj
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/builtin.yaml")
@@ -227,6 +238,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--no-train", action="store_true", help="only read finished runs and report")
+    parser.add_argument("--order", choices=("variant", "seed"), default="seed",
+                        help="training order of missing runs: all seeds of a variant first, or all variants of a seed")
     parser.add_argument("--scores", nargs="+", default=list(SCORES), choices=SCORES)
     parser.add_argument("--metric", default="rsum", help="key of an eval JSON score row (rsum, or e.g. pmrp)")
     parser.add_argument("--plot", default=None, help="PNG path (default OUT/ablation.png)")
@@ -240,8 +253,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if not args.no_train:
-        # variant-major: the first variants get all their seeds before later ones start
-        jobs = [(v, s) for v in args.variants for s in args.seeds]
+        # variant-major: the first variants get all their seeds first; seed-major: whole seeds (paired sets) first
+        jobs = [(v, s) for v in args.variants for s in args.seeds] if args.order == "variant" else \
+            [(v, s) for s in args.seeds for v in args.variants]
         print(f"{len(jobs)} runs of {args.steps} steps, batch {args.batch_size}, {args.parallel} at a time",
               flush=True)
         with ThreadPoolExecutor(args.parallel) as pool:
@@ -249,12 +263,13 @@ def main() -> None:
     results = load_results(args)
     if not results:
         sys.exit(f"no finished runs under {args.out}")
-    chance = round(next(iter(results.values()))["chance"]["rsum"], 2)
+    chance = {split: round(r["chance"]["rsum"], 2) for (_, _, split), r in results.items()}
     rows = build_rows(results, args)
     print_tables(rows, args, chance)
     plot(rows, args)
-    print(json.dumps({"seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size, "metric": args.metric,
-                      "overrides": args.overrides, "chance_rsum": chance, "rows": rows}))
+    steps = sorted({r["step"] for r in results.values()})  # what the runs trained, whatever --steps says now
+    print(json.dumps(no_nan({"seeds": args.seeds, "steps": steps, "metric": args.metric, "out": args.out,
+                             "chance_rsum": chance, "rows": rows})))
 
 
 if __name__ == "__main__":
