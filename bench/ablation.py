@@ -191,6 +191,31 @@ def print_tables(rows: list[dict], args: argparse.Namespace, chance: dict[str, f
                       f"{format_diff(r['vs'].get('global_only'))}  {seeds}")
 
 
+def markdown(rows: list[dict], args: argparse.Namespace, chance: dict[str, float]) -> str:
+    """The tables as markdown (for the README): one per split and score."""
+    def cell(d: dict | None) -> str:
+        if d is None:
+            return ""
+        se = "n/a" if d["se"] is None or math.isnan(d["se"]) else f"{d['se']:.1f}"
+        return f"{d['diff']:+.1f} ± {se}" + (" **\\***" if d["significant"] else "")
+
+    out = []
+    for split in SPLITS:
+        for score in args.scores:
+            block = [r for r in rows if r["split"] == split and r["score"] == score]
+            if not block:
+                continue
+            out += [f"\n{split} split, {score} score, {args.metric} (chance rSum {chance.get(split)}):\n",
+                    "| variant | seeds | mean ± SE | vs shuffled | vs label-free | vs global only | per seed |",
+                    "|---|---|---|---|---|---|---|"]
+            for r in block:
+                se = "n/a" if math.isnan(r["se"]) else f"{r['se']:.1f}"
+                seeds = ", ".join(f"{x:.1f}" for x in r["per_seed"].values())
+                out.append(f"| {r['variant']} | {r['n']} | {r['mean']:.1f} ± {se} | {cell(r['vs'].get('shuffled'))} | "
+                           f"{cell(r['vs'].get('label_free'))} | {cell(r['vs'].get('global_only'))} | {seeds} |")
+    return "\n".join(out) + "\n"
+
+
 def plot(rows: list[dict], args: argparse.Namespace) -> None:
     """One panel per split: the plot score's mean per variant, SE error bars, one dot per seed."""
     import matplotlib
@@ -244,6 +269,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--metric", default="rsum", help="key of an eval JSON score row (rsum, or e.g. pmrp)")
     parser.add_argument("--plot", default=None, help="PNG path (default OUT/ablation.png)")
     parser.add_argument("--plot-score", default="concat", choices=SCORES)
+    parser.add_argument("--markdown", default=None, help="also write the tables as markdown to this file")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value for every run")
     args = parser.parse_args()
     args.plot = args.plot or str(Path(args.out) / "ablation.png")
@@ -267,6 +293,8 @@ def main() -> None:
     rows = build_rows(results, args)
     print_tables(rows, args, chance)
     plot(rows, args)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(rows, args, chance))
     steps = sorted({r["step"] for r in results.values()})  # what the runs trained, whatever --steps says now
     print(json.dumps(no_nan({"seeds": args.seeds, "steps": steps, "metric": args.metric, "out": args.out,
                              "chance_rsum": chance, "rows": rows})))

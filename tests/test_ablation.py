@@ -48,7 +48,8 @@ def test_table_rebuilt_from_finished_runs(tmp_path):
         fake_run(tmp_path, "global_only", seed, 0, 0, 60 + seed)
     plot = tmp_path / "plot.png"
     done = subprocess.run([sys.executable, str(REPO / "bench" / "ablation.py"), "--no-train", "--out", str(tmp_path),
-                           "--variants", "global_only", "concepts_mass", "shuffled_mass", "none", "--plot", str(plot)],
+                           "--variants", "global_only", "concepts_mass", "shuffled_mass", "none", "--plot", str(plot),
+                           "--markdown", str(tmp_path / "table.md")],
                           capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     rows = {(r["split"], r["score"], r["variant"]): r for r in result["rows"]}
@@ -59,6 +60,7 @@ def test_table_rebuilt_from_finished_runs(tmp_path):
     assert concat["vs"]["global_only"]["diff"] == 45.0  # against the global-only model's (only) score
     assert ("test", "concat", "global_only") not in rows and ("test", "global", "global_only") in rows
     assert "*" in done.stdout and plot.stat().st_size > 0
+    assert "| concepts_mass | 5 | 107.0 ± 0.7 | +4.6 ± " in (tmp_path / "table.md").read_text()
     pmrp = subprocess.run([sys.executable, str(REPO / "bench" / "ablation.py"), "--no-train", "--out", str(tmp_path),
                            "--variants", "concepts_mass", "none", "--metric", "pmrp", "--plot", str(plot)],
                           capture_output=True, text=True, check=True)
