@@ -6,7 +6,8 @@ initialisation, so each variant is compared with its controls *per seed* (paired
   shuffled twin  the same loss with concept sets permuted across the batch's pictures (labels without content)
   label-free     the same two-space model without labels (identity targets; for InfoNCE variants InfoNCE too)
   global_only    one space, VSE++ hinge
-A difference is marked * when |mean| > 2 x its standard error (SE = sample std / sqrt(number of seeds)).
+A difference is marked * when |mean| > 2 x its standard error (SE = sample std / sqrt(number of seeds)) over at
+least 3 seeds.
 
 Variants (loss options, see trainer/config.py's LossConfig):
   global_only       loss.local=none
@@ -66,6 +67,7 @@ VARIANTS = {
                                 None, "none_infonce"),
 }
 SCORES = ("concat", "local", "global")
+MIN_SEEDS_FOR_SE = 3
 SPLITS = ("val", "test")
 
 
@@ -113,14 +115,15 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
-    """Mean and SE of a[seed] - b[seed] over the seeds both have; significant when |mean| > 2 SE."""
+    """Mean and SE of a[seed] - b[seed] over the seeds both have; significant when |mean| > 2 SE and there are at
+    least MIN_SEEDS_FOR_SE seeds (the SE of two differences is itself too noisy to judge by)."""
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return None
     diffs = [a[s] - b[s] for s in seeds]
     mean, se = mean_se(diffs)
     return {"diff": round(mean, 2), "se": round(se, 2), "n": len(seeds),
-            "significant": bool(len(seeds) > 1 and se > 0 and abs(mean) > 2 * se), "per_seed": diffs}
+            "significant": bool(len(seeds) >= MIN_SEEDS_FOR_SE and se > 0 and abs(mean) > 2 * se), "per_seed": diffs}
 
 
 def figure(result: dict, score: str, metric: str) -> float | None:

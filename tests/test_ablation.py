@@ -27,6 +27,7 @@ def test_mean_se_and_paired_differences():
     assert not ablation.paired({0: 1.0, 1: 5.0}, {0: 2.0, 1: 2.0})["significant"]  # +3 and -1: SE 2
     assert ablation.paired({0: 1.0, 7: 2.0}, {0: 0.5, 5: 1.0})["n"] == 1  # only seeds both have are paired
     assert ablation.paired({0: 1.0}, {1: 1.0}) is None
+    assert not ablation.paired({0: 2.0, 1: 2.1}, {0: 1.0, 1: 1.0})["significant"]  # two seeds: no verdict
 
 
 def fake_run(out: Path, variant: str, seed: int, concat: float, local: float, glob: float) -> None:
