@@ -122,7 +122,7 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
         return None
     diffs = [a[s] - b[s] for s in seeds]
     mean, se = mean_se(diffs)
-    return {"diff": round(mean, 2), "se": round(se, 2), "n": len(seeds),
+    return {"diff": round(mean, 3), "se": round(se, 3), "n": len(seeds),
             "significant": bool(len(seeds) >= MIN_SEEDS_FOR_SE and se > 0 and abs(mean) > 2 * se), "per_seed": diffs}
 
 
@@ -161,7 +161,7 @@ def build_rows(results: dict, args: argparse.Namespace) -> list[dict]:
                     continue
                 mean, se = mean_se(list(values.values()))
                 row = {"split": split, "score": score, "variant": variant, "metric": args.metric, "n": len(values),
-                       "mean": round(mean, 2), "se": round(se, 2), "per_seed": values, "vs": {}}
+                       "mean": round(mean, 3), "se": round(se, 3), "per_seed": values, "vs": {}}
                 for name, control in controls_of(variant).items():
                     base = per_seed(results, control, score, split, args) if control in args.variants else {}
                     if base:
@@ -170,11 +170,16 @@ def build_rows(results: dict, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def format_diff(d: dict | None) -> str:
+def digits(metric: str) -> int:
+    """Decimals to print: rSum is in the hundreds, PMRP figures are a few percent."""
+    return 1 if metric == "rsum" else 2
+
+
+def format_diff(d: dict | None, n: int = 1) -> str:
     if d is None:
         return f"{'-':>16}"
     mark = "*" if d["significant"] else " "
-    return f"{d['diff']:>+8.1f} ±{d['se']:>5.1f}{mark}"
+    return f"{d['diff']:>+8.{n}f} ±{d['se']:>5.{n}f}{mark}"
 
 
 def print_tables(rows: list[dict], args: argparse.Namespace, chance: dict[str, float]) -> None:
@@ -188,19 +193,22 @@ def print_tables(rows: list[dict], args: argparse.Namespace, chance: dict[str, f
             print(f"{'variant':<17}{'n':>2} {'mean':>7} {'± SE':>6}  {'vs shuffled':>16} {'vs label-free':>16} "
                   f"{'vs global_only':>16}  per seed")
             for r in block:
-                seeds = " ".join(f"{x:.1f}" for x in r["per_seed"].values())
-                print(f"{r['variant']:<17}{r['n']:>2} {r['mean']:>7.1f} {r['se']:>6.1f}  "
-                      f"{format_diff(r['vs'].get('shuffled'))} {format_diff(r['vs'].get('label_free'))} "
-                      f"{format_diff(r['vs'].get('global_only'))}  {seeds}")
+                seeds = " ".join(f"{x:.{digits(args.metric)}f}" for x in r["per_seed"].values())
+                n = digits(args.metric)
+                print(f"{r['variant']:<17}{r['n']:>2} {r['mean']:>7.{n}f} {r['se']:>6.{n}f}  "
+                      f"{format_diff(r['vs'].get('shuffled'), n)} {format_diff(r['vs'].get('label_free'), n)} "
+                      f"{format_diff(r['vs'].get('global_only'), n)}  {seeds}")
 
 
 def markdown(rows: list[dict], args: argparse.Namespace, chance: dict[str, float]) -> str:
     """The tables as markdown (for the README): one per split and score."""
+    n = digits(args.metric)
+
     def cell(d: dict | None) -> str:
         if d is None:
             return ""
-        se = "n/a" if d["se"] is None or math.isnan(d["se"]) else f"{d['se']:.1f}"
-        return f"{d['diff']:+.1f} ± {se}" + (" **\\***" if d["significant"] else "")
+        se = "n/a" if d["se"] is None or math.isnan(d["se"]) else f"{d['se']:.{n}f}"
+        return f"{d['diff']:+.{n}f} ± {se}" + (" **\\***" if d["significant"] else "")
 
     out = []
     for split in SPLITS:
@@ -212,9 +220,9 @@ def markdown(rows: list[dict], args: argparse.Namespace, chance: dict[str, float
                     "| variant | seeds | mean ± SE | vs shuffled | vs label-free | vs global only | per seed |",
                     "|---|---|---|---|---|---|---|"]
             for r in block:
-                se = "n/a" if math.isnan(r["se"]) else f"{r['se']:.1f}"
-                seeds = ", ".join(f"{x:.1f}" for x in r["per_seed"].values())
-                out.append(f"| {r['variant']} | {r['n']} | {r['mean']:.1f} ± {se} | {cell(r['vs'].get('shuffled'))} | "
+                se = "n/a" if math.isnan(r["se"]) else f"{r['se']:.{n}f}"
+                seeds = ", ".join(f"{x:.{n}f}" for x in r["per_seed"].values())
+                out.append(f"| {r['variant']} | {r['n']} | {r['mean']:.{n}f} ± {se} | {cell(r['vs'].get('shuffled'))} | "
                            f"{cell(r['vs'].get('label_free'))} | {cell(r['vs'].get('global_only'))} | {seeds} |")
     return "\n".join(out) + "\n"
 
