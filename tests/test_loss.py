@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.loss import HierarchicalLoss, jaccard, shuffle_permutation
+from trainer.loss import HierarchicalLoss, caption_containment, jaccard, shuffle_permutation
 
 EMBED_KEYS = ("img_g", "img_l", "txt_g", "txt_l")
 TOL = dict(rtol=1e-6, atol=1e-6)
@@ -396,3 +396,127 @@ def test_label_mass_keeps_the_positive_share_as_the_batch_grows():
     for n in (8, 512):
         assert positive_share(n, None) == pytest.approx(1 / (1 + 0.2 * (n - 1)))
         assert positive_share(n, 0.3) == pytest.approx(0.7)
+
+
+# ----------------------------------------------------------------------------------------- labels in the global term
+def ref_containment(caption_row, image_row) -> float:
+    """Share of the caption's concepts that the picture has (0 for a caption without concepts)."""
+    cap = {k for k, v in enumerate(caption_row) if v > 0}
+    img = {k for k, v in enumerate(image_row) if v > 0}
+    return len(cap & img) / len(cap) if cap else 0.0
+
+
+def ref_label_hinge(rows, cols, ids, match, margin, exclude_above, scale_margin):
+    """ref_hinge with margin * (1 - match) and the columns with match >= exclude_above left out."""
+    n = len(rows)
+    per_row = []
+    for i in range(n):
+        positive = ref_dot(rows[i], cols[i])
+        costs = [ref_relu(margin * ((1 - match[i][j]) if scale_margin else 1) - positive + ref_dot(rows[i], cols[j]))
+                 for j in range(n) if ids[j] != ids[i] and not (exclude_above is not None
+                                                               and match[i][j] >= exclude_above)]
+        per_row.append(max(costs) if costs else 0 * positive)
+    return sum(per_row) / n
+
+
+def duplicate_caption_batch():
+    """Picture 0 (a red star and a blue ring) and picture 1 (a red star) both have the caption "a red star":
+    identical caption vectors; picture 2 is unrelated. Concepts: 0 red, 1 star, 2 blue, 3 ring, 4 green."""
+    e = torch.eye(3, dtype=torch.float64)
+    img = torch.stack([e[0], F.normalize(e[0] + e[1], dim=0), e[2]])
+    red_star = F.normalize(e[0] + 0.3 * e[1], dim=0)
+    txt = torch.stack([red_star, red_star, F.normalize(e[2] + 0.5 * e[0], dim=0)])
+    img_c = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 1]], dtype=torch.float64)
+    cap_c = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 1]], dtype=torch.float64)
+    return {"img_g": img, "txt_g": txt, "image_ids": torch.arange(3), "image_concepts": img_c,
+            "caption_concepts": cap_c}
+
+
+def test_caption_containment_hand_computed():
+    cap = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0]], dtype=torch.float64)
+    img = torch.tensor([[1, 1, 1, 0], [0, 1, 0, 1]], dtype=torch.float64)
+    expected = torch.tensor([[1.0, 0.5], [0.0, 0.0], [1.0, 0.5]], dtype=torch.float64)
+    size = cap.sum(1)
+    assert torch.allclose(caption_containment(cap, size, img, caption_rows=True), expected)
+    assert torch.allclose(caption_containment(cap, size, img, caption_rows=False), expected.T)
+
+
+def test_duplicate_caption_is_not_the_hardest_negative_when_excluded():
+    batch = duplicate_caption_batch()
+    plain = HierarchicalLoss(local="none")(batch)
+    # image 0's own caption and picture 1's caption are the same vector: plain VSE++ pays the full margin
+    s = batch["img_g"] @ batch["txt_g"].T
+    assert torch.isclose(s[0, 0], s[0, 1])
+    row0_plain = max(0.2 - s[0, 0] + s[0, 1], 0.2 - s[0, 0] + s[0, 2]).clamp(min=0)
+    excluded = HierarchicalLoss(local="none", global_exclude_above=1.0)(batch)
+    # with "a red star" fully contained in picture 0, only column 2 is left as image 0's negative
+    row0_excluded = (0.2 - s[0, 0] + s[0, 2]).clamp(min=0)
+    assert row0_excluded < row0_plain - 0.05
+    # "a red star" of picture 0 fits picture 1 as well: (1, 0) is left out too; row 1 keeps only column 2
+    s_row = [max(float(0.2 - s[i, i] + s[i, j]) for j in range(3) if j != i and {i, j} != {0, 1})
+             for i in range(3)]
+    assert torch.allclose(excluded["global_i2t"], torch.tensor([max(v, 0.0) for v in s_row]).double().mean(), **TOL)
+    assert excluded["global_i2t"] < plain["global_i2t"]
+    # shuffled labels move the exclusion to whatever pictures the permutation pairs up
+    perm = shuffle_permutation(3, seed=0, step=0)
+    assert not torch.equal(perm, torch.arange(3))
+    shuffled = HierarchicalLoss(local="none", labels="shuffled", global_exclude_above=1.0)(batch)
+    permuted = {**batch, "image_concepts": batch["image_concepts"][perm],
+                "caption_concepts": batch["caption_concepts"][perm]}
+    same = HierarchicalLoss(local="none", global_exclude_above=1.0)(permuted)
+    assert torch.allclose(shuffled["global"], same["global"], **TOL)
+
+
+@pytest.mark.parametrize("exclude_above, scale_margin", [(None, True), (1.0, False), (0.5, True)])
+def test_label_hinge_matches_reference(exclude_above, scale_margin):
+    batch = make_batch(seed=2)
+    loss_fn = HierarchicalLoss(local="contrastive", margin=0.3, global_label_margin=scale_margin,
+                               global_exclude_above=exclude_above)
+    out = loss_fn(batch, step=1)
+    ids = batch["image_ids"].tolist()
+    img_c, cap_c = batch["image_concepts"].tolist(), batch["caption_concepts"].tolist()
+    n = len(ids)
+    match_i2t = [[ref_containment(cap_c[j], img_c[i]) for j in range(n)] for i in range(n)]
+    match_t2i = [[ref_containment(cap_c[i], img_c[j]) for j in range(n)] for i in range(n)]
+    assert any(0 < m < 1 for r in match_i2t for m in r) and any(m == 1 for r in match_i2t for m in r)
+    ref_i2t = ref_label_hinge(batch["img_g"], batch["txt_g"], ids, match_i2t, 0.3, exclude_above, scale_margin)
+    ref_t2i = ref_label_hinge(batch["txt_g"], batch["img_g"], ids, match_t2i, 0.3, exclude_above, scale_margin)
+    assert_same(out["global_i2t"], ref_i2t, batch)
+    assert_same(out["global_t2i"], ref_t2i, batch)
+
+
+def ref_info_nce(rows, cols, ids, match, temperature, exclude_above):
+    n = len(rows)
+    total = 0
+    for i in range(n):
+        keep = [j for j in range(n) if ids[j] == ids[i] or exclude_above is None or match[i][j] < exclude_above]
+        logits = {j: ref_dot(rows[i], cols[j]) / temperature for j in keep}
+        log_z = torch.log(sum(torch.exp(x) for x in logits.values()))
+        own = [j for j in keep if ids[j] == ids[i]]
+        total = total - sum(logits[j] - log_z for j in own) / len(own)
+    return total / n
+
+
+@pytest.mark.parametrize("exclude_above", [None, 1.0])
+def test_info_nce_matches_reference(exclude_above):
+    batch = make_batch(seed=3)
+    out = HierarchicalLoss(global_loss="infonce", global_temperature=0.2, global_exclude_above=exclude_above)(batch)
+    ids = batch["image_ids"].tolist()
+    img_c, cap_c = batch["image_concepts"].tolist(), batch["caption_concepts"].tolist()
+    n = len(ids)
+    match_i2t = [[ref_containment(cap_c[j], img_c[i]) for j in range(n)] for i in range(n)]
+    match_t2i = [[ref_containment(cap_c[i], img_c[j]) for j in range(n)] for i in range(n)]
+    assert_same(out["global_i2t"], ref_info_nce(batch["img_g"], batch["txt_g"], ids, match_i2t, 0.2, exclude_above),
+                batch)
+    assert_same(out["global_t2i"], ref_info_nce(batch["txt_g"], batch["img_g"], ids, match_t2i, 0.2, exclude_above),
+                batch)
+    assert torch.isfinite(out["loss"])
+
+
+def test_global_label_options_refused_without_labels():
+    with pytest.raises(ValueError, match="need labels"):
+        HierarchicalLoss(labels="none", global_exclude_above=1.0)
+    with pytest.raises(ValueError, match="infonce"):
+        HierarchicalLoss(global_loss="infonce", global_label_margin=True)
+    with pytest.raises(ValueError, match="global_exclude_above"):
+        HierarchicalLoss(global_exclude_above=1.5)

@@ -9,7 +9,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from trainer.metrics import (
-    chance_recalls, combined_retrieval_ranks, evaluate_embeddings, format_table, recalls, retrieval_ranks,
+    chance_recalls, combined_retrieval_ranks, evaluate_embeddings, fold_average, format_table, object_classes,
+    plausible_match_precision, plausible_match_scores, recalls, retrieval_ranks,
 )
 
 
@@ -267,3 +268,85 @@ def test_format_table_lists_every_score_and_rsum():
         assert rows[name].split()[1:] == [f"{row[key]:.2f}" for key in
                                           ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")]
     assert "chance" not in format_table(results)
+
+
+# ----------------------------------------------------------------------------------------- plausible matches
+def ref_pmrp(scores, relevant) -> float:
+    """Slow R-precision: per query, the top R items by score (ties: irrelevant first), R = relevant count."""
+    total = 0.0
+    for row_scores, row_relevant in zip(scores, relevant):
+        ranked = sorted(range(len(row_scores)), key=lambda j: (-row_scores[j], row_relevant[j]))
+        r = sum(row_relevant)
+        total += sum(row_relevant[j] for j in ranked[:r]) / r
+    return 100.0 * total / len(scores)
+
+
+def test_object_classes_are_colour_shape_presence():
+    classes = object_classes([[{"colour": "red", "shape": "star"}, {"colour": "red", "shape": "star"}],
+                              [{"colour": "blue", "shape": "ring"}, {"colour": "red", "shape": "star"}]])
+    assert classes.tolist() == [[0.0, 1.0], [1.0, 1.0]]  # classes sorted: (blue, ring), (red, star)
+
+
+def test_pmrp_by_hand_with_a_tie():
+    # pictures 0 and 1 both show exactly a red star, picture 2 a blue ring; one caption each (caption k of picture k)
+    classes = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    img, cap = torch.eye(3), torch.eye(3)  # each picture scores only its own caption: the others tie at 0
+    out = plausible_match_precision(img, cap, torch.arange(3), classes, distances=(0,))
+    # picture 0: relevant captions 0 and 1 (R = 2); top 2 = caption 0, then the tie at 0 goes to caption 2 first
+    assert out["i2t_z0"] == pytest.approx(100 * (0.5 + 0.5 + 1.0) / 3)
+    assert out["t2i_z0"] == pytest.approx(100 * (0.5 + 0.5 + 1.0) / 3)
+    # a model that puts the two red-star pictures together finds every plausible match
+    same = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert plausible_match_precision(same, same, torch.arange(3), classes, distances=(0,))["pmrp"] == 100.0
+    # at distance 2 every picture is plausible for every query: precision is 1 whatever the scores
+    assert plausible_match_precision(img, cap, torch.arange(3), classes, distances=(2,))["pmrp"] == 100.0
+
+
+def test_pmrp_matches_slow_reference_and_collapse_scores_low():
+    g = torch.Generator().manual_seed(0)
+    classes = (torch.rand(40, 6, generator=g) < 0.3).float()
+    cap_to_img = torch.arange(40).repeat_interleave(3)
+    img, cap = torch.randn(40, 8, generator=g), torch.randn(120, 8, generator=g)
+    out = plausible_match_precision(img, cap, cap_to_img, classes, chunk_size=7)
+    dist = [[int((classes[a] != classes[b]).sum()) for b in range(40)] for a in range(40)]
+    scores = (img @ cap.T).tolist()
+    for z in (0, 1, 2):
+        i2t = ref_pmrp(scores, [[int(dist[i][int(c)] <= z) for c in cap_to_img] for i in range(40)])
+        t2i = ref_pmrp((cap @ img.T).tolist(), [[int(dist[int(c)][j] <= z) for j in range(40)] for c in cap_to_img])
+        assert out[f"i2t_z{z}"] == pytest.approx(i2t, abs=1e-9) and out[f"t2i_z{z}"] == pytest.approx(t2i, abs=1e-9)
+    assert out["pmrp"] == pytest.approx(sum(v for k, v in out.items() if k != "pmrp") / 6)
+    collapsed = plausible_match_precision(torch.ones(40, 8), torch.ones(120, 8), cap_to_img, classes)
+    assert collapsed["pmrp"] < out["pmrp"]
+
+
+def test_pmrp_of_each_score_uses_the_concatenated_vector():
+    g = torch.Generator().manual_seed(1)
+    img_g, img_l, cap_g, cap_l = (torch.randn(n, 4, generator=g) for n in (10, 10, 20, 20))
+    cap_to_img = torch.arange(10).repeat_interleave(2)
+    classes = (torch.rand(10, 5, generator=g) < 0.4).float()
+    out = plausible_match_scores(img_g, img_l, cap_g, cap_l, cap_to_img, classes, local_weight=4.0)
+    concat = plausible_match_precision(torch.cat([img_g, 2 * img_l], 1), torch.cat([cap_g, 2 * cap_l], 1),
+                                       cap_to_img, classes)
+    assert out["concat"] == concat and set(out) == {"global", "local", "concat"}
+    assert set(plausible_match_scores(img_g, None, cap_g, None, cap_to_img, classes)) == {"global"}
+
+
+# ----------------------------------------------------------------------------------------- COCO 1K folds
+def test_fold_average_is_the_mean_of_each_fold():
+    g = torch.Generator().manual_seed(2)
+    img_g, img_l = torch.randn(30, 4, generator=g), torch.randn(30, 4, generator=g)
+    cap_g, cap_l = torch.randn(150, 4, generator=g), torch.randn(150, 4, generator=g)
+    cap_to_img = torch.arange(30).repeat_interleave(5)[torch.randperm(150, generator=g)]  # captions not grouped
+    out = fold_average(img_g, img_l, cap_g, cap_l, cap_to_img, local_weight=0.5, fold_size=10)
+    folds = []
+    for start in (0, 10, 20):
+        keep = (cap_to_img >= start) & (cap_to_img < start + 10)
+        folds.append(evaluate_embeddings(img_g[start:start + 10], img_l[start:start + 10], cap_g[keep], cap_l[keep],
+                                         cap_to_img[keep] - start, local_weight=0.5))
+    for score in ("global", "local", "concat"):
+        for key, value in out[score].items():
+            assert value == pytest.approx(sum(f[score][key] for f in folds) / 3)
+    whole = evaluate_embeddings(img_g, img_l, cap_g, cap_l, cap_to_img, local_weight=0.5)
+    assert out["concat"]["rsum"] > whole["concat"]["rsum"]  # a third of the candidates: easier
+    with pytest.raises(ValueError, match="folds of 7"):
+        fold_average(img_g, img_l, cap_g, cap_l, cap_to_img, fold_size=7)

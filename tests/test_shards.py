@@ -69,7 +69,9 @@ def test_tars_hold_every_field_of_every_sample(built, extractor):
             assert image_bytes == sample.image_bytes
             assert Image.open(io.BytesIO(image_bytes)).size == (64, 64)
             record = json.loads(json_bytes)
-            assert set(record) == {"image_id", "captions", "caption_concepts", "image_concepts", "split", "source"}
+            assert set(record) == {"image_id", "captions", "caption_concepts", "image_concepts", "split", "source",
+                                   "objects"}
+            assert record["objects"] == sample.objects  # the drawn scene, ground truth not taken from captions
             assert record["image_id"] == sample.image_id
             assert record["captions"] == sample.captions
             assert record["split"] == split and record["source"] == "builtin"
@@ -239,3 +241,24 @@ def test_every_picture_extension_of_the_format_is_written_and_read(tmp_path):
         assert _picture_bytes({"__key__": f"img-{ext}", ext: b"img", "json": b"{}"}) == b"img"
     writer.close(MANIFEST_FIELDS)
     assert [ext for _, ext, _ in shard_contents(tmp_path / "t-train-000000.tar")] == list(PICTURE_EXTS)
+
+
+def test_evaluation_reads_the_objects_and_reports_pmrp(built):
+    import torch
+
+    from trainer.data import ShardSet
+    from trainer.evaluate import score_embeddings
+    from trainer.ground_truth import split_objects
+
+    samples = expected_samples()["val"]
+    ids = [s.image_id for s in samples][::-1]  # any order: objects follow the embedded pictures' order
+    objects = split_objects(ShardSet.open(built), "val", ids)
+    assert objects == [s.objects for s in samples][::-1]
+    g = torch.Generator().manual_seed(0)
+    n = len(ids)
+    emb = {"img_g": torch.randn(n, 4, generator=g), "img_l": torch.randn(n, 4, generator=g),
+           "cap_g": torch.randn(5 * n, 4, generator=g), "cap_l": torch.randn(5 * n, 4, generator=g),
+           "cap_to_img": torch.arange(n).repeat_interleave(5), "objects": objects}
+    results = score_embeddings(emb, 1.0)
+    assert set(results["pmrp"]) == {"global", "local", "concat"} and 0 < results["pmrp"]["concat"]["pmrp"] <= 100
+    assert "pmrp" not in score_embeddings({**emb, "objects": None}, 1.0)

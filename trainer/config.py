@@ -119,6 +119,15 @@ class LossConfig:
     # normalised: the positive's share falls as the global batch grows); m in [0, 1) = the labelled columns get
     # a fixed share m of each row's target, whatever the batch size.
     label_mass: Optional[float] = None
+    # The global term: VSE++'s hinge (DESIGN.md) or InfoNCE at global_temperature.
+    global_loss: Literal["hinge", "infonce"] = "hinge"
+    global_temperature: float = 0.05
+    # Labels that steer the global term (need loss.labels != none). Both read the containment of a caption in a
+    # picture (share of the caption's concepts the picture has; 1 = the caption fits it): a hinge margin of
+    # margin * (1 - containment), and/or columns with containment >= global_exclude_above left out of the
+    # hardest-negative max (and of InfoNCE's softmax): a duplicate caption of another picture is a true match.
+    global_label_margin: bool = False
+    global_exclude_above: Optional[float] = None
 
 
 @dataclass
@@ -368,6 +377,14 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(lo.label_mass is None or 0 <= lo.label_mass < 1, "loss.label_mass",
              f"must be null or in [0, 1), got {lo.label_mass}")
     _require(lo.local_weight >= 0, "loss.local_weight", f"must be >= 0, got {lo.local_weight}")
+    _require(lo.global_temperature > 0, "loss.global_temperature", f"must be positive, got {lo.global_temperature}")
+    _require(lo.global_exclude_above is None or 0 < lo.global_exclude_above <= 1, "loss.global_exclude_above",
+             f"must be null or in (0, 1], got {lo.global_exclude_above}")
+    _require(not (lo.global_label_margin and lo.global_loss != "hinge"), "loss.global_label_margin",
+             "scales the hinge's margin; it cannot be used with loss.global_loss=infonce")
+    for key in ("global_label_margin", "global_exclude_above"):
+        _require(not (getattr(lo, key) not in (False, None) and lo.labels == "none"), f"loss.{key}",
+                 "needs labels; it cannot be used with loss.labels=none")
     _require(lo.concept_bce_weight >= 0, "loss.concept_bce_weight", f"must be >= 0, got {lo.concept_bce_weight}")
     _require(not (lo.concept_bce_weight > 0 and lo.labels == "none"), "loss.concept_bce_weight",
              "needs labels; it cannot be used with loss.labels=none")

@@ -27,6 +27,7 @@ from trainer.distributed import (DistInfo, all_reduce_max, broadcast_object, gat
                                  gather_rows_to_main)
 from trainer.distributed import rank as dist_rank
 from trainer.factory import build_model, build_tokenizer
+from trainer.ground_truth import split_objects
 from trainer.progress import ProgressBar, progress_enabled
 from trainer.text import CaptionTokenizer, WordTokenizer
 
@@ -123,6 +124,13 @@ def score_embeddings(emb: dict, local_weight: float) -> dict:
     per_image = torch.bincount(emb["cap_to_img"].cpu(), minlength=emb["img_g"].shape[0])
     results["chance"] = metrics.chance_recalls(per_image)
     results["counts"] = {"images": int(emb["img_g"].shape[0]), "captions": int(emb["cap_g"].shape[0])}
+    if emb.get("objects") is not None:  # PCME's plausible-match R-precision, where the shards know the objects
+        results["pmrp"] = metrics.plausible_match_scores(emb["img_g"], emb["img_l"], emb["cap_g"], emb["cap_l"],
+                                                         emb["cap_to_img"], metrics.object_classes(emb["objects"]),
+                                                         local_weight)
+    if emb["img_g"].shape[0] == 5000:  # the COCO 1K protocol beside 5K: the mean over five folds of 1,000
+        results["folds_1k"] = metrics.fold_average(emb["img_g"], emb["img_l"], emb["cap_g"], emb["cap_l"],
+                                                   emb["cap_to_img"], local_weight)
     return results
 
 
@@ -136,9 +144,10 @@ def evaluate_split(model, shardset: ShardSet, split: str, cfg, *, rank=0, world=
                       tokenizer=build_tokenizer(cfg, shardset.vocab), regions=RegionSpec.from_config(cfg))
     results = None
     if emb is not None:
-        results = score_embeddings(emb, cfg.model.local_score_weight)
         if on_embeddings is not None:
             on_embeddings({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in emb.items()})
+        emb["objects"] = split_objects(shardset, split, emb["image_ids"])  # plausible-match ground truth
+        results = score_embeddings(emb, cfg.model.local_score_weight)
     return broadcast_object(results)
 
 

@@ -66,7 +66,9 @@ def build_loss(cfg: Config) -> HierarchicalLoss:
     return HierarchicalLoss(margin=lo.margin, warmup_steps=lo.warmup_steps, local=lo.local,
                             local_weight=lo.local_weight, temperature=lo.temperature, local_margin=lo.local_margin,
                             concept_bce_weight=lo.concept_bce_weight, labels=lo.labels, seed=cfg.run.seed,
-                            label_mass=lo.label_mass)
+                            label_mass=lo.label_mass, global_loss=lo.global_loss,
+                            global_temperature=lo.global_temperature, global_label_margin=lo.global_label_margin,
+                            global_exclude_above=lo.global_exclude_above)
 
 
 def build_tokenizer(cfg: Config, vocab: Vocab) -> CaptionTokenizer:

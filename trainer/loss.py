@@ -15,6 +15,7 @@ from torch import Tensor
 
 LOCAL_KINDS = ("contrastive", "adaptive_hinge", "none")
 LABEL_KINDS = ("concepts", "shuffled", "none")
+GLOBAL_KINDS = ("hinge", "infonce")
 
 
 def jaccard(a: Tensor, b: Tensor) -> Tensor:
@@ -40,6 +41,18 @@ def jaccard_of_sets(a: Tensor, a_size: Tensor, b: Tensor, b_size: Tensor) -> Ten
     return inter.div_(union.clamp_(min=1))
 
 
+def caption_containment(caption: Tensor, caption_size: Tensor, image: Tensor, *, caption_rows: bool) -> Tensor:
+    """Share of each caption's concepts that the picture has: |C(c) & C(x)| / |C(c)|, 0 for a caption without
+    concepts. caption_rows=True: [n captions] x [m pictures]; False: [n pictures] x [m captions] (caption is
+    then the columns' side). 1 means the caption names nothing the picture lacks: a plausible match.
+
+    Why not the Jaccard Y: a picture's set is the union of its five captions, so a short caption that fits it
+    fully ("a red star") still has a small Jaccard index (2 of ~8 concepts); containment reads 1 there."""
+    if caption_rows:
+        return (caption @ image.T).div_(caption_size.clamp(min=1).unsqueeze(1))
+    return (image @ caption.T).div_(caption_size.clamp(min=1).unsqueeze(0))
+
+
 def shuffle_permutation(num_items: int, seed: int, step: int) -> Tensor:
     """The permutation of label rows used by labels="shuffled": a pure function of (seed, step), so every
     rank computes the same one without communicating."""
@@ -48,12 +61,24 @@ def shuffle_permutation(num_items: int, seed: int, step: int) -> Tensor:
     return torch.randperm(num_items, generator=generator)
 
 
-def _hinge(scores: Tensor, positive: Tensor, same_image: Tensor, margin: Tensor | float, use_sum: bool) -> Tensor:
+def _hinge(scores: Tensor, positive: Tensor, not_negative: Tensor, margin: Tensor | float, use_sum: bool) -> Tensor:
     """Mean over rows of the hardest (or summed) hinge [margin - s_pos + s_ij]_+ over the negative columns
-    (those not of the row's own picture)."""
-    cost = (margin - positive.unsqueeze(1) + scores).clamp(min=0).masked_fill(same_image, 0.0)
+    (those not masked by not_negative: the row's own picture, and any column the labels call a match)."""
+    cost = (margin - positive.unsqueeze(1) + scores).clamp(min=0).masked_fill(not_negative, 0.0)
     per_row = cost.sum(1) if use_sum else cost.max(1).values
     return per_row.mean()
+
+
+def _info_nce(scores: Tensor, same_image: Tensor, excluded: Tensor, temperature: float) -> Tensor:
+    """InfoNCE: cross-entropy of softmax(scores / t) against a target spread evenly over the own picture's
+    columns; `excluded` columns (label matches that are not the own picture) are left out of the softmax, so
+    a duplicate caption of another picture is neither a positive nor a negative."""
+    logits = (scores / temperature).masked_fill(excluded & ~same_image, float("-inf"))
+    target = same_image.to(scores.dtype)
+    target = target / target.sum(1, keepdim=True)
+    # -inf logits times a 0 target would be nan: only the target's columns enter the sum
+    log_prob = F.log_softmax(logits, dim=1).masked_fill(~same_image, 0.0)
+    return -(target * log_prob).sum(1).mean()
 
 
 def _soft_contrastive(scores: Tensor, same_image: Tensor, labels: Tensor, temperature: float,
@@ -78,13 +103,23 @@ def _soft_contrastive(scores: Tensor, same_image: Tensor, labels: Tensor, temper
 
 
 class HierarchicalLoss(torch.nn.Module):
-    """L = global + local_weight * local + concept_bce_weight * concept_bce, see DESIGN.md section 1."""
+    """L = global + local_weight * local + concept_bce_weight * concept_bce, see DESIGN.md section 1.
+
+    global_loss "hinge" (VSE++, DESIGN.md) or "infonce" (softmax over the batch at global_temperature). Labels
+    can also steer the global term (off by default): global_label_margin scales the hinge margin by
+    1 - containment (the share of a caption's concepts the picture has), global_exclude_above leaves columns
+    whose containment reaches it out of the hardest-negative max / the softmax. On a corpus with duplicate
+    captions the hardest "negative" is often a true match; without this the hinge can collapse (every score
+    equal, loss = 2 x margin, a point where the max-hinge gradient cancels)."""
 
     def __init__(self, *, margin: float = 0.2, warmup_steps: int = 0, local: str = "contrastive",
                  local_weight: float = 1.0, temperature: float = 0.05, local_margin: float = 0.2,
                  concept_bce_weight: float = 0.0, labels: str = "concepts", seed: int = 0,
-                 label_mass: float | None = None):
+                 label_mass: float | None = None, global_loss: str = "hinge", global_temperature: float = 0.05,
+                 global_label_margin: bool = False, global_exclude_above: float | None = None):
         super().__init__()
+        self._check_global_options(global_loss, global_temperature, global_label_margin, global_exclude_above,
+                                   labels)
         if label_mass is not None and not 0 <= label_mass < 1:
             raise ValueError(f"label_mass must be None or in [0, 1); got {label_mass}")
         if local not in LOCAL_KINDS:
@@ -109,6 +144,28 @@ class HierarchicalLoss(torch.nn.Module):
         self.labels = labels
         self.seed = seed
         self.label_mass = label_mass
+        self.global_loss = global_loss
+        self.global_temperature = global_temperature
+        self.global_label_margin = global_label_margin
+        self.global_exclude_above = global_exclude_above
+
+    @staticmethod
+    def _check_global_options(global_loss: str, global_temperature: float, global_label_margin: bool,
+                              global_exclude_above: float | None, labels: str) -> None:
+        if global_loss not in GLOBAL_KINDS:
+            raise ValueError(f"global_loss must be one of {GLOBAL_KINDS}; got {global_loss!r}")
+        if not global_temperature > 0:
+            raise ValueError(f"global_temperature must be positive; got {global_temperature}")
+        if global_exclude_above is not None and not 0 < global_exclude_above <= 1:
+            raise ValueError(f"global_exclude_above must be None or in (0, 1]; got {global_exclude_above}")
+        if global_label_margin and global_loss != "hinge":
+            raise ValueError("global_label_margin scales the hinge's margin; global_loss='infonce' has none")
+        if (global_label_margin or global_exclude_above is not None) and labels == "none":
+            raise ValueError("global_label_margin and global_exclude_above need labels; labels='none' has none")
+
+    @property
+    def _global_uses_labels(self) -> bool:
+        return self.global_label_margin or self.global_exclude_above is not None
 
     def forward(self, batch: Mapping[str, Tensor], *, row_offset: int = 0, num_rows: int | None = None,
                 step: int = 0, concept_logits: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
@@ -127,23 +184,21 @@ class HierarchicalLoss(torch.nn.Module):
             return i2t, t2i
 
         out: dict[str, Tensor] = {}
-        s_i2t, s_t2i = both_directions("g")
-        out["global_i2t"] = _hinge(s_i2t, s_i2t.gather(1, positive_col).squeeze(1), same_image, self.margin, use_sum)
-        out["global_t2i"] = _hinge(s_t2i, s_t2i.gather(1, positive_col).squeeze(1), same_image, self.margin, use_sum)
-        out["global"] = out["global_i2t"] + out["global_t2i"]
-        loss = out["global"]
-
         concepts = self._concepts(batch, step)
-        if concepts is None:
+        sets = None if concepts is None else (concept_sets(concepts[0], dtype), concept_sets(concepts[1], dtype))
+        if sets is None:
             y_i2t = y_t2i = torch.zeros(same_image.shape, dtype=dtype, device=same_image.device)
         else:
-            img_sets, cap_sets = concept_sets(concepts[0], dtype), concept_sets(concepts[1], dtype)
-            y_i2t = jaccard_of_sets(img_sets[0][rows], img_sets[1][rows], *cap_sets)
-            y_t2i = jaccard_of_sets(cap_sets[0][rows], cap_sets[1][rows], *img_sets)
+            (img_ind, img_size), (cap_ind, cap_size) = sets
+            y_i2t = jaccard_of_sets(img_ind[rows], img_size[rows], cap_ind, cap_size)
+            y_t2i = jaccard_of_sets(cap_ind[rows], cap_size[rows], img_ind, img_size)
         num_negatives = (same_image.numel() - same_image.sum()).clamp(min=1)
         # Labels carry no gradient: the masked sums need no n x N product kept for autograd.
         label_sum = y_i2t.masked_fill(same_image, 0.0).sum() + y_t2i.masked_fill(same_image, 0.0).sum()
         out["label_mean"] = label_sum / (2 * num_negatives)
+
+        self._global_terms(out, both_directions("g"), same_image, positive_col, sets, rows, use_sum)
+        loss = out["global"]
 
         if self.local != "none":
             l_i2t, l_t2i = both_directions("l")
@@ -170,6 +225,29 @@ class HierarchicalLoss(torch.nn.Module):
 
         out["loss"] = loss
         return out
+
+    def _global_terms(self, out: dict[str, Tensor], scores: tuple[Tensor, Tensor], same_image: Tensor,
+                      positive_col: Tensor, sets, rows: slice, use_sum: bool) -> None:
+        """out["global_i2t"], out["global_t2i"], out["global"]: the hinge (margin a, or a * (1 - containment)
+        with global_label_margin) or InfoNCE, each without the columns whose caption containment reaches
+        global_exclude_above (label matches: a duplicate caption of another picture is not a negative)."""
+        margins: list[Tensor | float] = [self.margin, self.margin]
+        excluded = [same_image, same_image]
+        if self._global_uses_labels:
+            (img_ind, _), (cap_ind, cap_size) = sets
+            match = [caption_containment(cap_ind, cap_size, img_ind[rows], caption_rows=False),
+                     caption_containment(cap_ind[rows], cap_size[rows], img_ind, caption_rows=True)]
+            if self.global_label_margin:
+                margins = [self.margin * (1 - m) for m in match]
+            if self.global_exclude_above is not None:
+                # the threshold is compared with a small tolerance: 1.0 must catch 3/3 computed as 0.99999994
+                excluded = [same_image | (m >= self.global_exclude_above - 1e-6) for m in match]
+        for name, s, margin, not_negative in zip(("global_i2t", "global_t2i"), scores, margins, excluded):
+            if self.global_loss == "infonce":
+                out[name] = _info_nce(s, same_image, not_negative, self.global_temperature)
+            else:
+                out[name] = _hinge(s, s.gather(1, positive_col).squeeze(1), not_negative, margin, use_sum)
+        out["global"] = out["global_i2t"] + out["global_t2i"]
 
     def _concepts(self, batch: Mapping[str, Tensor], step: int) -> tuple[Tensor, Tensor] | None:
         """All N rows of (image_concepts, caption_concepts), permuted together for labels="shuffled"."""

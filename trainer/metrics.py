@@ -256,3 +256,97 @@ def _check_cap_to_img(cap_to_img: Tensor, num_images: int, num_captions: int) ->
         raise ValueError(f"{bad.numel()} of {num_images} images have no caption in cap_to_img: "
                          f"{bad[:10].tolist()}")
     return cap_to_img
+
+
+# ------------------------------------------------------------------------------- plausible matches (PCME's PMRP)
+PMRP_DISTANCES = (0, 1, 2)
+
+
+def object_classes(objects_per_image: Sequence[Sequence[dict]], keys: Sequence[str] = ("colour", "shape")) -> Tensor:
+    """[I, K] 0/1 presence of each object class in each picture; a class is the tuple of `keys` of an object
+    ("red star"), K the classes seen in these pictures. Ground truth of what is drawn, not of caption words."""
+    names = [[tuple(str(o[k]) for k in keys) for o in objects] for objects in objects_per_image]
+    vocab = {name: i for i, name in enumerate(sorted({n for per_image in names for n in per_image}))}
+    out = torch.zeros(len(names), max(len(vocab), 1))
+    for row, per_image in enumerate(names):
+        for name in per_image:
+            out[row, vocab[name]] = 1.0
+    return out
+
+
+def _class_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Hamming distance between 0/1 class vectors: [n, K] x [m, K] -> [n, m] (classes in one and not the other)."""
+    return a.sum(1, keepdim=True) + b.sum(1).unsqueeze(0) - 2 * (a @ b.T)
+
+
+def _r_precision(scores: Tensor, relevant: Tensor) -> Tensor:
+    """[q] precision of each row's top R items, R = its relevant count (>= 1). Ties count against the model:
+    among equal scores the irrelevant items are ranked first, so a collapsed scorer gets chance, not 1."""
+    order = torch.argsort(relevant.to(torch.int8), dim=1, stable=True)  # irrelevant first ...
+    order = order.gather(1, torch.argsort(scores.gather(1, order), dim=1, descending=True, stable=True))
+    hits = relevant.gather(1, order).to(torch.int32).cumsum(1)
+    r = relevant.sum(1, dtype=torch.int64).clamp(min=1)
+    return hits.gather(1, (r - 1).unsqueeze(1)).squeeze(1).double() / r.double()
+
+
+def plausible_match_precision(img_vecs: Tensor, cap_vecs: Tensor, cap_to_img: Tensor, classes: Tensor,
+                              distances: Sequence[int] = PMRP_DISTANCES, chunk_size: int = 256) -> dict[str, float]:
+    """PMRP (Chun et al., PCME, 2021) in percent: R-precision where an item counts as relevant when its picture's
+    object classes differ from the query's in at most z classes (a caption inherits its picture's classes), for
+    each z in `distances`, both directions: i2t_z0, t2i_z0, ...; "pmrp" is their mean. The pair itself is
+    always relevant (distance 0), so R >= 1 for every query."""
+    _check_embeddings(img_vecs, cap_vecs, "img_vecs", "cap_vecs")
+    cap_to_img = _check_cap_to_img(cap_to_img, img_vecs.shape[0], cap_vecs.shape[0])
+    if classes.ndim != 2 or classes.shape[0] != img_vecs.shape[0]:
+        raise ValueError(f"classes must be [{img_vecs.shape[0]}, K] (one row per picture), got {tuple(classes.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    imgs, caps, classes = img_vecs.float(), cap_vecs.float(), classes.float()
+    totals = {f"{d}_z{z}": 0.0 for z in distances for d in ("i2t", "t2i")}
+    for start in range(0, imgs.shape[0], chunk_size):  # image queries against every caption
+        block = slice(start, start + chunk_size)
+        scores = imgs[block] @ caps.T
+        dist = _class_distance(classes[block], classes)[:, cap_to_img]
+        for z in distances:
+            totals[f"i2t_z{z}"] += _r_precision(scores, dist <= z).sum().item()
+    for start in range(0, caps.shape[0], chunk_size):  # caption queries against every image
+        block = slice(start, start + chunk_size)
+        scores = caps[block] @ imgs.T
+        dist = _class_distance(classes[cap_to_img[block]], classes)
+        for z in distances:
+            totals[f"t2i_z{z}"] += _r_precision(scores, dist <= z).sum().item()
+    out = {key: 100.0 * value / (imgs.shape[0] if key.startswith("i2t") else caps.shape[0])
+           for key, value in totals.items()}
+    out["pmrp"] = sum(out.values()) / len(out)
+    return out
+
+
+def plausible_match_scores(img_g: Tensor, img_l: Tensor | None, cap_g: Tensor, cap_l: Tensor | None,
+                           cap_to_img: Tensor, classes: Tensor, local_weight: float = 1.0) -> dict[str, dict]:
+    """plausible_match_precision of the global, local and concatenated ([g; sqrt(w) l]) scores."""
+    spaces = {"global": (img_g, cap_g)}
+    if img_l is not None and cap_l is not None:
+        root = math.sqrt(local_weight)
+        spaces["local"] = (img_l, cap_l)
+        spaces["concat"] = (torch.cat([img_g, root * img_l], 1), torch.cat([cap_g, root * cap_l], 1))
+    return {name: plausible_match_precision(i, c, cap_to_img, classes) for name, (i, c) in spaces.items()}
+
+
+# ------------------------------------------------------------------------------- COCO 1K: mean over folds
+def fold_average(img_g: Tensor, img_l: Tensor | None, cap_g: Tensor, cap_l: Tensor | None, cap_to_img: Tensor,
+                 local_weight: float = 1.0, fold_size: int = 1000) -> dict[str, dict[str, float]]:
+    """evaluate_embeddings on consecutive folds of `fold_size` pictures (with their captions), averaged: the
+    COCO 1K protocol (five folds of a 5K split). The number of pictures must be a multiple of fold_size."""
+    num_images = img_g.shape[0]
+    if fold_size < 1 or num_images % fold_size:
+        raise ValueError(f"{num_images} pictures do not split into folds of {fold_size}")
+    cap_to_img = _check_cap_to_img(cap_to_img, num_images, cap_g.shape[0])
+    per_fold = []
+    for start in range(0, num_images, fold_size):
+        in_fold = (cap_to_img >= start) & (cap_to_img < start + fold_size)
+        pick = (lambda x, rows: None if x is None else x[rows])
+        per_fold.append(evaluate_embeddings(img_g[start:start + fold_size], pick(img_l, slice(start, start + fold_size)),
+                                            cap_g[in_fold], pick(cap_l, in_fold), cap_to_img[in_fold] - start,
+                                            local_weight))
+    return {score: {key: sum(fold[score][key] for fold in per_fold) / len(per_fold) for key in per_fold[0][score]}
+            for score in per_fold[0]}

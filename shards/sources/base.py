@@ -61,6 +61,7 @@ class Item:
     caption_wheres: list[str] | None = None
     group: str | None = None  # the input shard it came from; a change of group starts a new output shard
     features: bool = False  # load() gives region features (npy), not a picture
+    objects: list[dict] | None = None  # ground truth of the picture's objects (RawSample.objects), if known
 
 
 class Problems:
