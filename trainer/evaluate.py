@@ -196,7 +196,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "latest", overrides: list[st
                                                load_lr_scheduler_states=False)
     if load_path is None:
         raise FileNotFoundError(f"no checkpoint {checkpoint!r} in {run_dir / 'checkpoints'}")
-    return LoadedRun(cfg, info, shardset, engine, str(load_path), int((client or {}).get("step", 0)))
+    return LoadedRun(cfg, info, shardset, engine, str(load_path), int((client or {}).get("run_state", {}).get("step", 0)))
 
 
 def evaluate_run(run_dir: str | Path, split: str | None = None, checkpoint: str = "latest",
