@@ -80,7 +80,7 @@ class GPOPool(nn.Module):
     def weight_table(self) -> Tensor:
         """[rows, max_len]: row L-1 holds the weights over sorted positions of a set of L parts (with
         variable_length=False a single row, for max_len parts)."""
-        positions = self.positions.to(self.score.weight.dtype)  # a module cast with .to(dtype) leaves this buffer
+        positions = self.positions.to(self.score.weight.dtype)  # the GRU takes its own weights' dtype
         if self.variable_length:
             packed = pack_padded_sequence(positions, self.table_lengths, batch_first=True, enforce_sorted=False)
             out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=self.max_len)
