@@ -82,19 +82,21 @@ def test_picture_size_cap_refuses_before_decoding():
 
 @pytest.mark.parametrize("resampled", [False, True])
 def test_resumed_stream_reads_what_the_uninterrupted_one_would_have(tiny_shards, resampled):
-    """The data position saved in a checkpoint is (virtual epoch, batches into it); skipping that many batches
-    of that epoch gives the uninterrupted stream's next batches, also across the next epoch."""
+    """The data position saved in a checkpoint (train_batches.state_dict: every worker's stream position) gives
+    the uninterrupted stream's next batches, within an epoch and across the next ones."""
     def stream():
         return TrainStream(ShardSet.open(tiny_shards), "train", batch_size=8, image_size=32, max_words=16,
-                           shuffle_buffer=32, resampled=resampled, batches_per_worker=3, seed=5, rank=1, world_size=2)
+                           shuffle_buffer=32, resampled=resampled, epoch_samples=48, seed=5, rank=1, world_size=2)
 
     def ids(batches, n):
         return [(epoch, batch["image_ids"].tolist()) for _, (epoch, batch) in zip(range(n), batches)]
 
-    whole = ids(train_batches(stream(), num_workers=1), 8)
-    for epoch, skip in ((0, 2), (1, 1), (2, 0)):
-        start_at = 3 * epoch + skip
-        resumed = ids(train_batches(stream(), num_workers=1, start_epoch=epoch, skip_batches=skip), 8 - start_at)
+    whole = ids(train_batches(stream(), num_workers=0), 8)
+    assert [e for e, _ in whole] == [0, 0, 0, 1, 1, 1, 2, 2]  # 48 samples / (8 x 2 ranks) = 3 batches per epoch
+    for start_at in (2, 4, 6):
+        first = train_batches(stream(), num_workers=0)
+        assert ids(first, start_at) == whole[:start_at]
+        resumed = ids(train_batches(stream(), num_workers=0, resume=first.state_dict()), 8 - start_at)
         assert resumed == whole[start_at:]
 
 

@@ -46,7 +46,9 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 2000  # raw samples held per worker before decoding
     resampled: bool = True  # sample shards with replacement in virtual epochs (False: one pass, split by rank)
-    samples_per_epoch: int = 0  # virtual epoch size in samples, global over all ranks; 0 = the train split's images
+    # epoch size in samples, global over all ranks (the same whatever the world size); 0 = the train split's
+    # images. An epoch is a count: the loader's workers and shuffle buffers live for the whole run.
+    samples_per_epoch: int = 0
     max_words: int = 32
     image_size: int = 64
     eval_batch_size: int = 256
@@ -57,6 +59,11 @@ class DataConfig:
     # Pictures larger than this (width x height) are counted as bad (kind image_too_large) without being
     # decoded: a decompression bomb costs memory long before it fails.
     max_image_pixels: int = 64_000_000
+    # Training pictures: a random resized crop (random_crop_min_area..1 of the area, aspect 3/4..4/3) instead of
+    # the centre square of the short-side resize that evaluation uses. Never a horizontal flip (captions say left
+    # and right).
+    random_crop: bool = False
+    random_crop_min_area: float = 0.5
     # Pretraining on several corpora at once: more shard sets whose train split is streamed beside data.shards'
     # (built against its vocabularies: `python -m shards build ... --vocab-from DATA.SHARDS`). Evaluation stays
     # on data.shards. mix_weights: each set's share of the training samples, data.shards first; empty = in
@@ -350,6 +357,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(d.bad_fraction_min_read >= 1, "data.bad_fraction_min_read",
              f"must be positive, got {d.bad_fraction_min_read}")
     _require(d.max_image_pixels >= 1, "data.max_image_pixels", f"must be positive, got {d.max_image_pixels}")
+    _require(0.0 < d.random_crop_min_area <= 1.0, "data.random_crop_min_area",
+             f"must be in (0, 1], got {d.random_crop_min_area}")
     _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
     for key in ("embed_dim", "cnn_width", "word_dim", "gru_hidden", "gru_layers"):
         _require(getattr(m, key) >= 1, f"model.{key}", f"must be positive, got {getattr(m, key)}")

@@ -4,12 +4,13 @@ The trainer reads shard sets only through their documented format (DESIGN.md sec
 `shards.format`): `manifest.json`, `concepts.json`, `vocab.json` and tars of `{image_id}.{jpg,jpeg,png,webp,npy}`
 + `{image_id}.json`.
 
-Training stream, per worker of each rank:
-  shard urls (resampled with replacement, or one deterministic pass split by rank then worker)
+Training stream, per worker of each rank, one endless stream for the whole run (train_batches):
+  shard urls (resampled with replacement, or one deterministic pass after another, split by rank then worker)
   -> tar members grouped into raw samples (bytes only)
-  -> shuffle buffer of raw bytes (cheap to hold; decoding comes after the shuffle)
-  -> decode: json, one random caption, tokens, picture (or region features) -> tensors; a bad sample is counted
-     and skipped
+  -> shuffle buffer of raw bytes (cheap to hold; decoding comes after the shuffle), filled once
+  (those three in trainer.shardstream, which can save and restore their position)
+  -> decode: json, one random caption, tokens, picture (trainer.pixels) or region features -> tensors; a bad
+     sample is counted and skipped
   -> full batches only (the loss needs a fixed n per rank to all-gather).
 With region features (`npy`, float16 [regions, dim]) a batch's "images" are the features right-padded to its
 largest region count, [B, R, D], and "image_lengths" [B] holds each picture's count.
@@ -20,13 +21,18 @@ bytes until json.loads or PIL decode them.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import io
 import json
 import logging
 import math
+import multiprocessing
 import random
 import signal
+import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -38,7 +44,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.format import CONCEPTS, MANIFEST, PICTURE_EXTS, VOCAB, is_manifest
-from trainer.pixels import PIXEL_MEAN, PIXEL_STD
+from trainer.pixels import RandomCrop, picture_tensor
+from trainer.shardstream import Identity, RawStream, StreamState
 from trainer.text import CaptionTokenizer, Vocab, WordTokenizer
 
 log = logging.getLogger(__name__)
@@ -180,9 +187,10 @@ def decode_features(data: bytes, key: str, spec: RegionSpec) -> torch.Tensor:
 
 
 def decode_image_input(sample: dict, image_size: int, regions: RegionSpec | None,
-                       max_pixels: int | None = None) -> torch.Tensor:
+                       max_pixels: int | None = None, crop: RandomCrop | None = None,
+                       rng: random.Random | None = None) -> torch.Tensor:
     """The sample's picture [3, S, S], or with `regions` its features [R, D]: what the image encoder reads.
-    max_pixels: see decode_image."""
+    max_pixels, crop, rng: see decode_image."""
     key = f"{sample.get('__key__', '?')} in {sample.get('__url__', '?')}"
     if regions is not None:
         if "npy" not in sample:
@@ -190,7 +198,7 @@ def decode_image_input(sample: dict, image_size: int, regions: RegionSpec | None
                             f"e.g. from `python -m trainer.extract_features`)", "missing_image")
         return decode_features(sample["npy"], key, regions)
     try:
-        return decode_image(_picture_bytes(sample), image_size, max_pixels, key)
+        return decode_image(_picture_bytes(sample), image_size, max_pixels, key, crop, rng)
     except BadSample:
         raise
     except Exception as e:  # PIL raises many types for broken pictures
@@ -231,18 +239,15 @@ def check_image_input(shardset: ShardSet, split: str, regions: RegionSpec | None
         decode_features(first["npy"], where, regions)  # BadSample (a ValueError) names a wrong size
 
 
-def decode_image(data: bytes, image_size: int, max_pixels: int | None = None, key: str = "picture") -> torch.Tensor:
-    """Picture bytes -> normalised float tensor [3, S, S] (plain torch/PIL: torchvision is unavailable). With
-    max_pixels a larger picture (a decompression bomb) is refused from its header, before decoding."""
+def decode_image(data: bytes, image_size: int, max_pixels: int | None = None, key: str = "picture",
+                 crop: RandomCrop | None = None, rng: random.Random | None = None) -> torch.Tensor:
+    """Picture bytes -> normalised float tensor [3, S, S] as trainer.pixels.picture_tensor makes it (transparency
+    on white, aspect kept, JPEG draft; crop: random resized crop drawn with rng). With max_pixels a larger
+    picture (a decompression bomb) is refused from its header, before decoding."""
     with _open_picture(data, key) as img:
         if max_pixels is not None:
             _refuse_oversized(img, max_pixels, key)
-        img = img.convert("RGB")
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.BILINEAR)
-        array = np.asarray(img, dtype=np.uint8)
-    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-    return pixels.sub_(PIXEL_MEAN).div_(PIXEL_STD)
+        return picture_tensor(img, image_size, crop, rng)
 
 
 def parse_meta(raw: bytes, key: str, num_concepts: int) -> dict:
@@ -299,12 +304,16 @@ def pad_tokens(token_lists: list[list[int]], pad_id: int = 0) -> tuple[torch.Ten
 
 class _BadSampleCounter:
     """Counts skipped samples per kind in a worker process and logs them at a limited rate (the first 10,
-    then every 100th), so a shard set full of broken samples cannot flood the log."""
+    then every 100th), so a shard set full of broken samples cannot flood the log. A webdataset-style handler:
+    called with the exception, it returns True (go on with the next sample or shard)."""
 
     def __init__(self) -> None:
         self.read = 0
         self.by_kind = [0] * len(BAD_KINDS)
-        self.current_url_broken = False  # reset by TrainStream's url generator at each shard it opens
+        self.current_url_broken = False  # reset at each shard the stream opens (new_shard)
+
+    def new_shard(self) -> None:
+        self.current_url_broken = False
 
     @property
     def bad(self) -> int:
@@ -312,9 +321,10 @@ class _BadSampleCounter:
 
     def __call__(self, exn: Exception, url: str | None = None) -> bool:
         kind = bad_kind(exn)
+        url = url or getattr(exn, "url", None)
         if kind == "truncated_tar":
             if self.current_url_broken:
-                return True  # webdataset reports one cut-off tar twice (the member, then the next header)
+                return True  # one cut-off tar is reported once
             self.current_url_broken = True
             self.read += 1  # the sample the tar was cut inside was read and lost
         self.by_kind[BAD_KINDS.index(kind)] += 1
@@ -322,7 +332,7 @@ class _BadSampleCounter:
         if bad <= 10 or bad % 100 == 0:
             where = f" (in {url})" if url and url not in str(exn) else ""
             log.warning("skipping bad sample (%s, %d so far in this worker): %s%s", kind, bad, exn, where)
-        return True  # webdataset: continue with the next shard
+        return True
 
     def counts_since(self, since: list) -> dict:
         """n_read, n_bad and bad_counts (per BAD_KINDS) since `since`, which is then moved to now."""
@@ -334,15 +344,24 @@ class _BadSampleCounter:
 
 class TrainStream(IterableDataset):
     """Full batches of (picture or region features, one random caption, labels) from the training shards of one
-    rank. `regions`: read npy region features of that shape instead of pictures."""
+    rank, each worker an endless stream (trainer.shardstream) that train_batches reads for the whole run.
+
+    Iterated directly (tests, benchmarks) a worker stops after batches_per_worker batches (None: no cap), and in
+    one-pass mode (resampled=False) after one pass over its share of the shards; a last counts-only item
+    ({"n_read", "n_bad", "bad_counts"}) then carries the bad samples met after the last full batch.
+    epoch_samples: the epoch size, a global number of samples (all ranks together; 0 = the train split's
+    pictures); it only labels batches with an epoch (epoch_batches per rank), nothing is rebuilt at its end."""
 
     def __init__(self, shardset: ShardSet, split: str, *, batch_size: int, image_size: int, max_words: int,
-                 shuffle_buffer: int, resampled: bool, batches_per_worker: int, seed: int, rank: int,
-                 world_size: int, tokenizer: CaptionTokenizer | None = None, max_image_pixels: int = 64_000_000,
-                 regions: RegionSpec | None = None, mix: list[tuple[ShardSet, float]] = ()):
+                 shuffle_buffer: int, resampled: bool, seed: int, rank: int, world_size: int,
+                 batches_per_worker: int | None = None, epoch_samples: int = 0,
+                 tokenizer: CaptionTokenizer | None = None, max_image_pixels: int = 64_000_000,
+                 regions: RegionSpec | None = None, mix: list[tuple[ShardSet, float]] = (),
+                 crop: RandomCrop | None = None):
         """tokenizer: the text encoder's (trainer.text_encoders.caption_tokenizer); None = the shard set's words,
         cut at max_words. regions: read npy region features instead of pictures. mix: more shard sets with
-        their weights, `shardset` first (mix_sets); each batch then counts its samples per set ("set_counts")."""
+        their weights, `shardset` first (mix_sets); each batch then counts its samples per set ("set_counts").
+        crop: random resized crop of training pictures (None: short side resized, centre cropped)."""
         self.urls = shardset.urls(split)
         if mix and mix[0][0] is not shardset:
             raise ValueError("mix: the first entry must be the stream's own shard set")
@@ -361,27 +380,36 @@ class TrainStream(IterableDataset):
         self.world_size = world_size
         self.max_image_pixels = max_image_pixels
         self.regions = regions
-        self.epoch = 0
+        self.crop = crop
+        images = sum(s.split_info(split)["images"] for s, _ in mix) if mix else shardset.split_info(split)["images"]
+        self.epoch_samples = epoch_samples or images
+        self.epoch = 0  # the epoch a fresh stream starts at (seeds its workers; the first pass in one-pass mode)
+        self.endless = False  # set by train_batches: no cap, passes after passes
+        self.resume_states: list = []  # per worker role: a StreamState to continue from, or None
+        self.rotation = 0  # loader worker i plays role (i + rotation) % workers
+
+    @property
+    def epoch_batches(self) -> int:
+        """Batches per rank in an epoch of epoch_samples global samples."""
+        return max(1, math.ceil(self.epoch_samples / (self.batch_size * self.world_size)))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _shard_urls(self, rng: random.Random, worker: int, num_workers: int) -> Iterator[dict]:
-        if self.resampled:
-            while True:
-                yield {"url": rng.choice(self.urls)}
-        # One pass: every rank shuffles the shard list identically, then takes its own disjoint share.
-        order = list(self.urls)
-        random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
-        for url in order[self.rank :: self.world_size][worker::num_workers]:
-            yield {"url": url}
+    def _decode(self, sample: dict, rng: random.Random, counter: _BadSampleCounter) -> dict:
+        counter.read += 1
+        try:
+            return self._decode_checked(sample, rng)
+        except BadSample as e:
+            e.url = sample.get("__url__")  # the counter names the shard
+            raise
 
-    def _decode(self, sample: dict, rng: random.Random) -> dict:
+    def _decode_checked(self, sample: dict, rng: random.Random) -> dict:
         key = sample.get("__key__", "?")
         if "json" not in sample:
             raise BadSample(f"{key} in {sample.get('__url__')}: no json member", "missing_json")
         meta = parse_meta(sample["json"], key, self.num_concepts)
-        image = decode_image_input(sample, self.image_size, self.regions, self.max_image_pixels)
+        image = decode_image_input(sample, self.image_size, self.regions, self.max_image_pixels, self.crop, rng)
         pick = rng.randrange(len(meta["captions"]))
         source = self.set_of_url.get(sample.get("__url__"), 0)
         # Two corpora may both have a "000001.jpg": with a mix, ids are made distinct per set, or the loss would
@@ -398,7 +426,7 @@ class TrainStream(IterableDataset):
 
     def _collate(self, items: list[dict], counter: _BadSampleCounter, since: list) -> dict:
         tokens, lengths = pad_tokens([it["tokens"] for it in items], self.tokenizer.pad_id)
-        batch = {
+        return {
             **stack_image_inputs([it["image"] for it in items], self.regions),
             "tokens": tokens,
             "lengths": lengths,
@@ -408,77 +436,58 @@ class TrainStream(IterableDataset):
             "set_counts": torch.bincount(torch.tensor([it["set"] for it in items]), minlength=len(self.set_urls)),
             **counter.counts_since(since),
         }
-        return batch
 
-    def _mixed_samples(self, rng: random.Random, counter, tracked) -> Iterator[dict]:
-        """Raw samples of several shard sets, each drawn from set i with probability set_weights[i]: one
-        resampled shard stream per set, interleaved sample by sample (a per-shard choice would weight sets by
-        their shard sizes, not by samples)."""
-        def resampled(urls: list[str]) -> Iterator[dict]:
-            while True:
-                yield {"url": rng.choice(urls)}
+    def raw_stream(self, worker: int, num_workers: int, counter: _BadSampleCounter) -> RawStream:
+        """The raw-sample stream of one worker of this rank (any identity: the benchmark simulates many)."""
+        passes = None if self.endless or self.resampled else 1
+        return RawStream(self.set_urls, self.set_weights, self.resampled, self.shuffle_buffer,
+                         Identity(self.rank, self.world_size, worker, num_workers, self.seed), handler=counter,
+                         on_shard=counter.new_shard, passes=passes, start_pass=self.epoch)
 
-        streams = [iter(wds.tarfile_to_samples(handler=counter)(tracked(resampled(urls)))) for urls in self.set_urls]
-        sets = range(len(streams))
-        while True:
-            yield next(streams[rng.choices(sets, weights=self.set_weights)[0]])
-
-    def _shuffled(self, raw: Iterator[dict], rng: random.Random) -> Iterator[dict]:
-        """A shuffle buffer of raw (undecoded) samples."""
-        buffer: list[dict] = []
-        for sample in raw:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            slot = rng.randrange(len(buffer))
-            buffer[slot], sample = sample, buffer[slot]
-            yield sample
-        rng.shuffle(buffer)
-        yield from buffer
-
-    def __iter__(self) -> Iterator[dict]:
-        """Batches, and at the end possibly one counts-only item ({"n_read", "n_bad", "bad_counts"}, no "images")."""
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+    def worker_batches(self, worker: int, num_workers: int, state: StreamState | None = None) -> Iterator[dict]:
+        """The batches of one worker: each carries "worker" (its role) and "stream_state" (where its stream stands
+        after it); the first one after a restore also "restore_bytes" and "restore_seconds"."""
         counter = _BadSampleCounter()
-        def tracked(urls: Iterator[dict]) -> Iterator[dict]:
-            for source in urls:
-                counter.current_url_broken = False
-                yield source
-
-        if len(self.set_urls) == 1:
-            raw = wds.tarfile_to_samples(handler=counter)(tracked(self._shard_urls(rng, worker, num_workers)))
-        else:
-            raw = self._mixed_samples(rng, counter, tracked)
+        raw = self.raw_stream(worker, num_workers, counter)
+        produced, restored = 0, {}
+        if state is not None:
+            cost = raw.restore(state)
+            produced = state.batches
+            restored = {"restore_bytes": torch.tensor(cost.bytes), "restore_seconds": torch.tensor(cost.seconds)}
+        # webdataset's map with a handler: a bad sample is counted and skipped. Batching is by hand: wds.batched
+        # hands a batch on only after pulling the next sample, one sample past the position a checkpoint must hold.
+        decoded = wds.map(lambda sample: self._decode(sample, raw.rng, counter), handler=counter)(raw.samples())
         items: list[dict] = []
         since: list = [0, [0] * len(BAD_KINDS)]
-        produced = 0
-
-        def take(sample: dict) -> Iterator[dict]:
-            nonlocal produced
-            counter.read += 1
-            try:
-                items.append(self._decode(sample, rng))
-            except BadSample as e:
-                counter(e, sample.get("__url__"))
+        cap = None if self.endless else self.batches_per_worker
+        for item in decoded:
+            items.append(item)
+            if len(items) < self.batch_size:
+                continue
+            produced += 1
+            yield {**self._collate(items, counter, since), **restored, "worker": torch.tensor(worker),
+                   "stream_state": raw.state(produced)}
+            items.clear()
+            restored = {}
+            if cap is not None and produced - (state.batches if state else 0) >= cap:
                 return
-            if len(items) == self.batch_size:
-                produced += 1
-                yield self._collate(items, counter, since)
-                items.clear()
-
-        for sample in self._shuffled(raw, rng):
-            if produced >= self.batches_per_worker:
-                break
-            yield from take(sample)
         # Bad samples met after the last full batch still have to reach the main process's count.
         if counter.read > since[0] or counter.bad > sum(since[1]):
             yield counter.counts_since(since)
         # A partial last batch is dropped: every step must see exactly batch_size rows per rank.
 
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        role = (worker + self.rotation) % num_workers
+        state = self.resume_states[role] if self.resume_states else None
+        yield from self.worker_batches(role, num_workers, state)
 
-def _worker_init(_: int) -> None:
+
+def _worker_init(worker_id: int, starts=None) -> None:
+    if starts is not None:  # counted across processes: a loader rebuilt per epoch would show here
+        with starts.get_lock():
+            starts.value += 1
     torch.set_num_threads(1)  # decoding workers must not fight the training threads
     # A preemption signal sent to the whole process group (SLURM, a terminal) is for the training process, which
     # checkpoints at the next step; a loader worker killed by it would crash that process first.
@@ -486,45 +495,93 @@ def _worker_init(_: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def train_batches(stream: TrainStream, num_workers: int, start_epoch: int = 0,
-                  skip_batches: int = 0) -> Iterator[tuple[int, dict]]:
-    """Endless (data_epoch, batch) pairs; a new virtual epoch re-seeds every worker.
-
-    skip_batches: batches of start_epoch already trained on (a resumed run). The stream of an epoch is a pure
-    function of (seed, epoch, rank, worker), so reading and dropping them puts the run exactly where it stopped;
-    their bad-sample counts were counted before the checkpoint and are dropped too."""
-    epoch = start_epoch
-    while True:
-        stream.set_epoch(epoch)
-        loader = DataLoader(stream, batch_size=None, num_workers=num_workers, worker_init_fn=_worker_init,
-                            prefetch_factor=4 if num_workers else None, pin_memory=torch.cuda.is_available())
-        got_any = False
-        # counts-only items are added to the next real batch
-        pending = {"n_read": torch.tensor(0), "n_bad": torch.tensor(0),
-                   "bad_counts": torch.zeros(len(BAD_KINDS), dtype=torch.long)}
-        for batch in loader:
-            if "images" not in batch:
-                for key in pending:
-                    pending[key] = pending[key] + batch[key]
-                continue
-            got_any = True
-            if skip_batches > 0:
-                skip_batches -= 1
-                for key in pending:
-                    pending[key] = torch.zeros_like(pending[key])
-                continue
-            for key in pending:
-                batch[key] = batch[key] + pending[key]
-                pending[key] = torch.zeros_like(pending[key])
-            yield epoch, batch
-        if not got_any:
-            raise RuntimeError(f"training stream produced no full batch in epoch {epoch}: too few samples "
-                               f"for batch size {stream.batch_size}, or every sample was bad")
-        epoch += 1
+def _stop_workers(batches) -> None:
+    shutdown = getattr(batches, "_shutdown_workers", None)  # a DataLoader iterator with worker processes
+    if shutdown is not None:
+        shutdown()
 
 
-def batches_per_worker(samples_per_epoch: int, batch_size: int, num_workers: int) -> int:
-    return max(1, math.ceil(samples_per_epoch / batch_size / max(1, num_workers)))
+class train_batches:  # noqa: N801 (a function to its callers: train_batches(stream, workers) -> iterator)
+    """Endless (data_epoch, batch) pairs from ONE DataLoader whose workers live for the whole run.
+
+    Each worker's stream never ends: an epoch is only a label, epoch = batches so far // stream.epoch_batches,
+    so nothing is rebuilt and no shuffle buffer is refilled at an epoch's end (webdataset's with_epoch, as
+    OpenCLIP uses it, starts every worker's pipeline, buffer included, anew each epoch). The DataLoader takes
+    batches from its workers in turn, so batch j of the run came from worker role j % workers; `state_dict()`
+    holds every role's stream position after its last batch handed out here (batches prefetched but not handed
+    out are made again after a resume).
+
+    start_epoch: where a fresh stream starts (its seeds). resume: a state_dict() of the same world size and worker
+    count, to continue exactly; its cost (bytes re-read, seconds) is logged and kept in `resume_cost`."""
+
+    def __init__(self, stream: TrainStream, num_workers: int, start_epoch: int = 0, resume: dict | None = None):
+        workers = max(1, num_workers)
+        if resume is not None and resume["num_workers"] != workers:
+            raise ValueError(f"the saved data position is of {resume['num_workers']} workers per rank, this run has "
+                             f"{workers} (data.num_workers)")
+        self.epoch_batches = stream.epoch_batches
+        self.consumed = resume["batches"] if resume else start_epoch * self.epoch_batches
+        self.states = [StreamState.from_dict(s) if s else None for s in resume["workers"]] if resume else \
+            [None] * workers
+        self.num_workers = workers
+        run_stream = copy.copy(stream)
+        run_stream.endless, run_stream.rotation = True, self.consumed % workers
+        run_stream.resume_states = list(self.states)
+        run_stream.set_epoch(resume["start_epoch"] if resume else start_epoch)
+        self.start_epoch = run_stream.epoch
+        self.starts = multiprocessing.Value("i", 0)
+        self.started = time.perf_counter()
+        self.first_batch_seconds: float | None = None
+        self._to_restore = {i for i, s in enumerate(self.states) if s is not None}
+        self.resume_cost = {"bytes": 0, "seconds": 0.0, "workers": len(self._to_restore)} if resume else None
+        self.loader = DataLoader(run_stream, batch_size=None, num_workers=num_workers,
+                                 worker_init_fn=functools.partial(_worker_init, starts=self.starts),
+                                 persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
+                                 pin_memory=torch.cuda.is_available())
+        self._batches = iter(self.loader)
+        # Workers ignore SIGTERM (see _worker_init), so multiprocessing's exit hook, which terminates and joins
+        # them, would wait forever: they are asked to stop first, at close() or when this object goes (also at exit).
+        self._finalizer = weakref.finalize(self, _stop_workers, self._batches)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    @property
+    def worker_starts(self) -> int:
+        return self.starts.value
+
+    def __iter__(self) -> "train_batches":
+        return self
+
+    def __next__(self) -> tuple[int, dict]:
+        batch = next(self._batches)
+        if "images" not in batch:
+            raise RuntimeError("a training stream ended: its workers' streams must be endless")
+        role = int(batch.pop("worker"))
+        self.states[role] = batch.pop("stream_state")
+        if "restore_bytes" in batch:
+            self._restored(role, int(batch.pop("restore_bytes")), float(batch.pop("restore_seconds")))
+        if self.first_batch_seconds is None:
+            self.first_batch_seconds = time.perf_counter() - self.started
+        epoch = self.consumed // self.epoch_batches
+        self.consumed += 1
+        return epoch, batch
+
+    def _restored(self, role: int, nbytes: int, seconds: float) -> None:
+        self.resume_cost["bytes"] += nbytes
+        self.resume_cost["seconds"] = max(self.resume_cost["seconds"], seconds)  # workers restore side by side
+        self._to_restore.discard(role)
+        if not self._to_restore:
+            self.resume_cost["first_batch_seconds"] = time.perf_counter() - self.started
+            log.info("data stream back in position: %.1f MB re-read by %d workers in %.2f s (first batch after "
+                     "%.2f s)", self.resume_cost["bytes"] / 1e6, self.resume_cost["workers"],
+                     self.resume_cost["seconds"], self.resume_cost["first_batch_seconds"])
+
+    def state_dict(self) -> dict:
+        """Plain values (torch.save / weights_only load): batches handed out, worker count, the epoch fresh
+        streams started at, each worker role's stream position (None: that role has not moved yet)."""
+        return {"batches": self.consumed, "num_workers": self.num_workers, "start_epoch": self.start_epoch,
+                "workers": [s.to_dict() if s is not None else None for s in self.states]}
 
 
 def mix_sets(shardset: ShardSet, extra_roots: list[str], weights: list[float], split: str) -> list[tuple[ShardSet, float]]:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from trainer.config import Config
-from trainer.data import RegionSpec, ShardSet, TrainStream, batches_per_worker
+from trainer.data import RegionSpec, ShardSet, TrainStream
 from trainer.loss import HierarchicalLoss
 from trainer.model import HierarchicalEmbedder
+from trainer.pixels import RandomCrop
 from trainer.text import CaptionTokenizer, Vocab
 from trainer.text_encoders import caption_tokenizer, init_word_embeddings, pretrained_text_encoder
 
@@ -78,17 +79,13 @@ def build_tokenizer(cfg: Config, vocab: Vocab) -> CaptionTokenizer:
 
 def build_train_stream(cfg: Config, shardset: ShardSet, *, rank: int, world_size: int,
                        mix: list | None = None, num_workers: int | None = None) -> TrainStream:
-    """This rank's training stream as configured. The virtual epoch is a global number of samples
-    (data.samples_per_epoch, default the training split's pictures), split evenly over the ranks."""
+    """This rank's training stream as configured. The epoch is a global number of samples (data.samples_per_epoch,
+    default the training split's pictures), whatever the world size; train_batches reads the stream for the whole
+    run. num_workers: kept for callers that size a loader here (the stream itself does not depend on it)."""
     d = cfg.data
-    mix = mix or []
-    workers = d.num_workers if num_workers is None else num_workers
-    train_images = sum(s.split_info(d.train_split)["images"] for s, _ in mix) if mix else \
-        shardset.split_info(d.train_split)["images"]
-    per_rank_epoch = max(d.batch_size, (d.samples_per_epoch or train_images) // world_size)
+    crop = RandomCrop(d.random_crop_min_area) if d.random_crop else None
     return TrainStream(shardset, d.train_split, batch_size=d.batch_size, image_size=d.image_size,
                        max_words=d.max_words, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
-                       batches_per_worker=batches_per_worker(per_rank_epoch, d.batch_size, workers),
-                       seed=cfg.run.seed, rank=rank, world_size=world_size,
+                       epoch_samples=d.samples_per_epoch, seed=cfg.run.seed, rank=rank, world_size=world_size,
                        tokenizer=build_tokenizer(cfg, shardset.vocab), max_image_pixels=d.max_image_pixels,
-                       regions=RegionSpec.from_config(cfg), mix=mix)
+                       regions=RegionSpec.from_config(cfg), mix=mix or [], crop=crop)

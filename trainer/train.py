@@ -153,6 +153,7 @@ class Run:
     regions: RegionSpec | None
     num_params: int
     resume_tag: str | None = None
+    batches: object = None  # the training stream (trainer.data.train_batches): its position goes into checkpoints
 
     @property
     def ckpt_dir(self) -> Path:
@@ -228,11 +229,42 @@ def restore(run: Run) -> RunState:
     return state
 
 
+def data_state_file(folder: Path, rank: int) -> Path:
+    """This rank's training-stream position in a checkpoint folder (per rank: each rank's workers have their own
+    streams, too large to all-gather; listed and size-checked by the checkpoint's marker like DeepSpeed's files)."""
+    return folder / f"data_rank{rank:05d}.pt"
+
+
+def saved_stream(run: Run) -> dict | None:
+    """The checkpoint's stream position of this rank, or None when there is none to continue (a fresh run, another
+    world size, a checkpoint written before positions were saved)."""
+    if run.resume_tag is None:
+        return None
+    path = data_state_file(run.ckpt_dir / run.resume_tag, run.info.rank)
+    if checkpoint.read_marker(run.ckpt_dir / run.resume_tag).get("world_size") != run.info.world_size:
+        return None
+    if not path.is_file():
+        log.warning("%s is missing: the data stream starts afresh at the next epoch", path)
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def open_batches(run: Run, mix: list, state: RunState):
+    """One training stream for the whole run, continued exactly from the checkpoint's position when it has one
+    for this world size and worker count; otherwise fresh streams from the next epoch (none of the interrupted
+    epoch's remaining batches are then trained)."""
     stream = build_train_stream(run.cfg, run.shardset, rank=run.info.rank, world_size=run.info.world_size,
                                 mix=mix)
-    return train_batches(stream, run.cfg.data.num_workers, start_epoch=state.data_epoch,
-                         skip_batches=state.data_batches)
+    saved = saved_stream(run)
+    try:
+        run.batches = train_batches(stream, run.cfg.data.num_workers, resume=saved) if saved else None
+    except ValueError as e:  # another data.num_workers than the checkpoint's
+        log.warning("%s: the data stream starts afresh at the next epoch", e)
+    if run.batches is None:
+        if state.data_batches > 0:
+            state.data_epoch, state.data_batches = state.data_epoch + 1, 0
+        run.batches = train_batches(stream, run.cfg.data.num_workers, start_epoch=state.data_epoch)
+    return run.batches
 
 
 def announce(run: Run, mix: list) -> None:
@@ -396,6 +428,9 @@ def evaluate(run: Run, split: str, step: int, examples: bool) -> dict:
 
 def save_checkpoint(run: Run, state: RunState) -> None:
     positions = gather_no_grad(torch.tensor([[state.data_epoch, state.data_batches]], dtype=torch.long)).tolist()
+    folder = run.ckpt_dir / checkpoint.tag_for(state.step)
+    folder.mkdir(parents=True, exist_ok=True)  # written before DeepSpeed's files, so the marker lists it
+    torch.save(run.batches.state_dict(), data_state_file(folder, run.info.rank))
     checkpoint.save(run.engine, run.ckpt_dir, state.step, client_state(run.cfg, state, positions),
                     run.info.world_size, run.cfg.train.keep_checkpoints, run.info.is_main)
 
@@ -425,6 +460,8 @@ def train(cfg: Config) -> dict:
         try:
             return train_loop(run, state, open_batches(run, mix, state), stop, mix)
         finally:
+            if run.batches is not None:
+                run.batches.close()  # the loader's workers live for the whole run; they end here
             run.tb.close()
 
 
