@@ -44,7 +44,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.format import CONCEPTS, MANIFEST, PICTURE_EXTS, VOCAB, is_manifest
-from trainer.pixels import RandomCrop, picture_tensor
+from trainer.pictures import RandomCrop, picture_tensor
 from trainer.shardstream import Identity, RawStream, StreamState
 from trainer.text import CaptionTokenizer, Vocab, WordTokenizer
 

@@ -15,7 +15,7 @@ from trainer.config import Config
 from trainer.data import RegionSpec, ShardSet, TrainStream
 from trainer.loss import HierarchicalLoss
 from trainer.model import HierarchicalEmbedder
-from trainer.pixels import RandomCrop
+from trainer.pictures import RandomCrop
 from trainer.text import CaptionTokenizer, Vocab
 from trainer.text_encoders import caption_tokenizer, init_word_embeddings, pretrained_text_encoder
 
