@@ -445,8 +445,10 @@ class TrainStream(IterableDataset):
                          on_shard=counter.new_shard, passes=passes, start_pass=self.epoch)
 
     def worker_batches(self, worker: int, num_workers: int, state: StreamState | None = None) -> Iterator[dict]:
-        """The batches of one worker: each carries "worker" (its role) and "stream_state" (where its stream stands
-        after it); the first one after a restore also "restore_bytes" and "restore_seconds"."""
+        """The batches of one worker: each carries "worker" (its role), "stream_state" (where its stream stands
+        after it) and "raw_read" (raw samples taken from shards since the worker's last batch, a filling shuffle
+        buffer's included: what read amplification is measured by); the first one after a restore also
+        "restore_bytes" and "restore_seconds"."""
         counter = _BadSampleCounter()
         raw = self.raw_stream(worker, num_workers, counter)
         produced, restored = 0, {}
@@ -460,13 +462,15 @@ class TrainStream(IterableDataset):
         items: list[dict] = []
         since: list = [0, [0] * len(BAD_KINDS)]
         cap = None if self.endless else self.batches_per_worker
+        raw_since = 0
         for item in decoded:
             items.append(item)
             if len(items) < self.batch_size:
                 continue
             produced += 1
-            yield {**self._collate(items, counter, since), **restored, "worker": torch.tensor(worker),
-                   "stream_state": raw.state(produced)}
+            raw_read, raw_since = raw.read - raw_since, raw.read
+            yield {**self._collate(items, counter, since), **restored, "raw_read": torch.tensor(raw_read),
+                   "worker": torch.tensor(worker), "stream_state": raw.state(produced)}
             items.clear()
             restored = {}
             if cap is not None and produced - (state.batches if state else 0) >= cap:

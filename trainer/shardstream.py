@@ -186,6 +186,7 @@ class RawStream:
     cursors: list[Cursor] = field(init=False)
     buffer: list[tuple[Ref, dict]] = field(init=False, default_factory=list)
     cost: RestoreCost = field(init=False, default_factory=RestoreCost)
+    read: int = field(init=False, default=0)  # raw samples taken from shards (restored buffer not included)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(f"{self.who.seed}-{self.start_pass}-{self.who.rank}-{self.who.worker}")
@@ -264,6 +265,7 @@ class RawStream:
                         # set to where that member begins, so a state taken now re-reads it from there.
                         c.offset = end
                         got += 1
+                        self.read += 1
                         yield Ref(set_index, c.url, begin, end - begin), sample
             except Exception as exn:  # a missing, unreadable or cut-off shard: counted, the next shard follows
                 self.handler(exn, url)
