@@ -17,7 +17,6 @@ import math
 import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 
@@ -76,9 +75,11 @@ def draft_size(size: int, crop: RandomCrop | None) -> int:
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    array = np.asarray(img, dtype=np.uint8)
-    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-    return pixels.sub_(PIXEL_MEAN).div_(PIXEL_STD)
+    """RGB picture -> (p / 255 - PIXEL_MEAN) / PIXEL_STD as float [3, H, W], in two passes over the pixels."""
+    width, height = img.size
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    out = pixels.permute(2, 0, 1).float()
+    return out.mul_(1.0 / (255.0 * PIXEL_STD)).sub_(PIXEL_MEAN / PIXEL_STD)
 
 
 def picture_tensor(img: Image.Image, size: int, crop: RandomCrop | None = None,

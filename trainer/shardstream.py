@@ -21,7 +21,7 @@ import random
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 from webdataset.tariterators import base_plus_ext
 
@@ -81,10 +81,9 @@ def read_members(f, offset: int) -> Iterator[tuple[int, int, str, bytes]]:
             long_name, start = None, offset
 
 
-@dataclass
-class Ref:
+class Ref(NamedTuple):
     """Where a raw sample's bytes lie: shard set, url index in that set, byte offset of its first member's header,
-    length up to the end of its last member."""
+    length up to the end of its last member. A tuple: a worker's state lists thousands at every batch."""
 
     set: int
     url: int
@@ -147,16 +146,18 @@ class StreamState:
 
     rng: tuple
     cursors: list[list[int]]
-    buffer: list[list[int]]
+    buffer: list[tuple]
     batches: int = 0
 
     def to_dict(self) -> dict:
-        return {"rng": self.rng, "cursors": self.cursors, "buffer": self.buffer, "batches": self.batches}
+        return {"rng": self.rng, "cursors": self.cursors, "buffer": [tuple(r) for r in self.buffer],
+                "batches": self.batches}
 
     @classmethod
     def from_dict(cls, d: dict) -> "StreamState":
-        return cls(tuple(d["rng"]) if not isinstance(d["rng"], tuple) else d["rng"], [list(c) for c in d["cursors"]],
-                   [list(b) for b in d["buffer"]], int(d["batches"]))
+        version, internal, gauss = d["rng"]
+        return cls((version, tuple(internal), gauss), [list(c) for c in d["cursors"]],
+                   [tuple(b) for b in d["buffer"]], int(d["batches"]))
 
 
 @dataclass
@@ -195,7 +196,7 @@ class RawStream:
     # ------------------------------------------------------------------------------------------ position
     def state(self, batches: int = 0) -> StreamState:
         return StreamState(self.rng.getstate(), [[c.pass_, c.index, c.url, c.offset] for c in self.cursors],
-                           [[r.set, r.url, r.offset, r.length] for r, _ in self.buffer], batches)
+                           [ref for ref, _ in self.buffer], batches)
 
     def restore(self, state: StreamState) -> RestoreCost:
         """Put the stream where `state` was taken: RNG and cursors set, the buffer's samples re-read from their
