@@ -128,3 +128,21 @@ def test_other_modes_decode_to_three_channels(mode):
     img = Image.new(mode, (40, 30))
     fmt = "JPEG" if mode == "CMYK" else "PNG"
     assert decode_image(encode(img, fmt), 16).shape == (3, 16, 16)
+
+
+def test_random_crop_is_a_typed_config_key_off_by_default_and_reaches_the_stream(tiny_shards):
+    from pathlib import Path
+
+    from trainer.config import ConfigError, load_config
+    from trainer.data import ShardSet
+    from trainer.factory import build_train_stream
+
+    builtin = Path(__file__).resolve().parents[1] / "configs" / "builtin.yaml"
+    cfg = load_config(builtin, [f"data.shards={tiny_shards}"])
+    assert cfg.data.random_crop is False
+    assert build_train_stream(cfg, ShardSet.open(tiny_shards), rank=0, world_size=1).crop is None
+    cfg = load_config(builtin, [f"data.shards={tiny_shards}", "data.random_crop=true",
+                                "data.random_crop_min_area=0.3"])
+    assert build_train_stream(cfg, ShardSet.open(tiny_shards), rank=0, world_size=1).crop == RandomCrop(0.3)
+    with pytest.raises(ConfigError, match=r"data.random_crop_min_area: must be in \(0, 1\]"):
+        load_config(builtin, [f"data.shards={tiny_shards}", "data.random_crop_min_area=1.5"])

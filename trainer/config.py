@@ -64,6 +64,10 @@ class DataConfig:
     # and right).
     random_crop: bool = False
     random_crop_min_area: float = 0.5
+
+    def __post_init__(self) -> None:  # checked here, when the section is built from a file or overrides
+        _require(0.0 < self.random_crop_min_area <= 1.0, "data.random_crop_min_area",
+                 f"must be in (0, 1], got {self.random_crop_min_area}")
     # Pretraining on several corpora at once: more shard sets whose train split is streamed beside data.shards'
     # (built against its vocabularies: `python -m shards build ... --vocab-from DATA.SHARDS`). Evaluation stays
     # on data.shards. mix_weights: each set's share of the training samples, data.shards first; empty = in
@@ -357,8 +361,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(d.bad_fraction_min_read >= 1, "data.bad_fraction_min_read",
              f"must be positive, got {d.bad_fraction_min_read}")
     _require(d.max_image_pixels >= 1, "data.max_image_pixels", f"must be positive, got {d.max_image_pixels}")
-    _require(0.0 < d.random_crop_min_area <= 1.0, "data.random_crop_min_area",
-             f"must be in (0, 1], got {d.random_crop_min_area}")
     _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
     for key in ("embed_dim", "cnn_width", "word_dim", "gru_hidden", "gru_layers"):
         _require(getattr(m, key) >= 1, f"model.{key}", f"must be positive, got {getattr(m, key)}")
