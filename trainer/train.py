@@ -17,11 +17,11 @@ Faults (each rank decides nothing alone: one all-reduce per step makes every ran
   state changes); train.max_nonfinite_steps in a row stop the run, keeping the last checkpoint before them.
 - Bad samples are skipped and counted per kind (TensorBoard data/bad/<kind>); past data.max_bad_fraction of
   the samples read, the run stops with an error.
-- The data position (virtual epoch, batches into it, per rank) is in the checkpoint: a resumed run reads the
-  batches the uninterrupted run would have read (re-reading and dropping the epoch's first ones), so on the same
-  machine kind, world size, data.num_workers and engine.threads it ends with bit-identical parameters
-  (tests/test_faults.py). That holds for data.resampled too: each worker's draws of shards, shuffle and caption
-  picks come from a generator seeded by (run.seed, epoch, rank, worker), not from the run's history. Not
+- The data position is in the checkpoint: per rank (data_rankNNNNN.pt) every loader worker's stream position (RNG
+  state, shard position and byte offset, its shuffle buffer as byte ranges), so a resumed run reads the batches
+  the uninterrupted run would have read at the cost of re-reading the buffers (logged: bytes and seconds), and on
+  the same machine kind, world size, data.num_workers and engine.threads it ends with bit-identical parameters
+  (tests/test_faults.py), for data.resampled too. The loader's workers live for the whole run. Not
   reproduced: a resume on another world size or worker count (other shards per worker), timing scalars, and on
   GPUs any kernel or collective that sums in a varying order (then the runs agree to float rounding only).
 """
