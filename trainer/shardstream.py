@@ -239,7 +239,7 @@ class RawStream:
             c.url = self.rng.randrange(len(self.set_urls[set_index]))
         else:
             share = self._share(set_index, c.pass_)
-            if not share:  # more readers than shards: trainer.data.check_shards_for_workers refuses it up front
+            if not share and self.passes is None:  # endless, it would spin; check_shards_for_workers refuses it first
                 raise ValueError(f"worker {self.who.worker} of rank {self.who.rank} has no shard of its own "
                                  f"({len(self.set_urls[set_index])} shards for {self.who.world} ranks x "
                                  f"{self.who.workers} workers)")
