@@ -44,7 +44,9 @@ def imagenet_input(png: bytes, size: int = 224) -> torch.Tensor:
     import io
 
     with Image.open(io.BytesIO(png)) as img:
-        pixels = np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255
+        side = min(img.size)  # the pipeline keeps the aspect ratio: the centre square, resized
+        box = ((img.width - side) / 2, (img.height - side) / 2, (img.width + side) / 2, (img.height + side) / 2)
+        pixels = np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR, box=box), dtype=np.float32) / 255
     x = torch.from_numpy(pixels).permute(2, 0, 1)
     return ((x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None])[None]
 
