@@ -33,7 +33,7 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """As `shards build`: an existing export is finished with --resume or replaced with --overwrite, never mixed."""
     from trainer.index_folder import FILES
     from trainer.index_pieces import PIECES
-    ours = [out / name for name in (*FILES, PIECES, "export.partial.json") if (out / name).exists()]
+    ours = [out / name for name in (*FILES, PIECES, "export.options.json") if (out / name).exists()]
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
     if overwrite:
@@ -46,13 +46,14 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def _check_record(out: Path, record: dict, resume: bool) -> None:
-    """The export's options, kept while it is unfinished: a resumed export with other options is refused."""
-    path = out / "export.partial.json"
+    """The export's options, kept beside its pieces: a resumed export with other options is refused (its pieces
+    would mix two models or two corpora)."""
+    path = out / "export.options.json"
     if resume and path.is_file():
         before = json.loads(path.read_text())
         changed = sorted(k for k in record if before.get(k) != record[k])
         if changed:
-            raise ValueError(f"--resume: {', '.join(changed)} differ from the interrupted export's ({path}); "
+            raise ValueError(f"--resume: {', '.join(changed)} differ from those of the export in --out ({path}); "
                              f"resume with the same run, checkpoint, shard sets and split, or use --overwrite")
     path.write_text(json.dumps(record, indent=2))
 
@@ -94,7 +95,6 @@ def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = N
             "checkpoint_tag": Path(run.load_path).parent.name, "step": run.step, "split": split,
             "sets": record["sets"], "local_score_weight": cfg.model.local_score_weight,
             "dim": model.embed_dim * (2 if model.local_space else 1)}, kind)
-        (out / "export.partial.json").unlink(missing_ok=True)
     return broadcast_object(meta)
 
 
