@@ -19,7 +19,7 @@ from flask import Flask, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from trainer.query import QueryError
-from trainer.retrieve import search
+from trainer.answers import search
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_K = 100
