@@ -3,7 +3,7 @@
 Inner product is the model's score ([g; sqrt(w) l] . [g; sqrt(w) l], DESIGN.md section 1), so every index is
 an inner-product one:
   flat   exact (IndexFlatIP), the default: what evaluation's matrix product ranks, row for row;
-  hnsw   approximate graph (IndexHNSWFlat), no training; for up to about a million rows;
+  hnsw   approximate graph (IndexHNSWFlat), no training; its build is slow at wide vectors, so for small corpora;
   ivf    approximate inverted lists (IVF + 8-bit scalar quantiser, a quarter of flat's memory), trained on a
          sample of the pieces; for larger corpora;
   auto   hnsw below AUTO_IVF_FROM rows, ivf from there.
@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 KINDS = ("flat", "hnsw", "ivf", "auto")
-AUTO_IVF_FROM = 2_000_000  # HNSW's graph build time and memory grow past this on CPU; IVF trains once
+AUTO_IVF_FROM = 10_000  # HNSW's graph build is slow at 2,048 dims (20,000 rows: 2 minutes on 2 cores)
 RECALL_K = 10
 
 
@@ -48,10 +48,11 @@ def index_params(kind: str, rows: int) -> dict:
     if kind == "hnsw":
         # M 32 / efSearch 128 give recall@10 near 0.99 on unit-norm vectors; efConstruction trades build time
         return {"type": "hnsw", "metric": "inner_product", "M": 32, "efConstruction": 80, "efSearch": 128}
-    # nlist about 4 sqrt(n) (FAISS's guideline) but at least 39 training rows per list; nprobe a few percent
-    nlist = max(1, min(int(4 * math.sqrt(max(rows, 1))), rows // 39))
-    return {"type": "ivf", "metric": "inner_product", "nlist": nlist, "nprobe": max(1, min(nlist, nlist // 16 + 8)),
-            "quantizer": "SQ8", "train_rows": min(rows, max(nlist * 64, 10_000))}
+    # nlist about sqrt(n) (the low end of FAISS's guideline: k-means training and list assignment stay minutes
+    # on a few CPU cores at a million rows) with at least 39 training rows per list; nprobe 10% of lists, 16 at least
+    nlist = max(1, min(int(round(math.sqrt(max(rows, 1)))), rows // 39))
+    return {"type": "ivf", "metric": "inner_product", "nlist": nlist, "nprobe": min(nlist, max(16, nlist // 10)),
+            "quantizer": "SQ8", "train_rows": min(rows, max(nlist * 50, 10_000))}
 
 
 def new_index(params: dict, dim: int):
@@ -82,13 +83,13 @@ def _training_sample(pieces: list[Callable[[], np.ndarray]], rows: int, want: in
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def build_index(pieces: list[Callable[[], np.ndarray]], dim: int, kind: str, out: str | Path,
-                queries: np.ndarray | None = None, log: Callable[[str], None] = print) -> dict:
-    """Build an index from pieces (callables that load one [rows, dim] float32 array each, e.g. np.load with
-    mmap_mode="r"), write it to `out` and return index.json's record of it: type, parameters, rows, build
-    seconds and, for an approximate index with `queries`, recall@10 against exact search."""
-    faiss = faiss_library()
-    rows = sum(int(load().shape[0]) for load in pieces)  # mmap'd: shapes only, no data read
+def build(pieces: list[Callable[[], np.ndarray]], dim: int, kind: str, queries: np.ndarray | None = None,
+          rows: int | None = None, log: Callable[[str], None] = print) -> tuple[object, dict]:
+    """An index of the pieces (callables that load one [rows, dim] float32 array each, e.g. np.load with
+    mmap_mode="r") and index.json's record of it: type, parameters, rows, build seconds and, for an approximate
+    index with `queries`, recall@10 against exact search. `rows`: the total, when the pieces know it cheaply."""
+    if rows is None:
+        rows = sum(int(load().shape[0]) for load in pieces)  # mmap'd: shapes only, no data read
     params = index_params(kind, rows)
     start = time.perf_counter()
     index = new_index(params, dim)
@@ -107,9 +108,16 @@ def build_index(pieces: list[Callable[[], np.ndarray]], dim: int, kind: str, out
         params["recall_queries"] = int(len(queries))
         log(f"{params['type']} index of {rows} rows: recall@{RECALL_K} {params['recall_at_10']:.4f} against exact "
             f"search on {len(queries)} held-out queries")
+    return index, params
+
+
+def build_index(pieces: list[Callable[[], np.ndarray]], dim: int, kind: str, out: str | Path,
+                queries: np.ndarray | None = None, log: Callable[[str], None] = print) -> dict:
+    """build(), then write the index to `out` (under a temporary name first); returns its index.json record."""
+    index, params = build(pieces, dim, kind, queries, log=log)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
-    faiss.write_index(index, str(tmp))
+    faiss_library().write_index(index, str(tmp))
     tmp.replace(out)  # never a half-written index under the real name
     return params
 
