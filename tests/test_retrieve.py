@@ -209,7 +209,9 @@ def test_query_session_and_two_rank_export(tiny_shards, tmp_path_factory, tmp_pa
     assert blocks[2].splitlines()[0] == f"captions for {picture}"
     top = blocks[2].splitlines()[2]
     best_caption = int((cap @ img[picture_row]).argmax())
-    assert captions[best_caption]["text"] in top
+    best_image = index.rows["images"][captions[best_caption]["image_row"]]["image_id"]
+    assert top.split()[0] == "1" and top.split()[2] == best_image
+    assert shorten(captions[best_caption]["text"], 80) in top
     assert blocks[3] == blocks[0]  # the interactive query answers as the --text one did
 
     # --json for scripts: a picture ranks pictures; its own picture first
