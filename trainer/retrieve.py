@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,19 +28,26 @@ from trainer.faiss_index import KINDS
 from trainer.answers import format_answer, search
 from trainer.query import QueryError, check_text, decode_query_picture, read_picture_file
 
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """As `shards build`: an existing export is finished with --resume or replaced with --overwrite, never mixed."""
+def _export_files(out: Path) -> list[Path]:
+    """What an export wrote in `out`, refused (before the model is loaded) when neither option says what to do.
+    As `shards build`: an existing export is finished with --resume or replaced with --overwrite, never mixed."""
     from trainer.index_folder import FILES
     from trainer.index_pieces import PIECES
-    ours = [out / name for name in (*FILES, PIECES, "export.options.json") if (out / name).exists()]
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
-    if overwrite:
-        for path in ours:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    elif ours and not resume:
+    return [out / name for name in (*FILES, PIECES, "export.options.json") if (out / name).exists()]
+
+
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if _export_files(out) and not (resume or overwrite):
         raise FileExistsError(f"--out {out} already holds an index export; add --resume to finish it or "
                               f"--overwrite to start again")
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    if overwrite:
+        for path in _export_files(out):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -54,6 +62,17 @@ def _check_record(out: Path, record: dict, resume: bool) -> None:
             raise ValueError(f"--resume: {', '.join(changed)} differ from those of the export in --out ({path}); "
                              f"resume with the same run, checkpoint, shard sets and split, or use --overwrite")
     path.write_text(json.dumps(record, indent=2))
+
+
+def check_world_size(run_dir: Path, checkpoint: str) -> None:
+    """A ZeRO-3 checkpoint holds each rank's partition of the weights: loaded on another number of ranks,
+    DeepSpeed waits forever in a collective. Refused here, before any rank starts waiting."""
+    from trainer.checkpoint import find
+    tag, marker = find(run_dir / "checkpoints", checkpoint)
+    saved, world = marker.get("world_size"), int(os.environ.get("WORLD_SIZE", "1"))
+    if marker.get("zero_stage") == 3 and saved is not None and saved != world:
+        raise ValueError(f"{run_dir / 'checkpoints' / tag} is a ZeRO-3 checkpoint of {saved} rank(s); export it on "
+                         f"{saved} rank(s) (this launch has {world})")
 
 
 def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = None, checkpoint: str = "latest",
@@ -71,6 +90,8 @@ def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = N
     if kind not in KINDS:
         raise ValueError(f"--index-type must be one of {', '.join(KINDS)}, got {kind!r}")
     run_dir, out = Path(run_dir).resolve(), Path(out_dir)
+    check_out_dir(out, resume, overwrite)  # every rank, before the model is loaded
+    check_world_size(run_dir, checkpoint)
     run = load_run(run_dir, checkpoint)
     cfg, info = run.cfg, run.info
     split = split or cfg.data.test_split
@@ -78,7 +99,7 @@ def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = N
     plan = plan_pieces(sets, split)
     record = {"run": str(run_dir), "checkpoint": run.load_path, "split": split, "sets": [str(s.root) for s in sets]}
     if info.is_main:
-        prepare_out_dir(out, resume, overwrite)
+        prepare_out_dir(out, overwrite)
         _check_record(out, record, resume)
     broadcast_object(None)  # the others wait until rank 0 has prepared (or refused) the folder
     embed_pieces(run.model, sets, plan, out, image_size=cfg.data.image_size,
@@ -220,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from trainer.config import ConfigError
-    from trainer.distributed import shutdown
+    from trainer.distributed import is_active, shutdown
 
+    ours = not is_active()  # the process group this command starts is its to end (a caller's stays up)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "query":
@@ -247,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        shutdown()
+        if ours:
+            shutdown()
 
 
 if __name__ == "__main__":
