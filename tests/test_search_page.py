@@ -1,6 +1,6 @@
 """The search page of `trainer.retrieve serve`, driven in a real headless browser (Debian's chromium through
 selenium and chromedriver; `make install` installs both): a caption query shows pictures that load, an uploaded
-picture shows captions, path traversal and out-of-range rows get 404, an oversized upload 413 and a long query
+or dropped picture shows captions, path traversal and out-of-range rows get 404, an oversized upload 413 and a long query
 400. Saves docs/screenshots/search.png, the README's picture of the page. Without the browser the test FAILS
 (the feature is untested otherwise), saying how to install it."""
 import http.client
@@ -121,6 +121,18 @@ def test_search_page_in_a_real_browser(tiny_shards, tmp_path_factory, tmp_path):
             "form.append('picture', new Blob([new Uint8Array(2 << 20)]), 'x.png');"
             "fetch('/api/search_image', {method: 'POST', body: form}).then(r => done(r.status), e => done(String(e)));")
         assert status == 413
+
+        # A picture dropped on the drop zone (a real DragEvent carrying a File: the page's drop handler).
+        driver.execute_async_script(
+            "const done = arguments[0];"
+            "fetch('/image/3').then(r => r.blob()).then(blob => {"
+            "  const data = new DataTransfer(); data.items.add(new File([blob], 'dropped.png', {type: blob.type}));"
+            "  document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true,"
+            "                                                                      cancelable: true}));"
+            "  done(true); });")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .caption")) == 12)
+        shown = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#results .caption")]
+        assert set(shown) <= captions and driver.find_element(By.ID, "message").text == "top 12 captions"
 
         # Pictures only by row: traversal and out-of-range rows are 404 and never reveal a file.
         for path in ("/image/../../etc/passwd", "/image/..%2F..%2Fetc%2Fpasswd", "/image/%2e%2e/%2e%2e/etc/passwd",
