@@ -14,7 +14,8 @@ Per index (flat = exact IndexFlatIP, ivf = IVF + 8-bit scalar quantiser, hnsw fo
   a bare torch.mm + topk(10) over the same vectors (zero-copy: FAISS's own storage) with the same threads.
   Goal: exact <= 1.2 x torch.
 
-Exact commands (from the repository root; the 1M part needs about 11 GB of RAM):
+Exact commands (from the repository root; the 1M part needs about 11 GB of RAM and took 48 minutes on 2 CPU
+cores shared with other jobs, most of it generating vectors, IVF's k-means and exact single queries):
     python bench/search.py                          # both parts
     python bench/search.py --rows 200000            # a smaller synthetic corpus
     python bench/search.py --skip-synthetic --builtin-index runs/builtin/index
