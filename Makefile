@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 SHARDS ?= data/builtin
 RUN_ARGS ?=
 
-.PHONY: install system-fonts run shards train test clean
+.PHONY: install system-fonts browser run shards train test clean
 
-install: $(VENV)/.installed system-fonts
+install: $(VENV)/.installed system-fonts browser
 
 # The emoji corpus renders Debian's Noto Color Emoji font; installed here when apt-get can, else say how.
 EMOJI_FONT := /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
@@ -17,6 +17,16 @@ system-fonts:
 	  { apt-get install -y -q fonts-noto-color-emoji || { apt-get update -q && \
 	    apt-get install -y -q fonts-noto-color-emoji; }; } >/dev/null; } || \
 	  echo "note: the emoji corpus needs $(EMOJI_FONT): sudo apt-get install fonts-noto-color-emoji"
+
+# tests/test_search_page.py drives Debian's chromium headless through chromedriver (Playwright's own browser
+# download cannot work offline); installed here when apt-get can, else say how. The test fails without them.
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+browser:
+	@{ test -x /usr/bin/chromium && test -x /usr/bin/chromedriver; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q chromium chromium-driver || { apt-get update -q && \
+	    apt-get install -y -q chromium chromium-driver; }; } >/dev/null; } || \
+	  echo "note: the search page test needs $(BROWSER): sudo apt-get install chromium chromium-driver"
 
 # torch is pinned and installed first: the pin takes the CPU build from local disk here (the CUDA build on a
 # GPU machine); an unpinned torch would pull several GB of CUDA wheels through deepspeed's requirements.

