@@ -27,6 +27,7 @@ import torch
 from corrupt_shards import corrupt_copy, png_header_only
 from test_distributed import TINY_RUN, clean_env, free_port, start, wait_all
 from trainer import checkpoint
+from trainer.tblog import event_dir
 from trainer.config import ConfigError, load_config
 from trainer.data import (BAD_KINDS, BadSample, ShardSet, TrainStream, check_picture_size, image_id_hash,
                           train_batches)
@@ -303,7 +304,7 @@ class NaNAtSteps:
 def _scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(out / "tb")).Reload()
+    events = EventAccumulator(str(event_dir(out / "tb"))).Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 

@@ -190,8 +190,8 @@ def find(ckpt_dir: Path, wanted: str, option: str = "run.resume") -> tuple[str, 
     the reason, naming the file). A named tag: that one or an error that lists the complete ones."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
-        raise CheckpointError(f"{option}={wanted}: {ckpt_dir} does not exist: the run wrote no checkpoint yet "
-                              f"(is it the right run folder?)")
+        raise CheckpointError(f"{option}={wanted}: no complete checkpoint: {ckpt_dir} does not exist, the run "
+                              f"wrote none yet (is it the right run folder?)")
     if wanted != "latest":
         why = problem(ckpt_dir / wanted) if wanted.strip() and "/" not in wanted else f"{wanted!r} is not a tag"
         if why is not None:
