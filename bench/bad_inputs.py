@@ -22,7 +22,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=None, help="folder for the fixtures and scratch (reused)")
     parser.add_argument("--jobs", type=int, default=2, help="processes at once")
-    parser.add_argument("--verbose", action="store_true", help="one line per case that is not clear")
+    parser.add_argument("--verbose", action="store_true", help="one line per case that is not clear; the slowest")
     parser.add_argument("cases", nargs="*", help="only these case names")
     args = parser.parse_args()
     sys.path[:0] = [str(TESTS), str(TESTS.parent)]  # the matrix lives beside the tests that assert it
@@ -44,6 +44,8 @@ def main() -> int:
             if result.problems(case):
                 print(f"{case.name}: {'; '.join(result.problems(case))}: {result.stderr.strip()[-300:]!r}",
                       file=sys.stderr)
+        slowest = sorted(results, key=lambda r: -r.seconds)[:8]
+        print("slowest: " + ", ".join(f"{r.name} {r.seconds:.1f} s" for r in slowest), file=sys.stderr)
     print(json.dumps({**summary(results), "seconds": round(time.perf_counter() - start, 1)}))
     return 0
 
