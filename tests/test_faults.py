@@ -207,7 +207,7 @@ def test_refusals_before_any_work_name_the_key_or_file(tiny_shards, tmp_path):
     import shutil
     shutil.copytree(tiny_shards, missing)
     (missing / "builtin-train-000003.tar").unlink()
-    with pytest.raises(FileNotFoundError, match="builtin-train-000003.tar"):
+    with pytest.raises(ConfigError, match="data.shards: .*builtin-train-000003.tar"):  # in the config check
         train(_cfg(missing, tmp_path / "r"))
     run = tmp_path / "two_rank_run"
     save_steps(run / "checkpoints", [2])
@@ -239,7 +239,7 @@ def _fake_tool(bin_dir: Path, name: str, body: str) -> None:
 
 
 @pytest.mark.parametrize("script, sig", [("cpu_2proc.sh", signal.SIGTERM), ("slurm.sbatch", signal.SIGUSR1)])
-def test_launch_script_passes_the_preemption_signal_on_to_every_rank(tmp_path, script, sig):
+def test_launch_script_passes_the_preemption_signal_on_to_every_rank(tiny_shards, tmp_path, script, sig):
     """The launcher is a stand-in that starts two 'ranks' (torchrun: and ignores SIGUSR1 as the real one
     does not handle it; srun: relays signals to its tasks, as the real one does). The script gets the signal;
     each rank must get SIGUSR1 and exit 0, and the script must exit 0."""
@@ -257,7 +257,9 @@ def test_launch_script_passes_the_preemption_signal_on_to_every_rank(tmp_path, s
     env = clean_env(TRAINER_PID_DIR=str(pids), SEEN_DIR=str(seen), SLURM_JOB_NODELIST="localhost",
                     SLURM_SUBMIT_DIR=str(REPO))
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
-    proc = subprocess.Popen(["bash", str(REPO / "launch" / script), "configs/builtin.yaml"], env=env, cwd=REPO)
+    # a config the scripts' preflight (launch/preflight.sh) accepts: its shard set exists
+    proc = subprocess.Popen(["bash", str(REPO / "launch" / script), "configs/builtin.yaml", f"data.shards={tiny_shards}"],
+                            env=env, cwd=REPO)
     deadline = time.time() + 30
     while len(list(pids.glob("rank*.pid"))) < 2 and time.time() < deadline:
         time.sleep(0.05)
