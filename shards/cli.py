@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -80,6 +81,9 @@ def cli_main(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[
         code = main(argv)
     except UserError as e:
         return _refuse(prog, one_line(e))
+    except BrokenPipeError:  # the reader of our output went away (`... --help | head`): nothing left to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python flushes stdout at exit; this keeps it quiet)
+        return 0
     except KeyboardInterrupt:
         hint = f"; {interrupted_hint}" if interrupted_hint else ""
         print(f"{prog}: interrupted{hint}", file=sys.stderr)

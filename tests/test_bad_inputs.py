@@ -51,3 +51,28 @@ def test_the_matrix_covers_every_entry_point_with_60_cases():
     for kind in ("missing", "empty", "truncated", "garbled", "is_a_folder", "is_a_file", "unwritable",
                  "full_disk", "interrupted", "unknown", "not_a_number"):
         assert kind in kinds, kind
+
+
+def test_cli_main_contract(capsys):
+    """shards.cli.cli_main: user errors are one line and exit 2, Ctrl-C 130, a bug keeps its traceback."""
+    import errno
+
+    from shards.cli import UserError, cli_main
+
+    def raising(exc):
+        def main(_argv):
+            raise exc
+        return main
+
+    assert cli_main(raising(UserError("data.shards: x is missing;\n  build one")), [], "prog") == 2
+    assert capsys.readouterr().err == "prog: error: data.shards: x is missing; build one\n"
+    assert cli_main(raising(OSError(errno.ENOSPC, "No space left on device", "/out/model.pt")), [], "prog") == 2
+    assert capsys.readouterr().err == "prog: error: /out/model.pt: no space left on the device; free some space " \
+                                      "or write elsewhere\n"
+    assert cli_main(raising(KeyboardInterrupt()), [], "prog", interrupted_hint="go on with --resume") == 130
+    assert capsys.readouterr().err == "prog: interrupted; go on with --resume\n"
+    with pytest.raises(ZeroDivisionError):  # a bug: not dressed up as a user error
+        cli_main(raising(ZeroDivisionError()), [], "prog")
+    with pytest.raises(FileNotFoundError):  # an OSError that names no file is the program's own doing
+        cli_main(raising(FileNotFoundError("somewhere")), [], "prog")
+    assert cli_main(lambda _argv: None, [], "prog") == 0

@@ -12,7 +12,8 @@ eval/<split>.json (R@K per score), train_log.jsonl (the logged scalars).
 
 Faults (each rank decides nothing alone: one all-reduce per step makes every rank take the same branch):
 - SIGTERM or SIGUSR1 (SLURM's warning before the time limit): every rank writes a checkpoint at the next step
-  boundary and exits 0; `--resume latest` continues from it. Exit code 2: a refused config or checkpoint.
+  boundary and exits 0; `--resume latest` continues from it. Exit code 2: a refused config, file or checkpoint
+  (one line naming it); 130: Ctrl-C (the last complete checkpoint is kept).
 - A step whose loss or gradient is not finite on any rank is skipped on all of them (no parameter or optimizer
   state changes); train.max_nonfinite_steps in a row stop the run, keeping the last checkpoint before them.
 - Bad samples are skipped and counted per kind (TensorBoard data/bad/<kind>); past data.max_bad_fraction of
@@ -43,7 +44,7 @@ import torch
 
 from shards.cli import cli_main
 from trainer import checkpoint, train_args, universal
-from trainer.config import Config, ConfigError, load_config, save_config
+from trainer.config import Config, ConfigError, save_config
 from trainer.data import (BAD_KINDS, RegionSpec, ShardSet, check_image_input, check_shards_for_workers, mix_sets,
                           train_batches)
 from trainer.distributed import DistInfo, gather_no_grad, init_distributed, shutdown
