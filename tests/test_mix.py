@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import build_builtin
 from trainer.config import ConfigError, load_config
 from trainer.data import ShardSet, TrainStream, image_id_hash, mix_sets
+from trainer.tblog import event_dir
 from trainer.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def test_training_on_a_mix_logs_what_each_set_contributed(tiny_shards, second_co
         "train.steps=4", "train.log_every=2", "train.eval_every=0", "train.ckpt_every=0",
         f"engine.deepspeed_config={REPO / 'configs/deepspeed/zero0.json'}", "engine.threads=1"])
     train(cfg)
-    events = EventAccumulator(str(out / "tb")).Reload()
+    events = EventAccumulator(str(event_dir(out / "tb"))).Reload()
     names = [tiny_shards.name, second_corpus.name]
     final = {name: events.Scalars(f"data/samples/{name}")[-1] for name in names}
     assert all(e.step == 4 for e in final.values())

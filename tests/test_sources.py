@@ -609,8 +609,8 @@ def test_resume_keeps_finished_shards_and_matches_a_fresh_build(tmp_path, monkey
 
     out = tmp_path / "out"
     stop_after = 2
-    with pytest.raises(KeyboardInterrupt):
-        build(out, "karpathy", *args)
+    assert build(out, "karpathy", *args) == 130  # Ctrl-C: one line and exit 130 (shards.cli)
+    assert "interrupted; an interrupted build continues with `build ... --resume`" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["build.partial.json", "t-train-000000.tar", "t-train-000001.tar"]
     assert build(out, "karpathy", *args) == 2  # not empty: refused without --resume
     assert "--resume" in capsys.readouterr().err

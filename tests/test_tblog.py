@@ -19,7 +19,7 @@ from trainer.config import load_config
 from trainer.data import ShardSet, iter_eval_samples
 from trainer.progress import ProgressBar, progress_enabled
 from trainer.tb_examples import GREEN, GREY, RED, Grid, retrieval_examples, retrieval_vectors
-from trainer.tblog import RunLogger
+from trainer.tblog import RunLogger, event_dir
 from trainer.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_examples_mark_the_right_answers_and_projector_files(tiny_shards, tmp_pa
     tb = RunLogger(tmp_path / "tb", enabled=True)
     tb.eval_examples(7, emb, ShardSet.open(tiny_shards), "val", local_weight=1.0)
     tb.close()
-    events = _events(tmp_path / "tb")
+    events = _events(event_dir(tmp_path / "tb"))
     assert {"examples/text_to_image", "examples/image_to_text"} <= set(events.Tags()["images"])
 
     # text -> image: row 0 is the first caption of picture 0; picture 3 wins, picture 0 comes second.
@@ -136,8 +136,8 @@ def test_examples_mark_the_right_answers_and_projector_files(tiny_shards, tmp_pa
 
     # projector: the first pictures (all 32 here) and their 160 captions, thumbnails in the sprite
     n_pictures, n_captions = 32, 160
-    folder = tmp_path / "tb" / "00007" / "val_retrieval_vectors"
-    config = (tmp_path / "tb" / "projector_config.pbtxt").read_text()
+    folder = event_dir(tmp_path / "tb") / "00007" / "val_retrieval_vectors"
+    config = (event_dir(tmp_path / "tb") / "projector_config.pbtxt").read_text()
     assert 'tensor_name: "val_retrieval_vectors:00007"' in config and "single_image_dim: 48" in config
     tensors = np.loadtxt(folder / "tensors.tsv", delimiter="\t")
     img, cap = retrieval_vectors(emb, 1.0)
@@ -229,36 +229,96 @@ def test_training_writes_examples_at_each_evaluation(tiny_shards, tmp_path):
         f"data.shards={tiny_shards}", f"run.out_dir={out}", "data.num_workers=1", "data.shuffle_buffer=256",
         "data.batch_size=16", "model.embed_dim=32", "model.cnn_width=16", "model.gru_hidden=32",
         "model.word_dim=16", "train.steps=4", "train.log_every=2", "train.eval_every=2", "train.ckpt_every=0"]))
-    events = _events(out / "tb")
+    events = _events(event_dir(out / "tb"))
     for tag in ("examples/text_to_image", "examples/image_to_text"):
         assert [e.step for e in events.Images(tag)] == [2, 4], tag
     _, panel = _image(events, "examples/text_to_image")
     assert panel.size[1] == Grid().pad + 6 * Grid().t2i_row_h()
     for step in ("00002", "00004"):
-        folder = out / "tb" / step / "val_retrieval_vectors"
+        folder = event_dir(out / "tb") / step / "val_retrieval_vectors"
         assert len((folder / "tensors.tsv").read_text().splitlines()) == 32 + 160
         assert (folder / "sprite.png").is_file()
 
 
 def test_recall_charts_draw_one_curve_per_score(tmp_path):
-    """Each custom-scalars chart (a split and metric) matches exactly the global, local and concat tags."""
+    """Each custom-scalars chart (a split and metric) matches one tag, written by three runs named after the
+    scores: TensorBoard colours series by run, so global, local and concat get three colours and names."""
     tb = RunLogger(tmp_path / "tb", enabled=True)
     tb.retrieval_layout(["val", "test"])
     recalls = {f"{d}_r{k}": 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10)} | {"rsum": 6.0}
     for split in ("val", "test"):
         tb.retrieval(3, split, {score: recalls for score in ("global", "local", "concat")})
     tb.close()
-    events = _events(tmp_path / "tb")
-    tags = events.Tags()["scalars"]
+    main = event_dir(tmp_path / "tb")
+    events = _events(main)
     layout_proto = events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
     layout = layout_pb2.Layout.FromString(layout_proto)
     assert sorted(c.title for c in layout.category) == ["retrieval test", "retrieval val"]
+    score_tags = {score: _events(main / score).Tags()["scalars"] for score in ("global", "local", "concat")}
     for category in layout.category:
         split = category.title.split()[1]
         assert len(category.chart) == 7
         for chart in category.chart:
-            drawn = [t for t in tags if any(re.search(r, t) for r in chart.multiline.tag)]
-            assert sorted(drawn) == sorted(f"eval_{split}/{s}/{chart.title}" for s in ("global", "local", "concat"))
+            for score, tags in score_tags.items():
+                drawn = [tag for tag in tags if any(re.search(r, tag) for r in chart.multiline.tag)]
+                assert drawn == [f"recall_{split}/{chart.title}"], (score, chart.title)
+            # the main run's per-score tags stay for the plain scalars dashboard and scripts
+            assert all(f"eval_{split}/{s}/{chart.title}" in events.Tags()["scalars"] for s in score_tags)
+
+
+def test_the_run_is_named_after_its_folder_and_bad_counts_wait_for_a_bad_sample(tmp_path):
+    run = tmp_path / "my_run"
+    tb = RunLogger(run / "tb", enabled=True)
+    tb.scalars(1, {"loss/loss": 1.0, "data/bad/missing_json": 0, "data/bad/truncated_tar": 0})
+    tb.scalars(2, {"loss/loss": 0.9, "data/bad/missing_json": 2, "data/bad/truncated_tar": 0})
+    tb.scalars(3, {"loss/loss": 0.8, "data/bad/missing_json": 2, "data/bad/truncated_tar": 0})
+    tb.hparams({"train": {"steps": 3}}, {"concat": {"rsum": 1.0}}, "test")
+    tb.close()
+    assert event_dir(run / "tb") == run / "tb" / "my_run"  # `tensorboard --logdir RUN/tb` lists "my_run"
+    scalars = _events(run / "tb" / "my_run").Tags()["scalars"]
+    assert "data/bad/truncated_tar" not in scalars  # never bad: no flat-zero chart
+    events = _events(run / "tb" / "my_run")
+    assert [(e.step, e.value) for e in events.Scalars("data/bad/missing_json")] == [(2, 2.0), (3, 2.0)]
+    assert [e.step for e in events.Scalars("loss/loss")] == [1, 2, 3]
+
+
+def test_shards_progress_is_plain_lines_away_from_a_terminal():
+    from shards.progress import PlainProgress, progress
+
+    stream = io.StringIO()
+    bar = progress(10, "writing", stream=stream)
+    assert isinstance(bar, PlainProgress)
+    bar.interval = 0.0  # a line at every update (10 s in a real build)
+    with bar:
+        bar.update(4)
+        bar.update(6)
+    text = stream.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert lines[0].startswith("writing: 4/10 img (40%)") and lines[-1].startswith("writing: 10/10 img (100%)")
+    assert lines[-1].endswith(", done")
+
+
+def test_deepspeeds_cpu_accelerator_notice_is_filtered_and_other_warnings_are_not():
+    import logging
+
+    import trainer  # noqa: F401  (installs trainer.quiet)
+
+    logger = logging.getLogger("DeepSpeed")
+    kept = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            kept.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+        logger.warning("something else")
+    finally:
+        logger.removeHandler(handler)
+    assert kept == ["something else"]
 
 
 def test_progress_bar_draws_on_a_terminal_that_reports_no_size():

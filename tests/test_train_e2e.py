@@ -12,6 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from trainer.checkpoint import fp32_state_dict
 from trainer.config import load_config
 from trainer.evaluate import evaluate_run
+from trainer.tblog import event_dir
 from trainer.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +84,7 @@ def test_short_run_learns_checkpoints_resumes_and_logs(small_shards, tmp_path):
     assert half.keys() == end.keys() and [k for k in half if torch.equal(half[k], end[k])] == []
     assert relative_change(half, end) > MIN_REL_CHANGE
 
-    events = EventAccumulator(str(out / "tb")).Reload()
+    events = EventAccumulator(str(event_dir(out / "tb"))).Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("loss/loss", "loss/global", "loss/local", "loss/global_i2t", "loss/local_t2i", "train/lr",
                 "train/samples_per_s", "train/data_wait_frac", "train/grad_norm", "train/bad_samples",

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -147,20 +148,57 @@ def problem(folder: Path) -> str | None:
     return None
 
 
+def unreadable_file(folder: Path) -> str | None:
+    """Why a complete checkpoint's files cannot be loaded (naming the file), or None. torch.save writes zip
+    archives: one whose central directory does not open was overwritten or cut after the marker was written
+    (DeepSpeed's loader would fail with a bare `PytorchStreamReader failed reading zip archive`)."""
+    for path in sorted(folder.rglob("*.pt")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            return f"{path} is not a readable checkpoint file ({e})"
+    return None
+
+
+def find_readable(ckpt_dir: Path, wanted: str, option: str) -> tuple[str, dict]:
+    """`find`, then the chosen checkpoint's files opened as the zip archives torch.save writes: what evaluation
+    and export check before DeepSpeed or torch.load see a damaged file."""
+    tag, marker = find(ckpt_dir, wanted, option)
+    why = unreadable_file(Path(ckpt_dir) / tag)
+    if why is not None:
+        others = [t for t in complete_tags(ckpt_dir) if t != tag]
+        way_out = f"use another: {option}={others[-1]}" if others else "the run has no other complete checkpoint"
+        raise CheckpointError(f"{option}={wanted}: {why}; {way_out}")
+    return tag, marker
+
+
 def read_marker(folder: Path) -> dict:
     return json.loads((folder / MARKER).read_text())
 
 
-def find(ckpt_dir: Path, wanted: str) -> tuple[str, dict]:
-    """The checkpoint to load for `wanted` ("latest" or a tag) and its marker.
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """The tags of the complete, readable checkpoints, oldest first."""
+    return [t for t in _step_tags(Path(ckpt_dir)) if problem(Path(ckpt_dir) / t) is None]
+
+
+def find(ckpt_dir: Path, wanted: str, option: str = "run.resume") -> tuple[str, dict]:
+    """The checkpoint to load for `wanted` ("latest" or a tag) and its marker; `option` names the setting the
+    user gave it with, in refusals.
 
     "latest": the tag named by `latest`, else the newest earlier complete one (each rejected one is logged with
-    the reason, naming the file). A named tag: that one or an error."""
+    the reason, naming the file). A named tag: that one or an error that lists the complete ones."""
     ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"{option}={wanted}: no complete checkpoint: {ckpt_dir} does not exist, the run "
+                              f"wrote none yet (is it the right run folder?)")
     if wanted != "latest":
-        why = problem(ckpt_dir / wanted)
+        why = problem(ckpt_dir / wanted) if wanted.strip() and "/" not in wanted else f"{wanted!r} is not a tag"
         if why is not None:
-            raise CheckpointError(f"run.resume={wanted}: {why}")
+            others = complete_tags(ckpt_dir)
+            way_out = (f"complete checkpoints: {', '.join(others)}, or latest" if others else
+                       "the run has no complete checkpoint")
+            raise CheckpointError(f"{option}={wanted}: {why}; {way_out}")
         return wanted, read_marker(ckpt_dir / wanted)
     latest_path = ckpt_dir / LATEST
     tags = _step_tags(ckpt_dir)
@@ -173,13 +211,15 @@ def find(ckpt_dir: Path, wanted: str) -> tuple[str, dict]:
     for tag in candidates:
         why = problem(ckpt_dir / tag)
         if why is None:
+            # the passed-over ones are reported when one is used instead; when none is, the error lists them
+            for skipped, reason in reasons:
+                log.warning("checkpoint %s is unusable: %s", skipped, reason)
             if reasons:
                 log.warning("resuming from the previous complete checkpoint %s", ckpt_dir / tag)
             return tag, read_marker(ckpt_dir / tag)
-        log.warning("checkpoint %s is unusable: %s", tag, why)
-        reasons.append(why)
-    detail = "; ".join(reasons) if reasons else "no checkpoint folders"
-    raise CheckpointError(f"run.resume=latest: no complete checkpoint in {ckpt_dir} ({detail})")
+        reasons.append((tag, why))
+    detail = "; ".join(why for _, why in reasons) if reasons else "no checkpoint folders"
+    raise CheckpointError(f"{option}=latest: no complete checkpoint in {ckpt_dir} ({detail})")
 
 
 def _offloaded_to_nvme(ds_config: dict) -> bool:
@@ -273,7 +313,7 @@ def _mend_zero3_universal_load(engine, folder: Path) -> None:
 def fp32_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """The model's fp32 weights from a complete checkpoint of any ZeRO stage, without a process group."""
     folder = Path(ckpt_dir) / tag
-    why = problem(folder)
+    why = problem(folder) or unreadable_file(folder)
     if why is not None:
         raise CheckpointError(why)
     if read_marker(folder).get("zero_stage", 0) == 0:

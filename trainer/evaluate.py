@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from shards.cli import OneLineParser, cli_main
 from trainer import metrics
 from trainer.config import Config
 from trainer.data import RegionSpec, ShardSet, iter_eval_samples, pad_tokens, stack_image_inputs
@@ -179,23 +180,74 @@ class LoadedRun:
         return self.engine.module
 
 
+def open_run_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
+    """The config a run folder was trained with (its config.yaml, overrides applied), checked; a missing or
+    wrong folder is refused naming it (ConfigError)."""
+    from trainer.config import ConfigError, load_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "is a file, not a folder" if run_dir.exists() else "does not exist"
+        raise ConfigError(f"--run {run_dir} {what}; give the run folder trainer.train wrote (its run.out_dir)")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--run {run_dir} has no config.yaml: not a run folder written by trainer.train "
+                          f"(give its run.out_dir)")
+    try:
+        return load_config(run_dir / "config.yaml", list(overrides))
+    except ConfigError as e:  # a cut or edited config.yaml reads as a wrong value: say which file holds it
+        where = str(run_dir / "config.yaml")
+        raise ConfigError(str(e) if where in str(e) else f"{where} (the run's config, with overrides): {e}") from e
+
+
+def open_shards(cfg: Config) -> ShardSet:
+    """The run's shard set; an unreadable one is refused naming the file (trainer.data raises ValueError)."""
+    from trainer.config import ConfigError
+
+    try:
+        return ShardSet.open(cfg.data.shards)
+    except ValueError as e:
+        raise ConfigError(f"data.shards: {e}") from e
+
+
+def check_split(cfg: Config, split: str | None) -> str:
+    """The split to read (the config's test split by default), refused naming the splits there are."""
+    from trainer.config import ConfigError
+
+    split = split or cfg.data.test_split
+    splits = open_shards(cfg).manifest["splits"]
+    if split not in splits:
+        raise ConfigError(f"--split {split}: no such split in {Path(cfg.data.shards) / 'manifest.json'} "
+                          f"(has: {', '.join(splits)})")
+    return split
+
+
 def load_run(run_dir: str | Path, checkpoint: str = "latest", overrides: list[str] = ()) -> LoadedRun:
     """Build the run's engine and load a checkpoint into it (any ZeRO stage); no optimizer/scheduler state.
-    Leaves the process group up."""
-    from trainer.config import load_config
+    The run folder, its config and the checkpoint's files are checked first (ConfigError / CheckpointError name
+    the file and the way out). Leaves the process group up."""
+    from trainer import checkpoint as checkpoints
     from trainer.distributed import init_distributed
     from trainer.engine import build_engine, deepspeed_config
 
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml", list(overrides))
+    cfg = open_run_config(run_dir, overrides)
+    tag, _ = checkpoints.find_readable(run_dir / "checkpoints", checkpoint, option="--checkpoint")
     info = init_distributed()
-    shardset = ShardSet.open(cfg.data.shards)
+    shardset = open_shards(cfg)
     engine = build_engine(cfg, build_model(cfg, shardset), deepspeed_config(cfg, info.world_size))
-    tag = None if checkpoint == "latest" else checkpoint
-    load_path, client = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=tag, load_optimizer_states=False,
-                                               load_lr_scheduler_states=False)
+    try:
+        load_path, client = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=tag,
+                                                   load_optimizer_states=False, load_lr_scheduler_states=False)
+    except RuntimeError as e:  # torch's load_state_dict: the weights are not those of the configured model
+        if "size mismatch" not in str(e) and "Missing key" not in str(e) and "Unexpected key" not in str(e):
+            raise
+        raise checkpoints.CheckpointError(
+            f"checkpoint {run_dir / 'checkpoints' / tag} does not fit the model that {run_dir / 'config.yaml'} "
+            f"(with overrides) describes: {str(e).splitlines()[-1].strip()}; restore that run's config.yaml or "
+            f"drop the model.* overrides") from e
     if load_path is None:
-        raise FileNotFoundError(f"no checkpoint {checkpoint!r} in {run_dir / 'checkpoints'}")
+        raise checkpoints.CheckpointError(f"--checkpoint {checkpoint}: DeepSpeed could not load "
+                                          f"{run_dir / 'checkpoints' / tag}")
     return LoadedRun(cfg, info, shardset, engine, str(load_path), int((client or {}).get("run_state", {}).get("step", 0)))
 
 
@@ -203,8 +255,8 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, checkpoint: str 
                  overrides: list[str] = ()) -> dict:
     """Evaluate one split of a run's checkpoint; rank 0 writes RUN/eval/<split>.json. Leaves the process group up
     (the caller may go on using it)."""
+    split = check_split(open_run_config(run_dir, overrides), split)  # before any engine is built
     run = load_run(run_dir, checkpoint, overrides)
-    split = split or run.cfg.data.test_split
     results = evaluate_split(run.model, run.shardset, split, run.cfg, rank=run.info.rank,
                              world=run.info.world_size)
     if run.info.is_main:
@@ -221,23 +273,27 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=None, help="split to read (default: the config's test split)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from trainer.config import ConfigError
+PROG = "python -m trainer.evaluate"
+
+
+def _main(argv: list[str] | None) -> int:
     from trainer.distributed import shutdown
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the run's config")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         evaluate_run(args.run, args.split, args.checkpoint, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     finally:
         shutdown()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 2 with one line on a bad run folder, split, checkpoint or override (shards.cli)."""
+    return cli_main(_main, argv, PROG)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from shards.cli import OneLineParser, OutputExists, cli_main
 from trainer.backbones.efficientnet_lite import default_weights_path
+from trainer.config import ConfigError, check_output_folder
 from trainer.data import BadSample, ShardSet, decode_image_input
 from trainer.model import build_image_encoder
 
@@ -89,17 +91,29 @@ def extract(shards: str | Path, out: str | Path, encoder_name: str = "efficientn
             batch_size: int = 32, weights: str | None = None, device: str | None = None) -> dict:
     """Writes the feature shard set into `out` and returns its manifest."""
     if encoder_name not in ENCODERS:
-        raise ValueError(f"--encoder must be one of {ENCODERS}, got {encoder_name!r}")
-    src = ShardSet.open(shards)
+        raise ConfigError(f"--encoder must be one of {ENCODERS}, got {encoder_name!r}")
+    if image_size < 32 or batch_size < 1:
+        raise ConfigError(f"--image-size must be >= 32 and --batch-size >= 1, got {image_size} and {batch_size}")
+    try:
+        src = ShardSet.open(shards)
+    except ValueError as e:  # names the file that cannot be read
+        raise ConfigError(f"--shards: {e}; give a shard set built by `python -m shards build`") from e
     out = Path(out)
     if out.resolve() == src.root.resolve():
-        raise ValueError(f"--out {out} is the input shard set; write the features to a new folder")
+        raise ConfigError(f"--out {out} is the input shard set; write the features to a new folder")
     if (out / "manifest.json").exists():
-        raise FileExistsError(f"{out / 'manifest.json'} exists: {out} already holds a shard set")
-    out.mkdir(parents=True, exist_ok=True)
+        raise OutputExists(f"{out / 'manifest.json'} exists: {out} already holds a shard set; choose a new --out")
+    check_output_folder("--out", out)
+    if weights is not None and not Path(weights).is_file():
+        raise ConfigError(f"--weights {weights} is not a file; give the backbone's .pth state dict, or leave it "
+                          f"out for the installed package's")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    encoder = build_image_encoder(encoder_name, image_size=image_size, cnn_width=1, trainable="frozen",
-                                  weights=weights).to(dev).eval()
+    try:  # before the output folder is made: a refusal leaves nothing behind
+        encoder = build_image_encoder(encoder_name, image_size=image_size, cnn_width=1, trainable="frozen",
+                                      weights=weights).to(dev).eval()
+    except (ValueError, FileNotFoundError) as e:  # an unreadable or missing weights file, named
+        raise ConfigError(f"--weights: {e}") from e
+    out.mkdir(parents=True, exist_ok=True)
     manifest = json.loads((src.root / "manifest.json").read_text())
     start = time.perf_counter()
     for split, info in manifest["splits"].items():
@@ -121,8 +135,11 @@ def extract(shards: str | Path, out: str | Path, encoder_name: str = "efficientn
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+PROG = "python -m trainer.extract_features"
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", required=True, help="input shard set (pictures)")
     parser.add_argument("--out", required=True, help="new folder for the feature shard set")
     parser.add_argument("--encoder", default="efficientnet_lite0", choices=ENCODERS)
@@ -132,17 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        manifest = extract(args.shards, args.out, args.encoder, args.image_size, args.batch_size, args.weights,
-                           args.device)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    manifest = extract(args.shards, args.out, args.encoder, args.image_size, args.batch_size, args.weights,
+                       args.device)
     feats = manifest["image_features"]
     print(f"wrote {args.out}: {feats['parts']} parts x {feats['dim']} channels per picture. Train on it with\n"
           f"  data.shards={args.out} model.image_encoder=regions model.region_dim={feats['dim']} "
           f"model.max_regions={feats['parts']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 2 with one line on a bad shard set, output folder or weights file; 130 when interrupted (the
+    output folder then has no manifest.json: not a shard set, and a rerun writes it again)."""
+    return cli_main(_main, argv, PROG, interrupted_hint="the output has no manifest.json yet; run again")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shards.cli import OneLineParser, cli_main
 from trainer.config import Config, ConfigError, load_config
 from trainer.text import PAD, UNK, CaptionTokenizer, Vocab
 
@@ -266,8 +267,11 @@ def format_plan(plan: Plan, gpu_mem_gib: float, headroom: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+PROG = "python -m trainer.plan"
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--gpus", type=int, required=True, help="GPUs per node")
     parser.add_argument("--nodes", type=int, default=1)
@@ -276,18 +280,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=None, help="instead of reading the shard set")
     parser.add_argument("--num-concepts", type=int, default=None, help="instead of reading the shard set")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
-    if args.gpus < 1 or args.nodes < 1 or args.gpu_mem_gib <= 0 or not 0 < args.headroom <= 1:
-        parser.error("--gpus and --nodes must be >= 1, --gpu-mem-gib > 0, --headroom in (0, 1]")
+    args = parser.parse_intermixed_args(argv)
+    if args.gpus < 1 or args.nodes < 1 or args.gpu_mem_gib <= 0 or not 0 < args.headroom <= 1 \
+            or (args.num_concepts is not None and args.num_concepts < 0):
+        parser.error("--gpus and --nodes must be >= 1, --gpu-mem-gib > 0, --headroom in (0, 1], --num-concepts >= 0")
+    cfg = load_config(args.config, args.overrides, check_paths=False)
+    vocab, concepts = shard_set_sizes(cfg, args.vocab_size, args.num_concepts)
     try:
-        cfg = load_config(args.config, args.overrides, check_paths=False)
-        vocab, concepts = shard_set_sizes(cfg, args.vocab_size, args.num_concepts)
         plan = make_plan(cfg, args.gpus * args.nodes, vocab, concepts)
-    except (ConfigError, FileNotFoundError) as e:  # FileNotFoundError: a pretrained encoder's files, named
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    except FileNotFoundError as e:  # a pretrained encoder's files, named
+        raise ConfigError(str(e)) from e
     print(format_plan(plan, args.gpu_mem_gib, args.headroom))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 2 with one line on a bad option, config key or shard set (shards.cli)."""
+    return cli_main(_main, argv, PROG)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ eval/<split>.json (R@K per score), train_log.jsonl (the logged scalars).
 
 Faults (each rank decides nothing alone: one all-reduce per step makes every rank take the same branch):
 - SIGTERM or SIGUSR1 (SLURM's warning before the time limit): every rank writes a checkpoint at the next step
-  boundary and exits 0; `--resume latest` continues from it. Exit code 2: a refused config or checkpoint.
+  boundary and exits 0; `--resume latest` continues from it. Exit code 2: a refused config, file or checkpoint
+  (one line naming it); 130: Ctrl-C (the last complete checkpoint is kept).
 - A step whose loss or gradient is not finite on any rank is skipped on all of them (no parameter or optimizer
   state changes); train.max_nonfinite_steps in a row stop the run, keeping the last checkpoint before them.
 - Bad samples are skipped and counted per kind (TensorBoard data/bad/<kind>); past data.max_bad_fraction of
@@ -28,7 +29,6 @@ Faults (each rank decides nothing alone: one all-reduce per step makes every ran
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -42,8 +42,9 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint, universal
-from trainer.config import Config, ConfigError, load_config, save_config
+from shards.cli import cli_main
+from trainer import checkpoint, train_args, universal
+from trainer.config import Config, ConfigError, save_config
 from trainer.data import (BAD_KINDS, RegionSpec, ShardSet, check_image_input, check_shards_for_workers, mix_sets,
                           train_batches)
 from trainer.distributed import DistInfo, gather_no_grad, init_distributed, shutdown
@@ -167,15 +168,18 @@ class Run:
 def check_inputs(cfg: Config, info: DistInfo) -> tuple[ShardSet, list, RegionSpec | None]:
     """Refuse missing shards, too few shards for the workers and mismatched image inputs before any work."""
     d = cfg.data
-    shardset = ShardSet.open(d.shards)
-    shardset.urls(d.train_split)  # refuses missing shard files
-    if not d.resampled:
-        check_shards_for_workers(len(shardset.split_info(d.train_split)["shards"]), info.world_size,
-                                 d.num_workers, d.train_split)
-    regions = RegionSpec.from_config(cfg)
-    mix = mix_sets(shardset, d.mix_shards, d.mix_weights, d.train_split)
-    for one in [shardset] + [s for s, _ in mix[1:]]:
-        check_image_input(one, d.train_split, regions)  # pictures vs region features
+    try:
+        shardset = ShardSet.open(d.shards)
+        shardset.urls(d.train_split)  # refuses missing shard files
+        if not d.resampled:
+            check_shards_for_workers(len(shardset.split_info(d.train_split)["shards"]), info.world_size,
+                                     d.num_workers, d.train_split)
+        regions = RegionSpec.from_config(cfg)
+        mix = mix_sets(shardset, d.mix_shards, d.mix_weights, d.train_split)
+        for one in [shardset] + [s for s, _ in mix[1:]]:
+            check_image_input(one, d.train_split, regions)  # pictures vs region features
+    except (ValueError, OSError) as e:  # trainer.data's refusals name the file; a ConfigError makes them one line
+        raise ConfigError(f"data.shards: {e}") from e
     return shardset, mix, regions
 
 
@@ -521,38 +525,25 @@ def configure_device(cfg: Config, info: DistInfo) -> None:
 
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file under configs/")
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint tag (same as run.resume=...)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (base files and overrides applied) and exit")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200 loss.labels=none")
-    # intermixed: overrides may stand before and after --resume / --config
-    return parser.parse_intermixed_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = list(args.overrides) + ([f"run.resume={args.resume}"] if args.resume else [])
-    try:
-        cfg = load_config(args.config, overrides, check_paths=not args.print_config)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+def _main(argv: list[str] | None) -> int:
+    args = train_args.parse_args(argv, __doc__)
+    cfg = train_args.resolved_config(args)  # ConfigError names the key: one line, exit 2 (shards.cli)
     if args.print_config:  # shards and checkpoints need not exist yet: nothing starts
         print(cfg.to_yaml(), end="")
         return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        train(cfg)
-    except ConfigError as e:  # a refusal before any work (config, checkpoint, world size): the same on all ranks
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        train(cfg)  # a refusal before any work (ConfigError: checkpoint, world size) is the same on all ranks
     finally:
         shutdown()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Options and overrides in any order (trainer.train_args); exit 2 with one line on bad input, 130 when
+    interrupted (Ctrl-C), 0 after a SIGTERM/SIGUSR1 checkpoint."""
+    return cli_main(_main, argv, train_args.PROG,
+                    interrupted_hint="the last complete checkpoint is kept; continue with --resume latest")
 
 
 if __name__ == "__main__":

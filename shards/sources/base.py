@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from shards.cli import UserError
+
 ON_ERROR = ("skip", "stop")
 EXAMPLES_KEPT = 5
 # the kinds of per-sample bad input the manifest counts
@@ -27,7 +29,7 @@ _SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 _ID_UNSAFE = re.compile(r"[./\\\s]+")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Bad input that ends the build: the message names the file and the line, key or sample."""
 
 

@@ -1,0 +1,54 @@
+"""Run the bad-input matrix (tests/bad_input_cases.py, issue 17) and print its counts as one JSON line:
+
+    python bench/bad_inputs.py [--work DIR] [--jobs 2] [--verbose]
+
+{"tried": N, "clear": N, "traceback": N, "half_written": N, "seconds": S}: clear = one line on stderr naming the
+file, key or option, no traceback (exit codes are checked by tests/test_bad_inputs.py and listed with --verbose).
+The tiny shard set, run and index are made under --work (a temporary folder by default) and reused there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=None, help="folder for the fixtures and scratch (reused)")
+    parser.add_argument("--jobs", type=int, default=2, help="processes at once")
+    parser.add_argument("--verbose", action="store_true", help="one line per case that is not clear; the slowest")
+    parser.add_argument("cases", nargs="*", help="only these case names")
+    args = parser.parse_args()
+    sys.path[:0] = [str(TESTS), str(TESTS.parent)]  # the matrix lives beside the tests that assert it
+    from bad_input_cases import all_cases
+    from bad_input_matrix import make_fixtures, run_matrix, summary
+    from conftest import build_builtin
+
+    start = time.perf_counter()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bad_inputs_"))
+    shards = work / "shards"
+    if not (shards / "manifest.json").is_file():
+        build_builtin(shards, 96, 32, 32, 16)  # the tests' tiny_shards
+    fx = make_fixtures(work / "fixtures", shards)
+    cases = [c for c in all_cases() if not args.cases or c.name in args.cases]
+    scratch = work / f"cases-{int(time.time())}"
+    results = run_matrix(fx, scratch, cases, args.jobs)
+    if args.verbose:
+        for case, result in zip(cases, results):
+            if result.problems(case):
+                print(f"{case.name}: {'; '.join(result.problems(case))}: {result.stderr.strip()[-300:]!r}",
+                      file=sys.stderr)
+        slowest = sorted(results, key=lambda r: -r.seconds)[:8]
+        print("slowest: " + ", ".join(f"{r.name} {r.seconds:.1f} s" for r in slowest), file=sys.stderr)
+    print(json.dumps({**summary(results), "seconds": round(time.perf_counter() - start, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
