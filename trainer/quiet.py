@@ -8,6 +8,10 @@ DeepSpeed. Standard library only: the package import must stay cheap (launch scr
   without CUDA. On CPU that is the intended setting (gloo ranks in CI, tests, laptops); on a GPU machine that
   lacks CUDA, trainer.distributed reports the device it uses anyway. Only this message is dropped: every other
   DeepSpeed warning still shows.
+- faiss's loader logs four INFO lines on import about which SIMD build it found ("Could not load library with
+  AVX2 support ... No module named 'faiss.swigfaiss_avx2'" on the generic faiss-cpu wheel); our entry points log
+  INFO, so they would open every retrieval command. Its logger is raised to WARNING: a real load failure still
+  shows.
 - torch's FutureWarning "torch.distributed.nn.functional.all_gather is deprecated" (issue 17) no longer occurs:
   trainer/distributed.py gathers with its own autograd function over all_gather_into_tensor, and nothing else
   calls the deprecated function (DeepSpeed only in its Ulysses sequence parallelism, which we do not use). No
@@ -19,6 +23,7 @@ import logging
 
 DEEPSPEED_LOGGER = "DeepSpeed"  # the name deepspeed.utils.logging gives its logger
 DROPPED = ("Setting accelerator to CPU",)
+FAISS_LOADER_LOGGER = "faiss.loader"
 
 
 class _DropKnownMessages(logging.Filter):
@@ -33,3 +38,4 @@ def install() -> None:
     logger = logging.getLogger(DEEPSPEED_LOGGER)
     if not any(isinstance(f, _DropKnownMessages) for f in logger.filters):
         logger.addFilter(_DropKnownMessages())
+    logging.getLogger(FAISS_LOADER_LOGGER).setLevel(logging.WARNING)

@@ -24,9 +24,12 @@ import shutil
 import sys
 from pathlib import Path
 
+from shards.cli import OneLineParser, cli_main, one_line
 from trainer.faiss_index import KINDS
 from trainer.answers import format_answer, search
 from trainer.query import QueryError, check_text, decode_query_picture, read_picture_file
+
+PROG = "trainer.retrieve"
 
 def _export_files(out: Path) -> list[Path]:
     """What an export wrote in `out`, refused (before the model is loaded) when neither option says what to do.
@@ -210,7 +213,7 @@ def serve(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from trainer.evaluate import add_checkpoint_arguments
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="embed shard sets with a run's checkpoint into a FAISS index folder")
     add_checkpoint_arguments(exp)
@@ -242,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     from trainer.config import ConfigError
     from trainer.distributed import is_active, shutdown
 
@@ -269,11 +272,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return run_queries(args) if args.command == "query" else serve(args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:  # QueryError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return 2
     finally:
         if ours:
             shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Interrupts and unreadable files end in one line too (shards.cli's contract, as every entry point)."""
+    return cli_main(_main, argv, PROG)
 
 
 if __name__ == "__main__":
