@@ -118,3 +118,16 @@ def test_another_world_size_is_carried_over_or_refused_with_the_way_out(tmp_path
     with pytest.raises(checkpoint.CheckpointError, match="converting .*step0000002 to a universal checkpoint failed"):
         universal.prepare_resume(ckpt, tag, marker, 1, zero2, is_main=True)
     assert not (ckpt / "universal" / tag / "complete.json").exists()
+
+
+def test_evaluation_refuses_sharded_weights_on_another_world_size(tmp_path):
+    """load_run (evaluate, export) must refuse before DeepSpeed waits forever for ranks the checkpoint lacks."""
+    ckpt = tmp_path / "checkpoints"
+    checkpoint.save(FakeEngine(), ckpt, 2, {}, world_size=2, keep=2, is_main=True)
+    tag, marker = checkpoint.find(ckpt, "latest")
+    zero3 = {**marker, "zero_stage": 3}
+    checkpoint.refuse_sharded_weights_elsewhere(ckpt, tag, zero3, 2, "load")  # same world size: loads
+    checkpoint.refuse_sharded_weights_elsewhere(ckpt, tag, {**marker, "zero_stage": 2}, 1, "load")  # full weights
+    with pytest.raises(checkpoint.CheckpointError, match=r"step0000002 is a ZeRO-3 checkpoint of 2 rank\(s\); load "
+                                                         r"it on 2 rank\(s\) \(this launch has 1\)"):
+        checkpoint.refuse_sharded_weights_elsewhere(ckpt, tag, zero3, 1, "load")

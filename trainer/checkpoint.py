@@ -173,6 +173,15 @@ def find_readable(ckpt_dir: Path, wanted: str, option: str) -> tuple[str, dict]:
     return tag, marker
 
 
+def refuse_sharded_weights_elsewhere(ckpt_dir: Path, tag: str, marker: dict, world_size: int, verb: str) -> None:
+    """A ZeRO-3 checkpoint holds each rank's partition of the weights: loaded for inference on another number of
+    ranks, DeepSpeed waits forever in a collective. Evaluation and export refuse it before any rank waits."""
+    saved = marker.get("world_size")
+    if marker.get("zero_stage") == 3 and saved is not None and saved != world_size:
+        raise CheckpointError(f"{Path(ckpt_dir) / tag} is a ZeRO-3 checkpoint of {saved} rank(s); {verb} it on "
+                              f"{saved} rank(s) (this launch has {world_size})")
+
+
 def read_marker(folder: Path) -> dict:
     return json.loads((folder / MARKER).read_text())
 

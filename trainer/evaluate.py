@@ -231,8 +231,9 @@ def load_run(run_dir: str | Path, checkpoint: str = "latest", overrides: list[st
 
     run_dir = Path(run_dir)
     cfg = open_run_config(run_dir, overrides)
-    tag, _ = checkpoints.find_readable(run_dir / "checkpoints", checkpoint, option="--checkpoint")
+    tag, marker = checkpoints.find_readable(run_dir / "checkpoints", checkpoint, option="--checkpoint")
     info = init_distributed()
+    checkpoints.refuse_sharded_weights_elsewhere(run_dir / "checkpoints", tag, marker, info.world_size, "load")
     shardset = open_shards(cfg)
     engine = build_engine(cfg, build_model(cfg, shardset), deepspeed_config(cfg, info.world_size))
     try:

@@ -68,17 +68,14 @@ def _check_record(out: Path, record: dict, resume: bool) -> None:
 
 
 def check_world_size(run_dir: Path, checkpoint: str) -> None:
-    """A ZeRO-3 checkpoint holds each rank's partition of the weights: loaded on another number of ranks,
-    DeepSpeed waits forever in a collective. Refused here, before any rank starts waiting."""
-    from trainer.checkpoint import CheckpointError, find
+    """Refuses a ZeRO-3 checkpoint of another world size before the process group starts (load_run checks again)."""
+    from trainer.checkpoint import CheckpointError, find, refuse_sharded_weights_elsewhere
     try:
         tag, marker = find(run_dir / "checkpoints", checkpoint)
     except CheckpointError as e:  # worded for training's run.resume; here the option is --checkpoint
         raise CheckpointError(str(e).replace("run.resume=", "--checkpoint ", 1)) from None
-    saved, world = marker.get("world_size"), int(os.environ.get("WORLD_SIZE", "1"))
-    if marker.get("zero_stage") == 3 and saved is not None and saved != world:
-        raise ValueError(f"{run_dir / 'checkpoints' / tag} is a ZeRO-3 checkpoint of {saved} rank(s); export it on "
-                         f"{saved} rank(s) (this launch has {world})")
+    refuse_sharded_weights_elsewhere(run_dir / "checkpoints", tag, marker, int(os.environ.get("WORLD_SIZE", "1")),
+                                     "export")
 
 
 def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = None, checkpoint: str = "latest",
