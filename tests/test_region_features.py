@@ -389,13 +389,16 @@ def test_regions_train_on_variable_region_shards_and_on_extracted_features(regio
     test = final["test"]
     assert test["counts"] == {"images": 16, "captions": 80} and test["concat"]["rsum"] >= 0
     # the run's retrieval index embeds the features too; a picture query is refused with the reason
-    from trainer.retrieve import export_index, query_index
+    from trainer.answers import search
+    from trainer.retrieve import export_index, load_encoder, open_index
 
     meta = export_index(tmp_path / "regions", tmp_path / "index")
-    assert meta["counts"] == {"images": 16, "captions": 80}
-    assert len(query_index(tmp_path / "index", text="a red circle", k=3)) == 3
+    assert meta["counts"]["images"] == 16 and meta["counts"]["captions"] == 80
+    index, _, tokenizer = open_index(tmp_path / "index")
+    encoder = load_encoder(index, tokenizer)
+    assert len(search(index, encoder, text="a red circle", k=3)["hits"]) == 3
     with pytest.raises(ValueError, match="reads region features, not pictures"):
-        query_index(tmp_path / "index", image_path=__file__, k=3)
+        search(index, encoder, picture=Path(__file__).read_bytes(), name=__file__, k=3)
     # as trainer.extract_features prints: the extracted grid trains as sets of 4 regions of 1280 channels
     final = train(_config(extracted, tmp_path / "lite0", "model.region_dim=1280", "model.max_regions=4",
                           "train.steps=2", "train.log_every=1"))

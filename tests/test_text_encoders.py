@@ -24,7 +24,7 @@ from trainer.config import ConfigError, load_config
 from trainer.data import ShardSet, TrainStream, pad_tokens
 from trainer.engine import param_groups
 from trainer.evaluate import embed_split
-from trainer.retrieve import encode_query
+from trainer.query import QueryEncoder
 from trainer.model import GRUTextEncoder
 from trainer.hf_text import TransformerTokenizer, enable_checkpointing, load_text_transformer, model_folder
 from trainer.text import PAD, UNK, Vocab, WordTokenizer
@@ -316,7 +316,7 @@ def test_minilm_tokens_reach_training_and_evaluation(tiny_shards):
     with torch.no_grad():
         expected = model.retrieval_vector(*model.encode_text(*pad_tokens([tokenizer.encode(emb["captions"][0])])))
     # a retrieval query is tokenised as the evaluated captions were: same vector as the caption's row
-    query = encode_query(SimpleNamespace(model=model, cfg=cfg, shardset=shardset), text=emb["captions"][0])
+    query, _ = QueryEncoder(SimpleNamespace(model=model, cfg=cfg, shardset=shardset), tokenizer).text(emb["captions"][0])
     assert np.allclose(query, expected[0].numpy(), atol=1e-5)
     assert np.allclose(query, model.retrieval_vector(emb["cap_g"][:1], emb["cap_l"][:1])[0].numpy(), atol=1e-5)
 
