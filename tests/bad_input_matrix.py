@@ -197,6 +197,9 @@ def run_own_process(case: Case, ctx: Ctx) -> Result:
     limit = case.file_size_limit
 
     def preexec() -> None:
+        # A command started in the background by a non-interactive shell (`make test &`, some CI runners) inherits
+        # SIGINT ignored, and Python then installs no KeyboardInterrupt handler: the child gets Ctrl-C as a user would.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         if limit is not None:  # writes past the limit fail with EFBIG instead of killing the process (SIGXFSZ)
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

@@ -218,24 +218,17 @@ def test_weights_of_another_network_are_refused_naming_keys(tmp_path):
         build_image_encoder("efficientnet_lite0", image_size=64, cnn_width=1, weights=str(garbage))
 
 
-def test_config_refuses_a_missing_backbone_weights_file(tmp_path):
+def test_config_refuses_a_missing_backbone_weights_file(tmp_path, tiny_shards):
     from trainer.config import ConfigError
 
     with pytest.raises(ConfigError, match="model.backbone_weights"):
         load_config(REPO / "configs" / "builtin.yaml", [
             "model.image_encoder=efficientnet_lite0", f"model.backbone_weights={tmp_path / 'none.pth'}",
-            f"data.shards={_fake_shards(tmp_path)}"])
+            f"data.shards={tiny_shards}"])
     with pytest.raises(ConfigError, match="optim.backbone_lr_mult"):
         load_config(None, ["optim.backbone_lr_mult=-1"], check_paths=False)
     with pytest.raises(ConfigError, match="model.backbone_trainable"):
         load_config(None, ["model.backbone_trainable=some"], check_paths=False)
-
-
-def _fake_shards(tmp_path: Path) -> Path:
-    import json
-
-    (tmp_path / "manifest.json").write_text(json.dumps({"splits": {s: {} for s in ("train", "val", "test")}}))
-    return tmp_path
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed

@@ -114,9 +114,9 @@ def test_large_jpegs_are_decoded_at_reduced_size(monkeypatch):
 def test_feature_extraction_and_retrieval_use_the_same_decoder():
     import trainer.data as data
     import trainer.extract_features as extract
-    import trainer.retrieve as retrieve
+    import trainer.query as query
 
-    assert retrieve.decode_image is data.decode_image
+    assert query.decode_image is data.decode_image  # trainer.retrieve's picture queries decode through trainer.query
     assert extract.decode_image_input is data.decode_image_input
     png = encode(half_transparent_rgba())
     sample = {"__key__": "k", "png": png}
