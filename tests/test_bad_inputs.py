@@ -8,10 +8,6 @@ from bad_input_cases import all_cases
 from bad_input_matrix import make_fixtures, run_matrix
 
 CASES = all_cases()
-# trainer/retrieve.py is another change's (issue 17's query output): its refusals of a truncated index.json,
-# a file that is not a picture and a missing --text/--image become one line there. Strict: once it lands these
-# pass, and the marks must go.
-NEEDS_RETRIEVE_CHANGE: set[str] = set()
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +17,8 @@ def matrix(tiny_shards, tmp_path_factory) -> dict:
     return {r.name: r for r in run_matrix(fixtures, root / "cases", CASES)}
 
 
-def _marks(case):
-    if case.name in NEEDS_RETRIEVE_CHANGE:
-        return pytest.param(case, id=case.name, marks=pytest.mark.xfail(
-            strict=True, reason="needs the retrieve change of issue 17 (trainer/retrieve.py)"))
-    return pytest.param(case, id=case.name)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [_marks(c) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in CASES])
 def test_bad_input_gets_one_clear_line(matrix, case):
     result = matrix[case.name]
     problems = result.problems(case)
