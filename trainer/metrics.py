@@ -264,8 +264,10 @@ PMRP_DISTANCES = (0, 1, 2)
 
 def object_classes(objects_per_image: Sequence[Sequence[dict]], keys: Sequence[str] = ("colour", "shape")) -> Tensor:
     """[I, K] 0/1 presence of each object class in each picture; a class is the tuple of `keys` of an object
-    ("red star"), K the classes seen in these pictures. Ground truth of what is drawn, not of caption words."""
-    names = [[tuple(str(o[k]) for k in keys) for o in objects] for objects in objects_per_image]
+    ("red star"), or its "class" where a source names it outright (the emoji corpus: "subgroup:face-smiling"),
+    K the classes seen in these pictures. Ground truth of what is drawn, not of caption words."""
+    names = [[(str(o["class"]),) if "class" in o else tuple(str(o[k]) for k in keys) for o in objects]
+             for objects in objects_per_image]
     vocab = {name: i for i, name in enumerate(sorted({n for per_image in names for n in per_image}))}
     out = torch.zeros(len(names), max(len(vocab), 1))
     for row, per_image in enumerate(names):
