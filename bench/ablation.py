@@ -182,13 +182,18 @@ def format_diff(d: dict | None, n: int = 1) -> str:
     return f"{d['diff']:>+8.{n}f} ±{d['se']:>5.{n}f}{mark}"
 
 
+def chance_note(metric: str, chance: dict[str, float], split: str) -> str:
+    """The chance level where it is known: rSum's (from the split's captions per picture), not PMRP's."""
+    return f" (chance rSum {chance.get(split)})" if metric == "rsum" else ""
+
+
 def print_tables(rows: list[dict], args: argparse.Namespace, chance: dict[str, float]) -> None:
     for split in SPLITS:
         for score in args.scores:
             block = [r for r in rows if r["split"] == split and r["score"] == score]
             if not block:
                 continue
-            print(f"\n{split} split, {score} score, {args.metric} (chance rSum {chance.get(split)}); mean ± SE over seeds; "
+            print(f"\n{split} split, {score} score, {args.metric}{chance_note(args.metric, chance, split)}; mean ± SE over seeds; "
                   f"paired differences ± SE, * = |diff| > 2 SE")
             print(f"{'variant':<17}{'n':>2} {'mean':>7} {'± SE':>6}  {'vs shuffled':>16} {'vs label-free':>16} "
                   f"{'vs global_only':>16}  per seed")
@@ -216,7 +221,7 @@ def markdown(rows: list[dict], args: argparse.Namespace, chance: dict[str, float
             block = [r for r in rows if r["split"] == split and r["score"] == score]
             if not block:
                 continue
-            out += [f"\n{split} split, {score} score, {args.metric} (chance rSum {chance.get(split)}):\n",
+            out += [f"\n{split} split, {score} score, {args.metric}{chance_note(args.metric, chance, split)}:\n",
                     "| variant | seeds | mean ± SE | vs shuffled | vs label-free | vs global only | per seed |",
                     "|---|---|---|---|---|---|---|"]
             for r in block:

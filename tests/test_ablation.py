@@ -67,3 +67,4 @@ def test_table_rebuilt_from_finished_runs(tmp_path):
                           capture_output=True, text=True, check=True)
     rows = json.loads(pmrp.stdout.strip().splitlines()[-1])["rows"]
     assert [r["mean"] for r in rows if r["split"] == "test" and r["score"] == "concat"] == [10.7, 10.2]
+    assert "chance rSum" in done.stdout and "chance rSum" not in pmrp.stdout  # rSum's chance is not PMRP's
