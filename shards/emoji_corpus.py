@@ -270,7 +270,7 @@ def emoji_split(args: argparse.Namespace, split: str) -> Iterator[RawSample]:
     return emoji_samples(split_entries(args)[split], args.emoji_font, args.emoji_image_size, args.emoji_captions)
 
 
-def _bounded(parse: Callable[[str], float], low: float, high: float | None) -> Callable[[str], float]:
+def bounded(parse: Callable[[str], float], low: float, high: float | None) -> Callable[[str], float]:
     def check(text: str) -> float:
         value = parse(text)
         if value < low or (high is not None and value >= high):
@@ -283,11 +283,11 @@ def _bounded(parse: Callable[[str], float], low: float, high: float | None) -> C
 def add_emoji_options(group: argparse._ArgumentGroup) -> None:
     options = {
         "--emoji-font": (str, f"Noto Color Emoji .ttf ({FONT_HINT})"),
-        "--emoji-image-size": (_bounded(int, MIN_IMAGE_SIZE, None), "side of the square pictures in pixels"),
-        "--emoji-captions": (_bounded(int, 1, None), "captions per picture"),
-        "--emoji-val-fraction": (_bounded(float, 0.0, 1.0), "share of the variant groups in the val split"),
-        "--emoji-test-fraction": (_bounded(float, 0.0, 1.0), "share of the variant groups in the test split"),
-        "--emoji-limit": (_bounded(int, 0, None), "keep this many emoji, spread over the set (0: all)"),
+        "--emoji-image-size": (bounded(int, MIN_IMAGE_SIZE, None), "side of the square pictures in pixels"),
+        "--emoji-captions": (bounded(int, 1, None), "captions per picture"),
+        "--emoji-val-fraction": (bounded(float, 0.0, 1.0), "share of the variant groups in the val split"),
+        "--emoji-test-fraction": (bounded(float, 0.0, 1.0), "share of the variant groups in the test split"),
+        "--emoji-limit": (bounded(int, 0, None), "keep this many emoji, spread over the set (0: all)"),
     }
     for flag, (parse, help_text) in options.items():
         default = DEFAULTS[flag[2:].replace("-", "_")]

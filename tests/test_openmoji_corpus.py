@@ -124,3 +124,15 @@ def test_unusable_package_is_one_clear_error(tmp_path, capsys):
     (package / "data" / "openmoji.json").write_text('[{"annotation": "no hexcode"}]')
     assert main(["build", "--source", "openmoji", "--openmoji-dir", str(package), "--out", str(tmp_path / "c")]) == 2
     assert "record 0 has no hexcode" in capsys.readouterr().err
+
+
+def test_options_out_of_range_are_refused_before_any_work(tmp_path, capsys):
+    package = str(make_package(tmp_path / "package"))
+    for bad in (["--openmoji-image-size", "8"], ["--openmoji-captions", "0"], ["--openmoji-limit", "-1"],
+                ["--openmoji-val-fraction", "1.0"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["build", "--source", "openmoji", "--openmoji-dir", package, "--out", str(tmp_path / "x"), *bad])
+        assert stop.value.code == 2 and bad[0] in capsys.readouterr().err
+    assert main(["build", "--source", "openmoji", "--openmoji-dir", package, "--out", str(tmp_path / "x"),
+                 "--openmoji-val-fraction", "0.5", "--openmoji-test-fraction", "0.5"]) == 2
+    assert "leave nothing to train on" in capsys.readouterr().err and not (tmp_path / "x" / "manifest.json").exists()

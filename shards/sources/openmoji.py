@@ -28,7 +28,7 @@ from typing import Iterator
 from PIL import Image
 
 from shards.builtin_corpus import encode_png
-from shards.emoji_corpus import FRAMES, SPLITS, unit_hash, base_key, split_of
+from shards.emoji_corpus import FRAMES, SPLITS, base_key, bounded, split_of, unit_hash
 from shards.sources.base import BadSample, InputError, Item, Problems, Source, read_json_file, require
 
 MIN_IMAGE_SIZE = 16
@@ -153,26 +153,16 @@ def items(args: argparse.Namespace, problems: Problems) -> Iterator[Item]:
                        objects=entry.objects)
 
 
-def _at_least(parse, low: float, below: float | None = None):
-    def check(text: str):
-        value = parse(text)
-        if value < low or (below is not None and value >= below):
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {below if below is not None else 'inf'}), "
-                                             f"got {value}")
-        return value
-    return check
-
-
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--openmoji-dir", help=f"the unpacked npm package ({PACKAGE_HINT})")
-    group.add_argument("--openmoji-image-size", type=_at_least(int, MIN_IMAGE_SIZE), default=64,
+    group.add_argument("--openmoji-image-size", type=bounded(int, MIN_IMAGE_SIZE, None), default=64,
                        help="side of the square pictures in pixels")
-    group.add_argument("--openmoji-captions", type=_at_least(int, 1), default=5, help="captions per picture")
-    group.add_argument("--openmoji-val-fraction", type=_at_least(float, 0.0, 1.0), default=0.1,
+    group.add_argument("--openmoji-captions", type=bounded(int, 1, None), default=5, help="captions per picture")
+    group.add_argument("--openmoji-val-fraction", type=bounded(float, 0.0, 1.0), default=0.1,
                        help="share of the variant groups in the val split")
-    group.add_argument("--openmoji-test-fraction", type=_at_least(float, 0.0, 1.0), default=0.1,
+    group.add_argument("--openmoji-test-fraction", type=bounded(float, 0.0, 1.0), default=0.1,
                        help="share of the variant groups in the test split")
-    group.add_argument("--openmoji-limit", type=_at_least(int, 0), default=0,
+    group.add_argument("--openmoji-limit", type=bounded(int, 0, None), default=0,
                        help="keep this many emoji, spread over the set (0: all)")
 
 
