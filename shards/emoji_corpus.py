@@ -92,7 +92,7 @@ class EmojiEntry:
     def objects(self) -> list[dict]:
         """The plausible-match ground truth: one class each for the group and the subgroup, so two emoji of one
         subgroup are at class distance 0, of one group 2, otherwise 4 (trainer.metrics.object_classes)."""
-        return [{"class": "group:" + self.unicode_group}, {"class": "subgroup:" + self.unicode_subgroup}]
+        return group_objects(self.unicode_group, self.unicode_subgroup, self.image_id)
 
     @property
     def image_id(self) -> str:
@@ -108,6 +108,13 @@ def base_key(glyph: str) -> str:
             parts.append(part)
     # the gender signs themselves are emoji too: they are their own base
     return _ZWJ.join(parts) or glyph.replace(_VS16, "")
+
+
+def group_objects(group: str, subgroup: str, image_id: str) -> list[dict]:
+    """Group and subgroup as plausible-match classes; an emoji whose group is unknown is like no other emoji
+    (classes of its own), rather than like every other unknown one."""
+    own = "unknown:" + image_id
+    return [{"class": "group:" + (group or own)}, {"class": "subgroup:" + (subgroup or own)}]
 
 
 def _codepoints(glyph: str) -> str:

@@ -72,6 +72,9 @@ def test_catalogue_leaves_out_components_and_keeps_groups_as_ground_truth(tmp_pa
     assert entries["1F44D-1F3FD"].base == entries["1F44D"].base == base_key("\U0001F44D")
     assert entries["1F600"].objects == [{"class": "group:smileys-emotion"}, {"class": "subgroup:face-smiling"}]
     assert entries["E000"].keywords == () and entries["E000"].tags == ("whale", "orca", "water")
+    # no group in the table: classes of its own, so unknown emoji are not all "alike" to the metric
+    unknown = OpenMojiEntry("E001", "x", (), (), "x", "", "")
+    assert unknown.objects == [{"class": "group:unknown:openmoji-e001"}, {"class": "subgroup:unknown:openmoji-e001"}]
 
 
 def test_svg_is_drawn_onto_white_at_the_asked_size():

@@ -28,7 +28,7 @@ from typing import Iterator
 from PIL import Image
 
 from shards.builtin_corpus import encode_png
-from shards.emoji_corpus import FRAMES, SPLITS, base_key, bounded, split_of, unit_hash
+from shards.emoji_corpus import FRAMES, SPLITS, base_key, bounded, group_objects, split_of, unit_hash
 from shards.sources.base import BadSample, InputError, Item, Problems, Source, read_json_file, require
 
 MIN_IMAGE_SIZE = 16
@@ -53,7 +53,7 @@ class OpenMojiEntry:
     @property
     def objects(self) -> list[dict]:
         """Plausible-match ground truth, as in the emoji corpus: one class for the group, one for the subgroup."""
-        return [{"class": "group:" + self.group}, {"class": "subgroup:" + self.subgroup}]
+        return group_objects(self.group, self.subgroup, self.image_id)
 
 
 def caption_form(text: str) -> str:
