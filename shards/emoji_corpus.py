@@ -33,7 +33,7 @@ import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import emoji
 from PIL import Image, ImageDraw, ImageFont
@@ -162,27 +162,38 @@ def split_of(group: str, val_fraction: float, test_fraction: float) -> str:
     return "val" if u < test_fraction + val_fraction else "train"
 
 
+def ascii_words(text: str) -> str:
+    """Accents folded away ('pi\u00f1ata' -> 'pinata'; the trainer's tokenizer keeps only a-z and digits),
+    typographic apostrophes made plain, runs of spaces made one."""
+    folded = unicodedata.normalize("NFKD", text.replace("\u2019", "'")).encode("ascii", "ignore").decode("ascii")
+    return " ".join(folded.split())
+
+
 def caption_text(short_name: str) -> str:
     """':grinning_face_with_big_eyes:' -> 'grinning face with big eyes', 'pi\u00f1ata' -> 'pinata'."""
-    text = short_name.strip(":").replace("_", " ").replace("\u2019", "'")
-    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    return " ".join(folded.split())
+    return ascii_words(short_name.strip(":").replace("_", " "))
+
+
+def framed_captions(texts: Sequence[str], name: str, frame_key: str, count: int) -> list[str]:
+    """`count` distinct captions: the non-empty `texts` (case-insensitively distinct, in order), then `name` in
+    frames ordered by a hash of `frame_key` (stable per emoji, different between emoji); no frames without a name."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    out: list[str] = []
+    for text in texts:
+        if text and text.lower() not in {c.lower() for c in out}:
+            out.append(text)
+    frames = sorted(FRAMES, key=lambda frame: unit_hash(f"frame:{frame_key}:{frame}"))
+    for frame in frames:
+        if len(out) >= count or not name:
+            break
+        out.append(frame.format(name=name))
+    return out[:count]
 
 
 def captions_for(entry: EmojiEntry, count: int) -> list[str]:
     """`count` distinct captions: name, aliases, then the name in frames chosen by the emoji's hash."""
-    if count < 1:
-        raise ValueError(f"count must be >= 1, got {count}")
-    out: list[str] = []
-    for text in (entry.name, *entry.aliases):
-        if text and text.lower() not in {c.lower() for c in out}:
-            out.append(text)
-    frames = sorted(FRAMES, key=lambda frame: unit_hash(f"frame:{entry.glyph}:{frame}"))
-    for frame in frames:
-        if len(out) >= count:
-            break
-        out.append(frame.format(name=entry.name))
-    return out[:count]
+    return framed_captions((entry.name, *entry.aliases), entry.name, entry.glyph, count)
 
 
 def load_font(path: str | Path) -> ImageFont.FreeTypeFont:

@@ -20,7 +20,6 @@ shards.emoji_corpus.base_key), so an emoji falls in the same split in both corpo
 from __future__ import annotations
 
 import argparse
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +27,9 @@ from typing import Iterator
 from PIL import Image
 
 from shards.builtin_corpus import encode_png
-from shards.emoji_corpus import FRAMES, SPLITS, base_key, bounded, group_objects, split_of, unit_hash
+from shards.emoji_corpus import (
+    SPLITS, ascii_words, base_key, bounded, framed_captions, group_objects, split_of, unit_hash,
+)
 from shards.sources.base import BadSample, InputError, Item, Problems, Source, read_json_file, require
 
 MIN_IMAGE_SIZE = 16
@@ -60,8 +61,7 @@ def caption_form(text: str) -> str:
     """'waving hand: medium-light skin tone' -> 'waving hand medium light skin tone', 'pi\u00f1ata' -> 'pinata'."""
     for mark in (":", "-", "_"):
         text = text.replace(mark, " ")
-    folded = unicodedata.normalize("NFKD", text.replace("\u2019", "'")).encode("ascii", "ignore").decode("ascii")
-    return " ".join(folded.split())
+    return ascii_words(text)
 
 
 def _word_list(text: str) -> tuple[str, ...]:
@@ -71,18 +71,8 @@ def _word_list(text: str) -> tuple[str, ...]:
 
 def captions_for(entry: OpenMojiEntry, count: int) -> list[str]:
     """`count` distinct captions: annotation, keywords, tags, then the annotation in frames (hash-ordered)."""
-    if count < 1:
-        raise ValueError(f"count must be >= 1, got {count}")
-    out: list[str] = []
-    for text in (entry.annotation, ", ".join(entry.keywords), ", ".join(entry.tags)):
-        if text and text.lower() not in {c.lower() for c in out}:
-            out.append(text)
-    frames = sorted(FRAMES, key=lambda frame: unit_hash(f"frame:{entry.hexcode}:{frame}"))
-    for frame in frames:
-        if len(out) >= count or not entry.annotation:
-            break
-        out.append(frame.format(name=entry.annotation))
-    return out[:count]
+    texts = (entry.annotation, ", ".join(entry.keywords), ", ".join(entry.tags))
+    return framed_captions(texts, entry.annotation, entry.hexcode, count)
 
 
 def read_catalogue(package: Path) -> list[OpenMojiEntry]:
