@@ -18,7 +18,7 @@ system-fonts:
 	    apt-get install -y -q fonts-noto-color-emoji; }; } >/dev/null; } || \
 	  echo "note: the emoji corpus needs $(EMOJI_FONT): sudo apt-get install fonts-noto-color-emoji"
 
-# tests/test_search_page.py drives Debian's chromium headless through chromedriver (Playwright's own browser
+# tests/integration/test_search_page.py drives Debian's chromium headless through chromedriver (Playwright's own browser
 # download cannot work offline); installed here when apt-get can, else say how. The test fails without them.
 BROWSER := /usr/bin/chromium /usr/bin/chromedriver
 browser:

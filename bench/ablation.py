@@ -9,7 +9,7 @@ initialisation, so each variant is compared with its controls *per seed* (paired
 A difference is marked * when |mean| > 2 x its standard error (SE = sample std / sqrt(number of seeds)) over at
 least 3 seeds.
 
-Variants (loss options, see trainer/config.py's LossConfig):
+Variants (loss options, see trainer/config/schema.py's LossConfig):
   global_only       loss.local=none
   concepts / shuffled / none                 DESIGN's soft targets; none = label-free second space
   concepts_mass / shuffled_mass              label_mass=0.3: labelled columns get a fixed 30% of each target

@@ -1,9 +1,9 @@
-"""Run the bad-input matrix (tests/bad_input_cases.py, issue 17) and print its counts as one JSON line:
+"""Run the bad-input matrix (tests/helpers/bad_input_cases.py, issue 17) and print its counts as one JSON line:
 
     python bench/bad_inputs.py [--work DIR] [--jobs 2] [--verbose]
 
 {"tried": N, "clear": N, "traceback": N, "half_written": N, "seconds": S}: clear = one line on stderr naming the
-file, key or option, no traceback (exit codes are checked by tests/test_bad_inputs.py and listed with --verbose).
+file, key or option, no traceback (exit codes are checked by tests/integration/test_bad_inputs.py and listed with --verbose).
 The tiny shard set, run and index are made under --work (a temporary folder by default) and reused there.
 """
 from __future__ import annotations

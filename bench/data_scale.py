@@ -44,8 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from shards.__main__ import main as shards_main  # noqa: E402
-from trainer.data import ShardSet, TrainStream, decode_image, train_batches  # noqa: E402
-from trainer.shardstream import StreamState  # noqa: E402
+from trainer.data.pipeline import ShardSet, TrainStream, decode_image, train_batches  # noqa: E402
+from trainer.data.shardstream import StreamState  # noqa: E402
 
 SHARD_SIZE = 1000
 

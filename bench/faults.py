@@ -34,7 +34,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import torch  # noqa: E402
 
 from corrupt_shards import corrupt_copy  # noqa: E402
-from trainer.data import BAD_KINDS, ShardSet, TrainStream, image_id_hash  # noqa: E402
+from trainer.data.pipeline import BAD_KINDS, ShardSet, TrainStream, image_id_hash  # noqa: E402
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 TINY = ("data.batch_size=8", "model.embed_dim=32", "model.cnn_width=16", "model.gru_hidden=32", "model.word_dim=16",
@@ -123,7 +123,7 @@ def wait(procs: list, timeout: float = 900) -> list[int]:
 
 
 def run_faults(shards: Path, root: Path, steps: int) -> dict:
-    from trainer.export import export
+    from trainer.tools.export import export
 
     logs = root / "logs"
     logs.mkdir()
@@ -146,7 +146,7 @@ def run_faults(shards: Path, root: Path, steps: int) -> dict:
         injected["sigusr1_one_rank"] += 1
     exits += wait(procs)
 
-    from trainer import checkpoint  # 3. the newest checkpoint truncated (as by a full disk)
+    from trainer.engine import checkpoint  # 3. the newest checkpoint truncated (as by a full disk)
     newest = (run.out / "checkpoints" / "latest").read_text()
     victim = run.out / "checkpoints" / newest / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
@@ -173,7 +173,7 @@ def run_faults(shards: Path, root: Path, steps: int) -> dict:
 
 def nonfinite_run(shards: Path, root: Path) -> dict:
     """One process (this one): NaN gradients at 2 separate steps; the run must finish with both skipped."""
-    import trainer.train as train_module
+    import trainer.training.loop as train_module
     from trainer.config import load_config
 
     build_loss = train_module.build_loss

@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from trainer.loss import HierarchicalLoss
-from trainer.plan import loss_bytes
+from trainer.loss.hierarchical import HierarchicalLoss
+from trainer.tools.plan import loss_bytes
 
 EMBED_KEYS = ("img_g", "txt_g", "img_l", "txt_l")
 METHODS = ("ours", "full")

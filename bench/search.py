@@ -1,4 +1,4 @@
-"""Retrieval at corpus scale (issue 16): FAISS indexes built by trainer.faiss_index, on 1,000,000 synthetic
+"""Retrieval at corpus scale (issue 16): FAISS indexes built by trainer.retrieval.faiss_index, on 1,000,000 synthetic
 vectors of COCO's retrieval width and on the built-in corpus's test split.
 
 Width: configs/coco_butd_bigru.yaml's model.embed_dim, doubled when its loss has a local space ([g; sqrt(w) l]):
@@ -37,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainer.faiss_index import build, faiss_library, index_params  # noqa: E402
+from trainer.retrieval.faiss_index import build, faiss_library, index_params  # noqa: E402
 
 PIECE_ROWS = 100_000
 CENTRES = 4096
@@ -127,8 +127,8 @@ def builtin_pieces(index_dir: Path | None, tmp: Path):
     if index_dir is None:
         from tests.conftest import build_builtin
         from trainer.config import load_config
-        from trainer.retrieve import export_index
-        from trainer.train import train
+        from trainer.retrieval.commands import export_index
+        from trainer.training.loop import train
 
         shards = build_builtin(tmp / "builtin", 256, 32, 1000, 250)
         run = tmp / "run"

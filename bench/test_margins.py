@@ -17,11 +17,11 @@ took 10-30 min there (oversubscribed), so the figures beside the tests' bounds a
 0-4 (emoji) with one thread, plus seed 0 with two threads for e2e and emoji.
 
 Cases (test -> figures):
-  e2e      tests/test_train_e2e.py::test_short_run_learns_checkpoints_resumes_and_logs (small_shards corpus);
+  e2e      tests/integration/test_train_e2e.py::test_short_run_learns_checkpoints_resumes_and_logs (small_shards corpus);
            also the 10-step resume (resumed_loss_ratio) and how much the weights moved between the step-60 and
            step-120 checkpoints (moved_frac: share of parameter tensors changed; rel_change: |w120 - w60| / |w60|)
-  regions  tests/test_region_features.py::test_regions_train_on_variable_region_shards_and_on_extracted_features
-  emoji    tests/test_emoji_corpus.py::test_a_small_emoji_set_trains_and_evaluates_with_the_emoji_config;
+  regions  tests/integration/test_region_features.py::test_regions_train_on_variable_region_shards_and_on_extracted_features
+  emoji    tests/unit/shards/test_emoji_corpus.py::test_a_small_emoji_set_trains_and_evaluates_with_the_emoji_config;
            also train_<score>_x_chance: the saved checkpoint evaluated on the train split, as that test does
 Every case: loss_ratio (last logged loss / first), <score>_x_chance (rSum / chance rSum for global, local,
 concat), concat_i2t_r1_x_chance and concat_t2i_r1_x_chance.
@@ -122,7 +122,7 @@ def weight_change(ckpt_dir: Path, before: str, after: str) -> dict:
     import torch
     from test_train_e2e import relative_change
 
-    from trainer.checkpoint import fp32_state_dict
+    from trainer.engine.checkpoint import fp32_state_dict
 
     a, b = fp32_state_dict(ckpt_dir, before), fp32_state_dict(ckpt_dir, after)
     moved = [k for k in a if not torch.equal(a[k], b[k])]
@@ -132,7 +132,7 @@ def weight_change(ckpt_dir: Path, before: str, after: str) -> dict:
 
 def run_one(case: str, shards: Path, out: Path, seed: int, threads: int, extra: tuple[str, ...]) -> dict:
     """Train (and for e2e resume) as the test does; the figures it asserts on."""
-    from trainer.train import train
+    from trainer.training.loop import train
 
     started = time.perf_counter()
     final = train(_config(case, shards, out, extra, seed, threads))
@@ -146,7 +146,7 @@ def run_one(case: str, shards: Path, out: Path, seed: int, threads: int, extra: 
         resumed = json.loads((out / "train_log.jsonl").read_text().splitlines()[logged])
         figures["resumed_loss_ratio"] = resumed["loss/loss"] / figures["loss_first"]
     if case == "emoji":  # its test also evaluates the saved checkpoint on the pictures it trained on
-        from trainer.evaluate import evaluate_run
+        from trainer.eval.evaluation import evaluate_run
         fit = evaluate_run(out, "train")
         figures.update({f"train_{score}_x_chance": fit[score]["rsum"] / fit["chance"]["rsum"]
                         for score in SCORES if score in fit})

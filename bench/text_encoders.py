@@ -15,10 +15,10 @@ import time
 import torch
 
 from trainer.config import load_config
-from trainer.data import ShardSet, TrainStream
-from trainer.engine import param_groups
-from trainer.text_encoders import caption_tokenizer
-from trainer.factory import build_loss, build_model
+from trainer.data.pipeline import ShardSet, TrainStream
+from trainer.engine.build import param_groups
+from trainer.models.text_encoders import caption_tokenizer
+from trainer.training.factory import build_loss, build_model
 
 
 def cpu_seconds(fn, steps: int) -> float:

@@ -1,5 +1,5 @@
 # Sourced by the launch scripts (not run on its own): start a launcher in the background and pass a
-# preemption signal on, so that the training ranks checkpoint at the next step and exit 0 (trainer/train.py).
+# preemption signal on, so that the training ranks checkpoint at the next step and exit 0 (trainer/training/loop.py).
 #
 #   run_forwarding_signals ranks torchrun ...   # SIGTERM/SIGUSR1 to this script -> SIGUSR1 to each local rank
 #   run_forwarding_signals launcher srun ...    # -> SIGUSR1 to the launcher, which relays it (srun does)

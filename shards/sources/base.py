@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from shards.cli import UserError
+from usercli import UserError
 
 ON_ERROR = ("skip", "stop")
 EXAMPLES_KEPT = 5

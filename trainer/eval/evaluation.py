@@ -1,0 +1,301 @@
+"""Retrieval evaluation (DESIGN.md section 4): embed a split once, score by chunked matrix products.
+
+Every rank embeds its share of the split's shards (any share, none included); the embeddings are gathered on
+rank 0 and scored there once, on its device, in tiles (trainer.eval.metrics); the results go to every rank.
+Ranks run the same number of forward calls (a rank that ran out of data embeds a dummy batch), because under
+ZeRO-3 each forward call gathers partitioned parameters collectively.
+
+Evaluate a finished run's last checkpoint on its test split:
+    python -m trainer.evaluate --run runs/builtin --split test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from usercli import OneLineParser, cli_main
+from trainer.eval import metrics
+from trainer.config import Config
+from trainer.data.pipeline import RegionSpec, ShardSet, iter_eval_samples, pad_tokens, stack_image_inputs
+from trainer.distributed import (DistInfo, all_reduce_max, broadcast_object, gather_no_grad, gather_objects_to_main,
+                                 gather_rows_to_main)
+from trainer.distributed import rank as dist_rank
+from trainer.training.factory import build_model, build_tokenizer
+from trainer.eval.ground_truth import split_objects
+from trainer.observe.progress import ProgressBar, progress_enabled
+from trainer.data.text import CaptionTokenizer, WordTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def _embed_batch(model, image_inputs: dict, token_lists: list[list[int]], pad_id: int):
+    """image_inputs: {"images"} (pictures) or {"images", "image_lengths"} (region features). Lengths stay on
+    the host, where the model checks them."""
+    tokens, lengths = pad_tokens(token_lists, pad_id)
+    device = next(iter(model.parameters())).device
+    img_g, img_l = model.encode_image(image_inputs["images"].to(device, non_blocking=True),
+                                      image_inputs.get("image_lengths"))
+    cap_g, cap_l = model.encode_text(tokens.to(device, non_blocking=True), lengths)
+    return img_g, img_l, cap_g, cap_l
+
+
+def _next_chunk(samples, batch_size: int) -> list[dict]:
+    return [s for _, s in zip(range(batch_size), samples)]
+
+
+@torch.no_grad()
+def embed_split(model, shardset: ShardSet, split: str, *, image_size: int, max_words: int, batch_size: int,
+                rank: int = 0, world: int = 1, tokenizer: CaptionTokenizer | None = None,
+                regions: RegionSpec | None = None, device: torch.device | None = None) -> dict | None:
+    """Embeddings of every picture and caption of a split (float32, on the model's device), gathered on rank 0;
+    None on the other ranks. Every rank embeds its share of the split's shards (any share: a rank with no
+    shard embeds dummy batches while others work, so forward calls stay in step under ZeRO-3, and joins every
+    gather with zero rows). Captions are tokenised by `tokenizer` (trainer.training.factory.build_tokenizer; None = the
+    shard set's words). With `regions` the samples' npy region features are embedded instead of pictures."""
+    was_training = model.training
+    model.eval()
+    device = device or next(iter(model.parameters())).device
+    tokenizer = tokenizer or WordTokenizer(shardset.vocab, max_words)
+    samples = iter_eval_samples(shardset, split, image_size, max_words, rank, world, tokenizer, regions)
+    bar = ProgressBar(shardset.split_info(split)["images"], f"embed {split}", unit="img", leave=False,
+                      enabled=progress_enabled(rank))
+    # what a rank that ran out of data embeds to keep its forward calls in step
+    dummy = {"images": torch.zeros(1, 3, image_size, image_size)} if regions is None else \
+        {"images": torch.zeros(1, 1, regions.dim), "image_lengths": torch.ones(1, dtype=torch.long)}
+    out = {"img_g": [], "img_l": [], "cap_g": [], "cap_l": [], "cap_to_img": [], "image_ids": [], "captions": []}
+    n_images = 0
+    while True:
+        chunk = _next_chunk(samples, batch_size)
+        if int(all_reduce_max(torch.tensor([len(chunk)], device=device))[0]) == 0:
+            break
+        if not chunk:  # keep collective forward calls in step with the ranks that still have data
+            _embed_batch(model, dummy, [tokenizer.encode("")], tokenizer.pad_id)
+            continue
+        image_inputs = stack_image_inputs([s["image"] for s in chunk], regions)
+        token_lists = [t for s in chunk for t in s["tokens"]]
+        for key, value in zip(("img_g", "img_l", "cap_g", "cap_l"),
+                              _embed_batch(model, image_inputs, token_lists, tokenizer.pad_id)):
+            if value is not None:
+                out[key].append(value.float())
+        for i, s in enumerate(chunk):
+            out["cap_to_img"].extend([n_images + i] * len(s["tokens"]))
+            out["captions"].extend(s["captions"])
+            out["image_ids"].append(s["image_id"])
+        n_images += len(chunk)
+        bar.update(len(chunk) * world)  # the ranks embed at about the same pace: count the split as a whole
+    bar.close()
+    model.train(was_training)
+    return _gather_embeddings(out, n_images, model, device)
+
+
+def _gather_embeddings(out: dict, n_images: int, model, device: torch.device) -> dict | None:
+    """This rank's embeddings and labels, gathered on rank 0 (None elsewhere). Every rank joins every gather,
+    also with nothing embedded."""
+    width = model.embed_dim
+    spaces = ("img_g", "img_l", "cap_g", "cap_l") if model.local_space else ("img_g", "cap_g")
+    gathered = {k: gather_rows_to_main(torch.cat(out[k]) if out[k] else torch.zeros(0, width, device=device))
+                for k in spaces}
+    # Caption -> image indices are local to a rank: shift each rank's by the images of the ranks before it.
+    images_per_rank = gather_no_grad(torch.tensor([n_images], device=device)).tolist()
+    cap_to_img = torch.tensor(out["cap_to_img"], dtype=torch.long) + sum(images_per_rank[:dist_rank()])
+    gathered["cap_to_img"] = gather_rows_to_main(cap_to_img.to(device))
+    ids = gather_objects_to_main(out["image_ids"])
+    captions = gather_objects_to_main(out["captions"])
+    if ids is None:
+        return None
+    gathered.setdefault("img_l", None)
+    gathered.setdefault("cap_l", None)
+    gathered["image_ids"] = [i for part in ids for i in part]
+    gathered["captions"] = [c for part in captions for c in part]
+    return gathered
+
+
+def score_embeddings(emb: dict, local_weight: float) -> dict:
+    """R@K and rSum for the global, local and concatenated scores, plus chance level (on the embeddings'
+    device, in tiles: trainer.eval.metrics)."""
+    results = metrics.evaluate_embeddings(emb["img_g"], emb["img_l"], emb["cap_g"], emb["cap_l"],
+                                          emb["cap_to_img"], local_weight=local_weight)
+    per_image = torch.bincount(emb["cap_to_img"].cpu(), minlength=emb["img_g"].shape[0])
+    results["chance"] = metrics.chance_recalls(per_image)
+    results["counts"] = {"images": int(emb["img_g"].shape[0]), "captions": int(emb["cap_g"].shape[0])}
+    if emb.get("objects") is not None:  # PCME's plausible-match R-precision, where the shards know the objects
+        results["pmrp"] = metrics.plausible_match_scores(emb["img_g"], emb["img_l"], emb["cap_g"], emb["cap_l"],
+                                                         emb["cap_to_img"], metrics.object_classes(emb["objects"]),
+                                                         local_weight)
+    if emb["img_g"].shape[0] == 5000:  # the COCO 1K protocol beside 5K: the mean over five folds of 1,000
+        results["folds_1k"] = metrics.fold_average(emb["img_g"], emb["img_l"], emb["cap_g"], emb["cap_l"],
+                                                   emb["cap_to_img"], local_weight)
+    return results
+
+
+def evaluate_split(model, shardset: ShardSet, split: str, cfg, *, rank=0, world=1,
+                   on_embeddings: Callable[[dict], None] | None = None) -> dict:
+    """Recalls of a split, on every rank: embedded on all ranks, scored once on rank 0 (on its device), the
+    results sent to the others. `on_embeddings` (e.g. TensorBoard's retrieval examples) sees embed_split's
+    output, on rank 0 only, moved to the host."""
+    emb = embed_split(model, shardset, split, image_size=cfg.data.image_size, max_words=cfg.data.max_words,
+                      batch_size=cfg.data.eval_batch_size, rank=rank, world=world,
+                      tokenizer=build_tokenizer(cfg, shardset.vocab), regions=RegionSpec.from_config(cfg))
+    results = None
+    if emb is not None:
+        if on_embeddings is not None:
+            on_embeddings({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in emb.items()})
+        emb["objects"] = split_objects(shardset, split, emb["image_ids"])  # plausible-match ground truth
+        results = score_embeddings(emb, cfg.model.local_score_weight)
+    return broadcast_object(results)
+
+
+def results_table(results: dict) -> str:
+    scores = {k: v for k, v in results.items() if k in ("global", "local", "concat")}
+    return metrics.format_table(scores, chance=results.get("chance"))
+
+
+def write_results(results: dict, run_dir: Path, split: str, step: int) -> Path:
+    path = Path(run_dir) / "eval" / f"{split}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"split": split, "step": step, **results}, indent=2))
+    return path
+
+
+@dataclass
+class LoadedRun:
+    """A run's model restored from one checkpoint, inside its DeepSpeed engine."""
+
+    cfg: Config
+    info: DistInfo
+    shardset: ShardSet
+    engine: object  # deepspeed.DeepSpeedEngine
+    load_path: str
+    step: int
+
+    @property
+    def model(self):
+        return self.engine.module
+
+
+def open_run_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
+    """The config a run folder was trained with (its config.yaml, overrides applied), checked; a missing or
+    wrong folder is refused naming it (ConfigError)."""
+    from trainer.config import ConfigError, load_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "is a file, not a folder" if run_dir.exists() else "does not exist"
+        raise ConfigError(f"--run {run_dir} {what}; give the run folder trainer.train wrote (its run.out_dir)")
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--run {run_dir} has no config.yaml: not a run folder written by trainer.train "
+                          f"(give its run.out_dir)")
+    try:
+        return load_config(run_dir / "config.yaml", list(overrides))
+    except ConfigError as e:  # a cut or edited config.yaml reads as a wrong value: say which file holds it
+        where = str(run_dir / "config.yaml")
+        raise ConfigError(str(e) if where in str(e) else f"{where} (the run's config, with overrides): {e}") from e
+
+
+def open_shards(cfg: Config) -> ShardSet:
+    """The run's shard set; an unreadable one is refused naming the file (trainer.data raises ValueError)."""
+    from trainer.config import ConfigError
+
+    try:
+        return ShardSet.open(cfg.data.shards)
+    except ValueError as e:
+        raise ConfigError(f"data.shards: {e}") from e
+
+
+def check_split(cfg: Config, split: str | None) -> str:
+    """The split to read (the config's test split by default), refused naming the splits there are."""
+    from trainer.config import ConfigError
+
+    split = split or cfg.data.test_split
+    splits = open_shards(cfg).manifest["splits"]
+    if split not in splits:
+        raise ConfigError(f"--split {split}: no such split in {Path(cfg.data.shards) / 'manifest.json'} "
+                          f"(has: {', '.join(splits)})")
+    return split
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "latest", overrides: list[str] = ()) -> LoadedRun:
+    """Build the run's engine and load a checkpoint into it (any ZeRO stage); no optimizer/scheduler state.
+    The run folder, its config and the checkpoint's files are checked first (ConfigError / CheckpointError name
+    the file and the way out). Leaves the process group up."""
+    from trainer.engine import checkpoint as checkpoints
+    from trainer.distributed import init_distributed
+    from trainer.engine.build import build_engine, deepspeed_config
+
+    run_dir = Path(run_dir)
+    cfg = open_run_config(run_dir, overrides)
+    tag, marker = checkpoints.find_readable(run_dir / "checkpoints", checkpoint, option="--checkpoint")
+    info = init_distributed()
+    checkpoints.refuse_sharded_weights_elsewhere(run_dir / "checkpoints", tag, marker, info.world_size, "load")
+    shardset = open_shards(cfg)
+    engine = build_engine(cfg, build_model(cfg, shardset), deepspeed_config(cfg, info.world_size))
+    try:
+        load_path, client = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=tag,
+                                                   load_optimizer_states=False, load_lr_scheduler_states=False)
+    except RuntimeError as e:  # torch's load_state_dict: the weights are not those of the configured model
+        if "size mismatch" not in str(e) and "Missing key" not in str(e) and "Unexpected key" not in str(e):
+            raise
+        raise checkpoints.CheckpointError(
+            f"checkpoint {run_dir / 'checkpoints' / tag} does not fit the model that {run_dir / 'config.yaml'} "
+            f"(with overrides) describes: {str(e).splitlines()[-1].strip()}; restore that run's config.yaml or "
+            f"drop the model.* overrides") from e
+    if load_path is None:
+        raise checkpoints.CheckpointError(f"--checkpoint {checkpoint}: DeepSpeed could not load "
+                                          f"{run_dir / 'checkpoints' / tag}")
+    return LoadedRun(cfg, info, shardset, engine, str(load_path), int((client or {}).get("run_state", {}).get("step", 0)))
+
+
+def evaluate_run(run_dir: str | Path, split: str | None = None, checkpoint: str = "latest",
+                 overrides: list[str] = ()) -> dict:
+    """Evaluate one split of a run's checkpoint; rank 0 writes RUN/eval/<split>.json. Leaves the process group up
+    (the caller may go on using it)."""
+    split = check_split(open_run_config(run_dir, overrides), split)  # before any engine is built
+    run = load_run(run_dir, checkpoint, overrides)
+    results = evaluate_split(run.model, run.shardset, split, run.cfg, rank=run.info.rank,
+                             world=run.info.world_size)
+    if run.info.is_main:
+        path = write_results(results, Path(run_dir), split, run.step)
+        print(f"{split} split, checkpoint {run.load_path} (step {run.step}):\n{results_table(results)}\n"
+              f"written to {path}")
+    return results
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """--run, --checkpoint, --split: which run, checkpoint and split a command reads (evaluate, retrieve export)."""
+    parser.add_argument("--run", required=True, help="run folder written by trainer.train (has config.yaml)")
+    parser.add_argument("--checkpoint", default="latest", help="checkpoint tag in RUN/checkpoints, or latest")
+    parser.add_argument("--split", default=None, help="split to read (default: the config's test split)")
+
+
+PROG = "python -m trainer.evaluate"
+
+
+def _main(argv: list[str] | None) -> int:
+    from trainer.distributed import shutdown
+
+    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_arguments(parser)
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the run's config")
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        evaluate_run(args.run, args.split, args.checkpoint, args.overrides)
+    finally:
+        shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 2 with one line on a bad run folder, split, checkpoint or override (shards.cli)."""
+    return cli_main(_main, argv, PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

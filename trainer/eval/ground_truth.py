@@ -1,0 +1,25 @@
+"""Ground truth about the pictures that does not come from the captions' words, read from a shard set's
+sample json (DESIGN.md section 3): the built-in corpus stores the drawn objects ("objects"), from which the
+plausible-match metric (trainer.eval.metrics.plausible_match_precision) decides which pictures are alike."""
+from __future__ import annotations
+
+import json
+import tarfile
+
+
+def split_objects(shardset, split: str, image_ids: list[str]) -> list[list[dict]] | None:
+    """Each picture's "objects" in the order of image_ids; None when the split's samples do not have them."""
+    found: dict[str, list[dict]] = {}
+    for url in shardset.urls(split):
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if not member.name.endswith(".json"):
+                    continue
+                record = json.load(tar.extractfile(member))
+                if "objects" not in record:
+                    return None  # a source without ground truth: no metric rather than a partial one
+                found[record["image_id"]] = record["objects"]
+    missing = [i for i in image_ids if i not in found]
+    if missing:
+        raise ValueError(f"{len(missing)} embedded pictures of split {split!r} are not in its shards: {missing[:3]}")
+    return [found[i] for i in image_ids]

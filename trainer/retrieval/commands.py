@@ -1,0 +1,285 @@
+"""Retrieval with a trained run: export shard sets to a FAISS index folder, query it, or serve a search page.
+
+Export the test split of a run's last checkpoint (any ZeRO stage; on every rank of a launch, e.g. torchrun):
+    python -m trainer.retrieve export --run runs/builtin --out runs/builtin/index
+    python -m trainer.retrieve export --run runs/builtin --split train --shards data/a data/b --out INDEX \
+        --index-type auto          # several shard sets (as data.mix_shards names them), an approximate index
+    python -m trainer.retrieve export --run runs/builtin --out INDEX --resume   # finish an interrupted export
+Query it: a caption ranks pictures; a picture ranks captions (or pictures, with --find pictures):
+    python -m trainer.retrieve query --index runs/builtin/index --text "a red star" --text "two circles" --k 5
+    python -m trainer.retrieve query --index runs/builtin/index --image star.png --find pictures --json
+    python -m trainer.retrieve query --index runs/builtin/index --interactive      # one query per stdin line
+Search page on http://127.0.0.1:8000 (binds 127.0.0.1 unless --host says otherwise):
+    python -m trainer.retrieve serve --index runs/builtin/index
+
+The folder's layout is in trainer/retrieval/index_folder.py; vectors are the model's [g; sqrt(w) l], a score is a dot
+product, as in evaluation. The model is loaded once per command, however many queries it answers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from usercli import OneLineParser, cli_main, one_line
+from trainer.retrieval.faiss_index import KINDS
+from trainer.retrieval.answers import format_answer, search
+from trainer.retrieval.query import QueryError, check_text, decode_query_picture, read_picture_file
+
+PROG = "trainer.retrieve"
+
+def _export_files(out: Path) -> list[Path]:
+    """What an export wrote in `out`, refused (before the model is loaded) when neither option says what to do.
+    As `shards build`: an existing export is finished with --resume or replaced with --overwrite, never mixed."""
+    from trainer.retrieval.index_folder import FILES
+    from trainer.retrieval.pieces import PIECES
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    return [out / name for name in (*FILES, PIECES, "export.options.json") if (out / name).exists()]
+
+
+def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if _export_files(out) and not (resume or overwrite):
+        raise FileExistsError(f"--out {out} already holds an index export; add --resume to finish it or "
+                              f"--overwrite to start again")
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    if overwrite:
+        for path in _export_files(out):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _check_record(out: Path, record: dict, resume: bool) -> None:
+    """The export's options, kept beside its pieces: a resumed export with other options is refused (its pieces
+    would mix two models or two corpora)."""
+    path = out / "export.options.json"
+    if resume and path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in record if before.get(k) != record[k])
+        if changed:
+            raise ValueError(f"--resume: {', '.join(changed)} differ from those of the export in --out ({path}); "
+                             f"resume with the same run, checkpoint, shard sets and split, or use --overwrite")
+    path.write_text(json.dumps(record, indent=2))
+
+
+def check_world_size(run_dir: Path, checkpoint: str) -> None:
+    """Refuses a ZeRO-3 checkpoint of another world size before the process group starts (load_run checks again)."""
+    from trainer.engine.checkpoint import CheckpointError, find, refuse_sharded_weights_elsewhere
+    try:
+        tag, marker = find(run_dir / "checkpoints", checkpoint)
+    except CheckpointError as e:  # worded for training's run.resume; here the option is --checkpoint
+        raise CheckpointError(str(e).replace("run.resume=", "--checkpoint ", 1)) from None
+    refuse_sharded_weights_elsewhere(run_dir / "checkpoints", tag, marker, int(os.environ.get("WORLD_SIZE", "1")),
+                                     "export")
+
+
+def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = None, checkpoint: str = "latest",
+                 shards: list[str] | None = None, kind: str = "flat", resume: bool = False,
+                 overwrite: bool = False, batch_size: int | None = None) -> dict:
+    """Embed `split` of the shard sets (default: the run's data.shards) on every rank into pieces, then build the
+    FAISS indexes on rank 0; returns index.json (on every rank). Leaves the process group up."""
+    from trainer.data.pipeline import RegionSpec, ShardSet
+    from trainer.distributed import broadcast_object
+    from trainer.eval.evaluation import load_run
+    from trainer.training.factory import build_tokenizer
+    from trainer.retrieval.index_folder import assemble
+    from trainer.retrieval.pieces import embed_pieces, plan_pieces
+
+    if kind not in KINDS:
+        raise ValueError(f"--index-type must be one of {', '.join(KINDS)}, got {kind!r}")
+    run_dir, out = Path(run_dir).resolve(), Path(out_dir)
+    check_out_dir(out, resume, overwrite)  # every rank, before the model is loaded
+    check_world_size(run_dir, checkpoint)
+    run = load_run(run_dir, checkpoint)
+    cfg, info = run.cfg, run.info
+    split = split or cfg.data.test_split
+    sets = [run.shardset] if not shards else [ShardSet.open(Path(root).resolve()) for root in shards]
+    plan = plan_pieces(sets, split)
+    record = {"run": str(run_dir), "checkpoint": run.load_path, "split": split, "sets": [str(s.root) for s in sets]}
+    if info.is_main:
+        prepare_out_dir(out, overwrite)
+        _check_record(out, record, resume)
+    broadcast_object(None)  # the others wait until rank 0 has prepared (or refused) the folder
+    embed_pieces(run.model, sets, plan, out, image_size=cfg.data.image_size,
+                 batch_size=batch_size or cfg.data.eval_batch_size, tokenizer=build_tokenizer(cfg, run.shardset.vocab),
+                 regions=RegionSpec.from_config(cfg), rank=info.rank, world=info.world_size)
+    broadcast_object(None)  # every rank's pieces are written
+    meta = None
+    if info.is_main:
+        model = run.model
+        meta = assemble(out, plan, {
+            "run": str(run_dir), "config": str(run_dir / "config.yaml"), "checkpoint": run.load_path,
+            "checkpoint_tag": Path(run.load_path).parent.name, "step": run.step, "split": split,
+            "sets": record["sets"], "local_score_weight": cfg.model.local_score_weight,
+            "dim": model.embed_dim * (2 if model.local_space else 1)}, kind)
+    return broadcast_object(meta)
+
+
+def open_index(index_dir: str | Path):
+    """The opened index, its run's config and caption tokenizer: enough to check queries without the model."""
+    from trainer.config import load_config
+    from trainer.data.pipeline import ShardSet
+    from trainer.training.factory import build_tokenizer
+    from trainer.retrieval.index_folder import RetrievalIndex
+
+    index = RetrievalIndex(index_dir)
+    config = Path(index.meta["config"])
+    if not config.is_file():
+        raise FileNotFoundError(f"{config}, the run config named by {index.folder / 'index.json'}, does not exist")
+    cfg = load_config(config, [])
+    return index, cfg, build_tokenizer(cfg, ShardSet.open(cfg.data.shards).vocab)
+
+
+def load_encoder(index, tokenizer):
+    """The query encoder of the index's checkpoint (the model, loaded once for the whole session)."""
+    from trainer.eval.evaluation import load_run
+    from trainer.retrieval.query import QueryEncoder
+
+    return QueryEncoder(load_run(index.meta["run"], index.meta["checkpoint_tag"]), tokenizer)
+
+
+def _check_queries(args, cfg, tokenizer) -> tuple[list[tuple[str, str, bytes | None]], int]:
+    """The --text/--image queries that can be answered, checked before the model is loaded (a refused one is
+    reported on one line), and how many were refused."""
+    good, refused = [], 0
+    for kind, value in [("text", t) for t in args.text or []] + [("image", p) for p in args.image or []]:
+        try:
+            if kind == "text":
+                check_text(tokenizer, value)
+                good.append((kind, value, None))
+            else:
+                data = read_picture_file(value)
+                decode_query_picture(data, value, cfg.data.image_size, cfg.data.max_image_pixels)
+                good.append((kind, value, data))
+        except QueryError as e:
+            refused += 1
+            print(f"error: {e}", file=sys.stderr, flush=True)
+    return good, refused
+
+
+def run_queries(args) -> int:
+    """Answer --text/--image values, then stdin lines with --interactive, with one loaded model."""
+    index, cfg, tokenizer = open_index(args.index)
+    queries, refused = _check_queries(args, cfg, tokenizer)
+    if not queries and not args.interactive:
+        return 2
+    encoder = load_encoder(index, tokenizer)
+
+    def answer(kind: str, value: str, data: bytes | None = None) -> bool:
+        try:
+            if kind == "text":
+                result = search(index, encoder, text=value, find=args.find, k=args.k)
+            else:
+                data = read_picture_file(value) if data is None else data
+                result = search(index, encoder, picture=data, name=value, find=args.find, k=args.k)
+        except QueryError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return False
+        print(json.dumps(result) if args.json else format_answer(result), flush=True)
+        return True
+
+    for query in queries:
+        answer(*query)
+    if args.interactive:
+        if sys.stdin.isatty():
+            print("one caption per line (a line 'image: FILE' is a picture query); Ctrl-D ends", file=sys.stderr)
+        for line in sys.stdin:
+            line = line.rstrip("\n")
+            if line.startswith("image:"):
+                answer("image", line[len("image:"):].strip())
+            elif line.strip():
+                answer("text", line)
+        return 0  # in a session a refused line is answered in place and the session goes on
+    return 2 if refused else 0
+
+
+def serve(args) -> int:
+    from trainer.retrieval.server import create_app, run_server
+    index, _, tokenizer = open_index(args.index)
+    encoder = load_encoder(index, tokenizer)
+    app = create_app(index, encoder, max_query_chars=args.max_query_chars, max_upload_bytes=args.max_upload_mb << 20)
+    run_server(app, args.host, args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from trainer.eval.evaluation import add_checkpoint_arguments
+
+    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    exp = sub.add_parser("export", help="embed shard sets with a run's checkpoint into a FAISS index folder")
+    add_checkpoint_arguments(exp)
+    exp.add_argument("--out", required=True, help="index folder to write")
+    exp.add_argument("--shards", nargs="+", metavar="ROOT",
+                     help="shard sets to index, as data.mix_shards names them (default: the run's data.shards); "
+                          "all share the run's vocabulary")
+    exp.add_argument("--index-type", default="flat", choices=KINDS,
+                     help="flat: exact (default); hnsw / ivf: approximate; auto: hnsw or ivf by size")
+    exp.add_argument("--batch-size", type=int, default=None, help="pictures per forward (default data.eval_batch_size)")
+    again = exp.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="finish an interrupted export (written pieces are kept)")
+    again.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+    qry = sub.add_parser("query", help="rank an index's pictures for a text, or its captions/pictures for a picture")
+    qry.add_argument("--index", required=True, help="index folder written by `export`")
+    qry.add_argument("--text", action="append", help="a caption (repeat for several): ranks pictures")
+    qry.add_argument("--image", action="append", help="a picture file (repeat for several): ranks captions")
+    qry.add_argument("--interactive", action="store_true", help="then read queries from stdin, one per line")
+    qry.add_argument("--find", choices=("pictures", "captions"), default=None,
+                     help="what to rank (default: pictures for --text, captions for --image)")
+    qry.add_argument("--k", type=int, default=5, help="how many results (default 5)")
+    qry.add_argument("--json", action="store_true", help="one JSON object per query, for scripts")
+    srv = sub.add_parser("serve", help="a local search page over an index folder")
+    srv.add_argument("--index", required=True, help="index folder written by `export`")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (0: any free one; the address is printed)")
+    srv.add_argument("--max-query-chars", type=int, default=1000, help="longer text queries are refused (400)")
+    srv.add_argument("--max-upload-mb", type=int, default=8, help="larger picture uploads are refused (413)")
+    return parser
+
+
+def _main(argv: list[str] | None = None) -> int:
+    from trainer.config import ConfigError
+    from trainer.distributed import is_active, shutdown
+
+    ours = not is_active()  # the process group this command starts is its to end (a caller's stays up)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "query":
+        if not (args.text or args.image or args.interactive):
+            parser.error("query: give --text, --image (either may repeat) or --interactive")
+        if args.k < 1:
+            parser.error(f"query: --k must be at least 1, got {args.k}")
+    if args.command == "export" and args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"export: --batch-size must be at least 1, got {args.batch_size}")
+    try:
+        if args.command == "export":
+            meta = export_index(args.run, args.out, args.split, args.checkpoint, args.shards, args.index_type,
+                                args.resume, args.overwrite, args.batch_size)
+            counts = meta["counts"]
+            recall = {s: p["recall_at_10"] for s, p in meta["index"].items() if "recall_at_10" in p}
+            print(f"{meta['split']} split of {len(meta['sets'])} shard set(s), checkpoint {meta['checkpoint_tag']}: "
+                  f"{counts['images']} pictures, {counts['captions']} captions ({counts['skipped']} bad samples "
+                  f"skipped), {meta['dim']} dims, {meta['index']['images']['type']} index written to {args.out}"
+                  + (f"; recall@10 against exact: {recall}" if recall else ""))
+            return 0
+        return run_queries(args) if args.command == "query" else serve(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:  # QueryError is a ValueError
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    finally:
+        if ours:
+            shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Interrupts and unreadable files end in one line too (shards.cli's contract, as every entry point)."""
+    return cli_main(_main, argv, PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Export a run's fp32 weights (ZeRO partitions gathered, as DeepSpeed's zero_to_fp32) to one file.
+
+    python -m trainer.export --run runs/builtin --out model.pt
+    python -m trainer.export --run runs/builtin --checkpoint step0000200 --out model.pt
+
+No process group and no GPU: the checkpoint files are read directly (the last complete checkpoint by
+default; an incomplete or truncated one is refused naming the file). model.pt holds {"state_dict" (fp32
+tensors), "step", "tag", "run", "config"} and loads with torch.load(weights_only=True); a new run starts from
+it with model.init_from=model.pt, on any number of ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from usercli import OneLineParser, cli_main
+from trainer.engine import checkpoint
+from trainer.config import ConfigError
+
+
+PROG = "python -m trainer.export"
+
+
+def check_out_file(out: Path, option: str = "--out") -> None:
+    """An output file that can be written: not a folder, not under a file (refused before any work)."""
+    if out.is_dir():
+        raise ConfigError(f"{option} {out} is a folder; name a file, e.g. {out / 'model.pt'}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{option} {out} cannot be written: {parent} is a file, not a folder; "
+                                  f"choose another path")
+            break
+
+
+def export(run_dir: str | Path, out: str | Path, tag: str = "latest") -> dict:
+    """Write the fp32 weights of a run's checkpoint to `out`; returns what was written."""
+    run_dir = Path(run_dir)
+    out = Path(out)
+    if not run_dir.is_dir():
+        raise ConfigError(f"--run {run_dir} {'is a file' if run_dir.exists() else 'does not exist'}; give the "
+                          f"run folder trainer.train wrote (its run.out_dir)")
+    check_out_file(out)
+    ckpt_dir = run_dir / "checkpoints"
+    tag, marker = checkpoint.find_readable(ckpt_dir, tag, option="--checkpoint")
+    config_path = run_dir / "config.yaml"
+    weights = checkpoint.fp32_state_dict(ckpt_dir, tag)
+    payload = {
+        "state_dict": {k: v.detach().float().contiguous() for k, v in weights.items()},
+        "step": marker["step"],
+        "tag": tag,
+        "run": str(run_dir),
+        "config": yaml.safe_load(config_path.read_text()) if config_path.is_file() else None,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        tmp.replace(out)  # never a half-written model.pt
+    except RuntimeError as e:  # torch's zip writer reports a failed write (full disk, size limit) this way
+        raise ConfigError(f"--out {out}: writing failed ({str(e).strip().splitlines()[-1]}): is there space left "
+                          f"on the device? Free some or write elsewhere") from e
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk or Ctrl-C leaves no partial temporary behind
+    return payload
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="the run folder (run.out_dir)")
+    parser.add_argument("--checkpoint", default="latest", help="checkpoint tag in RUN/checkpoints, or latest")
+    parser.add_argument("--out", required=True, help="file to write, e.g. model.pt")
+    args = parser.parse_args(argv)
+    payload = export(args.run, args.out, args.checkpoint)
+    count = sum(v.numel() for v in payload["state_dict"].values())
+    print(f"wrote {args.out}: {len(payload['state_dict'])} tensors, {count / 1e6:.2f}M fp32 parameters, "
+          f"checkpoint {payload['tag']} (step {payload['step']})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 2 with one line on a bad run, checkpoint or output path, a full disk included (shards.cli)."""
+    return cli_main(_main, argv, PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Capacity planner: per-GPU memory of a configured run under each ZeRO stage, and the largest batch that fits.
+
+    python -m trainer.plan --config configs/builtin.yaml --gpus 8 --nodes 4
+    python -m trainer.plan --config configs/builtin.yaml --gpus 8 --nodes 1 --gpu-mem-gib 40 engine.precision=bf16
+    python -m trainer.plan --config configs/coco_butd_bigru.yaml --gpus 8 --nodes 16 --gpu-mem-gib 80 \
+        --vocab-size 10000 --num-concepts 1000      # without the shard set at hand
+
+What it counts, per GPU, for W = gpus x nodes ranks, P parameters, n pairs per rank and N = n x W columns:
+- model states, as DeepSpeed 0.19 lays them out (checked against real engines by tests/test_plan.py):
+  stage 0: parameters, gradients and AdamW's two moments whole on every rank; stage 1: fp32 master weights and moments split W ways; stage 2: also the gradients;
+  stage 3: also the parameters. "+offload": master weights, moments and fp32 gradients in CPU memory.
+  engine.precision=bf16 is autocast over fp32 parameters (the master weights): model states are fp32 in
+  both precisions, only the activations shrink.
+- activations: measured, not guessed: one forward of the configured model on the CPU at two small batch sizes,
+  under the configured autocast, summing the bytes of the distinct storages autograd saves for backward
+  (`torch.autograd.graph.saved_tensors_hooks`); the difference gives bytes per sample, the rest a fixed part
+  (e.g. GPO's weight tables). Inputs are the configured encoders' own: pictures, or model.max_regions region
+  features; captions from the configured tokenizer at full length (data.max_words), the worst case.
+- the loss: each rank scores n rows against N columns, both directions, two spaces: score matrices, labels,
+  masks, hinge and soft-target intermediates and their gradients, LOSS_BYTES_PER_PAIR bytes per (row, column)
+  at the peak of forward + backward (measured by bench/loss_scaling.py), plus the float concept indicators of
+  all N rows (LOSS_BYTES_PER_CONCEPT_CELL per column and concept).
+- the all-gather of the global batch: embeddings (4 x N x D in fp32, with autograd) and labels
+  (N image ids, 2 x N x K float32 concept multi-hots), exactly what `trainer.training.step.gather_global_batch` gathers.
+Memory an allocator keeps in reserve, CUDA context and DeepSpeed's communication buckets are not counted:
+the fit uses --headroom (default 0.85) of the GPU's memory.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from usercli import OneLineParser, cli_main
+from trainer.config import Config, ConfigError, load_config
+from trainer.data.text import PAD, UNK, CaptionTokenizer, Vocab
+
+GIB = 2**30
+# Peak loss memory per scored (row, column) pair, forward + backward: bench/loss_scaling.py measured ~56 B
+# (float32 scores, hinge costs, Jaccard labels, soft targets, log-softmax and their gradients, boolean masks).
+LOSS_BYTES_PER_PAIR = 64
+# Per gathered row and concept: the float32 indicator copies of image and caption concept sets.
+LOSS_BYTES_PER_CONCEPT_CELL = 8
+ADAM_MOMENTS = 2
+EMBEDDING_KEYS_LOCAL = ("img_g", "img_l", "txt_g", "txt_l")
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes of model states one GPU holds (CPU-side bytes separately, for offload)."""
+
+    params: int
+    grads: int
+    master: int
+    optimizer: int
+    cpu: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.master + self.optimizer
+
+
+def _split(count: int, world: int) -> int:
+    return math.ceil(count / world)
+
+
+def model_state_bytes(num_params: int, stage: int, world: int, bf16: bool, offload: bool = False) -> StateBytes:
+    """Per-GPU bytes of parameters, gradients, fp32 master weights and AdamW moments (see the module doc)."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3; got {stage}")
+    if offload and stage == 0:
+        raise ValueError("CPU offload needs ZeRO stage 1, 2 or 3")
+    width = 2 if bf16 else 4
+    p = num_params
+    if stage == 0:
+        # fp32: torch AdamW updates the module's own parameters, no master copy; bf16: DeepSpeed's BF16 optimizer
+        # keeps fp32 master weights and fp32 gradient accumulators beside the bf16 ones.
+        return StateBytes(params=width * p, grads=width * p + (4 * p if bf16 else 0), master=4 * p if bf16 else 0,
+                          optimizer=ADAM_MOMENTS * 4 * p)
+    part = _split(p, world)
+    # ZeRO 1/2 always hold a fp32 copy of their partition (also in fp32 training) with its fp32 gradient.
+    master, moments, fp32_grad = 4 * part, ADAM_MOMENTS * 4 * part, 4 * part
+    params = width * (part if stage == 3 else p)
+    grads = width * (p if stage == 1 else part)
+    if offload:
+        return StateBytes(params=params, grads=grads, master=0, optimizer=0, cpu=master + moments + fp32_grad
+                          + (params if stage == 3 else 0))
+    return StateBytes(params=params, grads=grads + fp32_grad, master=master, optimizer=moments)
+
+
+def gathered_bytes(num_columns: int, embed_dim: int, num_concepts: int, local_space: bool, bf16: bool) -> dict:
+    """Bytes of the global batch each rank holds after `gather_global_batch` (the whole N, its own rows included)."""
+    keys = 4 if local_space else 2
+    width = 2 if bf16 else 4
+    return {"embeddings": keys * num_columns * embed_dim * width, "image_ids": 8 * num_columns,
+            "concepts": 2 * num_columns * num_concepts * 4}
+
+
+def loss_bytes(rows: int, columns: int, num_concepts: int) -> int:
+    return LOSS_BYTES_PER_PAIR * rows * columns + LOSS_BYTES_PER_CONCEPT_CELL * columns * num_concepts
+
+
+def example_batch(model: torch.nn.Module, caption: list[int], batch_size: int, image_size: int) -> dict:
+    """A full-size training batch for `model`: pictures [B, 3, S, S], or as many region features as the model
+    takes ([B, max_regions, region_dim] with full counts), and `caption` (token ids of the configured tokenizer,
+    so a transformer gets its [CLS] ... [SEP]) repeated B times. Lengths on the host, as the data pipeline's."""
+    gen = torch.Generator().manual_seed(0)
+    batch = {"tokens": torch.tensor([caption] * batch_size), "lengths": torch.full((batch_size,), len(caption))}
+    if model.variable_image_parts:
+        encoder = model.image_encoder
+        # float16, as decode_features delivers them (the model widens them itself)
+        batch["images"] = torch.randn(batch_size, encoder.num_parts, encoder.out_dim, generator=gen).half()
+        batch["image_lengths"] = torch.full((batch_size,), encoder.num_parts)
+    else:
+        batch["images"] = torch.randn(batch_size, 3, image_size, image_size, generator=gen)
+    return batch
+
+
+def saved_activation_bytes(model: torch.nn.Module, batch: dict) -> int:
+    """Bytes of the distinct storages autograd saves during one training forward of `batch`."""
+    storages: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:  # weights are counted as model states
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(batch["images"], batch["tokens"], batch["lengths"], batch.get("image_lengths"))
+    del out
+    return sum(storages.values())
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    per_sample: int
+    fixed: int
+
+    def at(self, batch_size: int) -> int:
+        return self.fixed + self.per_sample * batch_size
+
+
+def activation_estimate(model: torch.nn.Module, caption: list[int], image_size: int, small: int = 2,
+                        large: int = 6) -> ActivationEstimate:
+    """Linear fit of saved-activation bytes between two small batches (see example_batch and
+    saved_activation_bytes); the model's own autocast (engine.precision) decides the activations' dtype."""
+    a = saved_activation_bytes(model, example_batch(model, caption, small, image_size))
+    b = saved_activation_bytes(model, example_batch(model, caption, large, image_size))
+    per_sample = max(0, math.ceil((b - a) / (large - small)))
+    return ActivationEstimate(per_sample=per_sample, fixed=max(0, a - per_sample * small))
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    world: int
+    num_params: int
+    activations: ActivationEstimate
+    vocab_size: int
+    num_concepts: int
+
+    @property
+    def bf16(self) -> bool:
+        return self.cfg.engine.precision == "bf16"
+
+    def per_gpu(self, stage: int, offload: bool, rows: int) -> dict[str, int]:
+        """Every counted part of one GPU's memory for `rows` pairs per rank."""
+        columns = rows * self.world
+        # bf16 is autocast: parameters, gradients and the gathered embeddings stay fp32 (see the module doc)
+        states = model_state_bytes(self.num_params, stage, self.world, False, offload)
+        gathered = gathered_bytes(columns, self.cfg.model.embed_dim, self.num_concepts,
+                                  self.cfg.loss.local != "none", False)
+        parts = {"params": states.params, "grads": states.grads, "master": states.master,
+                 "optimizer": states.optimizer, "activations": self.activations.at(rows),
+                 "loss": loss_bytes(rows, columns, self.num_concepts), "gathered": sum(gathered.values())}
+        parts["total"] = sum(parts.values())
+        parts["cpu"] = states.cpu
+        return parts
+
+    def largest_rows(self, stage: int, offload: bool, budget: int) -> int:
+        """The most pairs per rank whose total fits `budget` bytes (0 if not even one)."""
+        low, high = 0, 1
+        while self.per_gpu(stage, offload, high)["total"] <= budget:
+            low, high = high, high * 2
+            if high > 2**30:
+                break
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if self.per_gpu(stage, offload, mid)["total"] <= budget else (low, mid)
+        return low
+
+
+def stand_in_vocab(vocab_size: int) -> Vocab:
+    """A word vocabulary of `vocab_size` entries, for planning without the shard set at hand."""
+    if vocab_size < 3:
+        raise ConfigError(f"--vocab-size must be at least 3 (<pad>, <unk> and a word), got {vocab_size}")
+    return Vocab([PAD, UNK] + [f"word{i}" for i in range(vocab_size - 2)])
+
+
+def full_length_caption(tokenizer: CaptionTokenizer) -> list[int]:
+    """Token ids of a caption the tokenizer cuts at its max_len: the worst case for activations."""
+    return tokenizer.encode(" ".join(["word0"] * (2 * tokenizer.max_len)))
+
+
+def make_plan(cfg: Config, world: int, vocab_size: int, num_concepts: int) -> Plan:
+    from types import SimpleNamespace
+
+    from trainer.training.factory import build_model, build_tokenizer
+
+    vocab = stand_in_vocab(vocab_size)
+    torch.manual_seed(0)
+    model = build_model(cfg, SimpleNamespace(vocab=vocab, num_concepts=num_concepts))
+    num_params = sum(p.numel() for p in model.parameters())
+    caption = full_length_caption(build_tokenizer(cfg, vocab))
+    acts = activation_estimate(model, caption, cfg.data.image_size)
+    return Plan(cfg, world, num_params, acts, vocab_size, num_concepts)
+
+
+def shard_set_sizes(cfg: Config, vocab_size: int | None, num_concepts: int | None) -> tuple[int, int]:
+    """(vocabulary size, number of concepts): given, or read from the config's shard set."""
+    if vocab_size is not None and num_concepts is not None:
+        return vocab_size, num_concepts
+    from trainer.data.pipeline import ShardSet
+
+    try:
+        shardset = ShardSet.open(cfg.data.shards)
+    except ValueError as e:
+        raise ConfigError(f"data.shards: {e}; or pass --vocab-size and --num-concepts") from e
+    return (vocab_size or len(shardset.vocab)), (num_concepts if num_concepts is not None else shardset.num_concepts)
+
+
+def format_plan(plan: Plan, gpu_mem_gib: float, headroom: float) -> str:
+    cfg, world = plan.cfg, plan.world
+    n = cfg.data.batch_size
+    budget = int(gpu_mem_gib * GIB * headroom)
+    gathered = gathered_bytes(n * world, cfg.model.embed_dim, plan.num_concepts, cfg.loss.local != "none", plan.bf16)
+    lines = [
+        f"{world} GPUs, {plan.num_params / 1e6:.2f}M parameters, {cfg.engine.precision}, data.batch_size n={n} "
+        f"per rank, N={n * world} columns; budget {headroom:.0%} of {gpu_mem_gib:g} GiB",
+        f"activations (measured on CPU): {plan.activations.per_sample / 2**20:.2f} MiB per sample + "
+        f"{plan.activations.fixed / 2**20:.2f} MiB fixed",
+        f"loss: {LOSS_BYTES_PER_PAIR} B per (row, column) pair = {LOSS_BYTES_PER_PAIR // 4} float32 n x N matrices "
+        f"({4 * n * n * world / 2**20:.1f} MiB each at n={n})",
+        f"all-gathered per step and rank (received {(world - 1) / world:.0%} of it): embeddings "
+        f"{gathered['embeddings'] / 2**20:.1f} MiB (and as much again in gradients in backward), image ids "
+        f"{gathered['image_ids'] / 2**20:.2f} MiB, concepts {gathered['concepts'] / 2**20:.1f} MiB",
+        "",
+        f"{'ZeRO':<10} {'params':>9} {'grads':>9} {'master':>9} {'AdamW':>9} {'activ.':>9} {'loss':>9} "
+        f"{'gather':>9} {'total':>9} {'CPU':>9} | {'max n':>7} {'max N':>9}",
+        "MiB at n above" + " " * 102 + "| (fits the budget)",
+    ]
+    for stage in (0, 1, 2, 3):
+        for offload in ((False,) if stage == 0 else (False, True)):
+            parts = plan.per_gpu(stage, offload, n)
+            rows = plan.largest_rows(stage, offload, budget)
+            name = f"{stage}{' +offload' if offload else ''}"
+            cells = " ".join(f"{parts[k] / 2**20:>9.1f}" for k in
+                             ("params", "grads", "master", "optimizer", "activations", "loss", "gathered", "total",
+                              "cpu"))
+            lines.append(f"{name:<10} {cells} | {rows:>7} {rows * world:>9}")
+    return "\n".join(lines)
+
+
+PROG = "python -m trainer.plan"
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    parser.add_argument("--headroom", type=float, default=0.85, help="fraction of GPU memory the plan may fill")
+    parser.add_argument("--vocab-size", type=int, default=None, help="instead of reading the shard set")
+    parser.add_argument("--num-concepts", type=int, default=None, help="instead of reading the shard set")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_intermixed_args(argv)
+    if args.gpus < 1 or args.nodes < 1 or args.gpu_mem_gib <= 0 or not 0 < args.headroom <= 1 \
+            or (args.num_concepts is not None and args.num_concepts < 0):
+        parser.error("--gpus and --nodes must be >= 1, --gpu-mem-gib > 0, --headroom in (0, 1], --num-concepts >= 0")
+    cfg = load_config(args.config, args.overrides, check_paths=False)
+    vocab, concepts = shard_set_sizes(cfg, args.vocab_size, args.num_concepts)
+    try:
+        plan = make_plan(cfg, args.gpus * args.nodes, vocab, concepts)
+    except FileNotFoundError as e:  # a pretrained encoder's files, named
+        raise ConfigError(str(e)) from e
+    print(format_plan(plan, args.gpu_mem_gib, args.headroom))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 2 with one line on a bad option, config key or shard set (shards.cli)."""
+    return cli_main(_main, argv, PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
