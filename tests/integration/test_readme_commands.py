@@ -1,12 +1,14 @@
 """The README's launch lines, as written, through to the end: train, checkpoint, final evaluation, exit 0.
 
-Each line of the README's "Several processes" block that can run on one machine (not the hostfile, multi-node
-and SLURM ones, which tests/integration/test_distributed.py runs with stand-ins) runs verbatim from a scratch folder that
-looks like a checkout: configs/ and launch/ are the repository's, and data/builtin is a small built-in shard set
-whose val and test splits have one shard each, as the real built-in corpus's val split does, so one of the two
-ranks embeds nothing at evaluation. Only small overrides are appended (few steps, a small model); the README's
-own overrides stay, and a later override of the same key wins. Then a 2-process run is preempted and resumed to
-its end with the README's `--resume latest` form.
+The README holds two command blocks: the two make targets, and the launch block under "## Several processes,
+several nodes". Each launch line that can run on one machine (not the hostfile, multi-node and SLURM ones, which
+tests/integration/test_distributed.py runs with stand-ins) runs verbatim from a scratch folder that looks like a
+checkout: configs/ and launch/ are the repository's, and data/builtin is a small built-in shard set whose val and
+test splits have one shard each, as the real built-in corpus's val split does, so one of the two ranks embeds
+nothing at evaluation. Only small overrides are appended (few steps, a small model); the README's own overrides
+stay, and a later override of the same key wins. Then a 2-process run is preempted and resumed to its end with the
+README's `--resume latest` form. A fast check keeps the contract that the README holds no command block this file
+does not know of. The commands in docs/*.md are not run here.
 """
 from __future__ import annotations
 
@@ -27,25 +29,37 @@ SMALL = ("train.steps=4", "data.batch_size=8", "model.embed_dim=32", "model.cnn_
          "model.word_dim=16", "data.image_size=32", "data.shuffle_buffer=64", "train.log_every=2",
          "train.eval_every=2", "train.ckpt_every=2")
 NOT_ON_ONE_MACHINE = ("HOSTFILE=", "NNODES=", "sbatch ")
+LAUNCH_HEADING = "## Several processes, several nodes"
+MAKE_TARGETS = ("make run", "make test")  # the Makefile's own recipes; `make test` is this suite
 TIMEOUT = 300
 
 
+def command_lines(block: str) -> list[str]:
+    """A fenced block's command lines, comments dropped."""
+    return [re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines() if line.strip()]
+
+
 def readme_block(heading: str) -> list[str]:
-    """The command lines of the first fenced block after `heading`, comments dropped."""
+    """The command lines of the first fenced block after `heading`."""
     text = (REPO / "README.md").read_text()
     section = text[text.index(heading):]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    return [re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines() if line.strip()]
+    return command_lines(re.search(r"```bash\n(.*?)```", section, re.S).group(1))
+
+
+def readme_blocks() -> list[list[str]]:
+    """The command lines of every fenced bash block of the README, in order."""
+    text = (REPO / "README.md").read_text()
+    return [command_lines(block) for block in re.findall(r"```bash\n(.*?)```", text, re.S)]
 
 
 def one_machine_launch_lines() -> list[str]:
     """The block's lines that start a run on one machine (the `--resume latest` line continues one)."""
-    return [line for line in readme_block("## Several processes, several nodes")
+    return [line for line in readme_block(LAUNCH_HEADING)
             if not any(marker in line for marker in NOT_ON_ONE_MACHINE) and "--resume" not in line]
 
 
 def readme_resume_line() -> str:
-    return next(line for line in readme_block("## Several processes, several nodes") if "--resume latest" in line)
+    return next(line for line in readme_block(LAUNCH_HEADING) if "--resume latest" in line)
 
 
 @pytest.fixture
@@ -88,6 +102,17 @@ def test_the_readme_lists_the_launch_lines_this_file_runs():
     lines = one_machine_launch_lines()
     assert len(lines) == len(starts) and all(line.startswith(start) for line, start in zip(lines, starts)), lines
     assert readme_resume_line().startswith("bash launch/cpu_2proc.sh ")
+
+
+def test_every_readme_command_is_a_make_target_or_a_launch_line_run_here():
+    """No untested command in the README: its blocks are the two make targets and the launch block, whose lines
+    this file runs (or test_distributed.py with stand-ins, for the lines that need several machines)."""
+    blocks = readme_blocks()
+    assert blocks == [list(MAKE_TARGETS), readme_block(LAUNCH_HEADING)], blocks
+    launch = readme_block(LAUNCH_HEADING)
+    run_here = [*one_machine_launch_lines(), readme_resume_line()]
+    several_machines = [line for line in launch if any(marker in line for marker in NOT_ON_ONE_MACHINE)]
+    assert sorted(run_here + several_machines) == sorted(launch), launch
 
 
 @pytest.mark.slow
