@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from trainer.engine.checkpoint import (MARKER, UNIVERSAL, CheckpointError, atomic_write, check_world_size, find, problem,
-                                read_marker)
+from trainer.engine.checkpoint import (MARKER, UNIVERSAL, CheckpointError, atomic_write, check_world_size, find,
+                                       problem, read_marker)
 from trainer.distributed import broadcast_object
 
 log = logging.getLogger(__name__)
