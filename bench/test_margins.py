@@ -72,8 +72,8 @@ def build_shards(case: str, root: Path) -> Path:
         pictures = build_builtin(root / "shards" / "region-pictures", *PICTURES)
         convert_to_regions(pictures, out, MAX_REGIONS)
     else:
-        from test_emoji_corpus import EMOJI_RUN_BUILD, _build
-        _build(out, *EMOJI_RUN_BUILD)
+        from test_emoji_corpus import EMOJI_RUN_BUILD, build_emoji_shards
+        build_emoji_shards(out, *EMOJI_RUN_BUILD)
     return out
 
 

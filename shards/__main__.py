@@ -12,17 +12,14 @@ from __future__ import annotations
 import sys
 
 from usercli import OneLineParser, cli_main
+from shards.build import add_build_command
+from shards.check import add_check_command
+from shards.stats import add_stats_command
 
 PROG = "hier-shards"
 
 
 def build_parser() -> OneLineParser:
-    # imported here, inside cli_main: a Ctrl-C during the seconds of importing spaCy and PIL is an interrupt
-    # like any other (one line, exit 130), not a traceback
-    from shards.build import add_build_command
-    from shards.check import add_check_command
-    from shards.stats import add_stats_command
-
     parser = OneLineParser(prog=PROG, description="Build and check WebDataset shard sets.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_build_command(commands)

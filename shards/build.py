@@ -298,8 +298,8 @@ def _write_shards(writer: ShardSetWriter, labelled: dict[str, list[tuple[Item, l
                     loaded = pool.map(lambda sample: _sample_bytes(sample[0], args.max_side), part)
                     for (item, concepts), (data, ext, was_resized) in zip(part, loaded):
                         resized += was_resized
-                        writer.write(split, item.image_id, data, ext, item.captions, concepts, union_ids(concepts),
-                                     args.source, item.objects)
+                        writer.write(split, RawSample(item.image_id, data, ext, item.captions, item.objects),
+                                     concepts, union_ids(concepts), args.source)
                         bar.update(1)
                 writer.end_shard(split)
                 resumed["written"] += 1

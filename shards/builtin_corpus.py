@@ -352,8 +352,9 @@ def describe(scene: Scene, rng: np.random.Generator, n_captions: int = 5) -> lis
 # ---------------------------------------------------------------- samples
 
 
-def _split_key(split: str) -> int:
-    # a stable number per split name (Python's hash() is salted per process)
+def split_key(split: str) -> int:
+    """A stable number per split name, part of each sample's random seed (Python's hash() is salted per
+    process)."""
     return int.from_bytes(hashlib.sha256(split.encode("utf-8")).digest()[:8], "little")
 
 
@@ -371,7 +372,7 @@ def builtin_samples(split: str, count: int, seed: int, image_size: int) -> Itera
         raise ValueError(f"seed must be >= 0, got {seed}")
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count} for split {split!r}")
-    key = _split_key(split)
+    key = split_key(split)
     for k in range(count):
         rng = np.random.default_rng([seed, key, k])
         scene = generate_scene(rng, image_size)

@@ -52,7 +52,9 @@ def tar_samples(path: Path) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
             yield key, members
 
 
-def read_json_file(path: Path):
+def read_set_json(path: Path):
+    """A JSON file of a shard set (manifest, concepts, vocab); an unreadable one is a ShardSetError naming it. Not
+    shards.sources.base.read_json_file, which reads a user's input file given by an option."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -70,7 +72,7 @@ class SetFiles:
 
     @classmethod
     def open(cls, root: Path) -> "SetFiles":
-        manifest = read_json_file(root / "manifest.json")
+        manifest = read_set_json(root / "manifest.json")
         where = root / "manifest.json"
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ShardSetError(f"{where}: not a {FORMAT} manifest (format is {manifest.get('format')!r})"
@@ -83,7 +85,7 @@ class SetFiles:
                     and isinstance(info.get("captions"), int) and isinstance(info.get("shards"), list)):
                 raise ShardSetError(f"{where}: split {split!r} needs 'images', 'captions' (ints) and 'shards' (list)")
         concepts_path = root / "concepts.json"
-        entries = read_json_file(concepts_path)
+        entries = read_set_json(concepts_path)
         try:
             ids = [int(e["id"]) for e in entries["concepts"]]
             lemmas = [e["lemma"] for e in entries["concepts"]]

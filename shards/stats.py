@@ -14,7 +14,7 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from shards.check import SetFiles, ShardSetError, read_json_file, tar_samples
+from shards.check import SetFiles, ShardSetError, read_set_json, tar_samples
 from shards.text import tokenize
 
 
@@ -72,7 +72,7 @@ def split_stats(root: Path, shards: list[str], lemmas: list[str], top: int) -> d
 
 def shard_set_stats(root: str | Path, top: int = 20) -> dict:
     files = SetFiles.open(Path(root))
-    entries = read_json_file(files.root / "concepts.json")["concepts"]
+    entries = read_set_json(files.root / "concepts.json")["concepts"]
     lemmas = [e["lemma"] for e in entries]
     splits = {split: split_stats(files.root, info["shards"], lemmas, top)
               for split, info in files.manifest["splits"].items()}

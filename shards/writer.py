@@ -82,18 +82,11 @@ class ShardSetWriter:
         self._closed = False
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
-    def write(
-        self,
-        split: str,
-        image_id: str,
-        image_bytes: bytes,
-        image_ext: str,
-        captions: list[str],
-        caption_concepts: list[list[int]],
-        image_concepts: list[int],
-        source: str,
-        objects: list[dict] | None = None,
-    ) -> None:
+    def write(self, split: str, sample: RawSample, caption_concepts: list[list[int]], image_concepts: list[int],
+              source: str) -> None:
+        """Add `sample` to the split's current shard with its concepts (sorted ids, one list per caption, and the
+        picture's); `source` names the corpus in the sample's json. A bad sample is refused (ValueError)."""
+        image_id, image_ext, captions = sample.image_id, sample.image_ext, sample.captions
         if self._closed:
             raise RuntimeError("ShardSetWriter is closed")
         if not _SPLIT.fullmatch(split):
@@ -104,7 +97,7 @@ class ShardSetWriter:
         if self.image_exts and (image_ext == FEATURE_EXT) != (FEATURE_EXT in self.image_exts):
             raise ValueError(f"sample {image_id!r}: image_ext {image_ext!r} cannot join a set of "
                              f"{'/'.join(self.image_exts)} samples (a set holds pictures or features, not both)")
-        if not image_bytes:
+        if not sample.image_bytes:
             raise ValueError(f"sample {image_id!r}: empty image bytes")
         if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
             raise ValueError(f"sample {image_id!r}: captions must be a non-empty list of non-blank strings")
@@ -121,9 +114,10 @@ class ShardSetWriter:
         state.ids.add(image_id)
         if state.tar is None:
             self._open_shard(split, state)
-        self._add_member(state.tar, f"{image_id}.{image_ext}", image_bytes)
+        self._add_member(state.tar, f"{image_id}.{image_ext}", sample.image_bytes)
         self._add_member(state.tar, f"{image_id}.json",
-                         sample_json(split, image_id, captions, caption_concepts, image_concepts, source, objects))
+                         sample_json(split, image_id, captions, caption_concepts, image_concepts, source,
+                                     sample.objects))
         self.image_exts[image_ext] = self.image_exts.get(image_ext, 0) + 1
         state.images += 1
         state.captions += len(captions)

@@ -66,6 +66,20 @@ def _split_files(args: argparse.Namespace) -> dict[str, str]:
     return out
 
 
+def _row_split(args: argparse.Namespace, listed: dict[str, str], row: dict, path: str) -> tuple[str, str | None]:
+    """(the split of a table row's picture, None), or ("", why it has none): from --split-column, the
+    --split-file lists, or train."""
+    if args.split_column:
+        split = (row[args.split_column] or "").strip()
+        if split not in args.splits:
+            return "", f"split {split!r} is not one of {', '.join(args.splits)}"
+        return split, None
+    if listed:
+        split = listed.get(path)
+        return ("", f"image {path} is in no --split-file") if split is None else (split, None)
+    return TRAIN, None
+
+
 def items(args: argparse.Namespace, problems: Problems) -> Iterator[Item]:
     table = Path(require(args.table, "--table", "csv"))
     root = Path(require(args.images, "--images", "csv"))
@@ -94,19 +108,10 @@ def items(args: argparse.Namespace, problems: Problems) -> Iterator[Item]:
                 if not path:
                     deferred.append((line, "missing_image", where, f"no image path in column {args.image_column!r}"))
                     continue
-                if args.split_column:
-                    split = (row[args.split_column] or "").strip()
-                    if split not in args.splits:
-                        deferred.append((line, "unknown_split", where,
-                                         f"split {split!r} is not one of {', '.join(args.splits)}"))
-                        continue
-                elif listed:
-                    split = listed.get(path)
-                    if split is None:
-                        deferred.append((line, "unknown_split", where, f"image {path} is in no --split-file"))
-                        continue
-                else:
-                    split = TRAIN
+                split, problem = _row_split(args, listed, row, path)
+                if problem:
+                    deferred.append((line, "unknown_split", where, problem))
+                    continue
                 image_id = safe_id(row[args.id_column] if args.id_column else str(Path(path).with_suffix("")))
                 image = images.setdefault(path, _Image(path, image_id, split, line))
                 if image.split != split:

@@ -19,7 +19,7 @@ from conftest import build_builtin
 from trainer.config import load_config
 from trainer.data.pipeline import (BadSample, RegionSpec, ShardSet, TrainStream, check_image_input, decode_features,
                           decode_image, image_id_hash)
-from trainer.eval.evaluation import embed_split
+from trainer.eval.evaluation import EmbedOptions, embed_split
 from trainer.tools.extract_features import extract, main as extract_main, npy_bytes
 from trainer.models.embedder import GPOPool, HierarchicalEmbedder, build_image_encoder, drop_regions
 
@@ -291,8 +291,8 @@ def test_evaluation_embeds_feature_shards_like_encode_image(region_shards):
     shardset = ShardSet.open(region_shards)
     m = region_model(vocab_size=len(shardset.vocab), num_concepts=shardset.num_concepts, max_words=32)
     m.train()  # embed_split must switch region dropout off
-    emb = embed_split(m, shardset, "test", image_size=64, max_words=32, batch_size=5,
-                      regions=RegionSpec(DIM, MAX_REGIONS))
+    emb = embed_split(m, shardset, "test", EmbedOptions(image_size=64, max_words=32, batch_size=5,
+                                                       regions=RegionSpec(DIM, MAX_REGIONS)))
     assert m.training and emb["img_g"].shape == (16, 16) and emb["cap_g"].shape[0] == 80
     stored = _npy_by_id(region_shards, "test")
     m.eval()

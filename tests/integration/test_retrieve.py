@@ -11,12 +11,12 @@ import torch
 
 from retrieval_run import REPO, clean_env, exported_index, first_test_picture, trained_run
 from shards.text import PAD, UNK, Vocab
-from trainer.eval.evaluation import embed_split, load_run
+from trainer.eval.evaluation import EmbedOptions, embed_split, load_run
 from trainer.retrieval.faiss_index import build_index, index_params, load_index
 from trainer.retrieval.index_folder import RetrievalIndex
 from trainer.retrieval.pieces import piece_path
 from trainer.retrieval.query import QueryError, check_text, decode_query_picture, read_picture_file, shorten
-from trainer.retrieval.commands import check_world_size, export_index, main
+from trainer.retrieval.commands import ExportOptions, check_export_checkpoint, export_index, main
 from trainer.data.text import WordTokenizer
 
 QUIET = ("[", "Loading", "Gathering", "Detected", "Reconstructed", "Processing", "Parsing", "  return", "/")
@@ -109,8 +109,8 @@ def test_export_resume_and_approximate_index(tiny_shards, tmp_path_factory, tmp_
     # The rows are embed_split's vectors of the same checkpoint (evaluation's code), [g; sqrt(w) l].
     run = load_run(run_dir)
     cfg = run.cfg
-    emb = embed_split(run.model, run.shardset, "test", image_size=cfg.data.image_size,
-                      max_words=cfg.data.max_words, batch_size=cfg.data.eval_batch_size)
+    emb = embed_split(run.model, run.shardset, "test", EmbedOptions(image_size=cfg.data.image_size,
+                      max_words=cfg.data.max_words, batch_size=cfg.data.eval_batch_size))
     img = index.faiss["images"].reconstruct_n(0, 32)
     cap = index.faiss["captions"].reconstruct_n(0, 160)
     w = cfg.model.local_score_weight
@@ -130,19 +130,19 @@ def test_export_resume_and_approximate_index(tiny_shards, tmp_path_factory, tmp_
     copy = tmp_path / "copy"
     shutil.copytree(tiny_shards, copy)
     out = tmp_path / "mixed"
-    export_index(run_dir, out, shards=[str(tiny_shards), str(copy)])
+    export_index(run_dir, out, ExportOptions(shards=(str(tiny_shards), str(copy))))
     first = piece_path(out, 0, "json").stat().st_mtime_ns
     before = RetrievalIndex(out).faiss["images"].reconstruct_n(0, 64)
     for suffix in ("json", "images.npy"):
         piece_path(out, 3, suffix).unlink()
     (out / "index.json").unlink()
     with pytest.raises(FileExistsError, match="add --resume to finish it or --overwrite"):
-        export_index(run_dir, out, shards=[str(tiny_shards), str(copy)])
+        export_index(run_dir, out, ExportOptions(shards=(str(tiny_shards), str(copy))))
     with pytest.raises(FileNotFoundError, match="unfinished export: run it again with --resume"):
         RetrievalIndex(out)
     with pytest.raises(ValueError, match="sets, split differ from those of the export in --out"):
-        export_index(run_dir, out, split="val", resume=True)
-    meta = export_index(run_dir, out, shards=[str(tiny_shards), str(copy)], resume=True, kind="hnsw")
+        export_index(run_dir, out, ExportOptions(split="val", resume=True))
+    meta = export_index(run_dir, out, ExportOptions(shards=(str(tiny_shards), str(copy)), resume=True, kind="hnsw"))
     assert piece_path(out, 0, "json").stat().st_mtime_ns == first  # written pieces were not embedded again
     assert meta["counts"]["images"] == 64 and meta["pieces"] == 4 and len(meta["sets"]) == 2
     mixed = RetrievalIndex(out)
@@ -227,4 +227,4 @@ def test_query_session_and_json(tiny_shards, tmp_path_factory, tmp_path, capsys,
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"step0000004 is a ZeRO-3 checkpoint of 1 rank\(s\); export it on 1 "
                                          r"rank\(s\) \(this launch has 2\)"):
-        check_world_size(run_dir, "latest")
+        check_export_checkpoint(run_dir, "latest")

@@ -18,13 +18,12 @@ import sys
 
 from usercli import OneLineParser, cli_main
 from trainer.config import Config, ConfigError, load_config
+from trainer.config.help import config_keys_help
 
 PROG = "python -m trainer.train"
 
 
 def build_parser(description: str = "") -> OneLineParser:
-    from trainer.config.help import config_keys_help
-
     parser = OneLineParser(prog=PROG, description=description, epilog=config_keys_help(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file, e.g. configs/builtin.yaml")

@@ -55,8 +55,9 @@ def tag_for(step: int) -> str:
     return f"step{step:07d}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Readers see the old content or the new one, never a half-written file."""
+def atomic_write(path: Path, text: str) -> None:
+    """Write a text file of the checkpoint folder (its marker, `latest`) under a temporary name, then rename:
+    readers see the old content or the new one, never a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with tmp.open("w") as f:
         f.write(text)
@@ -90,8 +91,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, world_size: int,
                  if p.is_file() and p.name != MARKER}
         marker = {"tag": tag, "step": step, "world_size": world_size,
                   "zero_stage": engine.zero_optimization_stage(), "files": files}
-        _atomic_write(folder / MARKER, json.dumps(marker, indent=1))
-        _atomic_write(ckpt_dir / LATEST, tag)
+        atomic_write(folder / MARKER, json.dumps(marker, indent=1))
+        atomic_write(ckpt_dir / LATEST, tag)
         prune(ckpt_dir, keep)
     barrier()  # nobody reads `latest` or goes on to a next save before it moved
     return folder

@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from trainer.engine.checkpoint import (MARKER, UNIVERSAL, CheckpointError, _atomic_write, check_world_size, find, problem,
-                                read_marker)
+from trainer.engine.checkpoint import (MARKER, UNIVERSAL, CheckpointError, atomic_write, check_world_size, find,
+                                       problem, read_marker)
 from trainer.distributed import broadcast_object
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def convert(ckpt_dir: Path, tag: str) -> Path:
     seconds = time.perf_counter() - start
     files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
              if p.is_file() and p.name != MARKER}
-    _atomic_write(out / MARKER, json.dumps({
+    atomic_write(out / MARKER, json.dumps({
         "tag": tag, "step": marker["step"], "source_world_size": marker["world_size"],
         "zero_stage": marker["zero_stage"], "seconds": round(seconds, 3), "files": files,
         "source_files": marker["files"]}, indent=1))

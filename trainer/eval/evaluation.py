@@ -22,11 +22,13 @@ import torch
 
 from usercli import OneLineParser, cli_main
 from trainer.eval import metrics
-from trainer.config import Config
+from trainer.config import Config, ConfigError, load_config
 from trainer.data.pipeline import RegionSpec, ShardSet, iter_eval_samples, pad_tokens, stack_image_inputs
 from trainer.distributed import (DistInfo, all_reduce_max, broadcast_object, gather_no_grad, gather_objects_to_main,
-                                 gather_rows_to_main)
+                                 gather_rows_to_main, init_distributed, shutdown)
 from trainer.distributed import rank as dist_rank
+from trainer.engine import checkpoint as checkpoints
+from trainer.engine.build import build_engine, deepspeed_config
 from trainer.training.factory import build_model, build_tokenizer
 from trainer.eval.ground_truth import split_objects
 from trainer.observe.progress import ProgressBar, progress_enabled
@@ -35,8 +37,10 @@ from trainer.data.text import CaptionTokenizer, WordTokenizer
 log = logging.getLogger(__name__)
 
 
-def _embed_batch(model, image_inputs: dict, token_lists: list[list[int]], pad_id: int):
-    """image_inputs: {"images"} (pictures) or {"images", "image_lengths"} (region features). Lengths stay on
+def embed_batch(model, image_inputs: dict, token_lists: list[list[int]], pad_id: int):
+    """The encoder calls of one batch: (img_g, img_l, cap_g, cap_l), the local ones None without a local space.
+    Evaluation and the retrieval export (trainer.retrieval.pieces) embed through it, so their vectors agree.
+    image_inputs: {"images"} (pictures) or {"images", "image_lengths"} (region features). Lengths stay on
     the host, where the model checks them."""
     tokens, lengths = pad_tokens(token_lists, pad_id)
     device = next(iter(model.parameters())).device
@@ -50,25 +54,51 @@ def _next_chunk(samples, batch_size: int) -> list[dict]:
     return [s for _, s in zip(range(batch_size), samples)]
 
 
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How samples are read and batched for embedding (evaluation's embed_split, the retrieval export's
+    embed_pieces): the run's data settings, usually from `EmbedOptions.from_config`."""
+
+    image_size: int
+    max_words: int
+    batch_size: int
+    tokenizer: CaptionTokenizer | None = None  # None: the shard set's words (WordTokenizer, max_words)
+    regions: RegionSpec | None = None  # set: the samples' npy region features are embedded instead of pictures
+
+    @classmethod
+    def from_config(cls, cfg: Config, vocab, batch_size: int | None = None) -> EmbedOptions:
+        """The run's options: its image size, caption length, tokenizer (trainer.training.factory.build_tokenizer)
+        and region features; `batch_size` defaults to data.eval_batch_size."""
+        return cls(image_size=cfg.data.image_size, max_words=cfg.data.max_words,
+                   batch_size=batch_size or cfg.data.eval_batch_size, tokenizer=build_tokenizer(cfg, vocab),
+                   regions=RegionSpec.from_config(cfg))
+
+    def caption_tokenizer(self, vocab) -> CaptionTokenizer:
+        return self.tokenizer or WordTokenizer(vocab, self.max_words)
+
+    def dummy_inputs(self) -> dict:
+        """What a rank that ran out of data embeds, to keep its forward calls in step with the others."""
+        if self.regions is None:
+            return {"images": torch.zeros(1, 3, self.image_size, self.image_size)}
+        return {"images": torch.zeros(1, 1, self.regions.dim), "image_lengths": torch.ones(1, dtype=torch.long)}
+
+
 @torch.no_grad()
-def embed_split(model, shardset: ShardSet, split: str, *, image_size: int, max_words: int, batch_size: int,
-                rank: int = 0, world: int = 1, tokenizer: CaptionTokenizer | None = None,
-                regions: RegionSpec | None = None, device: torch.device | None = None) -> dict | None:
+def embed_split(model, shardset: ShardSet, split: str, options: EmbedOptions, *, rank: int = 0, world: int = 1,
+                device: torch.device | None = None) -> dict | None:
     """Embeddings of every picture and caption of a split (float32, on the model's device), gathered on rank 0;
     None on the other ranks. Every rank embeds its share of the split's shards (any share: a rank with no
     shard embeds dummy batches while others work, so forward calls stay in step under ZeRO-3, and joins every
-    gather with zero rows). Captions are tokenised by `tokenizer` (trainer.training.factory.build_tokenizer; None = the
-    shard set's words). With `regions` the samples' npy region features are embedded instead of pictures."""
+    gather with zero rows). Captions are tokenised by options.tokenizer (None: the shard set's words)."""
     was_training = model.training
     model.eval()
     device = device or next(iter(model.parameters())).device
-    tokenizer = tokenizer or WordTokenizer(shardset.vocab, max_words)
-    samples = iter_eval_samples(shardset, split, image_size, max_words, rank, world, tokenizer, regions)
+    tokenizer, regions, batch_size = options.caption_tokenizer(shardset.vocab), options.regions, options.batch_size
+    samples = iter_eval_samples(shardset, split, options.image_size, options.max_words, rank, world, tokenizer,
+                                regions)
     bar = ProgressBar(shardset.split_info(split)["images"], f"embed {split}", unit="img", leave=False,
                       enabled=progress_enabled(rank))
-    # what a rank that ran out of data embeds to keep its forward calls in step
-    dummy = {"images": torch.zeros(1, 3, image_size, image_size)} if regions is None else \
-        {"images": torch.zeros(1, 1, regions.dim), "image_lengths": torch.ones(1, dtype=torch.long)}
+    dummy = options.dummy_inputs()
     out = {"img_g": [], "img_l": [], "cap_g": [], "cap_l": [], "cap_to_img": [], "image_ids": [], "captions": []}
     n_images = 0
     while True:
@@ -76,12 +106,12 @@ def embed_split(model, shardset: ShardSet, split: str, *, image_size: int, max_w
         if int(all_reduce_max(torch.tensor([len(chunk)], device=device))[0]) == 0:
             break
         if not chunk:  # keep collective forward calls in step with the ranks that still have data
-            _embed_batch(model, dummy, [tokenizer.encode("")], tokenizer.pad_id)
+            embed_batch(model, dummy, [tokenizer.encode("")], tokenizer.pad_id)
             continue
         image_inputs = stack_image_inputs([s["image"] for s in chunk], regions)
         token_lists = [t for s in chunk for t in s["tokens"]]
         for key, value in zip(("img_g", "img_l", "cap_g", "cap_l"),
-                              _embed_batch(model, image_inputs, token_lists, tokenizer.pad_id)):
+                              embed_batch(model, image_inputs, token_lists, tokenizer.pad_id)):
             if value is not None:
                 out[key].append(value.float())
         for i, s in enumerate(chunk):
@@ -140,9 +170,8 @@ def evaluate_split(model, shardset: ShardSet, split: str, cfg, *, rank=0, world=
     """Recalls of a split, on every rank: embedded on all ranks, scored once on rank 0 (on its device), the
     results sent to the others. `on_embeddings` (e.g. TensorBoard's retrieval examples) sees embed_split's
     output, on rank 0 only, moved to the host."""
-    emb = embed_split(model, shardset, split, image_size=cfg.data.image_size, max_words=cfg.data.max_words,
-                      batch_size=cfg.data.eval_batch_size, rank=rank, world=world,
-                      tokenizer=build_tokenizer(cfg, shardset.vocab), regions=RegionSpec.from_config(cfg))
+    emb = embed_split(model, shardset, split, EmbedOptions.from_config(cfg, shardset.vocab), rank=rank,
+                      world=world)
     results = None
     if emb is not None:
         if on_embeddings is not None:
@@ -183,8 +212,6 @@ class LoadedRun:
 def open_run_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
     """The config a run folder was trained with (its config.yaml, overrides applied), checked; a missing or
     wrong folder is refused naming it (ConfigError)."""
-    from trainer.config import ConfigError, load_config
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         what = "is a file, not a folder" if run_dir.exists() else "does not exist"
@@ -201,8 +228,6 @@ def open_run_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
 
 def open_shards(cfg: Config) -> ShardSet:
     """The run's shard set; an unreadable one is refused naming the file (trainer.data raises ValueError)."""
-    from trainer.config import ConfigError
-
     try:
         return ShardSet.open(cfg.data.shards)
     except ValueError as e:
@@ -211,8 +236,6 @@ def open_shards(cfg: Config) -> ShardSet:
 
 def check_split(cfg: Config, split: str | None) -> str:
     """The split to read (the config's test split by default), refused naming the splits there are."""
-    from trainer.config import ConfigError
-
     split = split or cfg.data.test_split
     splits = open_shards(cfg).manifest["splits"]
     if split not in splits:
@@ -225,10 +248,6 @@ def load_run(run_dir: str | Path, checkpoint: str = "latest", overrides: list[st
     """Build the run's engine and load a checkpoint into it (any ZeRO stage); no optimizer/scheduler state.
     The run folder, its config and the checkpoint's files are checked first (ConfigError / CheckpointError name
     the file and the way out). Leaves the process group up."""
-    from trainer.engine import checkpoint as checkpoints
-    from trainer.distributed import init_distributed
-    from trainer.engine.build import build_engine, deepspeed_config
-
     run_dir = Path(run_dir)
     cfg = open_run_config(run_dir, overrides)
     tag, marker = checkpoints.find_readable(run_dir / "checkpoints", checkpoint, option="--checkpoint")
@@ -278,8 +297,6 @@ PROG = "python -m trainer.evaluate"
 
 
 def _main(argv: list[str] | None) -> int:
-    from trainer.distributed import shutdown
-
     parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the run's config")

@@ -42,13 +42,7 @@ def combined_retrieval_ranks(img_spaces: Sequence[Tensor], cap_spaces: Sequence[
     images). The diagonal tiles (a block's images against its own captions) come first: they hold every
     own score, so the off-diagonal tiles only count the candidates at or above them.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if len(img_spaces) != len(cap_spaces) or not img_spaces:
-        raise ValueError(f"need as many image as caption spaces (>= 1); got {len(img_spaces)} and {len(cap_spaces)}")
-    for name, weights in scores.items():
-        if len(weights) != len(img_spaces):
-            raise ValueError(f"score {name!r} has {len(weights)} weights for {len(img_spaces)} spaces")
+    _check_scores(img_spaces, cap_spaces, scores, chunk_size)
     num_images, num_captions = img_spaces[0].shape[0], cap_spaces[0].shape[0]
     device = img_spaces[0].device
     cap_to_img = _check_cap_to_img(cap_to_img, num_images, num_captions).to(device)
@@ -94,6 +88,18 @@ def combined_retrieval_ranks(img_spaces: Sequence[Tensor], cap_spaces: Sequence[
         for name in scores:
             t2i[name] = torch.empty_like(t2i[name]).index_copy_(0, order, t2i[name])
     return {name: (i2t[name], t2i[name]) for name in scores}
+
+
+def _check_scores(img_spaces: Sequence[Tensor], cap_spaces: Sequence[Tensor], scores: dict[str, Sequence[float]],
+                  chunk_size: int) -> None:
+    """combined_retrieval_ranks' arguments: a positive chunk size, paired spaces, one weight per space."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if len(img_spaces) != len(cap_spaces) or not img_spaces:
+        raise ValueError(f"need as many image as caption spaces (>= 1); got {len(img_spaces)} and {len(cap_spaces)}")
+    for name, weights in scores.items():
+        if len(weights) != len(img_spaces):
+            raise ValueError(f"score {name!r} has {len(weights)} weights for {len(img_spaces)} spaces")
 
 
 def _count(mask: Tensor, dim: int) -> Tensor:

@@ -237,10 +237,23 @@ def projector_rows(emb: dict, local_weight: float, pictures: dict[int, Image.Ima
     return vectors, meta, thumbs.float() / 255.0
 
 
+@dataclass(frozen=True)
+class ExampleOptions:
+    """How much one evaluation shows: queries per panel, hits per query, the panels' geometry, and how many
+    pictures (with their captions) the projector gets, at what thumbnail size."""
+
+    num_queries: int = 6
+    k: int = 5
+    grid: Grid = Grid()
+    projector_images: int = 256
+    projector_thumb: int = 48
+
+
 def log_eval_examples(writer, step: int, emb: dict, shardset: ShardSet, split: str, local_weight: float,
-                      num_queries: int = 6, k: int = 5, projector_images: int = 256, grid: Grid = Grid(),
-                      projector_thumb: int = 48) -> None:
+                      options: ExampleOptions = ExampleOptions()) -> None:
     """Write examples/text_to_image, examples/image_to_text and a projector embedding for one evaluation."""
+    num_queries, k, grid = options.num_queries, options.k, options.grid
+    projector_images, projector_thumb = options.projector_images, options.projector_thumb
     examples = retrieval_examples(emb, local_weight, num_queries, k)
     rows = {i for q in examples["text_to_image"] for i, _ in q["top"]}
     rows |= {q["answer"] for q in examples["text_to_image"]} | {q["image"] for q in examples["image_to_text"]}

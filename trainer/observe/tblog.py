@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from trainer.observe.tb_examples import log_eval_examples
+
 SCORES = ("global", "local", "concat")
 BAD_PREFIX = "data/bad/"
 
@@ -35,13 +37,14 @@ class RunLogger:
         self._score_writers: dict = {}
         self._nonzero: set[str] = set()
         if enabled:
+            # imported by rank 0 only, the one that writes: TensorBoard takes a while to import on every rank
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(event_dir(log_dir)))
 
     def _score_writer(self, score: str):
         if score not in self._score_writers:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # rank 0 only, as in __init__
 
             self._score_writers[score] = SummaryWriter(log_dir=str(Path(self.writer.get_logdir()) / score))
         return self._score_writers[score]
@@ -82,8 +85,6 @@ class RunLogger:
         """Retrieval examples and the projector from one evaluation's embeddings (embed_split's output)."""
         if self.writer is None:
             return
-        from trainer.observe.tb_examples import log_eval_examples
-
         log_eval_examples(self.writer, step, emb, shardset, split, local_weight)
 
     def hparams(self, config: dict, results: dict, split: str) -> None:

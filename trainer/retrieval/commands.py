@@ -22,20 +22,28 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from usercli import OneLineParser, cli_main, one_line
-from trainer.retrieval.faiss_index import KINDS
+from trainer.config import ConfigError, load_config
+from trainer.data.pipeline import ShardSet
+from trainer.distributed import broadcast_object, is_active, shutdown
+from trainer.engine.checkpoint import CheckpointError, find, refuse_sharded_weights_elsewhere
+from trainer.eval.evaluation import EmbedOptions, add_checkpoint_arguments, load_run
 from trainer.retrieval.answers import format_answer, search
-from trainer.retrieval.query import QueryError, check_text, decode_query_picture, read_picture_file
+from trainer.retrieval.faiss_index import KINDS
+from trainer.retrieval.index_folder import FILES, RetrievalIndex, assemble
+from trainer.retrieval.pieces import PIECES, embed_pieces, plan_pieces
+from trainer.retrieval.query import QueryEncoder, QueryError, check_text, decode_query_picture, read_picture_file
+from trainer.retrieval.server import create_app, run_server
+from trainer.training.factory import build_tokenizer
 
 PROG = "trainer.retrieve"
 
 def _export_files(out: Path) -> list[Path]:
     """What an export wrote in `out`, refused (before the model is loaded) when neither option says what to do.
     As `shards build`: an existing export is finished with --resume or replaced with --overwrite, never mixed."""
-    from trainer.retrieval.index_folder import FILES
-    from trainer.retrieval.pieces import PIECES
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file, not a folder")
     return [out / name for name in (*FILES, PIECES, "export.options.json") if (out / name).exists()]
@@ -67,9 +75,10 @@ def _check_record(out: Path, record: dict, resume: bool) -> None:
     path.write_text(json.dumps(record, indent=2))
 
 
-def check_world_size(run_dir: Path, checkpoint: str) -> None:
-    """Refuses a ZeRO-3 checkpoint of another world size before the process group starts (load_run checks again)."""
-    from trainer.engine.checkpoint import CheckpointError, find, refuse_sharded_weights_elsewhere
+def check_export_checkpoint(run_dir: Path, checkpoint: str) -> None:
+    """Refuses a missing checkpoint, or a ZeRO-3 one written by another world size (its weights are sharded by
+    rank), before the process group starts (load_run checks again). Not trainer.engine.checkpoint's
+    world-size check of a resumed run, which may convert a checkpoint instead."""
     try:
         tag, marker = find(run_dir / "checkpoints", checkpoint)
     except CheckpointError as e:  # worded for training's run.resume; here the option is --checkpoint
@@ -78,36 +87,39 @@ def check_world_size(run_dir: Path, checkpoint: str) -> None:
                                      "export")
 
 
-def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = None, checkpoint: str = "latest",
-                 shards: list[str] | None = None, kind: str = "flat", resume: bool = False,
-                 overwrite: bool = False, batch_size: int | None = None) -> dict:
-    """Embed `split` of the shard sets (default: the run's data.shards) on every rank into pieces, then build the
-    FAISS indexes on rank 0; returns index.json (on every rank). Leaves the process group up."""
-    from trainer.data.pipeline import RegionSpec, ShardSet
-    from trainer.distributed import broadcast_object
-    from trainer.eval.evaluation import load_run
-    from trainer.training.factory import build_tokenizer
-    from trainer.retrieval.index_folder import assemble
-    from trainer.retrieval.pieces import embed_pieces, plan_pieces
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `export` embeds and how: its options beside --run and --out."""
 
-    if kind not in KINDS:
-        raise ValueError(f"--index-type must be one of {', '.join(KINDS)}, got {kind!r}")
+    split: str | None = None  # default: the run's data.test_split
+    checkpoint: str = "latest"  # a tag in RUN/checkpoints, or latest
+    shards: tuple[str, ...] = ()  # shard set roots, as data.mix_shards names them; () = the run's data.shards
+    kind: str = "flat"  # index type, one of trainer.retrieval.faiss_index.KINDS
+    resume: bool = False  # finish an interrupted export in the folder
+    overwrite: bool = False  # replace an export in the folder
+    batch_size: int | None = None  # pictures per forward; None = data.eval_batch_size
+
+
+def export_index(run_dir: str | Path, out_dir: str | Path, options: ExportOptions = ExportOptions()) -> dict:
+    """Embed options.split of the shard sets (default: the run's data.shards) on every rank into pieces, then build
+    the FAISS indexes on rank 0; returns index.json (on every rank). Leaves the process group up."""
+    if options.kind not in KINDS:
+        raise ValueError(f"--index-type must be one of {', '.join(KINDS)}, got {options.kind!r}")
     run_dir, out = Path(run_dir).resolve(), Path(out_dir)
-    check_out_dir(out, resume, overwrite)  # every rank, before the model is loaded
-    check_world_size(run_dir, checkpoint)
-    run = load_run(run_dir, checkpoint)
+    check_out_dir(out, options.resume, options.overwrite)  # every rank, before the model is loaded
+    check_export_checkpoint(run_dir, options.checkpoint)
+    run = load_run(run_dir, options.checkpoint)
     cfg, info = run.cfg, run.info
-    split = split or cfg.data.test_split
-    sets = [run.shardset] if not shards else [ShardSet.open(Path(root).resolve()) for root in shards]
+    split = options.split or cfg.data.test_split
+    sets = [ShardSet.open(Path(root).resolve()) for root in options.shards] or [run.shardset]
     plan = plan_pieces(sets, split)
     record = {"run": str(run_dir), "checkpoint": run.load_path, "split": split, "sets": [str(s.root) for s in sets]}
     if info.is_main:
-        prepare_out_dir(out, overwrite)
-        _check_record(out, record, resume)
+        prepare_out_dir(out, options.overwrite)
+        _check_record(out, record, options.resume)
     broadcast_object(None)  # the others wait until rank 0 has prepared (or refused) the folder
-    embed_pieces(run.model, sets, plan, out, image_size=cfg.data.image_size,
-                 batch_size=batch_size or cfg.data.eval_batch_size, tokenizer=build_tokenizer(cfg, run.shardset.vocab),
-                 regions=RegionSpec.from_config(cfg), rank=info.rank, world=info.world_size)
+    embed_pieces(run.model, sets, plan, out, EmbedOptions.from_config(cfg, run.shardset.vocab, options.batch_size),
+                 rank=info.rank, world=info.world_size)
     broadcast_object(None)  # every rank's pieces are written
     meta = None
     if info.is_main:
@@ -116,17 +128,12 @@ def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = N
             "run": str(run_dir), "config": str(run_dir / "config.yaml"), "checkpoint": run.load_path,
             "checkpoint_tag": Path(run.load_path).parent.name, "step": run.step, "split": split,
             "sets": record["sets"], "local_score_weight": cfg.model.local_score_weight,
-            "dim": model.embed_dim * (2 if model.local_space else 1)}, kind)
+            "dim": model.embed_dim * (2 if model.local_space else 1)}, options.kind)
     return broadcast_object(meta)
 
 
 def open_index(index_dir: str | Path):
     """The opened index, its run's config and caption tokenizer: enough to check queries without the model."""
-    from trainer.config import load_config
-    from trainer.data.pipeline import ShardSet
-    from trainer.training.factory import build_tokenizer
-    from trainer.retrieval.index_folder import RetrievalIndex
-
     index = RetrievalIndex(index_dir)
     config = Path(index.meta["config"])
     if not config.is_file():
@@ -137,9 +144,6 @@ def open_index(index_dir: str | Path):
 
 def load_encoder(index, tokenizer):
     """The query encoder of the index's checkpoint (the model, loaded once for the whole session)."""
-    from trainer.eval.evaluation import load_run
-    from trainer.retrieval.query import QueryEncoder
-
     return QueryEncoder(load_run(index.meta["run"], index.meta["checkpoint_tag"]), tokenizer)
 
 
@@ -199,7 +203,6 @@ def run_queries(args) -> int:
 
 
 def serve(args) -> int:
-    from trainer.retrieval.server import create_app, run_server
     index, _, tokenizer = open_index(args.index)
     encoder = load_encoder(index, tokenizer)
     app = create_app(index, encoder, max_query_chars=args.max_query_chars, max_upload_bytes=args.max_upload_mb << 20)
@@ -208,8 +211,6 @@ def serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trainer.eval.evaluation import add_checkpoint_arguments
-
     parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="embed shard sets with a run's checkpoint into a FAISS index folder")
@@ -243,9 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    from trainer.config import ConfigError
-    from trainer.distributed import is_active, shutdown
-
     ours = not is_active()  # the process group this command starts is its to end (a caller's stays up)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -258,8 +256,9 @@ def _main(argv: list[str] | None = None) -> int:
         parser.error(f"export: --batch-size must be at least 1, got {args.batch_size}")
     try:
         if args.command == "export":
-            meta = export_index(args.run, args.out, args.split, args.checkpoint, args.shards, args.index_type,
-                                args.resume, args.overwrite, args.batch_size)
+            meta = export_index(args.run, args.out, ExportOptions(
+                split=args.split, checkpoint=args.checkpoint, shards=tuple(args.shards or ()), kind=args.index_type,
+                resume=args.resume, overwrite=args.overwrite, batch_size=args.batch_size))
             counts = meta["counts"]
             recall = {s: p["recall_at_10"] for s, p in meta["index"].items() if "recall_at_10" in p}
             print(f"{meta['split']} split of {len(meta['sets'])} shard set(s), checkpoint {meta['checkpoint_tag']}: "

@@ -6,7 +6,7 @@ captions; written last, atomically, so it marks the piece complete). The plan nu
 in order, so an interrupted export that runs again skips the pieces already written (as `shards build
 --resume` skips finished shards). Rank r embeds pieces r, r + world, ...; a rank holds one shard's vectors at
 most. Samples are read and encoded as evaluation reads them (trainer.data's parse_meta and decode_image_input,
-trainer.evaluate's _embed_batch); ranks make the same number of forward calls (dummy batches when a rank has
+trainer.eval.evaluation's embed_batch); ranks make the same number of forward calls (dummy batches when a rank has
 nothing left), because under ZeRO-3 each forward call gathers parameters collectively.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from trainer.data.pipeline import BadSample, RegionSpec, ShardSet, decode_image_input, parse_meta, stack_image_inputs
+from trainer.data.pipeline import BadSample, ShardSet, decode_image_input, parse_meta, stack_image_inputs
 from trainer.distributed import all_reduce_max
-from trainer.eval.evaluation import _embed_batch  # the encoder calls evaluation makes, shared on purpose
+from trainer.eval.evaluation import EmbedOptions, embed_batch  # the encoder calls evaluation makes, shared on purpose
 
 log = logging.getLogger(__name__)
 PIECES = "pieces"
@@ -112,32 +112,33 @@ def _batches(todo: list[dict], shardsets: dict, image_size: int, tokenizer, regi
 
 
 @torch.no_grad()
-def embed_pieces(model, shardsets: list[ShardSet], plan: list[dict], out: Path, *, image_size: int,
-                 batch_size: int, tokenizer, regions: RegionSpec | None, rank: int = 0, world: int = 1) -> int:
+def embed_pieces(model, shardsets: list[ShardSet], plan: list[dict], out: Path, options: EmbedOptions, *,
+                 rank: int = 0, world: int = 1) -> int:
     """Write this rank's pieces of `plan` that are not written yet; returns how many it wrote. Every rank
-    calls it (the forward calls are collective under ZeRO-3)."""
+    calls it (the forward calls are collective under ZeRO-3). The sets share one vocabulary (the run's): captions
+    are tokenised by options.tokenizer, or the first set's words."""
     out = Path(out)
+    tokenizer, regions = options.caption_tokenizer(shardsets[0].vocab), options.regions
     (out / PIECES).mkdir(parents=True, exist_ok=True)
     model.eval()
     device = next(iter(model.parameters())).device
     dim = model.embed_dim * (2 if model.local_space else 1)
     todo = [e for e in plan[rank::world] if not piece_done(out, e["piece"])]
     by_root = {str(s.root): s for s in shardsets}
-    batches = _batches(todo, by_root, image_size, tokenizer, regions, batch_size, out, dim)
-    dummy = {"images": torch.zeros(1, 3, image_size, image_size)} if regions is None else \
-        {"images": torch.zeros(1, 1, regions.dim), "image_lengths": torch.ones(1, dtype=torch.long)}
+    batches = _batches(todo, by_root, options.image_size, tokenizer, regions, options.batch_size, out, dim)
+    dummy = options.dummy_inputs()
     written = 0
     while True:
         item = next(batches, None)
         if int(all_reduce_max(torch.tensor([0 if item is None else 1], device=device))[0]) == 0:
             break
         if item is None:  # keep collective forward calls in step with the ranks that still have data
-            _embed_batch(model, dummy, [tokenizer.encode("")], tokenizer.pad_id)
+            embed_batch(model, dummy, [tokenizer.encode("")], tokenizer.pad_id)
             continue
         piece, chunk, last = item
         image_inputs = stack_image_inputs([s["image"] for s in chunk], regions)
         token_lists = [t for s in chunk for t in s["tokens"]]
-        img_g, img_l, cap_g, cap_l = _embed_batch(model, image_inputs, token_lists, tokenizer.pad_id)
+        img_g, img_l, cap_g, cap_l = embed_batch(model, image_inputs, token_lists, tokenizer.pad_id)
         piece.images.append(model.retrieval_vector(img_g, img_l).float().cpu().numpy())
         piece.captions.append(model.retrieval_vector(cap_g, cap_l).float().cpu().numpy())
         piece.rows.extend({"key": s["key"], "image_id": s["image_id"], "captions": s["captions"]} for s in chunk)

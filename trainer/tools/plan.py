@@ -31,12 +31,15 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
 from usercli import OneLineParser, cli_main
 from trainer.config import Config, ConfigError, load_config
+from trainer.data.pipeline import ShardSet
 from trainer.data.text import PAD, UNK, CaptionTokenizer, Vocab
+from trainer.training.factory import build_model, build_tokenizer
 
 GIB = 2**30
 # Peak loss memory per scored (row, column) pair, forward + backward: bench/loss_scaling.py measured ~56 B
@@ -209,10 +212,6 @@ def full_length_caption(tokenizer: CaptionTokenizer) -> list[int]:
 
 
 def make_plan(cfg: Config, world: int, vocab_size: int, num_concepts: int) -> Plan:
-    from types import SimpleNamespace
-
-    from trainer.training.factory import build_model, build_tokenizer
-
     vocab = stand_in_vocab(vocab_size)
     torch.manual_seed(0)
     model = build_model(cfg, SimpleNamespace(vocab=vocab, num_concepts=num_concepts))
@@ -226,8 +225,6 @@ def shard_set_sizes(cfg: Config, vocab_size: int | None, num_concepts: int | Non
     """(vocabulary size, number of concepts): given, or read from the config's shard set."""
     if vocab_size is not None and num_concepts is not None:
         return vocab_size, num_concepts
-    from trainer.data.pipeline import ShardSet
-
     try:
         shardset = ShardSet.open(cfg.data.shards)
     except ValueError as e:

@@ -50,6 +50,7 @@ from trainer.config import Config, ConfigError, save_config
 from trainer.data.pipeline import (BAD_KINDS, RegionSpec, ShardSet, check_image_input, check_shards_for_workers, mix_sets,
                           train_batches)
 from trainer.distributed import DistInfo, gather_no_grad, init_distributed, shutdown
+from trainer.engine.build import backbone_lr, build_engine, deepspeed_config
 from trainer.eval.evaluation import evaluate_split, results_table, write_results
 from trainer.training.factory import build_loss, build_model, build_train_stream, compile_encoders
 from trainer.observe.progress import ProgressBar, progress_enabled
@@ -188,8 +189,6 @@ def check_inputs(cfg: Config, info: DistInfo) -> tuple[ShardSet, list, RegionSpe
 def prepare(cfg: Config) -> tuple[Run, list]:
     """Process group, checks, config saved, model and engine built; (run, corpus mix)."""
     info = init_distributed()
-    from trainer.engine.build import build_engine, deepspeed_config
-
     ds_config = deepspeed_config(cfg, info.world_size)  # refuses disagreeing batch sizes before any work
     shardset, mix, regions = check_inputs(cfg, info)
     out_dir = Path(cfg.run.out_dir)
@@ -370,8 +369,6 @@ def check_health(run: Run, state: RunState) -> None:
 
 
 def window_scalars(run: Run, state: RunState, window: LogWindow) -> dict:
-    from trainer.engine.build import backbone_lr
-
     cfg, engine = run.cfg, run.engine
     elapsed = time.perf_counter() - window.start
     per_update = max(1, window.updates * cfg.engine.grad_accum)

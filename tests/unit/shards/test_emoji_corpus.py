@@ -150,7 +150,8 @@ def test_bad_options_are_refused(tmp_path, capsys):
     assert "nothing to train on" in capsys.readouterr().err
 
 
-def _build(out: Path, *extra: str) -> dict:
+def build_emoji_shards(out: Path, *extra: str) -> dict:
+    """A small emoji shard set (160 emoji, 32 px) built into `out` through the command line; its manifest."""
     assert main(["build", "--source", "emoji", "--out", str(out), "--name", "emoji", "--emoji-limit", "160",
                  "--emoji-image-size", "32", "--shard-size", "50", "--min-concept-count", "2", *extra]) == 0
     return json.loads((out / "manifest.json").read_text())
@@ -168,7 +169,7 @@ def _records(out: Path, manifest: dict) -> dict[str, list[tuple[dict, bytes]]]:
 
 
 def test_build_writes_the_selected_emoji_by_variant_safe_split(tmp_path):
-    manifest = _build(tmp_path / "tagged")
+    manifest = build_emoji_shards(tmp_path / "tagged")
     records = _records(tmp_path / "tagged", manifest)
     chosen = {e.image_id: e for e in select(FONT_PATH, 160)}
     assert sorted(r["image_id"] for rs in records.values() for r, _ in rs) == sorted(chosen)
@@ -188,14 +189,14 @@ def test_build_writes_the_selected_emoji_by_variant_safe_split(tmp_path):
     lemmas = {c["lemma"] for c in json.loads((tmp_path / "tagged" / "concepts.json").read_text())["concepts"]}
     assert {"face", "skin", "flag"} <= lemmas and not lemmas & FRAME_WORDS
     # deterministic: a second build is byte-identical
-    again = _build(tmp_path / "again")
+    again = build_emoji_shards(tmp_path / "again")
     assert again == manifest
     for shard in (s for info in manifest["splits"].values() for s in info["shards"]):
         assert (tmp_path / "again" / shard).read_bytes() == (tmp_path / "tagged" / shard).read_bytes()
 
 
 def test_build_without_a_tagger_labels_with_lookup_lemmas(tmp_path):
-    manifest = _build(tmp_path / "blank", "--spacy-pipeline", "blank")
+    manifest = build_emoji_shards(tmp_path / "blank", "--spacy-pipeline", "blank")
     assert manifest["spacy"]["tagger"] is False and manifest["spacy"]["lemmatizer"] == "lookup"
     assert manifest["spacy"]["pos"] == [] and manifest["build"]["spacy_pipeline"] == "blank"
     lemmas = {c["lemma"] for c in json.loads((tmp_path / "blank" / "concepts.json").read_text())["concepts"]}
@@ -234,7 +235,7 @@ def test_a_small_emoji_set_trains_and_evaluates_with_the_emoji_config(tmp_path):
     from trainer.training.loop import train
 
     shards = tmp_path / "emoji"
-    manifest = _build(shards, *EMOJI_RUN_BUILD)
+    manifest = build_emoji_shards(shards, *EMOJI_RUN_BUILD)
     out = tmp_path / "run"
     final = train(emoji_run_config(shards, out))
     test = manifest["splits"]["test"]

@@ -14,7 +14,7 @@ from PIL import Image
 from shards.__main__ import main
 from shards.builtin_corpus import builtin_samples
 from shards.concepts import ConceptExtractor, build_concept_vocab, concept_ids, union_ids
-from shards.writer import ShardSetWriter
+from shards.writer import RawSample, ShardSetWriter
 from shards.text import Vocab
 
 SIZES = {"train": 40, "val": 12, "test": 15}
@@ -173,7 +173,7 @@ def test_bad_options_are_refused(tmp_path):
 
 
 def write_sample(writer: ShardSetWriter, split: str, image_id: str, ext: str = "png") -> None:
-    writer.write(split, image_id, b"img", ext, ["a red star"], [[0]], [0], "test")
+    writer.write(split, RawSample(image_id, b"img", ext, ["a red star"]), [[0]], [0], "test")
 
 
 MANIFEST_FIELDS = {"source": "test", "num_concepts": 1, "vocab_size": 3, "spacy": {}, "build": {}}
@@ -189,9 +189,9 @@ def test_writer_refuses_duplicate_and_malformed_ids(tmp_path):
         with pytest.raises(ValueError, match="invalid image id"):
             write_sample(writer, "train", bad_id)
     with pytest.raises(ValueError, match="'img-2'.*2 captions but 1"):
-        writer.write("train", "img-2", b"img", "png", ["a", "b"], [[0]], [0], "test")
+        writer.write("train", RawSample("img-2", b"img", "png", ["a", "b"]), [[0]], [0], "test")
     with pytest.raises(ValueError, match="'img-2'.*sorted unique"):
-        writer.write("train", "img-2", b"img", "png", ["a"], [[1, 0]], [0, 1], "test")
+        writer.write("train", RawSample("img-2", b"img", "png", ["a"]), [[1, 0]], [0, 1], "test")
     # pictures may mix formats (sources keep original bytes), but never pictures and region features
     write_sample(writer, "train", "img-2", ext="jpg")
     with pytest.raises(ValueError, match="'img-3'.*pictures or features"):

@@ -600,11 +600,11 @@ def test_resume_keeps_finished_shards_and_matches_a_fresh_build(tmp_path, monkey
     written: list[str] = []
     real_write = ShardSetWriter.write
 
-    def write(self, split, image_id, *rest):
+    def write(self, split, sample, *rest):
         if stop_after is not None and len(written) == stop_after:
             raise KeyboardInterrupt  # the build is killed while writing its third sample
-        written.append(image_id)
-        real_write(self, split, image_id, *rest)
+        written.append(sample.image_id)
+        real_write(self, split, sample, *rest)
     monkeypatch.setattr(ShardSetWriter, "write", write)
 
     out = tmp_path / "out"
