@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 from trainer.config import Config, load_config  # noqa: E402
 from trainer.distributed import init_distributed, shutdown  # noqa: E402
 from trainer.engine.build import backbone_lr, build_engine, deepspeed_config  # noqa: E402
-from trainer.models.embedder import EfficientNetLite0Grid  # noqa: E402
+from trainer.models.image_towers import EfficientNetLite0Grid  # noqa: E402
 from trainer.training.factory import build_loss, build_model  # noqa: E402
 from trainer.training.step import train_step  # noqa: E402
 
@@ -87,7 +87,7 @@ def run(zero: str, info) -> dict:
 
     if zero == "zero3":  # parameters partitioned at construction, weights loaded through GatheredParameters
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            encoder = EfficientNetLite0Grid(image_size=IMAGE_SIZE, cnn_width=1, trainable="full")
+            encoder = EfficientNetLite0Grid(IMAGE_SIZE, trainable="full")
         assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in encoder.parameters()), "not partitioned"
         out["zero_init_weights"] = gathered(encoder.backbone)
         with deepspeed.zero.GatheredParameters(list(encoder.parameters())), torch.no_grad():

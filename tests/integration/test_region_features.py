@@ -21,7 +21,13 @@ from trainer.data.pipeline import (BadSample, RegionSpec, ShardSet, TrainStream,
                           decode_image, image_id_hash)
 from trainer.eval.evaluation import EmbedOptions, embed_split
 from trainer.tools.extract_features import extract, main as extract_main, npy_bytes
-from trainer.models.embedder import GPOPool, HierarchicalEmbedder, build_image_encoder, drop_regions
+from trainer.config import ConfigError
+from trainer.models.configs import EmbedderConfig, ImageTowerConfig
+from trainer.models.embedder import HierarchicalEmbedder
+from trainer.models.gru_text import GRUTextEncoder
+from trainer.models.image_towers import (EfficientNetLite0Grid, RegionFeatures, SmallCNN, build_image_tower,
+                                         drop_regions)
+from trainer.models.pooling import GPOPool
 
 REPO = Path(__file__).resolve().parents[2]
 DIM = 12
@@ -32,12 +38,13 @@ ATOL = 1e-5  # fp32 rounding between two computations in one process (batching, 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def region_model(dropout: float = 0.2, **overrides) -> HierarchicalEmbedder:
+def region_model(dropout: float = 0.2, vocab_size: int = 30, max_words: int = 6) -> HierarchicalEmbedder:
     torch.manual_seed(0)
-    kwargs = dict(vocab_size=30, num_concepts=4, embed_dim=16, image_encoder="regions", word_dim=8, gru_hidden=12,
-                  max_words=6, image_encoder_options={"region_dim": DIM, "max_regions": MAX_REGIONS,
-                                                      "region_dropout": dropout})
-    return HierarchicalEmbedder(**{**kwargs, **overrides})
+    regions = build_image_tower(ImageTowerConfig(kind="regions", region_dim=DIM, max_regions=MAX_REGIONS,
+                                                 region_dropout=dropout))
+    assert isinstance(regions, RegionFeatures)
+    text = GRUTextEncoder(vocab_size, word_dim=8, hidden=12, layers=1)
+    return HierarchicalEmbedder(EmbedderConfig(embed_dim=16, max_words=max_words), regions, text)
 
 
 def features(counts: list[int], width: int | None = None, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,13 +176,11 @@ def test_bad_region_inputs_are_refused(call, message):
 
 
 def test_region_arguments_and_grid_inputs_are_checked():
-    with pytest.raises(ValueError, match="region_dropout"):
-        build_image_encoder("regions", image_size=8, cnn_width=8, region_dim=4, max_regions=2, region_dropout=1.0)
-    with pytest.raises(ValueError, match="max_regions"):
-        build_image_encoder("regions", image_size=8, cnn_width=8, region_dim=4, max_regions=0)
-    with pytest.raises(ValueError, match="image_encoder 'small_cnn'.*region_dim"):
-        build_image_encoder("small_cnn", image_size=8, cnn_width=8, region_dim=4)
-    grid = HierarchicalEmbedder(vocab_size=30, num_concepts=0, embed_dim=8, image_size=16, cnn_width=8)
+    for override in ("model.region_dropout=1.0", "model.max_regions=0", "model.region_dim=0"):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            load_config(None, [override], check_paths=False)
+    grid = HierarchicalEmbedder(EmbedderConfig(embed_dim=8, max_words=6), SmallCNN(image_size=16, cnn_width=8),
+                                GRUTextEncoder(30, 8, 12, 1))
     with pytest.raises(ValueError, match="only for region features"):
         grid.encode_image(torch.zeros(1, 3, 16, 16), torch.tensor([1]))
 
@@ -289,7 +294,7 @@ def test_training_batches_carry_padded_features_and_region_counts(region_shards)
 
 def test_evaluation_embeds_feature_shards_like_encode_image(region_shards):
     shardset = ShardSet.open(region_shards)
-    m = region_model(vocab_size=len(shardset.vocab), num_concepts=shardset.num_concepts, max_words=32)
+    m = region_model(vocab_size=len(shardset.vocab), max_words=32)
     m.train()  # embed_split must switch region dropout off
     emb = embed_split(m, shardset, "test", EmbedOptions(image_size=64, max_words=32, batch_size=5,
                                                        regions=RegionSpec(DIM, MAX_REGIONS)))
@@ -335,7 +340,7 @@ def test_extracted_features_equal_the_backbone_output(picture_shards, extracted)
     assert feats["from_shards"] == str(picture_shards.resolve()) and dst["image_ext"] == "npy"
     for name in ("concepts.json", "vocab.json"):
         assert (extracted / name).read_bytes() == (picture_shards / name).read_bytes()
-    encoder = build_image_encoder("efficientnet_lite0", image_size=64, cnn_width=1).eval()
+    encoder = EfficientNetLite0Grid(image_size=64).eval()
     for split in ("train", "test"):
         originals = list(wds.tarfile_to_samples()([{"url": str(picture_shards / n)}
                                                    for n in src["splits"][split]["shards"]]))

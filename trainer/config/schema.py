@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -157,7 +158,10 @@ class ModelConfig:
                  "applies to a transformer text encoder; it cannot be used with model.text_encoder=gru")
         _require(self.word_vectors is None or bool(self.word_vectors.strip()), "model.word_vectors",
                  "must be null, glove6b50d or a GloVe text file")
-        _require(self.local_score_weight >= 0, "model.local_score_weight", f"must be >= 0, got {self.local_score_weight}")
+        _require(self.image_encoder != "small_cnn" or self.cnn_width % 4 == 0, "model.cnn_width",
+                 f"must be a multiple of 4 for small_cnn (stage widths cnn_width/4, /2, /1), got {self.cnn_width}")
+        _require(math.isfinite(self.local_score_weight) and self.local_score_weight >= 0, "model.local_score_weight",
+                 f"must be a finite number >= 0, got {self.local_score_weight}")
         _require(self.region_dim >= 1, "model.region_dim", f"must be positive, got {self.region_dim}")
         _require(self.max_regions >= 1, "model.max_regions", f"must be positive, got {self.max_regions}")
         _require(0 <= self.region_dropout < 1, "model.region_dropout", f"must be in [0, 1), got {self.region_dropout}")

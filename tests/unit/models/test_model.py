@@ -1,26 +1,35 @@
-"""Tests of trainer.models.embedder: shapes and norms, masking, GPO, the retrieval vector, gradients, fixed module calls."""
+"""Tests of trainer.models (embedder, heads, pooling, image towers, configs): shapes and norms, masking, GPO, the
+retrieval vector, gradients, fixed module calls, the tower registry, and the config rules the model relies on."""
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.models import embedder as model_module
-from trainer.models.embedder import GPOPool, HierarchicalEmbedder, MeanPool, build_image_encoder, register_image_encoder
+from trainer.config import ConfigError, load_config
+from trainer.models import image_towers
+from trainer.models.configs import EmbedderConfig, ImageTowerConfig, TextTowerConfig
+from trainer.models.embedder import HierarchicalEmbedder
+from trainer.models.gru_text import GRUTextEncoder
+from trainer.models.image_towers import SmallCNN, build_image_tower, register_image_tower
+from trainer.models.pooling import GPOPool, MeanPool, build_pooling
 
 VOCAB = 40
 CONCEPTS = 7
-TINY = dict(vocab_size=VOCAB, num_concepts=CONCEPTS, embed_dim=16, cnn_width=8, image_size=16, word_dim=8,
-            gru_hidden=12, max_words=10)
+SPACES = EmbedderConfig(embed_dim=16, max_words=10)
 ATOL = 1e-5  # fp32 rounding between two computations in one process (batching, padding): any CPU
 
 
-def tiny_model(**overrides) -> HierarchicalEmbedder:
+def tiny_model(image_encoder: str = "small_cnn", concept_head: bool = False, **spaces) -> HierarchicalEmbedder:
+    """A small CNN (or `image_encoder`) and a GRU under the heads of SPACES with `spaces` changed."""
     torch.manual_seed(0)
-    return HierarchicalEmbedder(**{**TINY, **overrides}).eval()
+    image = build_image_tower(ImageTowerConfig(kind=image_encoder, image_size=16, cnn_width=8))
+    text = GRUTextEncoder(VOCAB, word_dim=8, hidden=12, layers=1)
+    config = dataclasses.replace(SPACES, num_concepts=CONCEPTS if concept_head else 0, **spaces)
+    return HierarchicalEmbedder(config, image, text).eval()
 
 
 def batch(lengths: list[int], width: int | None = None, seed: int = 1):
@@ -140,7 +149,7 @@ def test_gpo_weights_are_a_distribution_over_the_valid_sorted_positions():
 def test_mean_pooling_averages_only_valid_parts():
     parts = torch.randn(2, 4, 3)
     parts[0, 2:] = float("nan")
-    pooled = MeanPool(max_len=4)(parts, torch.tensor([2, 4]))
+    pooled = MeanPool()(parts, torch.tensor([2, 4]))
     assert torch.allclose(pooled, torch.stack([parts[0, :2].mean(0), parts[1].mean(0)]))
 
 
@@ -225,7 +234,8 @@ def test_every_module_runs_once_per_forward_whatever_the_lengths(pooling):
 
 
 def test_small_cnn_grid_and_coordinate_channels():
-    encoder = build_image_encoder("small_cnn", image_size=32, cnn_width=8)
+    encoder = build_image_tower(ImageTowerConfig(kind="small_cnn", image_size=32, cnn_width=8))
+    assert isinstance(encoder, SmallCNN)
     assert encoder.num_parts == 16 and encoder.out_dim == 8
     assert encoder(torch.randn(2, 3, 32, 32)).shape == (2, 16, 8)
     assert encoder.features[0][0].in_channels == 5
@@ -240,51 +250,96 @@ def test_small_cnn_grid_and_coordinate_channels():
     assert not torch.allclose(before, encoder(uniform))
 
 
-def test_image_encoder_registry_builds_registered_encoders(monkeypatch):
-    monkeypatch.setattr(model_module, "IMAGE_ENCODERS", dict(model_module.IMAGE_ENCODERS))
+def test_image_tower_registry_builds_registered_towers_from_their_config(monkeypatch):
+    monkeypatch.setattr(image_towers, "IMAGE_TOWERS", dict(image_towers.IMAGE_TOWERS))
+    seen = []
 
-    @register_image_encoder("mean_colour")
+    @register_image_tower("mean_colour")
     class MeanColour(nn.Module):
-        def __init__(self, *, image_size: int, cnn_width: int):
+        def __init__(self):
             super().__init__()
             self.num_parts, self.out_dim = 1, 3
             self.scale = nn.Parameter(torch.ones(3))
+
+        @classmethod
+        def from_config(cls, config: ImageTowerConfig) -> MeanColour:
+            seen.append(config)
+            return cls()
 
         def forward(self, images):
             return (images.mean(dim=(2, 3)) * self.scale).unsqueeze(1)
 
     m = tiny_model(image_encoder="mean_colour")
-    assert isinstance(m.image_encoder, MeanColour)
+    assert isinstance(m.image_encoder, MeanColour) and seen[0].kind == "mean_colour"
     assert m(*batch([2, 3]))["img_g"].shape == (2, 16)
     with pytest.raises(ValueError, match="already registered"):
-        register_image_encoder("mean_colour")(MeanColour)
+        register_image_tower("mean_colour")(MeanColour)
+
+
+def test_tower_configs_carry_the_flat_model_keys_to_the_tower_that_uses_them():
+    cfg = load_config(None, ["model.image_encoder=regions", "model.region_dim=12", "model.max_regions=5",
+                             "model.region_dropout=0.1", "data.image_size=32", "data.max_words=9",
+                             "model.word_dim=24", "model.gru_hidden=20", "model.gru_layers=2", "model.embed_dim=48",
+                             "model.pooling=mean", "loss.local=none", "model.local_score_weight=0.5",
+                             "optim.text_lr_mult=0.3"], check_paths=False)
+    image = ImageTowerConfig.from_config(cfg)
+    assert (image.kind, image.image_size, image.region_dim, image.max_regions, image.region_dropout) == \
+        ("regions", 32, 12, 5, 0.1)
+    text = TextTowerConfig.from_config(cfg, vocab_size=30)
+    assert (text.kind, text.vocab_size, text.max_words, text.word_dim, text.gru_hidden, text.gru_layers,
+            text.lr_mult) == ("gru", 30, 9, 24, 20, 2, 0.3)
+    spaces = EmbedderConfig.from_config(cfg, num_concepts=4)
+    assert spaces == EmbedderConfig(embed_dim=48, max_words=9, pooling="mean", local_space=False,
+                                    local_score_weight=0.5, num_concepts=0)  # no concept loss: no concept head
+    tower = build_image_tower(image)
+    assert (tower.out_dim, tower.num_parts, tower.region_dropout) == (12, 5, 0.1)
+    with_concepts = load_config(None, ["loss.concept_bce_weight=0.5"], check_paths=False)
+    assert EmbedderConfig.from_config(with_concepts, num_concepts=4).num_concepts == 4
+    with pytest.raises(ConfigError, match="loss.concept_bce_weight: the shard set lists no concepts"):
+        EmbedderConfig.from_config(with_concepts, num_concepts=0)
 
 
 # ---------------------------------------------------------------------------------------------- refusals
 
 
-@pytest.mark.parametrize("overrides,argument", [
-    (dict(image_encoder="resnet9000"), "image_encoder"),
-    (dict(pooling="max"), "pooling"),
-    (dict(vocab_size=0), "vocab_size"),
-    (dict(embed_dim=-1), "embed_dim"),
-    (dict(cnn_width=0), "cnn_width"),
-    (dict(cnn_width=6), "cnn_width"),
-    (dict(image_size=0), "image_size"),
-    (dict(image_size=20), "image_size"),
-    (dict(word_dim=0), "word_dim"),
-    (dict(gru_hidden=0), "gru_hidden"),
-    (dict(gru_layers=0), "gru_layers"),
-    (dict(max_words=0), "max_words"),
-    (dict(num_concepts=-1), "num_concepts"),
-    (dict(num_concepts=0, concept_head=True), "num_concepts"),
-    (dict(local_space=False, concept_head=True), "concept_head"),
-    (dict(local_score_weight=-0.5), "local_score_weight"),
-    (dict(local_score_weight=math.nan), "local_score_weight"),
+@pytest.mark.parametrize("override,key", [
+    ("model.image_encoder=resnet9000", "model.image_encoder"),
+    ("model.pooling=max", "model.pooling"),
+    ("model.embed_dim=-1", "model.embed_dim"),
+    ("model.cnn_width=0", "model.cnn_width"),
+    ("model.cnn_width=6", "model.cnn_width"),
+    ("data.image_size=0", "data.image_size"),
+    ("data.image_size=20", "data.image_size"),
+    ("model.word_dim=0", "model.word_dim"),
+    ("model.gru_hidden=0", "model.gru_hidden"),
+    ("model.gru_layers=0", "model.gru_layers"),
+    ("data.max_words=0", "data.max_words"),
+    ("model.local_score_weight=-0.5", "model.local_score_weight"),
+    ("model.local_score_weight=.nan", "model.local_score_weight"),
+    ("model.local_score_weight=.inf", "model.local_score_weight"),
+    ("model.region_dim=0", "model.region_dim"),
+    ("model.max_regions=0", "model.max_regions"),
+    ("model.region_dropout=1.0", "model.region_dropout"),
+    ("model.backbone_trainable=some", "model.backbone_trainable"),
+    ("model.backbone_trainable_blocks=17", "model.backbone_trainable_blocks"),
 ])
-def test_bad_arguments_are_refused_by_name(overrides, argument):
-    with pytest.raises(ValueError, match=argument):
-        HierarchicalEmbedder(**{**TINY, **overrides})
+def test_the_model_rules_are_the_configs_and_name_the_key(override, key):
+    """The model code does not check these again: the config refuses them once, naming the key."""
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override], check_paths=False)
+
+
+def test_a_direct_caller_gets_a_named_error_where_the_model_would_misbehave():
+    with pytest.raises(ValueError, match="num_concepts needs local_space"):
+        tiny_model(concept_head=True, local_space=False)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        build_pooling("max", 4)
+    with pytest.raises(ValueError, match="image_encoder must be one of"):
+        build_image_tower(ImageTowerConfig(kind="resnet9000"))
+    with pytest.raises(ValueError, match="image_size must be a multiple of 8"):
+        SmallCNN(image_size=20, cnn_width=8)
+    with pytest.raises(ValueError, match="pe_dim must be even"):
+        GPOPool(4, pe_dim=5)
 
 
 def test_bad_inputs_are_refused():

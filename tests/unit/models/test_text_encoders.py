@@ -25,7 +25,7 @@ from trainer.data.pipeline import ShardSet, TrainStream, pad_tokens
 from trainer.engine.build import param_groups
 from trainer.eval.evaluation import EmbedOptions, embed_split
 from trainer.retrieval.query import QueryEncoder
-from trainer.models.embedder import GRUTextEncoder
+from trainer.models.gru_text import GRUTextEncoder
 from trainer.models.hf_text import TransformerTokenizer, enable_checkpointing, load_text_transformer, model_folder
 from trainer.data.text import PAD, UNK, Vocab, WordTokenizer
 from trainer.models.text_encoders import caption_tokenizer, init_word_embeddings

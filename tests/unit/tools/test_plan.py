@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,8 +26,9 @@ sys.path.insert(0, str(REPO / "tests" / "helpers"))
 
 from trainer.config import load_config  # noqa: E402
 from trainer.tools.plan import (  # noqa: E402
-    gathered_bytes, loss_bytes, main as plan_main, make_plan, model_state_bytes,
+    gathered_bytes, loss_bytes, main as plan_main, make_plan, model_state_bytes, stand_in_vocab,
 )
+from trainer.training.factory import build_model  # noqa: E402
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 STAGES = ("zero0", "zero1", "zero2", "zero3")
@@ -99,15 +101,11 @@ def _activation_config():
 def worker_activation_peak(out: Path) -> None:
     sys.path.insert(0, str(REPO / "bench"))
     from loss_scaling import measure_peak_increase
-    from trainer.models.embedder import HierarchicalEmbedder
 
     torch.set_num_threads(1)
     cfg = _activation_config()
-    m = cfg.model
     torch.manual_seed(0)
-    model = HierarchicalEmbedder(vocab_size=50, num_concepts=20, embed_dim=m.embed_dim, cnn_width=m.cnn_width,
-                                 image_size=cfg.data.image_size, word_dim=m.word_dim, gru_hidden=m.gru_hidden,
-                                 max_words=cfg.data.max_words)
+    model = build_model(cfg, SimpleNamespace(vocab=stand_in_vocab(50), num_concepts=20))
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(ACTIVATION_BATCH, 3, 32, 32, generator=gen)
     tokens = torch.randint(1, 50, (ACTIVATION_BATCH, 12), generator=gen)
