@@ -183,7 +183,7 @@ class LoadedRun:
 def open_run_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
     """The config a run folder was trained with (its config.yaml, overrides applied), checked; a missing or
     wrong folder is refused naming it (ConfigError)."""
-    from trainer.config import ConfigError, load_config
+    from trainer.config import ConfigError, load_run_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -193,7 +193,7 @@ def open_run_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"--run {run_dir} has no config.yaml: not a run folder written by trainer.train "
                           f"(give its run.out_dir)")
     try:
-        return load_config(run_dir / "config.yaml", list(overrides))
+        return load_run_config(run_dir / "config.yaml", list(overrides))  # read through renamed keys
     except ConfigError as e:  # a cut or edited config.yaml reads as a wrong value: say which file holds it
         where = str(run_dir / "config.yaml")
         raise ConfigError(str(e) if where in str(e) else f"{where} (the run's config, with overrides): {e}") from e

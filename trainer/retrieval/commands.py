@@ -122,7 +122,7 @@ def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = N
 
 def open_index(index_dir: str | Path):
     """The opened index, its run's config and caption tokenizer: enough to check queries without the model."""
-    from trainer.config import load_config
+    from trainer.config import load_run_config
     from trainer.data.pipeline import ShardSet
     from trainer.training.factory import build_tokenizer
     from trainer.retrieval.index_folder import RetrievalIndex
@@ -131,7 +131,7 @@ def open_index(index_dir: str | Path):
     config = Path(index.meta["config"])
     if not config.is_file():
         raise FileNotFoundError(f"{config}, the run config named by {index.folder / 'index.json'}, does not exist")
-    cfg = load_config(config, [])
+    cfg = load_run_config(config, [])  # the run's own config.yaml: read through renamed keys
     return index, cfg, build_tokenizer(cfg, ShardSet.open(cfg.data.shards).vocab)
 
 
