@@ -177,9 +177,8 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     margin: float = 0.2
-    # The hinges (global and adaptive_hinge) sum the violations before this step, take the hardest negative after.
-    # Not optim.warmup_steps, the LR warmup.
-    hinge_warmup_steps: int = 200
+    # Not optim.warmup_steps (the LR's): the hinges (global, adaptive_hinge) switch from summed violations here.
+    hinge_warmup_steps: int = 200  # sum of violations before this step, hardest negative after
     local: Literal["contrastive", "adaptive_hinge", "none"] = "contrastive"  # none = global space only
     local_weight: float = 1.0  # b in L = L_g + b L_l
     temperature: float = 0.05
