@@ -19,7 +19,7 @@ Variants (loss options, see trainer/config/schema.py's LossConfig):
   none_infonce / concepts_infonce / shuffled_infonce   InfoNCE global loss (label variants: matches excluded)
 
     python bench/ablation.py --seeds 0 1 2 3 4 --steps 300 --variants concepts_mass shuffled_mass none \\
-        --out runs/hn100 loss.warmup_steps=100           # train what is missing (2 runs at a time), then report
+        --out runs/hn100 loss.hinge_warmup_steps=100     # train what is missing (2 runs at a time), then report
     python bench/ablation.py --no-train --out runs/hn100 --variants ...   # rebuild the table from finished runs
 
 A finished run (its eval JSON present) is reused, so an interrupted ablation continues where it stopped and

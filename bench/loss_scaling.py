@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from trainer.config import LossConfig
 from trainer.loss.hierarchical import HierarchicalLoss
 from trainer.tools.plan import loss_bytes
 
@@ -111,8 +112,8 @@ def run_worker(method: str, num: int, args: argparse.Namespace) -> dict:
     world = num // n
     offset = (world // 2) * n  # a rank in the middle: its rows are neither the first nor the last
     data = make_global_batch(num, args.dim, args.concepts, args.active_concepts, args.seed)
-    loss_fn = HierarchicalLoss()
-    step = loss_fn.warmup_steps  # the hardest-negative (max) hinge, as after warmup
+    loss_fn = HierarchicalLoss(LossConfig())
+    step = loss_fn.cfg.hinge_warmup_steps  # the hardest-negative (max) hinge, as after warmup
 
     if method == "ours":
         rows, row_offset = n, offset
@@ -139,7 +140,7 @@ def run_worker(method: str, num: int, args: argparse.Namespace) -> dict:
     # Load kernels and autograd machinery on a tiny batch first, so the measured peak is the loss's own.
     tiny = make_global_batch(2 * n, args.dim, args.concepts, args.active_concepts, args.seed + 1)
     tiny["img_g"].requires_grad_(True)
-    HierarchicalLoss()(tiny, row_offset=0, num_rows=n, step=step)["loss"].backward()
+    loss_fn(tiny, row_offset=0, num_rows=n, step=step)["loss"].backward()
     del tiny
 
     peak_mb, first_s, memory_method = measure_peak_increase(forward_backward)

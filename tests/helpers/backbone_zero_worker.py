@@ -41,7 +41,7 @@ def make_config(zero: str) -> Config:
         "model.image_encoder=efficientnet_lite0", "model.backbone_trainable=partial",
         "model.backbone_trainable_blocks=1", "model.embed_dim=16", "model.gru_hidden=16", "model.word_dim=8",
         "optim.lr=1e-3", "optim.backbone_lr_mult=1.0", "optim.backbone_freeze_steps=1", "optim.warmup_steps=0",
-        "loss.warmup_steps=0", "run.seed=0"], check_paths=False)
+        "loss.hinge_warmup_steps=0", "run.seed=0"], check_paths=False)
 
 
 def fixed_batch() -> dict:

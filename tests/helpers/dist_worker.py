@@ -50,7 +50,7 @@ def make_config(zero: str, batch_size: int, grad_accum: int = 1, precision: str 
         f"engine.grad_accum={grad_accum}", f"engine.precision={precision}", f"data.batch_size={batch_size}",
         f"data.image_size={IMAGE_SIZE}", f"data.max_words={MAX_WORDS}", "model.embed_dim=32", "model.cnn_width=16",
         "model.gru_hidden=32", "model.word_dim=16", f"optim.lr={LR}", "optim.warmup_steps=0",
-        "loss.warmup_steps=0", "loss.concept_bce_weight=0.5", f"run.seed={SEED}",
+        "loss.hinge_warmup_steps=0", "loss.concept_bce_weight=0.5", f"run.seed={SEED}",
     ], check_paths=False)
 
 

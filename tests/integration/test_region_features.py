@@ -421,7 +421,7 @@ def test_butd_configs_follow_vse_infinity_and_build(name, warmup):
     m, o = cfg.model, cfg.optim
     assert (m.image_encoder, m.region_dim, m.max_regions, m.region_dropout) == ("regions", 2048, 36, 0.2)
     assert (m.embed_dim, m.pooling, o.lr, cfg.data.batch_size, cfg.loss.margin) == (1024, "gpo", 5e-4, 128, 0.2)
-    assert cfg.loss.warmup_steps == warmup and o.grad_clip == 2.0  # one epoch of captions, summed violations
+    assert cfg.loss.hinge_warmup_steps == warmup and o.grad_clip == 2.0  # one epoch of captions, summed violations
     model = build_model(cfg, SimpleNamespace(vocab=[None] * 100, num_concepts=10))
     assert model.image_global.project.linear.in_features == 2048 and model.image_global.pool.max_len == 36
     assert model.variable_image_parts

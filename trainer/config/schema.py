@@ -10,6 +10,7 @@ is refused with a message that names the key (`ConfigError`). The resolved tree 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -31,6 +32,14 @@ class ConfigError(UserError, ValueError):
 
 # A YAML file's top-level `base: other.yaml` (relative to that file) makes it an override of other.yaml.
 BASE_KEY = "base"
+
+# Keys renamed since they were first written: old dotted key -> (new dotted key, why). A user's file or override
+# that still uses the old name is refused naming the new one; a run folder's own config.yaml, written before the
+# rename, is read under the new names (load_run_config). A later rename adds one line here.
+RENAMED_KEYS: dict[str, tuple[str, str]] = {
+    "loss.warmup_steps": ("loss.hinge_warmup_steps",
+                          "the hinge's sum-to-hardest-negative switch; optim.warmup_steps is the LR warmup"),
+}
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -172,7 +181,8 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     margin: float = 0.2
-    warmup_steps: int = 200  # sum of violations before this step, hardest negative after
+    # Not optim.warmup_steps (the LR's): the hinges (global, adaptive_hinge) switch from summed violations here.
+    hinge_warmup_steps: int = 200  # sum of violations before this step, hardest negative after
     local: Literal["contrastive", "adaptive_hinge", "none"] = "contrastive"  # none = global space only
     local_weight: float = 1.0  # b in L = L_g + b L_l
     temperature: float = 0.05
@@ -195,8 +205,10 @@ class LossConfig:
 
     def __post_init__(self) -> None:  # this section's rules, checked when it is built
         _require(self.margin >= 0, "loss.margin", f"must be >= 0, got {self.margin}")
-        _require(self.warmup_steps >= 0, "loss.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(self.hinge_warmup_steps >= 0, "loss.hinge_warmup_steps",
+                 f"must be >= 0, got {self.hinge_warmup_steps}")
         _require(self.temperature > 0, "loss.temperature", f"must be positive, got {self.temperature}")
+        _require(self.local_margin >= 0, "loss.local_margin", f"must be >= 0, got {self.local_margin}")
         _require(self.label_mass is None or 0 <= self.label_mass < 1, "loss.label_mass",
                  f"must be null or in [0, 1), got {self.label_mass}")
         _require(self.local_weight >= 0, "loss.local_weight", f"must be >= 0, got {self.local_weight}")
@@ -352,6 +364,9 @@ def _refuse_unknown(cls: type, data: dict, prefix: str, where: str = "") -> None
     known = {f.name for f in dataclasses.fields(cls)}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
+        if key not in known and full in RENAMED_KEYS:
+            new_key, why = RENAMED_KEYS[full]
+            raise ConfigError(f"{where}{full}: renamed to {new_key} ({why})")
         if key not in known:
             raise ConfigError(f"{where}{full}: unknown key (known: {', '.join(sorted(known))})")
         if dataclasses.is_dataclass(hints[key]):
@@ -423,28 +438,71 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
-def read_config_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+def follow_renames(tree: dict, where: str = "") -> dict:
+    """A copy of `tree` with every key of RENAMED_KEYS moved to its new name (for files written before the
+    rename); a tree that holds both names is refused, as it is unclear which one was meant."""
+    tree = copy.deepcopy(tree)  # the caller's tree is left as it was
+    for old, (new, _why) in RENAMED_KEYS.items():
+        *old_path, old_leaf = old.split(".")
+        *new_path, new_leaf = new.split(".")
+        old_parent, new_parent = _section(tree, old_path), _section(tree, new_path)
+        if old_parent is None or old_leaf not in old_parent:
+            continue
+        if new_parent is not None and new_leaf in new_parent:
+            raise ConfigError(f"{where}{old}: renamed to {new}, and both are given; keep only {new}")
+        value = old_parent.pop(old_leaf)
+        node = tree
+        for part in new_path:
+            node = node.setdefault(part, {})
+        node[new_leaf] = value
+    return tree
+
+
+def _section(tree: dict, path: list[str]) -> dict | None:
+    """The mapping at `path` in `tree`, or None where it is missing or not a mapping."""
+    node = tree
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None
+
+
+def read_config_tree(path: str | Path, _chain: tuple[Path, ...] = (), *, renamed: bool = False) -> dict:
     """The YAML tree of `path` with its `base:` chain resolved: each file names at most one base file (relative
     to itself), whose tree it deep-merges over. Unknown keys are refused naming their file; cycles naming the
-    files of the loop."""
+    files of the loop. Keys renamed since (RENAMED_KEYS) are refused naming the new key, or with renamed=True
+    read under their new name (a run folder's own config.yaml, written before the rename)."""
     path = Path(path)
     if path.resolve() in _chain:
         loop = [str(p) for p in _chain[_chain.index(path.resolve()):]] + [str(path.resolve())]
         raise ConfigError(f"config file {path}: `{BASE_KEY}` files form a cycle: {' -> '.join(loop)}")
     tree = _read_yaml(path)
+    if renamed:
+        tree = follow_renames(tree, where=f"config file {path}: ")
     base = tree.pop(BASE_KEY, None)
     _refuse_unknown(Config, tree, "", where=f"config file {path}: ")
     if base is None:
         return tree
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(f"config file {path}: {BASE_KEY}: expected the file name of a base config, got {base!r}")
-    return _merge(read_config_tree(path.parent / base, _chain + (path.resolve(),)), tree)
+    return _merge(read_config_tree(path.parent / base, _chain + (path.resolve(),), renamed=renamed), tree)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), check_paths: bool = True) -> Config:
     """Defaults <- YAML file (after its `base:` chain) <- overrides, then type and value checks. Raises
     ConfigError naming the key."""
     tree: dict = read_config_tree(path) if path is not None else {}
+    return _resolve(tree, overrides, check_paths)
+
+
+def load_run_config(path: str | Path, overrides: list[str] = (), check_paths: bool = True) -> Config:
+    """A run folder's config.yaml (as trainer.train saved it) <- overrides. The file is the run's record, not
+    user input: keys renamed since it was written are read under their new names. The overrides are the user's
+    and are checked like load_config's."""
+    return _resolve(read_config_tree(path, renamed=True), overrides, check_paths)
+
+
+def _resolve(tree: dict, overrides: list[str], check_paths: bool) -> Config:
+    """The checked Config of a file's tree with the command-line overrides merged over it."""
     for override in overrides:
         patch: dict = {}
         _apply_override(patch, override)

@@ -22,7 +22,7 @@ import torch
 
 from usercli import OneLineParser, cli_main
 from trainer.eval import metrics
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import Config, ConfigError, load_config, load_run_config
 from trainer.data.pipeline import RegionSpec, ShardSet, iter_eval_samples, pad_tokens, stack_image_inputs
 from trainer.distributed import (DistInfo, all_reduce_max, broadcast_object, gather_no_grad, gather_objects_to_main,
                                  gather_rows_to_main, init_distributed, shutdown)
@@ -220,7 +220,7 @@ def open_run_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"--run {run_dir} has no config.yaml: not a run folder written by trainer.train "
                           f"(give its run.out_dir)")
     try:
-        return load_config(run_dir / "config.yaml", list(overrides))
+        return load_run_config(run_dir / "config.yaml", list(overrides))  # read through renamed keys
     except ConfigError as e:  # a cut or edited config.yaml reads as a wrong value: say which file holds it
         where = str(run_dir / "config.yaml")
         raise ConfigError(str(e) if where in str(e) else f"{where} (the run's config, with overrides): {e}") from e

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from usercli import OneLineParser, cli_main, one_line
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError, load_config, load_run_config
 from trainer.data.pipeline import ShardSet
 from trainer.distributed import broadcast_object, is_active, shutdown
 from trainer.engine.checkpoint import CheckpointError, find, refuse_sharded_weights_elsewhere
@@ -138,7 +138,7 @@ def open_index(index_dir: str | Path):
     config = Path(index.meta["config"])
     if not config.is_file():
         raise FileNotFoundError(f"{config}, the run config named by {index.folder / 'index.json'}, does not exist")
-    cfg = load_config(config, [])
+    cfg = load_run_config(config, [])  # the run's own config.yaml: read through renamed keys
     return index, cfg, build_tokenizer(cfg, ShardSet.open(cfg.data.shards).vocab)
 
 

@@ -47,13 +47,8 @@ def compile_encoders(model: HierarchicalEmbedder, backend: str) -> None:
 
 
 def build_loss(cfg: Config) -> HierarchicalLoss:
-    lo = cfg.loss
-    return HierarchicalLoss(margin=lo.margin, warmup_steps=lo.warmup_steps, local=lo.local,
-                            local_weight=lo.local_weight, temperature=lo.temperature, local_margin=lo.local_margin,
-                            concept_bce_weight=lo.concept_bce_weight, labels=lo.labels, seed=cfg.run.seed,
-                            label_mass=lo.label_mass, global_loss=lo.global_loss,
-                            global_temperature=lo.global_temperature, global_label_margin=lo.global_label_margin,
-                            global_exclude_above=lo.global_exclude_above)
+    """The loss of the config's loss section; run.seed drives the shuffled-label control."""
+    return HierarchicalLoss(cfg.loss, seed=cfg.run.seed)
 
 
 def build_tokenizer(cfg: Config, vocab: Vocab) -> CaptionTokenizer:

@@ -1,11 +1,19 @@
 """HierarchicalLoss against a slow per-pair reference written straight from the formulas in DESIGN.md."""
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.loss.hierarchical import HierarchicalLoss, caption_containment, jaccard, shuffle_permutation
+from trainer.config import ConfigError, LossConfig, load_config
+from trainer.loss.global_terms import HingeGlobal, InfoNCEGlobal
+from trainer.loss.hierarchical import HierarchicalLoss
+from trainer.loss.labels import (ConceptLabels, NoLabels, ShuffledLabels, caption_containment, jaccard,
+                                 shuffle_permutation)
+from trainer.loss.local_terms import AdaptiveHingeLocal, NoLocal, SoftContrastiveLocal, soft_contrastive
+from trainer.loss.registry import GLOBAL_TERMS, LABEL_SOURCES, LOCAL_TERMS
 
 EMBED_KEYS = ("img_g", "img_l", "txt_g", "txt_l")
 TOL = dict(rtol=1e-6, atol=1e-6)
@@ -78,6 +86,12 @@ def ref_terms(batch, *, local, labels, margin=0.2, local_margin=0.2, temperature
 
 
 # ----------------------------------------------------------------------------------------- helpers
+def make_loss(*, seed: int = 0, **options) -> HierarchicalLoss:
+    """The loss of LossConfig(**options), with hinge_warmup_steps 0 unless given: the hardest negative from step
+    0 (the config's default is 200)."""
+    return HierarchicalLoss(LossConfig(**{"hinge_warmup_steps": 0, **options}), seed=seed)
+
+
 def make_batch(n=6, d=4, k=5, ids=(0, 1, 1, 2, 3, 3), seed=0, dtype=torch.float64):
     """Random unit embeddings as leaves; duplicate image ids so that masking is exercised everywhere."""
     g = torch.Generator().manual_seed(seed)
@@ -110,7 +124,7 @@ def assert_same(ours, ref, batch):
 @pytest.mark.parametrize("step", [0, 5], ids=["warmup-sum", "hardest"])
 def test_matches_reference(local, labels, step):
     batch = make_batch()
-    loss_fn = HierarchicalLoss(margin=0.2, warmup_steps=5, local=local, temperature=0.1, local_margin=0.3,
+    loss_fn = make_loss(margin=0.2, hinge_warmup_steps=5, local=local, temperature=0.1, local_margin=0.3,
                                labels=labels, local_weight=0.7)
     out = loss_fn(batch, step=step)
     ref = ref_terms(batch, local=local, labels=labels, margin=0.2, local_margin=0.3, temperature=0.1,
@@ -129,7 +143,7 @@ def test_matches_reference(local, labels, step):
 def test_warmup_sum_exceeds_hardest_and_local_none_is_global_only():
     batch = make_batch()
     batch = {k: v for k, v in batch.items() if k not in ("img_l", "txt_l")}
-    loss_fn = HierarchicalLoss(local="none", warmup_steps=3)
+    loss_fn = make_loss(local="none", hinge_warmup_steps=3)
     warm, after = loss_fn(batch, step=2), loss_fn(batch, step=3)
     assert warm["global"] > after["global"] > 0  # several violating negatives per row
     assert "local" not in after and torch.equal(after["loss"], after["global"])
@@ -142,7 +156,7 @@ def test_second_caption_of_same_picture_is_never_a_negative():
     img = torch.stack([e[0], e[0], e[1]])
     txt = torch.stack([F.normalize(e[0] + e[2], dim=0), e[0], F.normalize(e[0] + e[1], dim=0)])
     batch = {"img_g": img, "txt_g": txt, "img_l": img, "txt_l": txt, "image_ids": torch.tensor([5, 5, 9])}
-    out = HierarchicalLoss(local="contrastive", labels="none", temperature=0.5)(batch)
+    out = make_loss(local="contrastive", labels="none", temperature=0.5)(batch)
     s = img @ txt.T
 
     def hinge(x):
@@ -162,15 +176,15 @@ def test_second_caption_of_same_picture_is_never_a_negative():
     assert torch.allclose(out["local_i2t"], expected_i2t, **TOL)
     assert torch.allclose(out["local_t2i"], expected_t2i, **TOL)
     # Were caption 1 a negative of image 0 it would be the hardest one: the loss would grow.
-    unmasked = HierarchicalLoss(local="contrastive", labels="none")({**batch, "image_ids": torch.tensor([5, 6, 9])})
+    unmasked = make_loss(local="contrastive", labels="none")({**batch, "image_ids": torch.tensor([5, 6, 9])})
     assert unmasked["global_i2t"] > out["global_i2t"] + 0.05
 
 
 def test_batch_of_one_picture_has_no_negatives():
     batch = make_batch(n=3, ids=(4, 4, 4))
-    out = HierarchicalLoss(local="adaptive_hinge", labels="none")(batch)
+    out = make_loss(local="adaptive_hinge", labels="none")(batch)
     assert out["global"] == 0 and out["local"] == 0 and out["label_mean"] == 0
-    distinct = HierarchicalLoss(local="adaptive_hinge", labels="none")({**batch, "image_ids": torch.arange(3)})
+    distinct = make_loss(local="adaptive_hinge", labels="none")({**batch, "image_ids": torch.arange(3)})
     assert distinct["global"] > 0  # the same embeddings do violate the margin once the pairs are negatives
 
 
@@ -181,7 +195,7 @@ def test_batch_of_one_picture_has_no_negatives():
 def test_row_slices_decompose_the_full_batch(sizes, local, labels, step):
     batch = make_batch()
     n = len(batch["image_ids"])
-    loss_fn = HierarchicalLoss(local=local, labels=labels, warmup_steps=5, concept_bce_weight=0.5, seed=3)
+    loss_fn = make_loss(local=local, labels=labels, hinge_warmup_steps=5, concept_bce_weight=0.5, seed=3)
     g = torch.Generator().manual_seed(1)
     logits = [torch.randn(n, 5, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2)]
     full = loss_fn(batch, step=step, concept_logits=tuple(logits))
@@ -199,7 +213,7 @@ def test_row_slices_decompose_the_full_batch(sizes, local, labels, step):
 
 def test_default_rows_run_from_offset_to_end():
     batch = make_batch()
-    loss_fn = HierarchicalLoss()
+    loss_fn = make_loss()
     assert torch.equal(loss_fn(batch, row_offset=2)["loss"], loss_fn(batch, row_offset=2, num_rows=4)["loss"])
 
 
@@ -218,12 +232,12 @@ def test_jaccard_hand_computed_with_empty_sets():
 
 def test_labels_none_gives_zero_labels_and_plain_identity_targets():
     batch = make_batch()
-    out = HierarchicalLoss(labels="none")(batch)
+    out = make_loss(labels="none")(batch)
     assert out["label_mean"] == 0
     unlabelled = {**batch, "image_concepts": torch.zeros(6, 5), "caption_concepts": torch.zeros(6, 5)}
-    same = HierarchicalLoss(labels="concepts")(unlabelled)
+    same = make_loss(labels="concepts")(unlabelled)
     assert torch.allclose(out["local"], same["local"], **TOL)
-    assert not torch.allclose(out["local"], HierarchicalLoss(labels="concepts")(batch)["local"], **TOL)
+    assert not torch.allclose(out["local"], make_loss(labels="concepts")(batch)["local"], **TOL)
 
 
 def test_shuffle_permutation_is_shared_and_changes_per_step():
@@ -237,17 +251,17 @@ def test_shuffle_permutation_is_shared_and_changes_per_step():
 @pytest.mark.parametrize("local", ["contrastive", "adaptive_hinge"])
 def test_shuffled_labels_are_the_concepts_permuted_by_seed_and_step(local):
     batch = make_batch()
-    shuffled = HierarchicalLoss(local=local, labels="shuffled", seed=11)
+    shuffled = make_loss(local=local, labels="shuffled", seed=11)
     for step in (0, 1):
         perm = shuffle_permutation(6, seed=11, step=step)
         permuted = {**batch, "image_concepts": batch["image_concepts"][perm],
                     "caption_concepts": batch["caption_concepts"][perm]}
-        expected = HierarchicalLoss(local=local, labels="concepts")(permuted)["loss"]
+        expected = make_loss(local=local, labels="concepts")(permuted)["loss"]
         assert torch.allclose(shuffled(batch, step=step)["loss"], expected, **TOL)
-    again = HierarchicalLoss(local=local, labels="shuffled", seed=11)
+    again = make_loss(local=local, labels="shuffled", seed=11)
     assert torch.equal(shuffled(batch, step=4)["loss"], again(batch, step=4)["loss"])
     assert not torch.allclose(shuffled(batch, step=0)["loss"], shuffled(batch, step=1)["loss"], **TOL)
-    plain = HierarchicalLoss(local=local, labels="concepts")(batch)["loss"]
+    plain = make_loss(local=local, labels="concepts")(batch)["loss"]
     assert not torch.allclose(shuffled(batch, step=0)["loss"], plain, **TOL)
 
 
@@ -258,8 +272,8 @@ def test_adaptive_hinge_negative_with_full_label_contributes_nothing():
     concepts = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # every pair shares every concept: Y = 1
     batch = {"img_g": img, "txt_g": txt, "img_l": img, "txt_l": txt, "image_ids": torch.tensor([0, 1]),
              "image_concepts": concepts, "caption_concepts": concepts}
-    labelled = HierarchicalLoss(local="adaptive_hinge", local_margin=0.2)(batch)
-    unlabelled = HierarchicalLoss(local="adaptive_hinge", local_margin=0.2, labels="none")(batch)
+    labelled = make_loss(local="adaptive_hinge", local_margin=0.2)(batch)
+    unlabelled = make_loss(local="adaptive_hinge", local_margin=0.2, labels="none")(batch)
     s = img @ txt.T
     assert labelled["local_i2t"] == 0 and labelled["label_mean"] == 1
     expected = ((0.2 - s[0, 0] + s[0, 1]) + (0.2 - s[1, 1] + s[1, 0])) / 2
@@ -278,7 +292,7 @@ def test_concept_bce_matches_torch_and_enters_the_total():
     batch["caption_concepts"] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     image_logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]], dtype=torch.float64)
     caption_logits = torch.tensor([[-0.5, 1.0, 0.0], [1.5, 2.0, -3.0]], dtype=torch.float64)
-    loss_fn = HierarchicalLoss(concept_bce_weight=0.3, local_weight=2.0)
+    loss_fn = make_loss(concept_bce_weight=0.3, local_weight=2.0)
     out = loss_fn(batch, concept_logits=(image_logits, caption_logits))
     bce = torch.nn.BCEWithLogitsLoss()
     expected = bce(image_logits, batch["image_concepts"].double()) + bce(caption_logits,
@@ -293,7 +307,7 @@ def test_concept_bce_targets_follow_the_shuffle():
     batch = make_batch()
     g = torch.Generator().manual_seed(2)
     logits = (torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g))
-    out = HierarchicalLoss(labels="shuffled", seed=1, concept_bce_weight=1.0)(batch, step=2, concept_logits=logits)
+    out = make_loss(labels="shuffled", seed=1, concept_bce_weight=1.0)(batch, step=2, concept_logits=logits)
     perm = shuffle_permutation(6, seed=1, step=2)
     expected = (F.binary_cross_entropy_with_logits(logits[0], batch["image_concepts"][perm])
                 + F.binary_cross_entropy_with_logits(logits[1], batch["caption_concepts"][perm]))
@@ -303,9 +317,9 @@ def test_concept_bce_targets_follow_the_shuffle():
 # ----------------------------------------------------------------------------------------- precision
 def test_bf16_inputs_are_scored_in_float32():
     batch = make_batch(dtype=torch.bfloat16)
-    out = HierarchicalLoss()(batch)
+    out = make_loss()(batch)
     upcast = {k: v.detach().float() if k in EMBED_KEYS else v for k, v in batch.items()}
-    expected = HierarchicalLoss()(upcast)
+    expected = make_loss()(upcast)
     assert out["loss"].dtype == torch.float32
     assert torch.allclose(out["loss"], expected["loss"], rtol=1e-6, atol=1e-6)
     out["loss"].backward()
@@ -313,38 +327,67 @@ def test_bf16_inputs_are_scored_in_float32():
 
 
 # ----------------------------------------------------------------------------------------- refusals
-@pytest.mark.parametrize("kwargs,name", [
-    ({"local": "infonce"}, "local"), ({"labels": "random"}, "labels"), ({"temperature": 0.0}, "temperature"),
-    ({"temperature": -1.0}, "temperature"), ({"local_weight": -0.1}, "local_weight"),
-    ({"concept_bce_weight": -1.0}, "concept_bce_weight"), ({"margin": -0.2}, "margin"),
-    ({"local_margin": -0.2}, "local_margin"), ({"warmup_steps": -1}, "warmup_steps"),
-    ({"concept_bce_weight": 1.0, "labels": "none"}, "concept_bce_weight"),
+@pytest.mark.parametrize("override,key", [
+    ("loss.local=infonce", "loss.local"), ("loss.labels=random", "loss.labels"),
+    ("loss.temperature=0", "loss.temperature"),
+    ("loss.temperature=-1", "loss.temperature"), ("loss.local_weight=-0.1", "loss.local_weight"),
+    ("loss.concept_bce_weight=-1", "loss.concept_bce_weight"), ("loss.margin=-0.2", "loss.margin"),
+    ("loss.local_margin=-0.2", "loss.local_margin"), ("loss.hinge_warmup_steps=-1", "loss.hinge_warmup_steps"),
+    ("loss.concept_bce_weight=1.0 loss.labels=none", "loss.concept_bce_weight"),
 ])
-def test_constructor_refusals_name_the_argument(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        HierarchicalLoss(**kwargs)
+def test_config_refusals_name_the_key(override, key):
+    """The loss's values are checked once, by LossConfig, when the config is read."""
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, override.split(), check_paths=False)
+
+
+# ----------------------------------------------------------------------------------------- parts by config string
+@pytest.mark.parametrize("name,cls", [("hinge", HingeGlobal), ("infonce", InfoNCEGlobal)])
+def test_global_term_is_picked_by_global_loss(name, cls):
+    assert type(make_loss(global_loss=name).global_term) is cls
+
+
+@pytest.mark.parametrize("name,cls", [("contrastive", SoftContrastiveLocal), ("adaptive_hinge", AdaptiveHingeLocal),
+                                      ("none", NoLocal)])
+def test_local_term_is_picked_by_local(name, cls):
+    assert type(make_loss(local=name).local_term) is cls
+
+
+@pytest.mark.parametrize("name,cls", [("concepts", ConceptLabels), ("shuffled", ShuffledLabels), ("none", NoLabels)])
+def test_label_source_is_picked_by_labels(name, cls):
+    source = make_loss(labels=name, seed=4).label_source
+    assert type(source) is cls
+    assert name != "shuffled" or source.seed == 4
+
+
+def test_every_config_kind_has_a_class_and_no_class_lacks_a_kind():
+    hints = typing.get_type_hints(LossConfig)
+    for key, table in (("global_loss", GLOBAL_TERMS), ("local", LOCAL_TERMS), ("labels", LABEL_SOURCES)):
+        assert set(typing.get_args(hints[key])) == set(table), key
+    with pytest.raises(ValueError, match="loss.local: no such kind 'softmax'"):
+        make_loss(local="softmax")  # a LossConfig built in code skips the reader's type check
 
 
 def test_forward_refusals_name_the_problem():
     batch = make_batch()
     with pytest.raises(ValueError, match="img_l"):
-        HierarchicalLoss()({k: v for k, v in batch.items() if k != "img_l"})
+        make_loss()({k: v for k, v in batch.items() if k != "img_l"})
     with pytest.raises(ValueError, match="caption_concepts"):
-        HierarchicalLoss()({k: v for k, v in batch.items() if k != "caption_concepts"})
+        make_loss()({k: v for k, v in batch.items() if k != "caption_concepts"})
     with pytest.raises(ValueError, match="txt_g"):
-        HierarchicalLoss()({**batch, "txt_g": batch["txt_g"][:4]})
+        make_loss()({**batch, "txt_g": batch["txt_g"][:4]})
     with pytest.raises(ValueError, match="image_ids"):
-        HierarchicalLoss()({**batch, "image_ids": batch["image_ids"].float()})
+        make_loss()({**batch, "image_ids": batch["image_ids"].float()})
     with pytest.raises(ValueError, match="row_offset"):
-        HierarchicalLoss()(batch, row_offset=4, num_rows=3)
+        make_loss()(batch, row_offset=4, num_rows=3)
     with pytest.raises(ValueError, match="concept_logits"):
-        HierarchicalLoss(concept_bce_weight=1.0)(batch)
+        make_loss(concept_bce_weight=1.0)(batch)
     with pytest.raises(ValueError, match="caption_logits"):
-        HierarchicalLoss(concept_bce_weight=1.0)(batch, concept_logits=(torch.zeros(6, 5), torch.zeros(6, 4)))
+        make_loss(concept_bce_weight=1.0)(batch, concept_logits=(torch.zeros(6, 5), torch.zeros(6, 4)))
     with pytest.raises(ValueError, match="concept_logits"):
-        HierarchicalLoss()(batch, concept_logits=(torch.zeros(6, 5), torch.zeros(6, 5)))
+        make_loss()(batch, concept_logits=(torch.zeros(6, 5), torch.zeros(6, 5)))
     minimal = {k: batch[k] for k in ("img_g", "txt_g", "image_ids")}  # all that global-only, label-free needs
-    assert torch.isfinite(HierarchicalLoss(local="none", labels="none")(minimal)["loss"])
+    assert torch.isfinite(make_loss(local="none", labels="none")(minimal)["loss"])
 
 
 def ref_contrastive_label_mass(rows, cols, ids, labels, temperature, mass):
@@ -366,7 +409,7 @@ def ref_contrastive_label_mass(rows, cols, ids, labels, temperature, mass):
 @pytest.mark.parametrize("mass", [0.0, 0.3, 0.9])
 def test_label_mass_targets_match_reference(mass):
     batch = make_batch()
-    out = HierarchicalLoss(local="contrastive", temperature=0.1, label_mass=mass)(batch)
+    out = make_loss(local="contrastive", temperature=0.1, label_mass=mass)(batch)
     ids = batch["image_ids"].tolist()
     img_c, cap_c = batch["image_concepts"].tolist(), batch["caption_concepts"].tolist()
     y_i2t = [[ref_jaccard(img_c[i], cap_c[j]) for j in range(6)] for i in range(6)]
@@ -376,19 +419,17 @@ def test_label_mass_targets_match_reference(mass):
     assert_same(out["local_t2i"], ref_contrastive_label_mass(batch["txt_l"], batch["img_l"], ids, y_t2i, 0.1, mass),
                 batch)
     if mass == 0.0:  # no label mass: plain contrastive with the own picture's columns as positives
-        plain = HierarchicalLoss(local="contrastive", temperature=0.1, labels="none")(batch)
+        plain = make_loss(local="contrastive", temperature=0.1, labels="none")(batch)
         assert torch.allclose(out["local"], plain["local"], **TOL)
 
 
 def test_label_mass_keeps_the_positive_share_as_the_batch_grows():
     """DESIGN.md's rule gives the positive 1 / (1 + sum of labels); label_mass keeps it at 1 - m."""
-    from trainer.loss.hierarchical import _soft_contrastive
-
     def positive_share(n, mass):
         # At uniform logits d(loss)/d(logit_ij) = (1/n - target_ij) / n, so the gradient reveals the target.
         logits = torch.zeros(n, n, dtype=torch.float64, requires_grad=True)
         labels = torch.full((n, n), 0.2, dtype=torch.float64)
-        _soft_contrastive(logits, torch.eye(n, dtype=torch.bool), labels, 1.0, mass).backward()
+        soft_contrastive(logits, torch.eye(n, dtype=torch.bool), labels, 1.0, mass).backward()
         target = 1 / n - logits.grad * n
         assert torch.allclose(target.sum(1), torch.ones(n, dtype=torch.float64))
         return float(target[0, 0])
@@ -443,12 +484,12 @@ def test_caption_containment_hand_computed():
 
 def test_duplicate_caption_is_not_the_hardest_negative_when_excluded():
     batch = duplicate_caption_batch()
-    plain = HierarchicalLoss(local="none")(batch)
+    plain = make_loss(local="none")(batch)
     # image 0's own caption and picture 1's caption are the same vector: plain VSE++ pays the full margin
     s = batch["img_g"] @ batch["txt_g"].T
     assert torch.isclose(s[0, 0], s[0, 1])
     row0_plain = max(0.2 - s[0, 0] + s[0, 1], 0.2 - s[0, 0] + s[0, 2]).clamp(min=0)
-    excluded = HierarchicalLoss(local="none", global_exclude_above=1.0)(batch)
+    excluded = make_loss(local="none", global_exclude_above=1.0)(batch)
     # with "a red star" fully contained in picture 0, only column 2 is left as image 0's negative
     row0_excluded = (0.2 - s[0, 0] + s[0, 2]).clamp(min=0)
     assert row0_excluded < row0_plain - 0.05
@@ -460,17 +501,17 @@ def test_duplicate_caption_is_not_the_hardest_negative_when_excluded():
     # shuffled labels move the exclusion to whatever pictures the permutation pairs up
     perm = shuffle_permutation(3, seed=0, step=0)
     assert not torch.equal(perm, torch.arange(3))
-    shuffled = HierarchicalLoss(local="none", labels="shuffled", global_exclude_above=1.0)(batch)
+    shuffled = make_loss(local="none", labels="shuffled", global_exclude_above=1.0)(batch)
     permuted = {**batch, "image_concepts": batch["image_concepts"][perm],
                 "caption_concepts": batch["caption_concepts"][perm]}
-    same = HierarchicalLoss(local="none", global_exclude_above=1.0)(permuted)
+    same = make_loss(local="none", global_exclude_above=1.0)(permuted)
     assert torch.allclose(shuffled["global"], same["global"], **TOL)
 
 
 @pytest.mark.parametrize("exclude_above, scale_margin", [(None, True), (1.0, False), (0.5, True)])
 def test_label_hinge_matches_reference(exclude_above, scale_margin):
     batch = make_batch(seed=2)
-    loss_fn = HierarchicalLoss(local="contrastive", margin=0.3, global_label_margin=scale_margin,
+    loss_fn = make_loss(local="contrastive", margin=0.3, global_label_margin=scale_margin,
                                global_exclude_above=exclude_above)
     out = loss_fn(batch, step=1)
     ids = batch["image_ids"].tolist()
@@ -500,7 +541,7 @@ def ref_info_nce(rows, cols, ids, match, temperature, exclude_above):
 @pytest.mark.parametrize("exclude_above", [None, 1.0])
 def test_info_nce_matches_reference(exclude_above):
     batch = make_batch(seed=3)
-    out = HierarchicalLoss(global_loss="infonce", global_temperature=0.2, global_exclude_above=exclude_above)(batch)
+    out = make_loss(global_loss="infonce", global_temperature=0.2, global_exclude_above=exclude_above)(batch)
     ids = batch["image_ids"].tolist()
     img_c, cap_c = batch["image_concepts"].tolist(), batch["caption_concepts"].tolist()
     n = len(ids)
@@ -514,9 +555,9 @@ def test_info_nce_matches_reference(exclude_above):
 
 
 def test_global_label_options_refused_without_labels():
-    with pytest.raises(ValueError, match="need labels"):
-        HierarchicalLoss(labels="none", global_exclude_above=1.0)
-    with pytest.raises(ValueError, match="infonce"):
-        HierarchicalLoss(global_loss="infonce", global_label_margin=True)
-    with pytest.raises(ValueError, match="global_exclude_above"):
-        HierarchicalLoss(global_exclude_above=1.5)
+    with pytest.raises(ConfigError, match="loss.global_exclude_above: needs labels"):
+        LossConfig(labels="none", global_exclude_above=1.0)
+    with pytest.raises(ConfigError, match="infonce"):
+        LossConfig(global_loss="infonce", global_label_margin=True)
+    with pytest.raises(ConfigError, match="loss.global_exclude_above"):
+        LossConfig(global_exclude_above=1.5)
