@@ -22,7 +22,7 @@ import torch
 
 from usercli import OneLineParser, cli_main
 from trainer.eval import metrics
-from trainer.config import Config, ConfigError, load_config, load_run_config
+from trainer.config import Config, ConfigError, load_run_config
 from trainer.data.pipeline import RegionSpec, ShardSet, iter_eval_samples, pad_tokens, stack_image_inputs
 from trainer.distributed import (DistInfo, all_reduce_max, broadcast_object, gather_no_grad, gather_objects_to_main,
                                  gather_rows_to_main, init_distributed, shutdown)
