@@ -83,7 +83,8 @@ def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = N
                  overwrite: bool = False, batch_size: int | None = None) -> dict:
     """Embed `split` of the shard sets (default: the run's data.shards) on every rank into pieces, then build the
     FAISS indexes on rank 0; returns index.json (on every rank). Leaves the process group up."""
-    from trainer.data.pipeline import RegionSpec, ShardSet
+    from trainer.data.shardset import ShardSet
+    from trainer.data.decode import RegionSpec
     from trainer.distributed import broadcast_object
     from trainer.eval.evaluation import load_run
     from trainer.training.factory import build_tokenizer
@@ -123,7 +124,7 @@ def export_index(run_dir: str | Path, out_dir: str | Path, split: str | None = N
 def open_index(index_dir: str | Path):
     """The opened index, its run's config and caption tokenizer: enough to check queries without the model."""
     from trainer.config import load_config
-    from trainer.data.pipeline import ShardSet
+    from trainer.data.shardset import ShardSet
     from trainer.training.factory import build_tokenizer
     from trainer.retrieval.index_folder import RetrievalIndex
 

@@ -226,7 +226,7 @@ def shard_set_sizes(cfg: Config, vocab_size: int | None, num_concepts: int | Non
     """(vocabulary size, number of concepts): given, or read from the config's shard set."""
     if vocab_size is not None and num_concepts is not None:
         return vocab_size, num_concepts
-    from trainer.data.pipeline import ShardSet
+    from trainer.data.shardset import ShardSet
 
     try:
         shardset = ShardSet.open(cfg.data.shards)
