@@ -101,6 +101,8 @@ def test_a_position_of_another_worker_count_is_refused(tiny_shards):
     _take(first, 3)
     with pytest.raises(ValueError, match="1 workers per rank, this run has 2"):
         TrainLoader(_stream(shardset), num_workers=2).load_state_dict(first.state_dict())
+    with pytest.raises(RuntimeError, match="already handed out"):  # the workers started from another position
+        first.load_state_dict(first.state_dict())
 
 
 def test_mixed_corpora_resume_exactly(tiny_shards, uneven_shards):
