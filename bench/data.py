@@ -1,9 +1,9 @@
 """Data headroom: samples/s the shard pipeline delivers per worker against samples/s the trainer consumes.
 
-"per worker": `TrainStream` iterated in this process with one torch thread (as `train_batches` sets up each
+"per worker": `TrainStream` iterated in this process with one torch thread (as `TrainLoader` sets up each
 DataLoader worker): tar reading, the raw-sample shuffle buffer, decoding (json, PNG -> normalised tensor,
 caption choice, tokens) and collation into full batches.
-"delivered": the real `train_batches` DataLoader with the configured data.num_workers, drained as fast as
+"delivered": the real `TrainLoader` DataLoader with the configured data.num_workers, drained as fast as
 possible (worker processes, inter-process transfer, pinned memory on a GPU machine).
 "consumed": trainer.train's `train_step` (DeepSpeed engine, gather, loss, backward, step) on one batch held in
 memory, i.e. the rate the trainer would ask for if data were free.
@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from step import TrainerLoop, bench_config, build_bench_shards, open_stream  # noqa: E402
-from trainer.data.pipeline import ShardSet  # noqa: E402
+from trainer.data.shardset import ShardSet  # noqa: E402
 from trainer.distributed import init_distributed, shutdown  # noqa: E402
 from trainer.training.step import train_step  # noqa: E402
 from trainer.training.loop import configure_device  # noqa: E402

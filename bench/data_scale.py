@@ -6,9 +6,9 @@
    over a shard set of >= 100,000 small samples (every worker of evenly spread ranks, --max-pipelines in all,
    each past one epoch boundary). Goal <= 1.05. Beside it, what the buffer fill would cost if it
    were paid every epoch (the stream before issue 13) for the same epoch size;
-2. worker starts and time to the first batch of a real DataLoader (`train_batches`, W worker processes of one
+2. worker starts and time to the first batch of a real DataLoader (`TrainLoader`, W worker processes of one
    rank) run for several epochs, and again on resume. Goal: W starts per rank (R x W per run), once;
-3. per-worker decode rate of photo-like 640x480 JPEGs (made with PIL) at 224 px through `trainer.data.decode_image`
+3. per-worker decode rate of photo-like 640x480 JPEGs (made with PIL) at 224 px through `trainer.data.decode`
    against a bare PIL open + draft + resize loop on the same files, one thread. Goal >= 0.8x;
 4. resume after 10,000 steps: one rank's workers (simulated in process) run 10,000 steps, then a new stream is
    put back in position from the saved state: bytes re-read, seconds, time to the first batch, and a check that
@@ -44,7 +44,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from shards.__main__ import main as shards_main  # noqa: E402
-from trainer.data.pipeline import ShardSet, TrainStream, decode_image, train_batches  # noqa: E402
+from trainer.data.shardset import ShardSet  # noqa: E402
+from trainer.data.decode import decode_image  # noqa: E402
+from trainer.data.stream import StreamSettings, TrainStream  # noqa: E402
+from trainer.data.loader import TrainLoader  # noqa: E402
 from trainer.data.shardstream import StreamState  # noqa: E402
 
 SHARD_SIZE = 1000
@@ -101,9 +104,9 @@ def build_scale_set(out: Path, samples: int) -> Path:
 
 def stream(shardset: ShardSet, rank: int, world: int, args, **kw) -> TrainStream:
     options = dict(batch_size=args.batch_size, image_size=16, max_words=16, shuffle_buffer=args.buffer,
-                   resampled=True, seed=0, rank=rank, world_size=world, epoch_samples=args.epoch_samples)
+                   resampled=True, seed=0, epoch_samples=args.epoch_samples)
     options.update(kw)
-    return TrainStream(shardset, "train", **options)
+    return TrainStream(shardset, "train", StreamSettings(**options), rank=rank, world_size=world)
 
 
 # ------------------------------------------------------------------------------------------------ 1. amplification
@@ -122,9 +125,8 @@ def amplification(shardset: ShardSet, ranks: int, workers: int, args) -> dict:
     epochs_seen = set()
     for rank in chosen:
         s = stream(shardset, rank, ranks, args)
-        s.endless = True
         for worker in range(workers):
-            it = s.worker_batches(worker, workers)
+            it = s.worker_batches(worker, workers, endless=True)
             for i in range(1 + window):
                 batch = next(it)
                 if i == 0:
@@ -152,7 +154,7 @@ def amplification(shardset: ShardSet, ranks: int, workers: int, args) -> dict:
 def worker_starts(shardset: ShardSet, args) -> dict:
     s = stream(shardset, 0, 1, args, epoch_samples=args.batch_size * args.loader_workers * 2)
     start = time.perf_counter()
-    batches = train_batches(s, args.loader_workers)
+    batches = TrainLoader(s, args.loader_workers)
     epochs = [next(batches)[0]]
     first = time.perf_counter() - start
     while epochs[-1] < args.loader_epochs - 1:
@@ -162,7 +164,8 @@ def worker_starts(shardset: ShardSet, args) -> dict:
     batches.close()
     s2 = stream(shardset, 0, 1, args, epoch_samples=args.batch_size * args.loader_workers * 2)
     start = time.perf_counter()
-    resumed = train_batches(s2, args.loader_workers, resume=state)
+    resumed = TrainLoader(s2, args.loader_workers)
+    resumed.load_state_dict(state)
     next(resumed)
     first_resumed = time.perf_counter() - start
     out = {"workers": args.loader_workers, "epochs": args.loader_epochs, "batches": len(epochs),
@@ -201,7 +204,7 @@ def decode_rate(args) -> dict:
     rng = np.random.default_rng(0)
     files = [photo_like(rng) for _ in range(args.photos)]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as every loader worker runs (trainer.data._worker_init)
+    torch.set_num_threads(1)  # as every loader worker runs (trainer.data.loader._worker_init)
     rounds = []
     try:
         for _ in range(args.rounds):
@@ -227,8 +230,7 @@ def resume_cost(shardset: ShardSet, args) -> dict:
     """One rank's W workers, simulated in process in the DataLoader's order (batch j from worker j % W)."""
     workers = args.resume_workers
     s = stream(shardset, 0, args.resume_world, args, batch_size=args.resume_batch, shuffle_buffer=args.resume_buffer)
-    s.endless = True
-    its = [s.worker_batches(w, workers) for w in range(workers)]
+    its = [s.worker_batches(w, workers, endless=True) for w in range(workers)]
     states: list = [None] * workers
     start = time.perf_counter()
     for step in range(args.steps):
@@ -238,7 +240,7 @@ def resume_cost(shardset: ShardSet, args) -> dict:
     expected = [next(its[(args.steps + k) % workers])["image_ids"].tolist() for k in range(2 * workers)]
     saved = [StreamState.from_dict(st.to_dict()) for st in states]  # through plain values, as in a checkpoint
     start = time.perf_counter()
-    back = [s.worker_batches(w, workers, saved[w]) for w in range(workers)]
+    back = [s.worker_batches(w, workers, saved[w], endless=True) for w in range(workers)]
     got, restore_bytes, restore_seconds, first = [], 0, [], None
     for k in range(2 * workers):
         batch = next(back[(args.steps + k) % workers])

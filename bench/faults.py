@@ -34,7 +34,9 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import torch  # noqa: E402
 
 from corrupt_shards import corrupt_copy  # noqa: E402
-from trainer.data.pipeline import BAD_KINDS, ShardSet, TrainStream, image_id_hash  # noqa: E402
+from trainer.data.shardset import ShardSet, image_id_hash  # noqa: E402
+from trainer.data.samples import BAD_KINDS  # noqa: E402
+from trainer.data.stream import StreamSettings, TrainStream  # noqa: E402
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 TINY = ("data.batch_size=8", "model.embed_dim=32", "model.cnn_width=16", "model.gru_hidden=32", "model.word_dim=16",
@@ -61,8 +63,9 @@ def build_shards(root: Path) -> Path:
 
 def data_faults(shards: Path, root: Path, per_shard: int) -> dict:
     injected = corrupt_copy(shards, root / "corrupt", kinds_per_shard=per_shard)
-    stream = TrainStream(ShardSet.open(root / "corrupt"), "train", batch_size=1, image_size=32, max_words=16,
-                         shuffle_buffer=1, resampled=False, batches_per_worker=10**9, seed=0, rank=0, world_size=1)
+    settings = StreamSettings(batch_size=1, image_size=32, max_words=16, shuffle_buffer=1, resampled=False,
+                              batches_per_worker=10**9, seed=0)
+    stream = TrainStream(ShardSet.open(root / "corrupt"), "train", settings, rank=0, world_size=1)
     items = list(stream)
     counted = dict(zip(BAD_KINDS, sum(item["bad_counts"] for item in items).tolist()))
     delivered = Counter(int(item["image_ids"][0]) for item in items if "images" in item)

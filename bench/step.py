@@ -1,7 +1,7 @@
 """Training throughput: the full trainer step against a bare PyTorch loop on the same model and batch.
 
 "trainer": trainer.train's own building blocks, exactly as a run uses them: samples streamed from shards by
-`TrainStream` / `train_batches` (decoding workers), the DeepSpeed engine of `build_engine`, and `train_step`
+`TrainStream` / `TrainLoader` (decoding workers), the DeepSpeed engine of `build_engine`, and `train_step`
 (forward, all-gather of the global batch, loss of the own rows against all columns, engine backward and step).
 "bare": the same model (same initial weights), the same `HierarchicalLoss`, one batch held in memory on the
 device, `loss.backward()` and `torch.optim.AdamW.step()`, nothing else.
@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainer.config import Config, load_config  # noqa: E402
-from trainer.data.pipeline import ShardSet, train_batches  # noqa: E402
+from trainer.data.shardset import ShardSet  # noqa: E402
+from trainer.data.loader import TrainLoader  # noqa: E402
 from trainer.distributed import DistInfo, init_distributed, shutdown  # noqa: E402
 from trainer.engine.build import build_engine, deepspeed_config, param_groups  # noqa: E402
 from trainer.training.factory import build_loss, build_model, build_train_stream  # noqa: E402
@@ -73,7 +74,7 @@ def open_stream(cfg: Config, shardset: ShardSet, info: DistInfo, num_workers: in
     """The trainer's batch iterator, built by the trainer's own factory (resampled or not, per the config)."""
     workers = cfg.data.num_workers if num_workers is None else num_workers
     stream = build_train_stream(cfg, shardset, rank=info.rank, world_size=info.world_size, num_workers=workers)
-    return train_batches(stream, workers)
+    return TrainLoader(stream, workers)
 
 
 class Clock:

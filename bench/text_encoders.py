@@ -15,7 +15,8 @@ import time
 import torch
 
 from trainer.config import load_config
-from trainer.data.pipeline import ShardSet, TrainStream
+from trainer.data.shardset import ShardSet
+from trainer.data.stream import StreamSettings, TrainStream
 from trainer.engine.build import param_groups
 from trainer.models.text_encoders import caption_tokenizer
 from trainer.training.factory import build_loss, build_model
@@ -40,9 +41,10 @@ def measure(encoder: str, shards: str, batch_size: int, steps: int) -> dict:
     loss_fn = build_loss(cfg)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.lr))
     d = cfg.data
-    stream = TrainStream(shardset, d.train_split, batch_size=batch_size, image_size=d.image_size,
-                         max_words=d.max_words, shuffle_buffer=64, resampled=True, batches_per_worker=1, seed=0,
-                         rank=0, world_size=1, tokenizer=caption_tokenizer(cfg, shardset.vocab))
+    settings = StreamSettings(batch_size=batch_size, image_size=d.image_size, max_words=d.max_words,
+                              shuffle_buffer=64, resampled=True, batches_per_worker=1, seed=0)
+    stream = TrainStream(shardset, d.train_split, settings, rank=0, world_size=1,
+                         tokenizer=caption_tokenizer(cfg, shardset.vocab))
     batch = next(iter(stream))
 
     def train_step() -> None:

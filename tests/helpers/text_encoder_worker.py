@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from trainer.config import load_config  # noqa: E402
-from trainer.data.pipeline import pad_tokens  # noqa: E402
+from trainer.data.collate import pad_tokens  # noqa: E402
 from trainer.distributed import init_distributed, shutdown  # noqa: E402
 from trainer.engine.build import build_engine, deepspeed_config  # noqa: E402
 from trainer.models.hf_text import load_text_transformer  # noqa: E402

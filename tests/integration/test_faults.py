@@ -29,8 +29,11 @@ from test_distributed import TINY_RUN, clean_env, free_port, start, wait_all
 from trainer.engine import checkpoint
 from trainer.observe.tblog import event_dir
 from trainer.config import ConfigError, load_config
-from trainer.data.pipeline import (BAD_KINDS, BadSample, ShardSet, TrainStream, check_picture_size, image_id_hash,
-                          train_batches)
+from trainer.data.shardset import ShardSet, image_id_hash
+from trainer.data.samples import BAD_KINDS, BadSample
+from trainer.data.decode import check_picture_size
+from trainer.data.stream import StreamSettings, TrainStream
+from trainer.data.loader import TrainLoader
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,8 +57,9 @@ def test_each_kind_of_corrupt_sample_is_skipped_and_counted_and_no_good_sample_i
     """Every train shard gets one sample of each bad kind between its good ones, the last shard is cut off
     inside a picture, and a good sample carries a pickled member whose unpickling would create a file."""
     injected = corrupt_copy(tiny_shards, tmp_path / "bad")
-    stream = TrainStream(ShardSet.open(tmp_path / "bad"), "train", batch_size=1, image_size=32, max_words=16,
-                         shuffle_buffer=1, resampled=False, batches_per_worker=10**6, seed=0, rank=0, world_size=1)
+    settings = StreamSettings(batch_size=1, image_size=32, max_words=16, shuffle_buffer=1, resampled=False,
+                              batches_per_worker=10**6, seed=0)
+    stream = TrainStream(ShardSet.open(tmp_path / "bad"), "train", settings, rank=0, world_size=1)
     with caplog.at_level(logging.WARNING, logger="trainer.data"):
         items = list(stream)
     warnings = [r for r in caplog.records if "skipping bad sample" in r.getMessage()]
@@ -83,21 +87,24 @@ def test_picture_size_cap_refuses_before_decoding():
 
 @pytest.mark.parametrize("resampled", [False, True])
 def test_resumed_stream_reads_what_the_uninterrupted_one_would_have(tiny_shards, resampled):
-    """The data position saved in a checkpoint (train_batches.state_dict: every worker's stream position) gives
+    """The data position saved in a checkpoint (TrainLoader.state_dict: every worker's stream position) gives
     the uninterrupted stream's next batches, within an epoch and across the next ones."""
     def stream():
-        return TrainStream(ShardSet.open(tiny_shards), "train", batch_size=8, image_size=32, max_words=16,
-                           shuffle_buffer=32, resampled=resampled, epoch_samples=48, seed=5, rank=1, world_size=2)
+        settings = StreamSettings(batch_size=8, image_size=32, max_words=16, shuffle_buffer=32, resampled=resampled,
+                                  epoch_samples=48, seed=5)
+        return TrainStream(ShardSet.open(tiny_shards), "train", settings, rank=1, world_size=2)
 
     def ids(batches, n):
         return [(epoch, batch["image_ids"].tolist()) for _, (epoch, batch) in zip(range(n), batches)]
 
-    whole = ids(train_batches(stream(), num_workers=0), 8)
+    whole = ids(TrainLoader(stream(), num_workers=0), 8)
     assert [e for e, _ in whole] == [0, 0, 0, 1, 1, 1, 2, 2]  # 48 samples / (8 x 2 ranks) = 3 batches per epoch
     for start_at in (2, 4, 6):
-        first = train_batches(stream(), num_workers=0)
+        first = TrainLoader(stream(), num_workers=0)
         assert ids(first, start_at) == whole[:start_at]
-        resumed = ids(train_batches(stream(), num_workers=0, resume=first.state_dict()), 8 - start_at)
+        resumed_loader = TrainLoader(stream(), num_workers=0)
+        resumed_loader.load_state_dict(first.state_dict())
+        resumed = ids(resumed_loader, 8 - start_at)
         assert resumed == whole[start_at:]
 
 

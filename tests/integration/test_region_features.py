@@ -17,8 +17,10 @@ from PIL import Image
 
 from conftest import build_builtin
 from trainer.config import load_config
-from trainer.data.pipeline import (BadSample, RegionSpec, ShardSet, TrainStream, check_image_input, decode_features,
-                          decode_image, image_id_hash)
+from trainer.data.samples import BadSample
+from trainer.data.decode import RegionSpec, check_image_input, decode_features, decode_image
+from trainer.data.shardset import ShardSet, image_id_hash
+from trainer.data.stream import StreamSettings, TrainStream
 from trainer.eval.evaluation import EmbedOptions, embed_split
 from trainer.tools.extract_features import extract, main as extract_main, npy_bytes
 from trainer.config import ConfigError
@@ -276,9 +278,9 @@ def _npy_by_id(shards: Path, split: str) -> dict[str, np.ndarray]:
 
 def test_training_batches_carry_padded_features_and_region_counts(region_shards):
     shardset = ShardSet.open(region_shards)
-    stream = TrainStream(shardset, "train", batch_size=8, image_size=64, max_words=8, shuffle_buffer=16,
-                         resampled=False, batches_per_worker=100, seed=0, rank=0, world_size=1,
-                         regions=RegionSpec(DIM, MAX_REGIONS))
+    settings = StreamSettings(batch_size=8, image_size=64, max_words=8, shuffle_buffer=16, resampled=False,
+                              batches_per_worker=100, seed=0)
+    stream = TrainStream(shardset, "train", settings, rank=0, world_size=1, regions=RegionSpec(DIM, MAX_REGIONS))
     stored = {image_id_hash(k): v for k, v in _npy_by_id(region_shards, "train").items()}
     assert len({v.shape[0] for v in stored.values()}) > 2  # the counts really vary
     batches = [b for b in stream if "images" in b]

@@ -1,7 +1,7 @@
 """Pictures to pixels: how every picture becomes the square, normalised tensor the image encoders read.
 
 One function serves training (trainer.data's stream), evaluation, trainer.extract_features and trainer.retrieve
-(through trainer.data.decode_image), so a picture is seen the same way wherever it is read:
+(through trainer.data.decode.decode_image), so a picture is seen the same way wherever it is read:
 - a picture with transparency (RGBA, LA, PA, P or L/RGB with a transparent colour) is composited on white
   first: `convert("RGB")` alone keeps whatever colour the transparent pixels hide (black or noise in real clip art);
 - its aspect ratio is kept: the short side is resized to the target and the centre cropped (evaluation, and

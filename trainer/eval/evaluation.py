@@ -23,7 +23,10 @@ import torch
 from usercli import OneLineParser, cli_main
 from trainer.eval import metrics
 from trainer.config import Config, ConfigError, load_run_config
-from trainer.data.pipeline import RegionSpec, ShardSet, iter_eval_samples, pad_tokens, stack_image_inputs
+from trainer.data.decode import RegionSpec
+from trainer.data.shardset import ShardSet
+from trainer.data.eval_samples import iter_eval_samples
+from trainer.data.collate import pad_tokens, stack_image_inputs
 from trainer.distributed import (DistInfo, all_reduce_max, broadcast_object, gather_no_grad, gather_objects_to_main,
                                  gather_rows_to_main, init_distributed, shutdown)
 from trainer.distributed import rank as dist_rank

@@ -27,7 +27,8 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 
-from trainer.data.pipeline import ShardSet, _picture_bytes, parse_meta
+from trainer.data.shardset import ShardSet
+from trainer.data.samples import picture_bytes, parse_meta
 
 FONT_FILE = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 GREEN = (0, 170, 0)
@@ -74,7 +75,7 @@ def read_pictures(shardset: ShardSet, split: str, image_ids: set[str], size: int
                 continue  # evaluation itself refuses such a shard; here it only means "not a wanted picture"
             image_id = parse_meta(sample["json"], key, shardset.num_concepts)["image_id"]
             if image_id in image_ids and image_id not in found:
-                with Image.open(io.BytesIO(_picture_bytes(sample))) as img:
+                with Image.open(io.BytesIO(picture_bytes(sample))) as img:
                     found[image_id] = img.convert("RGB").resize((size, size), Image.BILINEAR)
             if len(found) == len(image_ids):
                 return found

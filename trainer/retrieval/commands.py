@@ -27,7 +27,7 @@ from pathlib import Path
 
 from usercli import OneLineParser, cli_main, one_line
 from trainer.config import ConfigError, load_run_config
-from trainer.data.pipeline import ShardSet
+from trainer.data.shardset import ShardSet
 from trainer.distributed import broadcast_object, is_active, shutdown
 from trainer.engine.checkpoint import CheckpointError, find, refuse_sharded_weights_elsewhere
 from trainer.eval.evaluation import EmbedOptions, add_checkpoint_arguments, load_run

@@ -31,7 +31,9 @@ import webdataset as wds
 from usercli import OneLineParser, OutputExists, cli_main
 from trainer.models.backbones.efficientnet_lite import default_weights_path
 from trainer.config import ConfigError, check_output_folder
-from trainer.data.pipeline import BadSample, ShardSet, decode_image_input
+from trainer.data.samples import BadSample
+from trainer.data.shardset import ShardSet
+from trainer.data.decode import decode_image_input
 from trainer.models.configs import ImageTowerConfig
 from trainer.models.image_towers import build_image_tower
 

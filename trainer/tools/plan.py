@@ -37,7 +37,7 @@ import torch
 
 from usercli import OneLineParser, cli_main
 from trainer.config import Config, ConfigError, load_config
-from trainer.data.pipeline import ShardSet
+from trainer.data.shardset import ShardSet
 from trainer.data.text import PAD, UNK, CaptionTokenizer, Vocab
 from trainer.training.factory import build_model, build_tokenizer
 

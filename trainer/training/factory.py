@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 
 from trainer.config import Config
-from trainer.data.pipeline import RegionSpec, ShardSet, TrainStream
+from trainer.data.shardset import ShardSet
+from trainer.data.decode import RegionSpec
+from trainer.data.stream import StreamSettings, TrainStream
 from trainer.loss.hierarchical import HierarchicalLoss
 from trainer.data.pictures import RandomCrop
 from trainer.data.text import CaptionTokenizer, Vocab
@@ -59,12 +61,13 @@ def build_tokenizer(cfg: Config, vocab: Vocab) -> CaptionTokenizer:
 def build_train_stream(cfg: Config, shardset: ShardSet, *, rank: int, world_size: int,
                        mix: list | None = None, num_workers: int | None = None) -> TrainStream:
     """This rank's training stream as configured. The epoch is a global number of samples (data.samples_per_epoch,
-    default the training split's pictures), whatever the world size; train_batches reads the stream for the whole
+    default the training split's pictures), whatever the world size; TrainLoader reads the stream for the whole
     run. num_workers: kept for callers that size a loader here (the stream itself does not depend on it)."""
     d = cfg.data
-    crop = RandomCrop(d.random_crop_min_area) if d.random_crop else None
-    return TrainStream(shardset, d.train_split, batch_size=d.batch_size, image_size=d.image_size,
-                       max_words=d.max_words, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled,
-                       epoch_samples=d.samples_per_epoch, seed=cfg.run.seed, rank=rank, world_size=world_size,
-                       tokenizer=build_tokenizer(cfg, shardset.vocab), max_image_pixels=d.max_image_pixels,
-                       regions=RegionSpec.from_config(cfg), mix=mix or [], crop=crop)
+    settings = StreamSettings(batch_size=d.batch_size, image_size=d.image_size, max_words=d.max_words,
+                              shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, seed=cfg.run.seed,
+                              epoch_samples=d.samples_per_epoch, max_image_pixels=d.max_image_pixels,
+                              crop=RandomCrop(d.random_crop_min_area) if d.random_crop else None)
+    return TrainStream(shardset, d.train_split, settings, rank=rank, world_size=world_size,
+                       tokenizer=build_tokenizer(cfg, shardset.vocab), regions=RegionSpec.from_config(cfg),
+                       mix=mix or [])

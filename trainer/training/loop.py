@@ -47,14 +47,17 @@ from trainer.engine import checkpoint
 from trainer.config import cli_args as train_args
 from trainer.engine import universal
 from trainer.config import Config, ConfigError, save_config
-from trainer.data.pipeline import (BAD_KINDS, RegionSpec, ShardSet, check_image_input, check_shards_for_workers, mix_sets,
-                          train_batches)
+from trainer.data.shardset import ShardSet, check_shards_for_workers, mix_sets
+from trainer.data.samples import BAD_KINDS
+from trainer.data.decode import RegionSpec, check_image_input
+from trainer.data.loader import TrainLoader
+from trainer.loss.hierarchical import HierarchicalLoss
 from trainer.distributed import DistInfo, gather_no_grad, init_distributed, shutdown
 from trainer.engine.build import backbone_lr, build_engine, deepspeed_config
 from trainer.eval.evaluation import evaluate_split, results_table, write_results
 from trainer.training.factory import build_loss, build_model, build_train_stream, compile_encoders
 from trainer.observe.progress import ProgressBar, progress_enabled
-from trainer.training.step import train_step
+from trainer.training.step import StepAgreement, TrainEngine, train_step
 from trainer.observe.tblog import RunLogger
 
 log = logging.getLogger("trainer")
@@ -149,15 +152,15 @@ class Run:
     cfg: Config
     info: DistInfo
     shardset: ShardSet
-    engine: object  # deepspeed.DeepSpeedEngine
-    loss_fn: object
+    engine: TrainEngine  # a deepspeed.DeepSpeedEngine
+    loss_fn: HierarchicalLoss
     tb: RunLogger
     out_dir: Path
     set_names: list[str]
     regions: RegionSpec | None
     num_params: int
     resume_tag: str | None = None
-    batches: object = None  # the training stream (trainer.data.train_batches): its position goes into checkpoints
+    batches: TrainLoader | None = None  # the training stream (open_batches): its position goes into checkpoints
 
     @property
     def ckpt_dir(self) -> Path:
@@ -254,21 +257,24 @@ def saved_stream(run: Run) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def open_batches(run: Run, mix: list, state: RunState):
+def open_batches(run: Run, mix: list, state: RunState) -> TrainLoader:
     """One training stream for the whole run, continued exactly from the checkpoint's position when it has one
     for this world size and worker count; otherwise fresh streams from the next epoch (none of the interrupted
     epoch's remaining batches are then trained)."""
     stream = build_train_stream(run.cfg, run.shardset, rank=run.info.rank, world_size=run.info.world_size,
                                 mix=mix)
+    workers = run.cfg.data.num_workers
     saved = saved_stream(run)
-    try:
-        run.batches = train_batches(stream, run.cfg.data.num_workers, resume=saved) if saved else None
-    except ValueError as e:  # another data.num_workers than the checkpoint's
-        log.warning("%s: the data stream starts afresh at the next epoch", e)
-    if run.batches is None:
-        if state.data_batches > 0:
-            state.data_epoch, state.data_batches = state.data_epoch + 1, 0
-        run.batches = train_batches(stream, run.cfg.data.num_workers, start_epoch=state.data_epoch)
+    if saved is not None:
+        run.batches = TrainLoader(stream, workers)
+        try:
+            run.batches.load_state_dict(saved)
+            return run.batches
+        except ValueError as e:  # another data.num_workers than the checkpoint's
+            log.warning("%s: the data stream starts afresh at the next epoch", e)
+    if state.data_batches > 0:
+        state.data_epoch, state.data_batches = state.data_epoch + 1, 0
+    run.batches = TrainLoader(stream, workers, start_epoch=state.data_epoch)
     return run.batches
 
 
@@ -300,12 +306,12 @@ class LogWindow:
     skipped: bool = False
 
 
-def step_once(run: Run, state: RunState, batches, stop: StopRequest, window: LogWindow) -> bool:
+def step_once(run: Run, state: RunState, batches: TrainLoader, stop: StopRequest, window: LogWindow) -> bool:
     """One optimizer step of engine.grad_accum micro-steps; True when some rank asked to stop. The counts of
     this step (samples read, bad per kind, samples per mixed set) and the stop flag ride on the step's one
-    all-reduce, inside train_step."""
+    all-reduce, inside train_step, as a StepAgreement."""
     cfg = run.cfg
-    counts = torch.zeros(2 + len(BAD_KINDS) + len(run.set_names), dtype=torch.long)
+    mine = StepAgreement.zeros(len(run.set_names))
     step_sums: dict[str, torch.Tensor] = {}
     log_now = (state.step + 1) % cfg.train.log_every == 0 or state.step + 1 == cfg.train.steps
     run.engine.module.set_backbone_grad(state.step >= cfg.optim.backbone_freeze_steps)
@@ -314,27 +320,25 @@ def step_once(run: Run, state: RunState, batches, stop: StopRequest, window: Log
         epoch, batch = next(batches)
         state.advance_data(epoch)
         window.data_wait += time.perf_counter() - t0
-        counts[1] += batch["n_read"]
-        counts[2:2 + len(BAD_KINDS)] += batch["bad_counts"]
-        counts[2 + len(BAD_KINDS):] += batch["set_counts"]
+        mine.add_batch(batch)
         last = micro == cfg.engine.grad_accum - 1
         if last:
-            counts[0] = int(stop.signal is not None)
+            mine.stop = int(stop.signal is not None)
         stats = train_step(run.engine, run.loss_fn, batch, state.step, run.info, want_grad_norm=log_now,
-                           host_counts=counts if last else None)
+                           agreement=mine if last else None)
         for k, v in stats.items():
             if k not in ("skipped", "agreed", "grad_norm"):
                 step_sums[k] = step_sums.get(k, 0.0) + v
         window.micro += 1
-    agreed = stats["agreed"]
+    agreed: StepAgreement = stats["agreed"]
     state.step += 1
     state.samples += run.global_batch
-    state.read_total += agreed[1]
-    state.bad_totals = [a + b for a, b in zip(state.bad_totals, agreed[2:2 + len(BAD_KINDS)])]
-    state.set_samples = [a + b for a, b in zip(state.set_samples, agreed[2 + len(BAD_KINDS):])]
+    state.read_total += agreed.samples_read
+    state.bad_totals = [a + b for a, b in zip(state.bad_totals, agreed.bad_counts)]
+    state.set_samples = [a + b for a, b in zip(state.set_samples, agreed.set_counts)]
     window.grad_norm, window.skipped = stats.get("grad_norm"), bool(stats["skipped"])
     count_update(run, state, window, step_sums)
-    return agreed[0] > 0
+    return agreed.stop > 0
 
 
 def count_update(run: Run, state: RunState, window: LogWindow, step_sums: dict) -> None:
@@ -468,7 +472,7 @@ def train(cfg: Config) -> dict:
             run.tb.close()
 
 
-def train_loop(run: Run, state: RunState, batches, stop: StopRequest, mix: list) -> dict:
+def train_loop(run: Run, state: RunState, batches: TrainLoader, stop: StopRequest, mix: list) -> dict:
     cfg = run.cfg
     announce(run, mix)
     bar = ProgressBar(cfg.train.steps * run.global_batch, "train", initial=state.samples,

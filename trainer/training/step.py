@@ -7,12 +7,81 @@ the host where the model checks them, and the non-finite check is a device tenso
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Protocol
+
 import torch
 
+from trainer.data.samples import BAD_KINDS
 from trainer.distributed import DistInfo, all_reduce_sum, gather_no_grad, gather_with_grad
 
 EMBEDDING_KEYS = ("img_g", "img_l", "txt_g", "txt_l")
 LABEL_KEYS = ("image_ids", "image_concepts", "caption_concepts")
+
+
+class TrainEngine(Protocol):
+    """What the step and the loop use of DeepSpeed's engine (deepspeed.DeepSpeedEngine, which is imported only
+    where an engine is built: importing DeepSpeed is slow and loads its accelerator machinery)."""
+
+    module: torch.nn.Module
+    optimizer: Any  # DeepSpeed's wrapper (a ZeRO optimizer) or the client optimizer itself
+    client_optimizer: torch.optim.Optimizer
+
+    def __call__(self, *inputs: Any) -> dict[str, torch.Tensor]: ...
+
+    def backward(self, loss: torch.Tensor) -> Any: ...
+
+    def step(self) -> None: ...
+
+    def is_gradient_accumulation_boundary(self) -> bool: ...
+
+    def zero_optimization_stage(self) -> int: ...
+
+    def get_lr(self) -> list[float]: ...
+
+    def get_global_grad_norm(self) -> float | None: ...
+
+
+@dataclass
+class StepAgreement:
+    """What the ranks agree on at an optimizer step through its one all-reduce: each rank packs its own values,
+    unpack reads their sums over all ranks, so every rank takes the same branch (update or skip, go on or stop)
+    and counts the same totals.
+
+    nonfinite: going in, whether this rank's loss or gradient is not finite (a device tensor: read on the host
+    only after the all-reduce, the step's one synchronisation); coming out, how many ranks said so. stop: ranks
+    asked to stop (SIGTERM/SIGUSR1). samples_read: samples the loader workers read for this step, bad ones
+    included. bad_counts: skipped samples per kind (BAD_KINDS order). set_counts: samples per mixed shard set."""
+
+    stop: int = 0
+    samples_read: int = 0
+    bad_counts: list[int] = field(default_factory=lambda: [0] * len(BAD_KINDS))
+    set_counts: list[int] = field(default_factory=list)
+    nonfinite: torch.Tensor | int = 0
+
+    @classmethod
+    def zeros(cls, num_sets: int) -> "StepAgreement":
+        return cls(set_counts=[0] * num_sets)
+
+    def add_batch(self, batch: dict) -> None:
+        """Count a training batch's samples read, bad samples per kind and samples per set."""
+        self.samples_read += int(batch["n_read"])
+        self.bad_counts = [a + b for a, b in zip(self.bad_counts, batch["bad_counts"].tolist())]
+        self.set_counts = [a + b for a, b in zip(self.set_counts, batch["set_counts"].tolist())]
+
+    def pack(self, device: torch.device) -> torch.Tensor:
+        """[nonfinite, stop, samples_read, *bad_counts, *set_counts] as one long tensor on `device`."""
+        flag = torch.as_tensor(self.nonfinite).to(device=device, dtype=torch.long).view(1)
+        host = torch.tensor([self.stop, self.samples_read, *self.bad_counts, *self.set_counts], dtype=torch.long)
+        return torch.cat([flag, host.to(device, non_blocking=True)])
+
+    @classmethod
+    def unpack(cls, packed: torch.Tensor) -> "StepAgreement":
+        """The record of a packed (and summed) tensor; its set count is what is left after the bad kinds."""
+        nonfinite, stop, read, *counts = packed.tolist()
+        kinds = len(BAD_KINDS)
+        return cls(stop=stop, samples_read=read, bad_counts=counts[:kinds], set_counts=counts[kinds:],
+                   nonfinite=nonfinite)
 
 
 def gather_global_batch(out: dict, labels: dict) -> dict:
@@ -61,11 +130,9 @@ def to_device(batch: dict, device: torch.device) -> tuple[dict, dict]:
     return inputs, labels
 
 
-def agree(flag: torch.Tensor, host_counts: torch.Tensor | None, device: torch.device) -> list[int]:
-    """The step's one all-reduce: [ranks whose update is bad, *host_counts summed over ranks]."""
-    counts = host_counts if host_counts is not None else torch.zeros(0, dtype=torch.long)
-    vector = torch.cat([flag.to(device=device, dtype=torch.long).view(1), counts.to(device, non_blocking=True)])
-    return all_reduce_sum(vector).tolist()
+def agree(bad_here: torch.Tensor, mine: StepAgreement, device: torch.device) -> StepAgreement:
+    """The step's one all-reduce: this rank's agreement (with its non-finite flag) summed over all ranks."""
+    return StepAgreement.unpack(all_reduce_sum(replace(mine, nonfinite=bad_here).pack(device)))
 
 
 def _grad_norm(engine) -> torch.Tensor:
@@ -74,11 +141,12 @@ def _grad_norm(engine) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-def train_step(engine, loss_fn, batch: dict, step: int, info: DistInfo, want_grad_norm: bool = False,
-               host_counts: torch.Tensor | None = None) -> dict:
+def train_step(engine: TrainEngine, loss_fn: Callable[..., dict[str, torch.Tensor]], batch: dict, step: int,
+               info: DistInfo, want_grad_norm: bool = False, agreement: StepAgreement | None = None) -> dict:
     """One micro-step. At the accumulation boundary: the update, or (any rank's loss or gradient not finite) a
-    skip on every rank; `host_counts` (this rank's counts to sum over ranks) ride along in the same all-reduce.
-    Boundary stats: "skipped" (1.0 when the update was skipped) and "agreed" (host_counts summed, a list)."""
+    skip on every rank; `agreement` (this rank's counts and stop flag; None: nothing to count) rides along in the
+    same all-reduce. Boundary stats: "skipped" (1.0 when the update was skipped) and "agreed" (the StepAgreement
+    summed over ranks)."""
     inputs, labels = to_device(batch, info.device)
     out = engine(inputs["images"], inputs["tokens"], inputs["lengths"], inputs["image_lengths"])
     gathered = gather_global_batch(out, labels)
@@ -92,10 +160,10 @@ def train_step(engine, loss_fn, batch: dict, step: int, info: DistInfo, want_gra
         engine.step()
         return stats
     bad_here = local_grads_nonfinite(engine).to(info.device) | ~torch.isfinite(stats["loss"])
-    agreed = agree(bad_here, host_counts, info.device)
-    stats["skipped"] = torch.tensor(float(agreed[0] > 0))
-    stats["agreed"] = agreed[1:]
-    if agreed[0] > 0:
+    agreed = agree(bad_here, agreement if agreement is not None else StepAgreement(), info.device)
+    stats["skipped"] = torch.tensor(float(agreed.nonfinite > 0))
+    stats["agreed"] = agreed
+    if agreed.nonfinite > 0:
         skip_optimizer_step(engine)
         return stats
     if want_grad_norm and engine.zero_optimization_stage() == 0:

@@ -6,21 +6,17 @@ import tarfile
 import pytest
 import torch
 
-from trainer.data.pipeline import (
-    ShardSet,
-    TrainStream,
-    check_shards_for_workers,
-    image_id_hash,
-    iter_eval_samples,
-    train_batches,
-)
+from trainer.data.shardset import ShardSet, check_shards_for_workers, image_id_hash
+from trainer.data.stream import StreamSettings, TrainStream
+from trainer.data.loader import TrainLoader
+from trainer.data.eval_samples import iter_eval_samples
 
 
-def _stream(shardset, **kw):
+def _stream(shardset, rank=0, world_size=1, **kw):
     args = dict(batch_size=8, image_size=64, max_words=32, shuffle_buffer=50, resampled=True,
-                batches_per_worker=3, seed=0, rank=0, world_size=1)
+                batches_per_worker=3, seed=0)
     args.update(kw)
-    return TrainStream(shardset, "train", **args)
+    return TrainStream(shardset, "train", StreamSettings(**args), rank=rank, world_size=world_size)
 
 
 def _samples_by_hash(shardset, split):
@@ -80,10 +76,10 @@ def test_one_pass_splits_disjointly_across_ranks_and_workers(tiny_shards):
     assert set(seen[0]) | set(seen[1]) == all_ids
 
 
-def test_train_batches_moves_through_epochs(tiny_shards):
+def test_the_loader_moves_through_epochs(tiny_shards):
     shardset = ShardSet.open(tiny_shards)
     stream = _stream(shardset, epoch_samples=16)  # 2 batches of 8 per epoch on one rank
-    epochs = [e for _, (e, _) in zip(range(5), train_batches(stream, num_workers=0))]
+    epochs = [e for _, (e, _) in zip(range(5), TrainLoader(stream, num_workers=0))]
     assert epochs == [0, 0, 1, 1, 2]
 
 

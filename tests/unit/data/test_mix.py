@@ -8,7 +8,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import build_builtin
 from trainer.config import ConfigError, load_config
-from trainer.data.pipeline import ShardSet, TrainStream, image_id_hash, mix_sets
+from trainer.data.shardset import ShardSet, image_id_hash, mix_sets
+from trainer.data.stream import StreamSettings, TrainStream
 from trainer.observe.tblog import event_dir
 from trainer.training.loop import train
 
@@ -23,8 +24,9 @@ def second_corpus(tiny_shards, tmp_path_factory) -> Path:
 
 
 def _stream(shardset, mix, batch_size=16, batches=24):
-    return TrainStream(shardset, "train", batch_size=batch_size, image_size=32, max_words=16, shuffle_buffer=64,
-                       resampled=True, batches_per_worker=batches, seed=3, rank=0, world_size=1, mix=mix)
+    settings = StreamSettings(batch_size=batch_size, image_size=32, max_words=16, shuffle_buffer=64, resampled=True,
+                              batches_per_worker=batches, seed=3)
+    return TrainStream(shardset, "train", settings, rank=0, world_size=1, mix=mix)
 
 
 def test_mixed_stream_draws_each_set_by_its_weight_and_keeps_their_pictures_apart(tiny_shards, second_corpus):

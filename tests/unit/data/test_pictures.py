@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, JpegImagePlugin
 
-from trainer.data.pipeline import decode_image
+from trainer.data.decode import decode_image
 from trainer.data.pictures import RandomCrop
 from trainer.data.pixels import PIXEL_MEAN, PIXEL_STD
 
@@ -112,15 +112,15 @@ def test_large_jpegs_are_decoded_at_reduced_size(monkeypatch):
 
 
 def test_feature_extraction_and_retrieval_use_the_same_decoder():
-    import trainer.data.pipeline as data
+    import trainer.data.decode as decode
     import trainer.tools.extract_features as extract
     import trainer.retrieval.query as query
 
-    assert query.decode_image is data.decode_image  # trainer.retrieve's picture queries decode through trainer.retrieval.query
-    assert extract.decode_image_input is data.decode_image_input
+    assert query.decode_image is decode.decode_image  # trainer.retrieve's picture queries decode through trainer.retrieval.query
+    assert extract.decode_image_input is decode.decode_image_input
     png = encode(half_transparent_rgba())
     sample = {"__key__": "k", "png": png}
-    assert torch.equal(data.decode_image_input(sample, 32, None), data.decode_image(png, 32))
+    assert torch.equal(decode.decode_image_input(sample, 32, None), decode.decode_image(png, 32))
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "I;16"])
@@ -134,15 +134,15 @@ def test_random_crop_is_a_typed_config_key_off_by_default_and_reaches_the_stream
     from pathlib import Path
 
     from trainer.config import ConfigError, load_config
-    from trainer.data.pipeline import ShardSet
+    from trainer.data.shardset import ShardSet
     from trainer.training.factory import build_train_stream
 
     builtin = Path(__file__).resolve().parents[3] / "configs" / "builtin.yaml"
     cfg = load_config(builtin, [f"data.shards={tiny_shards}"])
     assert cfg.data.random_crop is False
-    assert build_train_stream(cfg, ShardSet.open(tiny_shards), rank=0, world_size=1).crop is None
+    assert build_train_stream(cfg, ShardSet.open(tiny_shards), rank=0, world_size=1).settings.crop is None
     cfg = load_config(builtin, [f"data.shards={tiny_shards}", "data.random_crop=true",
                                 "data.random_crop_min_area=0.3"])
-    assert build_train_stream(cfg, ShardSet.open(tiny_shards), rank=0, world_size=1).crop == RandomCrop(0.3)
+    assert build_train_stream(cfg, ShardSet.open(tiny_shards), rank=0, world_size=1).settings.crop == RandomCrop(0.3)
     with pytest.raises(ConfigError, match=r"data.random_crop_min_area: must be in \(0, 1\]"):
         load_config(builtin, [f"data.shards={tiny_shards}", "data.random_crop_min_area=1.5"])

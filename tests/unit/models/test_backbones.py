@@ -19,7 +19,7 @@ from PIL import Image
 from trainer.models.backbones.efficientnet_lite import (IMAGENET_MEAN, IMAGENET_STD, FrozenStatsBatchNorm2d,
                                                  default_weights_path, load_efficientnet_lite0)
 from trainer.config import ConfigError, load_config
-from trainer.data.pipeline import decode_image
+from trainer.data.decode import decode_image
 from trainer.engine.build import backbone_lr, backbone_lr_factor, build_engine, param_groups, warmup_cosine
 from trainer.models.configs import EmbedderConfig, ImageTowerConfig
 from trainer.models.embedder import HierarchicalEmbedder

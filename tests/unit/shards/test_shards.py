@@ -233,12 +233,12 @@ def test_every_picture_extension_of_the_format_is_written_and_read(tmp_path):
     reader finds the picture under it."""
     from shards.format import PICTURE_EXTS
     from shards.writer import shard_contents
-    from trainer.data.pipeline import _picture_bytes
+    from trainer.data.samples import picture_bytes
 
     writer = ShardSetWriter(tmp_path, "t", shard_size=len(PICTURE_EXTS))
     for ext in PICTURE_EXTS:
         write_sample(writer, "train", f"img-{ext}", ext=ext)
-        assert _picture_bytes({"__key__": f"img-{ext}", ext: b"img", "json": b"{}"}) == b"img"
+        assert picture_bytes({"__key__": f"img-{ext}", ext: b"img", "json": b"{}"}) == b"img"
     writer.close(MANIFEST_FIELDS)
     assert [ext for _, ext, _ in shard_contents(tmp_path / "t-train-000000.tar")] == list(PICTURE_EXTS)
 
@@ -246,7 +246,7 @@ def test_every_picture_extension_of_the_format_is_written_and_read(tmp_path):
 def test_evaluation_reads_the_objects_and_reports_pmrp(built):
     import torch
 
-    from trainer.data.pipeline import ShardSet
+    from trainer.data.shardset import ShardSet
     from trainer.eval.evaluation import score_embeddings
     from trainer.eval.ground_truth import split_objects
 

@@ -1,0 +1,89 @@
+"""A shard-set folder as the trainer reads it (through its documented format, defined once in `shards.format`:
+`manifest.json`, `concepts.json`, `vocab.json` and tars of `{image_id}.{jpg,jpeg,png,webp,npy}` + `{image_id}.json`),
+mixing several sets for training, the check that every loader worker gets a shard, and the stable hash that lets
+string image ids travel in tensors."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from shards.format import CONCEPTS, MANIFEST, VOCAB, is_manifest
+from trainer.data.text import Vocab
+
+
+def image_id_hash(image_id: str) -> int:
+    """A stable 63-bit integer for a string image id, so ids can travel in tensors and be all-gathered."""
+    return int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+@dataclass
+class ShardSet:
+    """A shard-set folder: its manifest, concept vocabulary and word vocabulary."""
+
+    root: Path
+    manifest: dict
+    concepts: list[str]
+    vocab: Vocab
+
+    @classmethod
+    def open(cls, root: str | Path) -> "ShardSet":
+        root = Path(root)
+        manifest_path = root / MANIFEST
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read shard-set manifest {manifest_path}: {e}") from e
+        if not is_manifest(manifest):
+            raise ValueError(f"{manifest_path} is not a hier-shards manifest (format/splits missing)")
+        concepts_path = root / CONCEPTS
+        try:
+            entries = json.loads(concepts_path.read_text())["concepts"]
+            concepts = [e["lemma"] for e in sorted(entries, key=lambda e: e["id"])]
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"cannot read concept vocabulary {concepts_path}: {e}") from e
+        return cls(root, manifest, concepts, Vocab.from_json(root / VOCAB))
+
+    @property
+    def num_concepts(self) -> int:
+        return len(self.concepts)
+
+    def split_info(self, split: str) -> dict:
+        if split not in self.manifest["splits"]:
+            raise ValueError(f"split {split!r} not in {self.root / 'manifest.json'}")
+        return self.manifest["splits"][split]
+
+    def urls(self, split: str) -> list[str]:
+        urls = [str(self.root / name) for name in self.split_info(split)["shards"]]
+        missing = [u for u in urls if not Path(u).is_file()]
+        if missing:
+            raise FileNotFoundError(f"shard files listed in {self.root / 'manifest.json'} are missing: {missing[:3]}")
+        return urls
+
+
+def mix_sets(shardset: ShardSet, extra_roots: list[str], weights: list[float],
+             split: str) -> list[tuple[ShardSet, float]]:
+    """[(shard set, share of the training samples)] for data.mix_shards, `shardset` first; [] without a mix.
+    The sets must share one concept and word vocabulary: labels and token ids mean the same in every batch."""
+    if not extra_roots:
+        return []
+    sets = [shardset] + [ShardSet.open(root) for root in extra_roots]
+    for extra in sets[1:]:
+        for what, file, same in (("concept", "concepts.json", extra.concepts == shardset.concepts),
+                                 ("word", "vocab.json", extra.vocab.words == shardset.vocab.words)):
+            if not same:
+                raise ValueError(f"{extra.root / file}: its {what} vocabulary differs from {shardset.root / file}; "
+                                 f"build the set with `python -m shards build ... --vocab-from {shardset.root}`")
+    weights = weights or [s.split_info(split)["images"] for s in sets]
+    total = float(sum(weights))
+    return [(s, w / total) for s, w in zip(sets, weights)]
+
+
+def check_shards_for_workers(num_shards: int, world_size: int, num_workers: int, split: str) -> None:
+    """Without resampling every worker of every rank needs its own shard, or some read nothing."""
+    needed = world_size * max(1, num_workers)
+    if num_shards < needed:
+        raise ValueError(f"split {split!r} has {num_shards} shards but {world_size} ranks x {max(1, num_workers)} "
+                         f"workers need at least {needed}; rebuild with a smaller --shard-size, lower "
+                         f"data.num_workers, or use data.resampled=true")
