@@ -1,4 +1,4 @@
-"""Do the lexical labels earn their keep? The ablation table of DESIGN.md section 1, over several seeds.
+"""Do the lexical labels earn their keep? The ablation table of docs/design.md section 1, over several seeds.
 
 Every variant is trained from scratch with the same step budget and evaluated on the validation and the test
 split (eval/val.json, eval/test.json of each run). Runs of the same seed share the data order and the
@@ -11,7 +11,7 @@ least 3 seeds.
 
 Variants (loss options, see trainer/config/schema.py's LossConfig):
   global_only       loss.local=none
-  concepts / shuffled / none                 DESIGN's soft targets; none = label-free second space
+  concepts / shuffled / none                 docs/design.md's soft targets; none = label-free second space
   concepts_mass / shuffled_mass              label_mass=0.3: labelled columns get a fixed 30% of each target
   concepts_lhinge / shuffled_lhinge          label_mass=0.3, and the global hinge reads the labels: margin scaled
                                              by 1 - containment, captions the labels call a full match (containment

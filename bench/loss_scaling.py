@@ -1,4 +1,4 @@
-"""Per-rank memory and time of HierarchicalLoss against the global batch size N (DESIGN.md section 2).
+"""Per-rank memory and time of HierarchicalLoss against the global batch size N (docs/design.md section 2).
 
 One rank scores only its own n rows against all N = n * world gathered columns, so its loss memory must grow
 as O(n * N), never O(N * N). This benchmark measures it: for a fixed local batch n and growing N it runs

@@ -1,1 +1,1 @@
-"""Building and checking WebDataset shard sets (format: DESIGN.md section 3)."""
+"""Building and checking WebDataset shard sets (format: docs/design.md section 3)."""

@@ -1,4 +1,4 @@
-"""`hier-shards check DIR`: read a whole shard set back and hold it to its format (DESIGN.md section 3).
+"""`hier-shards check DIR`: read a whole shard set back and hold it to its format (docs/design.md section 3).
 
     python -m shards check data/emoji
 

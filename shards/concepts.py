@@ -1,4 +1,4 @@
-"""Lexical labels (DESIGN.md section 1, "Concepts"): spaCy lemmas of chosen parts of speech.
+"""Lexical labels (docs/design.md section 1, "Concepts"): spaCy lemmas of chosen parts of speech.
 
 A caption's concepts are the known lemmas among its tokens; an image's concepts are the union of its
 captions' concepts. The concept vocabulary is built from training captions only.

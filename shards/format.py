@@ -1,4 +1,4 @@
-"""The shard-set format (DESIGN.md section 3), defined once: shards/ writes and checks it, trainer/ reads it.
+"""The shard-set format (docs/design.md section 3), defined once: shards/ writes and checks it, trainer/ reads it.
 
 A shard set is a folder of `NAME-SPLIT-000000.tar ...` plus MANIFEST, CONCEPTS and VOCAB. Each picture is one
 WebDataset sample: `{image_id}.{ext}` (the picture's own bytes, one of PICTURE_EXTS, or float16 region features

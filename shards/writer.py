@@ -1,4 +1,4 @@
-"""Writing a shard set (format: DESIGN.md section 3).
+"""Writing a shard set (format: docs/design.md section 3).
 
 The format itself (member names, extensions, json fields, file names) is `shards.format`'s. Pictures of one
 set may mix its picture formats (sources keep original bytes); a set holds either pictures or features.

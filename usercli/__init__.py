@@ -1,7 +1,7 @@
 """How every command of the project ends on bad input: one line on stderr, exit code 2, never a traceback.
 
 Used by `python -m shards ...` and by each `python -m trainer.*` entry point: a leaf package of its own that
-both import, so that neither depends on the other for it. The contract, tested by tests/test_bad_inputs.py:
+both import, so that neither depends on the other for it. The contract, tested by tests/integration/test_bad_inputs.py:
 
 - exit 0: done; 2: refused (a file, key or option that cannot be used; the message names it and the way out);
   130: interrupted (Ctrl-C; the message says what is left and how to go on). `shards check` alone also exits 1,

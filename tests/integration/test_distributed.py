@@ -1,4 +1,4 @@
-"""The distributed path (DESIGN.md section 2) with 2 gloo processes on CPU.
+"""The distributed path (docs/design.md section 2) with 2 gloo processes on CPU.
 
 Equivalence: one optimizer step of the real trainer code (build_model, build_loss, build_engine, train_step) in
 2 processes, each on its half of a fixed global batch, equals one step of a single process on the whole batch,

@@ -59,7 +59,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = "data/builtin"  # a shard-set folder with manifest.json (DESIGN.md section 3)
+    shards: str = "data/builtin"  # a shard-set folder with manifest.json (docs/design.md section 3)
     train_split: str = "train"
     eval_split: str = "val"  # evaluated every train.eval_every steps
     test_split: str = "test"  # evaluated at the end of training
@@ -189,11 +189,11 @@ class LossConfig:
     local_margin: float = 0.2
     concept_bce_weight: float = 0.0
     labels: Literal["concepts", "shuffled", "none"] = "concepts"
-    # Contrastive targets: null = DESIGN.md's rule (weight 1 on the own picture, Jaccard label elsewhere, then
+    # Contrastive targets: null = docs/design.md's rule (weight 1 on the own picture, Jaccard label elsewhere, then
     # normalised: the positive's share falls as the global batch grows); m in [0, 1) = the labelled columns get
     # a fixed share m of each row's target, whatever the batch size.
     label_mass: Optional[float] = None
-    # The global term: VSE++'s hinge (DESIGN.md) or InfoNCE at global_temperature.
+    # The global term: VSE++'s hinge (docs/design.md) or InfoNCE at global_temperature.
     global_loss: Literal["hinge", "infonce"] = "hinge"
     global_temperature: float = 0.05
     # Labels that steer the global term (need loss.labels != none). Both read the containment of a caption in a

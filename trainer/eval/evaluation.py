@@ -1,4 +1,4 @@
-"""Retrieval evaluation (DESIGN.md section 4): embed a split once, score by chunked matrix products.
+"""Retrieval evaluation (docs/design.md section 4): embed a split once, score by chunked matrix products.
 
 Every rank embeds its share of the split's shards (any share, none included); the embeddings are gathered on
 rank 0 and scored there once, on its device, in tiles (trainer.eval.metrics); the results go to every rank.

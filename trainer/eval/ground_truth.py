@@ -1,5 +1,5 @@
 """Ground truth about the pictures that does not come from the captions' words, read from a shard set's
-sample json (DESIGN.md section 3): the built-in corpus stores the drawn objects ("objects"), from which the
+sample json (docs/design.md section 3): the built-in corpus stores the drawn objects ("objects"), from which the
 plausible-match metric (trainer.eval.metrics.plausible_match_precision) decides which pictures are alike."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Retrieval metrics (Recall@K both ways, rSum) as pure functions over precomputed embeddings.
 
-Protocol (DESIGN.md section 4, as in VSE++ / VSE-infinity): image->text uses the rank of the best of an
+Protocol (docs/design.md section 4, as in VSE++ / VSE-infinity): image->text uses the rank of the best of an
 image's captions, text->image the rank of the caption's image. Scores are inner products, computed in chunks
 so that the full [images, captions] matrix never exists: an evaluation set of 5K images and 25K captions
 would otherwise need 500 MB per score matrix.

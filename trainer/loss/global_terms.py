@@ -52,7 +52,7 @@ def info_nce(scores: Tensor, same_image: Tensor, excluded: Tensor, temperature: 
 
 
 class HingeGlobal(torch.nn.Module):
-    """global_loss=hinge (VSE++, DESIGN.md): [margin - s_pos + s_neg]_+ summed over the negatives before
+    """global_loss=hinge (VSE++, docs/design.md): [margin - s_pos + s_neg]_+ summed over the negatives before
     loss.hinge_warmup_steps, the hardest negative's after."""
 
     def __init__(self, cfg: LossConfig):

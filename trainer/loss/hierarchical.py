@@ -56,7 +56,7 @@ class ConceptBCE(torch.nn.Module):
 
 
 class HierarchicalLoss(torch.nn.Module):
-    """L = global + local_weight * local + concept_bce_weight * concept_bce, see DESIGN.md section 1.
+    """L = global + local_weight * local + concept_bce_weight * concept_bce, see docs/design.md section 1.
 
     `seed` (run.seed) is the shuffled control's: the one input that is not in the loss section."""
 

@@ -23,7 +23,7 @@ def soft_contrastive(scores: Tensor, same_image: Tensor, labels: Tensor, tempera
                      label_mass: float | None = None) -> Tensor:
     """Cross-entropy between softmax(scores / t) and a soft target per row.
 
-    label_mass None (DESIGN.md): 1 on every column of the row's own picture, the label elsewhere, normalised per
+    label_mass None (docs/design.md): 1 on every column of the row's own picture, the label elsewhere, normalised per
     row (the positive column keeps every row sum >= 1). Its positive share shrinks as 1 / (1 + N * mean label)
     with the global batch N. label_mass m: the own picture's columns share 1 - m and the other columns share m in
     proportion to their labels, whatever N is (all on the own picture where a row has no labelled column).

@@ -1,6 +1,6 @@
 """FAISS indexes over retrieval vectors written in pieces (trainer.retrieval.pieces), built with bounded memory.
 
-Inner product is the model's score ([g; sqrt(w) l] . [g; sqrt(w) l], DESIGN.md section 1), so every index is
+Inner product is the model's score ([g; sqrt(w) l] . [g; sqrt(w) l], docs/design.md section 1), so every index is
 an inner-product one:
   flat   exact (IndexFlatIP), the default: what evaluation's matrix product ranks, row for row;
   hnsw   approximate graph (IndexHNSWFlat), no training; its build is slow at wide vectors, so for small corpora;

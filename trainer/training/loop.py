@@ -22,7 +22,7 @@ Faults (each rank decides nothing alone: one all-reduce per step makes every ran
   state, shard position and byte offset, its shuffle buffer as byte ranges), so a resumed run reads the batches
   the uninterrupted run would have read at the cost of re-reading the buffers (logged: bytes and seconds), and on
   the same machine kind, world size, data.num_workers and engine.threads it ends with bit-identical parameters
-  (tests/test_faults.py), for data.resampled too. The loader's workers live for the whole run. Not
+  (tests/integration/test_faults.py), for data.resampled too. The loader's workers live for the whole run. Not
   reproduced: a resume on another world size or worker count (other shards per worker), timing scalars, and on
   GPUs any kernel or collective that sums in a varying order (then the runs agree to float rounding only).
 """

@@ -1,7 +1,7 @@
 """One training micro-step: forward on this rank's pairs, gather the global batch, loss of own rows against all
 columns, backward; at the accumulation boundary one all-reduce on which every rank agrees to update or skip.
 
-No host synchronisation happens inside a step except that agreement (DESIGN.md section 2): batches reach the
+No host synchronisation happens inside a step except that agreement (docs/design.md section 2): batches reach the
 device with non_blocking copies (the loader pins them on GPU machines), caption lengths and region counts stay on
 the host where the model checks them, and the non-finite check is a device tensor until the agreement reads it.
 """

@@ -1,4 +1,4 @@
-"""HierarchicalLoss against a slow per-pair reference written straight from the formulas in DESIGN.md."""
+"""HierarchicalLoss against a slow per-pair reference written straight from the formulas in docs/design.md."""
 from __future__ import annotations
 
 import typing
@@ -424,7 +424,7 @@ def test_label_mass_targets_match_reference(mass):
 
 
 def test_label_mass_keeps_the_positive_share_as_the_batch_grows():
-    """DESIGN.md's rule gives the positive 1 / (1 + sum of labels); label_mass keeps it at 1 - m."""
+    """docs/design.md's rule gives the positive 1 / (1 + sum of labels); label_mass keeps it at 1 - m."""
     def positive_share(n, mass):
         # At uniform logits d(loss)/d(logit_ij) = (1/n - target_ij) / n, so the gradient reveals the target.
         logits = torch.zeros(n, n, dtype=torch.float64, requires_grad=True)
