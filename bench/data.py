@@ -36,10 +36,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from step import TrainerLoop, bench_config, build_bench_shards, open_stream  # noqa: E402
+
 from trainer.data.shardset import ShardSet  # noqa: E402
 from trainer.distributed import init_distributed, shutdown  # noqa: E402
-from trainer.training.step import train_step  # noqa: E402
 from trainer.training.loop import configure_device  # noqa: E402
+from trainer.training.step import train_step  # noqa: E402
 
 
 def rate(batches, count: int, batch_size: int) -> float:

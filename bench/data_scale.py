@@ -44,11 +44,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from shards.__main__ import main as shards_main  # noqa: E402
-from trainer.data.shardset import ShardSet  # noqa: E402
 from trainer.data.decode import decode_image  # noqa: E402
-from trainer.data.stream import StreamSettings, TrainStream  # noqa: E402
 from trainer.data.loader import TrainLoader  # noqa: E402
+from trainer.data.shardset import ShardSet  # noqa: E402
 from trainer.data.shardstream import StreamState  # noqa: E402
+from trainer.data.stream import StreamSettings, TrainStream  # noqa: E402
 
 SHARD_SIZE = 1000
 

@@ -32,10 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import torch  # noqa: E402
-
 from corrupt_shards import corrupt_copy  # noqa: E402
-from trainer.data.shardset import ShardSet, image_id_hash  # noqa: E402
+
 from trainer.data.samples import BAD_KINDS  # noqa: E402
+from trainer.data.shardset import ShardSet, image_id_hash  # noqa: E402
 from trainer.data.stream import StreamSettings, TrainStream  # noqa: E402
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

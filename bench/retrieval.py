@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from loss_scaling import measure_peak_increase  # noqa: E402
+
 from trainer.eval.evaluation import score_embeddings  # noqa: E402
 
 MB = 2**20

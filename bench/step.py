@@ -39,13 +39,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainer.config import Config, load_config  # noqa: E402
-from trainer.data.shardset import ShardSet  # noqa: E402
 from trainer.data.loader import TrainLoader  # noqa: E402
+from trainer.data.shardset import ShardSet  # noqa: E402
 from trainer.distributed import DistInfo, init_distributed, shutdown  # noqa: E402
 from trainer.engine.build import build_engine, deepspeed_config, param_groups  # noqa: E402
 from trainer.training.factory import build_loss, build_model, build_train_stream  # noqa: E402
-from trainer.training.step import LABEL_KEYS, gather_global_batch, train_step  # noqa: E402
 from trainer.training.loop import configure_device  # noqa: E402
+from trainer.training.step import LABEL_KEYS, gather_global_batch, train_step  # noqa: E402
 
 PARTS = ("data_wait", "forward", "loss", "backward", "optimizer")
 

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import yaml
-
 from ablation import mean_se, paired  # the same paired statistics as the labels ablation (bench/ablation.py)
 
 # The knobs that matter for the hierarchical loss (issue 27), each with the values tried. Keys are config keys;

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import sys
 
-from usercli import OneLineParser, cli_main
 from shards.build import add_build_command
 from shards.check import add_check_command
 from shards.stats import add_stats_command
+from usercli import OneLineParser, cli_main
 
 PROG = "hier-shards"
 

@@ -30,21 +30,33 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from shards.builtin_corpus import MIN_IMAGE_SIZE, builtin_samples
-from usercli import OutputExists, UserError
-from shards.progress import progress
 from shards.concepts import (
-    BLANK_PIPELINE, DEFAULT_PIPELINE, UNIVERSAL_POS, ConceptExtractor, build_concept_vocab, concept_ids, union_ids,
+    BLANK_PIPELINE,
+    DEFAULT_PIPELINE,
+    UNIVERSAL_POS,
+    ConceptExtractor,
+    build_concept_vocab,
+    concept_ids,
+    union_ids,
 )
 from shards.emoji_corpus import add_emoji_options, emoji_split, emoji_split_sizes
+from shards.format import FEATURE_EXT, SHARD_SET_FILES, shard_file_name
+from shards.progress import progress
 from shards.sources import coco, hf, karpathy, openmoji, scan_precomp, table, wds_relabel
 from shards.sources.base import ON_ERROR, BadSample, InputError, Item, Problems, Source
 from shards.sources.checking import PICTURE_CHUNK, checked_items
 from shards.sources.pictures import checked_picture, needs_resize
-from shards.format import FEATURE_EXT, SHARD_SET_FILES, shard_file_name
 from shards.text import Vocab
 from shards.writer import (
-    PARTIAL_SUFFIX, RawSample, ShardSetWriter, sample_json, shard_contents, write_concepts_json, write_json,
+    PARTIAL_SUFFIX,
+    RawSample,
+    ShardSetWriter,
+    sample_json,
+    shard_contents,
+    write_concepts_json,
+    write_json,
 )
+from usercli import OutputExists, UserError
 
 TRAIN = "train"
 

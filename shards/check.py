@@ -20,9 +20,10 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from usercli import UserError
 from shards.format import FEATURE_EXT, FORMAT, PICTURE_EXTS, SAMPLE_FIELDS
 from shards.text import Vocab
+from usercli import UserError
+
 MAX_SHOWN = 50  # problems printed; the count says how many there were in all
 
 Image.MAX_IMAGE_PIXELS = 64_000_000  # as the trainer: a decompression bomb is a problem, not a picture

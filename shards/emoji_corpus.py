@@ -39,8 +39,8 @@ import emoji
 from PIL import Image, ImageDraw, ImageFont
 
 from shards.builtin_corpus import encode_png
-from usercli import UserError
 from shards.writer import RawSample
+from usercli import UserError
 
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"  # Debian's fonts-noto-color-emoji
 FONT_HINT = "apt-get install fonts-noto-color-emoji"

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Iterator
 
 from shards.sources.base import (
-    InputError, Item, Problems, Source, assignments, read_image_file, read_json_file, require, safe_id,
+    InputError,
+    Item,
+    Problems,
+    Source,
+    assignments,
+    read_image_file,
+    read_json_file,
+    require,
+    safe_id,
     split_assignment,
 )
 

@@ -20,8 +20,17 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from shards.sources.base import BadSample, InputError, Item, Problems, Source, assignments, read_image_file, \
-    safe_id, split_assignment
+from shards.sources.base import (
+    BadSample,
+    InputError,
+    Item,
+    Problems,
+    Source,
+    assignments,
+    read_image_file,
+    safe_id,
+    split_assignment,
+)
 
 DEFAULT_SPLITS = {"train": ("train",), "val": ("validation", "val"), "test": ("test",)}
 

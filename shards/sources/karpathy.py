@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Iterator
 
 from shards.sources.base import (
-    InputError, Item, Problems, Source, read_image_file, read_json_file, require, safe_id,
+    InputError,
+    Item,
+    Problems,
+    Source,
+    read_image_file,
+    read_json_file,
+    require,
+    safe_id,
 )
 
 KARPATHY_SPLITS = ("train", "val", "test", "restval")

@@ -28,7 +28,14 @@ from PIL import Image
 
 from shards.builtin_corpus import encode_png
 from shards.emoji_corpus import (
-    SPLITS, ascii_words, base_key, bounded, framed_captions, group_objects, split_of, unit_hash,
+    SPLITS,
+    ascii_words,
+    base_key,
+    bounded,
+    framed_captions,
+    group_objects,
+    split_of,
+    unit_hash,
 )
 from shards.sources.base import BadSample, InputError, Item, Problems, Source, read_json_file, require
 

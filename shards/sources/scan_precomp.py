@@ -19,8 +19,17 @@ from typing import Iterator
 
 import numpy as np
 
-from shards.sources.base import BadSample, InputError, Item, Problems, Source, assignments, require, safe_id, \
-    split_assignment
+from shards.sources.base import (
+    BadSample,
+    InputError,
+    Item,
+    Problems,
+    Source,
+    assignments,
+    require,
+    safe_id,
+    split_assignment,
+)
 
 CAPTIONS_PER_IMAGE = 5
 # SCAN's file names -> shard split names, used when --precomp-split is not given (those whose files exist)

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Iterator
 
 from shards.sources.base import (
-    InputError, Item, Problems, Source, assignments, read_image_file, require, safe_id, split_assignment,
+    InputError,
+    Item,
+    Problems,
+    Source,
+    assignments,
+    read_image_file,
+    require,
+    safe_id,
+    split_assignment,
     split_names,
 )
 

@@ -20,8 +20,7 @@ from typing import Iterator
 
 from braceexpand import braceexpand
 
-from shards.sources.base import BadSample, InputError, Item, Problems, Source, assignments, safe_id, \
-    split_assignment
+from shards.sources.base import BadSample, InputError, Item, Problems, Source, assignments, safe_id, split_assignment
 
 PICTURE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 

@@ -21,10 +21,10 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+import trainer.training.step as train_module  # noqa: E402
 from trainer.config import Config, load_config  # noqa: E402
 from trainer.distributed import DistInfo, all_reduce_sum, gather_no_grad, init_distributed, shutdown  # noqa: E402
 from trainer.engine.build import build_engine, deepspeed_config  # noqa: E402
-import trainer.training.step as train_module  # noqa: E402
 from trainer.training.factory import build_loss, build_model  # noqa: E402
 from trainer.training.step import gather_global_batch, train_step  # noqa: E402
 

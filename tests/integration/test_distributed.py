@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_worker import ACCUM_CONFIGS, BF16_CONFIGS, LR, ZERO_CONFIGS
 
 REPO = Path(__file__).resolve().parents[2]

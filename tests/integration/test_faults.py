@@ -23,17 +23,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from corrupt_shards import corrupt_copy, png_header_only
 from test_distributed import TINY_RUN, clean_env, free_port, start, wait_all
+
+from trainer.config import ConfigError, load_config
+from trainer.data.decode import check_picture_size
+from trainer.data.loader import TrainLoader
+from trainer.data.samples import BAD_KINDS, BadSample
+from trainer.data.shardset import ShardSet, image_id_hash
+from trainer.data.stream import StreamSettings, TrainStream
 from trainer.engine import checkpoint
 from trainer.observe.tblog import event_dir
-from trainer.config import ConfigError, load_config
-from trainer.data.shardset import ShardSet, image_id_hash
-from trainer.data.samples import BAD_KINDS, BadSample
-from trainer.data.decode import check_picture_size
-from trainer.data.stream import StreamSettings, TrainStream
-from trainer.data.loader import TrainLoader
 
 REPO = Path(__file__).resolve().parents[2]
 

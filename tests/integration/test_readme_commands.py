@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_distributed import clean_env
 
 REPO = Path(__file__).resolve().parents[2]

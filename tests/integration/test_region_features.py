@@ -13,23 +13,22 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import build_builtin
 from PIL import Image
 
-from conftest import build_builtin
-from trainer.config import load_config
-from trainer.data.samples import BadSample
+from trainer.config import ConfigError, load_config
 from trainer.data.decode import RegionSpec, check_image_input, decode_features, decode_image
+from trainer.data.samples import BadSample
 from trainer.data.shardset import ShardSet, image_id_hash
 from trainer.data.stream import StreamSettings, TrainStream
 from trainer.eval.evaluation import EmbedOptions, embed_split
-from trainer.tools.extract_features import extract, main as extract_main, npy_bytes
-from trainer.config import ConfigError
 from trainer.models.configs import EmbedderConfig, ImageTowerConfig
 from trainer.models.embedder import HierarchicalEmbedder
 from trainer.models.gru_text import GRUTextEncoder
-from trainer.models.image_towers import (EfficientNetLite0Grid, RegionFeatures, SmallCNN, build_image_tower,
-                                         drop_regions)
+from trainer.models.image_towers import EfficientNetLite0Grid, RegionFeatures, SmallCNN, build_image_tower, drop_regions
 from trainer.models.pooling import GPOPool
+from trainer.tools.extract_features import extract, npy_bytes
+from trainer.tools.extract_features import main as extract_main
 
 REPO = Path(__file__).resolve().parents[2]
 DIM = 12

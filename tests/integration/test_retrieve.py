@@ -8,16 +8,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from retrieval_run import REPO, clean_env, exported_index, first_test_picture, trained_run
+
 from shards.text import PAD, UNK, Vocab
+from trainer.data.text import WordTokenizer
 from trainer.eval.evaluation import EmbedOptions, embed_split, load_run
+from trainer.retrieval.commands import ExportOptions, check_export_checkpoint, export_index, main
 from trainer.retrieval.faiss_index import build_index, index_params, load_index
 from trainer.retrieval.index_folder import RetrievalIndex
 from trainer.retrieval.pieces import piece_path
 from trainer.retrieval.query import QueryError, check_text, decode_query_picture, read_picture_file, shorten
-from trainer.retrieval.commands import ExportOptions, check_export_checkpoint, export_index, main
-from trainer.data.text import WordTokenizer
 
 QUIET = ("[", "Loading", "Gathering", "Detected", "Reconstructed", "Processing", "Parsing", "  return", "/")
 

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from retrieval_run import REPO, clean_env, exported_index, first_test_picture
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

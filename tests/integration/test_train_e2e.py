@@ -9,8 +9,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainer.engine.checkpoint import fp32_state_dict
 from trainer.config import load_config
+from trainer.engine.checkpoint import fp32_state_dict
 from trainer.eval.evaluation import evaluate_run
 from trainer.observe.tblog import event_dir
 from trainer.training.loop import train

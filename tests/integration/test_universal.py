@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_distributed import TINY_RUN, clean_env, wait_all
 from test_faults import FakeEngine, start_ranks
-from trainer.engine import checkpoint
-from trainer.engine import universal
+
+from trainer.engine import checkpoint, universal
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "helpers" / "universal_worker.py"

@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from usercli import OneLineParser, cli_main
 from trainer.config import Config, ConfigError, load_config
 from trainer.config.help import config_keys_help
+from usercli import OneLineParser, cli_main
 
 PROG = "python -m trainer.train"
 

@@ -22,8 +22,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from usercli import UserError
 from shards.format import CONCEPTS, MANIFEST, VOCAB, is_manifest
+from usercli import UserError
 
 
 class ConfigError(UserError, ValueError):

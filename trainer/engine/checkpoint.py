@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.distributed import barrier, broadcast_object
 from trainer.config import ConfigError
+from trainer.distributed import barrier, broadcast_object
 
 log = logging.getLogger(__name__)
 

@@ -29,9 +29,17 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from trainer.engine.checkpoint import (MARKER, UNIVERSAL, CheckpointError, atomic_write, check_world_size, find,
-                                       problem, read_marker)
 from trainer.distributed import broadcast_object
+from trainer.engine.checkpoint import (
+    MARKER,
+    UNIVERSAL,
+    CheckpointError,
+    atomic_write,
+    check_world_size,
+    find,
+    problem,
+    read_marker,
+)
 
 log = logging.getLogger(__name__)
 

@@ -20,22 +20,30 @@ from typing import Callable
 
 import torch
 
-from usercli import OneLineParser, cli_main
-from trainer.eval import metrics
 from trainer.config import Config, ConfigError, load_run_config
-from trainer.data.decode import RegionSpec
-from trainer.data.shardset import ShardSet
-from trainer.data.eval_samples import iter_eval_samples
 from trainer.data.collate import pad_tokens, stack_image_inputs
-from trainer.distributed import (DistInfo, all_reduce_max, broadcast_object, gather_no_grad, gather_objects_to_main,
-                                 gather_rows_to_main, init_distributed, shutdown)
+from trainer.data.decode import RegionSpec
+from trainer.data.eval_samples import iter_eval_samples
+from trainer.data.shardset import ShardSet
+from trainer.data.text import CaptionTokenizer, WordTokenizer
+from trainer.distributed import (
+    DistInfo,
+    all_reduce_max,
+    broadcast_object,
+    gather_no_grad,
+    gather_objects_to_main,
+    gather_rows_to_main,
+    init_distributed,
+    shutdown,
+)
 from trainer.distributed import rank as dist_rank
 from trainer.engine import checkpoint as checkpoints
 from trainer.engine.build import build_engine, deepspeed_config
-from trainer.training.factory import build_model, build_tokenizer
+from trainer.eval import metrics
 from trainer.eval.ground_truth import split_objects
 from trainer.observe.progress import ProgressBar, progress_enabled
-from trainer.data.text import CaptionTokenizer, WordTokenizer
+from trainer.training.factory import build_model, build_tokenizer
+from usercli import OneLineParser, cli_main
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from trainer.data.pixels import PIXEL_MEAN, PIXEL_STD
-from trainer.models.backbones.efficientnet_lite import (DOWNSAMPLE, IMAGENET_MEAN, IMAGENET_STD, EfficientNetLite0,
-                                                        load_imagenet_weights)
+from trainer.models.backbones.efficientnet_lite import (
+    DOWNSAMPLE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EfficientNetLite0,
+    load_imagenet_weights,
+)
 from trainer.models.configs import ImageTowerConfig
 from trainer.models.pooling import prefix_mask
 

@@ -3,6 +3,7 @@ Generalized Pooling Operator (GPO) and the plain mean, by name in `POOLINGS` (mo
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

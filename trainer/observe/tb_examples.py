@@ -27,8 +27,8 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 
+from trainer.data.samples import parse_meta, picture_bytes
 from trainer.data.shardset import ShardSet
-from trainer.data.samples import picture_bytes, parse_meta
 
 FONT_FILE = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 GREEN = (0, 170, 0)

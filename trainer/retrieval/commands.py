@@ -25,7 +25,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from usercli import OneLineParser, cli_main, one_line
 from trainer.config import ConfigError, load_run_config
 from trainer.data.shardset import ShardSet
 from trainer.distributed import broadcast_object, is_active, shutdown
@@ -38,6 +37,7 @@ from trainer.retrieval.pieces import PIECES, embed_pieces, plan_pieces
 from trainer.retrieval.query import QueryEncoder, QueryError, check_text, decode_query_picture, read_picture_file
 from trainer.retrieval.server import create_app, run_server
 from trainer.training.factory import build_tokenizer
+from usercli import OneLineParser, cli_main, one_line
 
 PROG = "trainer.retrieve"
 

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from trainer.data.collate import stack_image_inputs
+from trainer.data.decode import decode_image_input
 from trainer.data.samples import BadSample, parse_meta
 from trainer.data.shardset import ShardSet
-from trainer.data.decode import decode_image_input
-from trainer.data.collate import stack_image_inputs
 from trainer.distributed import all_reduce_max
 from trainer.eval.evaluation import EmbedOptions, embed_batch  # the encoder calls evaluation makes, shared on purpose
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import UnidentifiedImageError
 
-from trainer.data.decode import RegionSpec, decode_image
 from trainer.data.collate import pad_tokens
+from trainer.data.decode import RegionSpec, decode_image
 from trainer.data.text import WordTokenizer, tokenize
 
 ECHO_CHARS = 80  # a query echoed longer than this is shortened (the whole text is still what was encoded)

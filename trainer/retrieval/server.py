@@ -18,8 +18,8 @@ from pathlib import Path
 from flask import Flask, jsonify, request, send_from_directory
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from trainer.retrieval.query import QueryError
 from trainer.retrieval.answers import search
+from trainer.retrieval.query import QueryError
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_K = 100

@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from usercli import OneLineParser, cli_main
-from trainer.engine import checkpoint
 from trainer.config import ConfigError
-
+from trainer.engine import checkpoint
+from usercli import OneLineParser, cli_main
 
 PROG = "python -m trainer.export"
 

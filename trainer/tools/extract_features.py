@@ -28,14 +28,14 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from usercli import OneLineParser, OutputExists, cli_main
-from trainer.models.backbones.efficientnet_lite import default_weights_path
 from trainer.config import ConfigError, check_output_folder
+from trainer.data.decode import decode_image_input
 from trainer.data.samples import BadSample
 from trainer.data.shardset import ShardSet
-from trainer.data.decode import decode_image_input
+from trainer.models.backbones.efficientnet_lite import default_weights_path
 from trainer.models.configs import ImageTowerConfig
 from trainer.models.image_towers import build_image_tower
+from usercli import OneLineParser, OutputExists, cli_main
 
 log = logging.getLogger(__name__)
 

@@ -35,11 +35,11 @@ from types import SimpleNamespace
 
 import torch
 
-from usercli import OneLineParser, cli_main
 from trainer.config import Config, ConfigError, load_config
 from trainer.data.shardset import ShardSet
 from trainer.data.text import PAD, UNK, CaptionTokenizer, Vocab
 from trainer.training.factory import build_model, build_tokenizer
+from usercli import OneLineParser, cli_main
 
 GIB = 2**30
 # Peak loss memory per scored (row, column) pair, forward + backward: bench/loss_scaling.py measured ~56 B

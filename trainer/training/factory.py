@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 
 from trainer.config import Config
-from trainer.data.shardset import ShardSet
 from trainer.data.decode import RegionSpec
-from trainer.data.stream import StreamSettings, TrainStream
-from trainer.loss.hierarchical import HierarchicalLoss
 from trainer.data.pictures import RandomCrop
+from trainer.data.shardset import ShardSet
+from trainer.data.stream import StreamSettings, TrainStream
 from trainer.data.text import CaptionTokenizer, Vocab
+from trainer.loss.hierarchical import HierarchicalLoss
 from trainer.models.configs import EmbedderConfig, ImageTowerConfig, TextTowerConfig
 from trainer.models.embedder import HierarchicalEmbedder
 from trainer.models.image_towers import build_image_tower

@@ -42,23 +42,22 @@ from pathlib import Path
 
 import torch
 
-from usercli import cli_main
-from trainer.engine import checkpoint
-from trainer.config import cli_args as train_args
-from trainer.engine import universal
 from trainer.config import Config, ConfigError, save_config
-from trainer.data.shardset import ShardSet, check_shards_for_workers, mix_sets
-from trainer.data.samples import BAD_KINDS
+from trainer.config import cli_args as train_args
 from trainer.data.decode import RegionSpec, check_image_input
 from trainer.data.loader import TrainLoader
-from trainer.loss.hierarchical import HierarchicalLoss
+from trainer.data.samples import BAD_KINDS
+from trainer.data.shardset import ShardSet, check_shards_for_workers, mix_sets
 from trainer.distributed import DistInfo, gather_no_grad, init_distributed, shutdown
+from trainer.engine import checkpoint, universal
 from trainer.engine.build import backbone_lr, build_engine, deepspeed_config
 from trainer.eval.evaluation import evaluate_split, results_table, write_results
-from trainer.training.factory import build_loss, build_model, build_train_stream, compile_encoders
+from trainer.loss.hierarchical import HierarchicalLoss
 from trainer.observe.progress import ProgressBar, progress_enabled
-from trainer.training.step import StepAgreement, TrainEngine, train_step
 from trainer.observe.tblog import RunLogger
+from trainer.training.factory import build_loss, build_model, build_train_stream, compile_encoders
+from trainer.training.step import StepAgreement, TrainEngine, train_step
+from usercli import cli_main
 
 log = logging.getLogger("trainer")
 

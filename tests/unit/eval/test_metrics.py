@@ -9,8 +9,16 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from trainer.eval.metrics import (
-    chance_recalls, combined_retrieval_ranks, evaluate_embeddings, fold_average, format_table, object_classes,
-    plausible_match_precision, plausible_match_scores, recalls, retrieval_ranks,
+    chance_recalls,
+    combined_retrieval_ranks,
+    evaluate_embeddings,
+    fold_average,
+    format_table,
+    object_classes,
+    plausible_match_precision,
+    plausible_match_scores,
+    recalls,
+    retrieval_ranks,
 )
 
 

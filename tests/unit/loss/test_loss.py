@@ -10,8 +10,14 @@ import torch.nn.functional as F
 from trainer.config import ConfigError, LossConfig, load_config
 from trainer.loss.global_terms import HingeGlobal, InfoNCEGlobal
 from trainer.loss.hierarchical import HierarchicalLoss
-from trainer.loss.labels import (ConceptLabels, NoLabels, ShuffledLabels, caption_containment, jaccard,
-                                 shuffle_permutation)
+from trainer.loss.labels import (
+    ConceptLabels,
+    NoLabels,
+    ShuffledLabels,
+    caption_containment,
+    jaccard,
+    shuffle_permutation,
+)
 from trainer.loss.local_terms import AdaptiveHingeLocal, NoLocal, SoftContrastiveLocal, soft_contrastive
 from trainer.loss.registry import GLOBAL_TERMS, LABEL_SOURCES, LOCAL_TERMS
 

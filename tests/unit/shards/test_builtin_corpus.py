@@ -10,7 +10,16 @@ import pytest
 from PIL import Image
 
 from shards.builtin_corpus import (
-    COLOURS, SHAPES, SIZE_RADIUS, Scene, SceneObject, builtin_samples, describe, generate_scene, render, split_key,
+    COLOURS,
+    SHAPES,
+    SIZE_RADIUS,
+    Scene,
+    SceneObject,
+    builtin_samples,
+    describe,
+    generate_scene,
+    render,
+    split_key,
 )
 
 # The test's own reading of the caption language: every word a caption may use, and what it means.

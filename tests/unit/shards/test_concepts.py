@@ -5,7 +5,13 @@ import pytest
 import spacy
 
 from shards.concepts import (
-    BLANK_PIPELINE, FRAME_WORDS, INSTALL_HINT, ConceptExtractor, PipelineError, build_concept_vocab, concept_ids,
+    BLANK_PIPELINE,
+    FRAME_WORDS,
+    INSTALL_HINT,
+    ConceptExtractor,
+    PipelineError,
+    build_concept_vocab,
+    concept_ids,
     union_ids,
 )
 

@@ -14,8 +14,20 @@ from PIL import Image
 from shards.__main__ import main
 from shards.concepts import FRAME_WORDS
 from shards.emoji_corpus import (
-    FONT_HINT, FONT_PATH, FRAMES, EmojiEntry, MissingFontError, base_key, caption_text, captions_for, catalogue,
-    load_font, render, select, split_of, unicode_group_of,
+    FONT_HINT,
+    FONT_PATH,
+    FRAMES,
+    EmojiEntry,
+    MissingFontError,
+    base_key,
+    caption_text,
+    captions_for,
+    catalogue,
+    load_font,
+    render,
+    select,
+    split_of,
+    unicode_group_of,
 )
 
 GRINNING_BIG_EYES = "\U0001F603"

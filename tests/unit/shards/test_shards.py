@@ -14,8 +14,8 @@ from PIL import Image
 from shards.__main__ import main
 from shards.builtin_corpus import builtin_samples
 from shards.concepts import ConceptExtractor, build_concept_vocab, concept_ids, union_ids
-from shards.writer import RawSample, ShardSetWriter
 from shards.text import Vocab
+from shards.writer import RawSample, ShardSetWriter
 
 SIZES = {"train": 40, "val": 12, "test": 15}
 SHARD_SIZE = 16

@@ -658,8 +658,8 @@ def test_cli_process_exits_non_zero_naming_the_line(tmp_path):
 
 
 def test_trainer_reads_a_set_of_mixed_picture_formats(tmp_path):
-    from trainer.data.shardset import ShardSet
     from trainer.data.eval_samples import iter_eval_samples
+    from trainer.data.shardset import ShardSet
 
     index, images, _ = karpathy_corpus(tmp_path)
     out = tmp_path / "out"

@@ -26,7 +26,14 @@ sys.path.insert(0, str(REPO / "tests" / "helpers"))
 
 from trainer.config import load_config  # noqa: E402
 from trainer.tools.plan import (  # noqa: E402
-    gathered_bytes, loss_bytes, main as plan_main, make_plan, model_state_bytes, stand_in_vocab,
+    gathered_bytes,
+    loss_bytes,
+    make_plan,
+    model_state_bytes,
+    stand_in_vocab,
+)
+from trainer.tools.plan import (
+    main as plan_main,
 )
 from trainer.training.factory import build_model  # noqa: E402
 
@@ -55,8 +62,9 @@ def measured_states(engine) -> dict:
 
 
 def worker_states(out: Path) -> None:
-    import trainer.training.step as train_module
     from dist_worker import RANK_BATCH, make_config, new_engine, rank_part, synthetic_batch
+
+    import trainer.training.step as train_module
     from trainer.distributed import init_distributed, shutdown
 
     info = init_distributed()
