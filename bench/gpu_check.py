@@ -170,9 +170,7 @@ def plan(shards: Path, work: Path, args: argparse.Namespace) -> list[Part]:
              Part("resume", "resume", resume_cmd, functools.partial(read_train, resumed, after_step=args.steps),
                   needs="zero2/bf16"),
              train("zero3", "fp32"), train("zero3", "bf16")]
-    if args.skip_compile:
-        parts = [p for p in parts if p.name != "compile"]
-    return [p for p in parts if not args.only or p.name in args.only]
+    return [p for p in parts if not (args.skip_compile and p.name == "compile")]
 
 
 # ------------------------------------------------------------------------------------------ running them
@@ -367,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.build_shards:
         return build_shards(args.build_shards, args.train_images)
+    unknown = sorted((args.only or set()) - {p.name for p in plan(Path("shards"), Path("work"), args)})
+    if unknown:
+        print(f"gpu_check: error: no part named {', '.join(unknown)} (--only takes the table's part names)",
+              file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     check = Check(args.out, args.budget_s, {"work": str(work), "steps": args.steps, "batch_size": args.batch_size})
     signal.signal(signal.SIGTERM, interrupt)
@@ -381,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"gpu_check: building the shard set failed; see {args.out / LOG}", file=sys.stderr)
                 return 1
         for part in plan(shards, work, args):
-            check.run(part)
+            if not args.only or part.name in args.only:
+                check.run(part)
     except Interrupted as stop:
         print(f"gpu_check: stopped by {stop}; {args.out / JSON_FILE} holds what finished", file=sys.stderr)
         return 143
