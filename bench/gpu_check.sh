@@ -63,7 +63,7 @@ export PYTHONPATH="$repo:$site${PYTHONPATH:+:$PYTHONPATH}"
 # Every import of the check, in one process: a missing one shows here in seconds, not in each part.
 "$py" -c '
 import sys, torch, deepspeed, webdataset, pydantic
-import trainer.train, trainer.training.loop, trainer.engine.build, trainer.distributed
+import trainer.train, trainer.distributed  # the entry points the check runs (-m, the probe), all they import
 print(f"gpu_check: python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"deepspeed {deepspeed.__version__}, webdataset {webdataset.__version__}, pydantic {pydantic.VERSION}, "
       f"{torch.cuda.get_device_name(0)}")

@@ -38,7 +38,7 @@ else py=python3
 fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
-"$py" -c 'import shards.concepts, trainer.data.pipeline' 2>/dev/null \
+"$py" -c 'import spacy, webdataset, shards' 2>/dev/null \
   || refuse "$py cannot build shards (spaCy, webdataset missing?); set PYTHON to the project's environment"
 mkdir -p "$kit/wheels"
 kit=$(cd "$kit" && pwd)
