@@ -47,7 +47,9 @@ train: install shards
 
 run: train
 
+# the linter first (ruff.toml): a finding fails the target before the suite runs
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 clean:

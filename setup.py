@@ -40,7 +40,7 @@ setup(
         "hf": ["accelerate", "datasets"],
         # tests: real pictures (scikit-image), reference implementations to compare against, launch tests
         "dev": [
-            "pytest", "pytest-timeout", "accelerate", "scikit-image", "sentence-transformers",
+            "pytest", "pytest-timeout", "ruff==0.17.6", "accelerate", "scikit-image", "sentence-transformers",
             "matplotlib",  # bench/ablation.py's plot
             "selenium",  # tests/integration/test_search_page.py drives Debian's chromium (make install) through chromedriver
             "efficientnet-lite-pytorch",
