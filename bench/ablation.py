@@ -193,8 +193,8 @@ def print_tables(rows: list[dict], args: argparse.Namespace, chance: dict[str, f
             block = [r for r in rows if r["split"] == split and r["score"] == score]
             if not block:
                 continue
-            print(f"\n{split} split, {score} score, {args.metric}{chance_note(args.metric, chance, split)}; mean ± SE over seeds; "
-                  f"paired differences ± SE, * = |diff| > 2 SE")
+            print(f"\n{split} split, {score} score, {args.metric}{chance_note(args.metric, chance, split)}; "
+                  f"mean ± SE over seeds; paired differences ± SE, * = |diff| > 2 SE")
             print(f"{'variant':<17}{'n':>2} {'mean':>7} {'± SE':>6}  {'vs shuffled':>16} {'vs label-free':>16} "
                   f"{'vs global_only':>16}  per seed")
             for r in block:
@@ -227,7 +227,8 @@ def markdown(rows: list[dict], args: argparse.Namespace, chance: dict[str, float
             for r in block:
                 se = "n/a" if math.isnan(r["se"]) else f"{r['se']:.{n}f}"
                 seeds = ", ".join(f"{x:.{n}f}" for x in r["per_seed"].values())
-                out.append(f"| {r['variant']} | {r['n']} | {r['mean']:.{n}f} ± {se} | {cell(r['vs'].get('shuffled'))} | "
+                out.append(f"| {r['variant']} | {r['n']} | {r['mean']:.{n}f} ± {se} | "
+                           f"{cell(r['vs'].get('shuffled'))} | "
                            f"{cell(r['vs'].get('label_free'))} | {cell(r['vs'].get('global_only'))} | {seeds} |")
     return "\n".join(out) + "\n"
 

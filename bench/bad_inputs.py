@@ -3,7 +3,8 @@
     python bench/bad_inputs.py [--work DIR] [--jobs 2] [--verbose]
 
 {"tried": N, "clear": N, "traceback": N, "half_written": N, "seconds": S}: clear = one line on stderr naming the
-file, key or option, no traceback (exit codes are checked by tests/integration/test_bad_inputs.py and listed with --verbose).
+file, key or option, no traceback (exit codes are checked by tests/integration/test_bad_inputs.py and listed with
+--verbose).
 The tiny shard set, run and index are made under --work (a temporary folder by default) and reused there.
 """
 from __future__ import annotations

@@ -220,8 +220,9 @@ def decode_rate(args) -> dict:
         torch.set_num_threads(threads)
     bare = statistics.median(r[0] for r in rounds)
     ours = statistics.median(r[1] for r in rounds)
-    return {"photos": len(files), "size": "640x480", "target": 224, "mean_jpeg_bytes": sum(map(len, files)) / len(files),
-            "bare_pil_per_s": bare, "decode_image_per_s": ours, "ratio": ours / bare, "rounds": rounds}
+    return {"photos": len(files), "size": "640x480", "target": 224,
+            "mean_jpeg_bytes": sum(map(len, files)) / len(files), "bare_pil_per_s": bare, "decode_image_per_s": ours,
+            "ratio": ours / bare, "rounds": rounds}
 
 
 # ------------------------------------------------------------------------------------------------ 4. resume
@@ -279,8 +280,8 @@ def report(out: dict) -> None:
     r = out["resume"]
     print(f"resume after {r['steps']} steps ({r['workers']} workers, buffer {r['buffer']}): "
           f"{r['bytes_reread'] / 1e6:.2f} MB re-read ({r['buffer_samples_reread']} buffered samples; a shard is "
-          f"{r['shard_bytes'] / 1e6:.2f} MB), {r['restore_seconds_per_worker_max']:.3f} s per worker, first batch after "
-          f"{r['first_batch_seconds']:.3f} s, exact: {r['exact']}")
+          f"{r['shard_bytes'] / 1e6:.2f} MB), {r['restore_seconds_per_worker_max']:.3f} s per worker, "
+          f"first batch after {r['first_batch_seconds']:.3f} s, exact: {r['exact']}")
     goals = {"read_per_trained_le_1.05": all(a["steady_read_per_trained"] <= 1.05 for a in out["amplification"]),
              "worker_starts_once": w["worker_starts"] == w["workers"] and w["resume_worker_starts"] == w["workers"],
              "decode_ratio_ge_0.8": d["ratio"] >= 0.8, "resume_exact": r["exact"]}

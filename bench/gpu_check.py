@@ -82,7 +82,7 @@ d.shutdown()
 """
 
 
-class Interrupted(Exception):
+class Interrupted(Exception):  # noqa: N818 - a request to stop, not an error of the check
     """The check itself was told to stop (SIGTERM, SIGINT): the part running is killed and recorded first."""
 
 

@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> dict:
     for i in range(args.rounds):
         print(f"round {i + 1}/{args.rounds} ...", file=sys.stderr, flush=True)
         holder = {}
-        ours_mb, ours_s, memory_method = measure_peak_increase(lambda: holder.update(r=score_embeddings(emb, 1.0)))
+        ours_mb, ours_s, memory_method = measure_peak_increase(
+            lambda holder=holder: holder.update(r=score_embeddings(emb, 1.0)))
         bare_mb, bare_s, _ = measure_peak_increase(lambda: bare_product(img_cat, cap_cat))
         results = holder["r"]
         rounds.append({"ours_s": ours_s, "bare_s": bare_s, "ratio": ours_s / bare_s, "ours_peak_mb": ours_mb,

@@ -149,9 +149,10 @@ def table(results: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in results:
         vs = r.get("exact_vs_torch")
+        recall = r.get("recall_at_10", 1.0) if r["index"] == "flat" else r.get("recall_at_10", float("nan"))
         lines.append(f"{r['corpus']:<10}{r['index']:<6}{r['rows']:>10,}{r['dim']:>6}{r['build_s']:>9.1f}"
                      f"{r['rss_gb']:>8.2f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-                     f"{r.get('recall_at_10', 1.0) if r['index'] == 'flat' else r.get('recall_at_10', float('nan')):>7.3f}"
+                     f"{recall:>7.3f}"
                      + (f"  {vs['faiss_s']:.3f} s vs {vs['torch_s']:.3f} s = {vs['ratio']:.2f}x "
                         f"({vs['queries']} queries)" if vs else ""))
     return "\n".join(lines)

@@ -17,10 +17,12 @@ took 10-30 min there (oversubscribed), so the figures beside the tests' bounds a
 0-4 (emoji) with one thread, plus seed 0 with two threads for e2e and emoji.
 
 Cases (test -> figures):
-  e2e      tests/integration/test_train_e2e.py::test_short_run_learns_checkpoints_resumes_and_logs (small_shards corpus);
+  e2e      tests/integration/test_train_e2e.py::test_short_run_learns_checkpoints_resumes_and_logs
+           (small_shards corpus);
            also the 10-step resume (resumed_loss_ratio) and how much the weights moved between the step-60 and
            step-120 checkpoints (moved_frac: share of parameter tensors changed; rel_change: |w120 - w60| / |w60|)
-  regions  tests/integration/test_region_features.py::test_regions_train_on_variable_region_shards_and_on_extracted_features
+  regions  test_regions_train_on_variable_region_shards_and_on_extracted_features
+           (tests/integration/test_region_features.py)
   emoji    tests/unit/shards/test_emoji_corpus.py::test_a_small_emoji_set_trains_and_evaluates_with_the_emoji_config;
            also train_<score>_x_chance: the saved checkpoint evaluated on the train split, as that test does
 Every case: loss_ratio (last logged loss / first), <score>_x_chance (rSum / chance rSum for global, local,

@@ -121,7 +121,7 @@ def generate_scene(rng: np.random.Generator, image_size: int) -> Scene:
     n_objects = int(rng.integers(2, 5))
     cells = rng.choice(GRID * GRID, size=n_objects, replace=False)
     objects: list[SceneObject] = []
-    for k, cell_index in enumerate(cells):
+    for cell_index in cells:
         if objects and rng.random() < 0.15:
             # an exact repeat of an earlier object's look, so "two green triangles" shows up
             twin = objects[int(rng.integers(len(objects)))]

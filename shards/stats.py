@@ -45,7 +45,8 @@ def split_stats(root: Path, shards: list[str], lemmas: list[str], top: int) -> d
                 captions, caption_concepts = meta["captions"], meta["caption_concepts"]
                 image_concepts = meta["image_concepts"]
             except (ValueError, KeyError, TypeError) as e:
-                raise ShardSetError(f"{path}: sample {key!r}: unusable json ({e}); run `hier-shards check {root}`")
+                raise ShardSetError(
+                    f"{path}: sample {key!r}: unusable json ({e}); run `hier-shards check {root}`") from e
             images += 1
             captions_per_image[len(captions)] += 1
             words += [len(tokenize(c)) for c in captions]

@@ -1,4 +1,5 @@
-"""`python -m trainer.retrieve`: export a FAISS index, query it, serve a search page (the code is in trainer.retrieval.commands)."""
+"""`python -m trainer.retrieve`: export a FAISS index, query it, serve a search page (the code is in
+trainer.retrieval.commands)."""
 import sys
 
 from trainer.retrieval.commands import main

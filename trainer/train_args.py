@@ -1,4 +1,5 @@
-"""`python -m trainer.train_args`: check a train command line before a launcher starts any rank (the code is in trainer.config.cli_args)."""
+"""`python -m trainer.train_args`: check a train command line before a launcher starts any rank (the code is in
+trainer.config.cli_args)."""
 import sys
 
 from trainer.config.cli_args import main

@@ -1,4 +1,5 @@
-"""`python -m trainer.universal`: convert a checkpoint for another world size (the code is in trainer.engine.universal)."""
+"""`python -m trainer.universal`: convert a checkpoint for another world size (the code is in
+trainer.engine.universal)."""
 import sys
 
 from trainer.engine.universal import main

@@ -23,7 +23,7 @@ class UserError(Exception):
     """Input the user can fix; the message names the file, key or option and says what to do."""
 
 
-class OutputExists(UserError, FileExistsError):
+class OutputExists(UserError, FileExistsError):  # noqa: N818 - named like FileExistsError, which it also is
     """An output path that is taken (a file where a folder belongs, a finished result); callers that catch
     FileExistsError still do."""
 

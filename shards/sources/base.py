@@ -33,7 +33,7 @@ class InputError(UserError, ValueError):
     """Bad input that ends the build: the message names the file and the line, key or sample."""
 
 
-class BadSample(Exception):
+class BadSample(Exception):  # noqa: N818 - a sample the builder skips, not an error of the program
     """Raised by `Item.load()` (or a picture check) for one unusable sample; the builder reports it."""
 
     def __init__(self, kind: str, message: str):

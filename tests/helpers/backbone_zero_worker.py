@@ -1,4 +1,5 @@
-"""Worker for tests/unit/models/test_backbones.py: the pretrained EfficientNet-Lite0 encoder under DeepSpeed, one process, gloo.
+"""Worker for tests/unit/models/test_backbones.py: the pretrained EfficientNet-Lite0 encoder under DeepSpeed, one
+process, gloo.
 
     python tests/helpers/backbone_zero_worker.py OUT.pt
 

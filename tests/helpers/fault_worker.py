@@ -1,6 +1,7 @@
-"""Worker for tests/integration/test_faults.py: the non-finite step skip of trainer.train.train_step in 2 gloo processes.
+"""Worker for tests/integration/test_faults.py: the non-finite step skip of trainer.train.train_step in 2 gloo
+processes.
 
-    python tests/helpers/fault_worker.py OUT.pt     # with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set
+    python tests/helpers/fault_worker.py OUT.pt   # with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set
 
 For each ZeRO stage, one engine takes: a good step; a step whose loss *value* is NaN on rank 1 only (its
 gradients stay finite, so rank 0 alone would see nothing wrong); a step whose gradients are NaN (the loss of

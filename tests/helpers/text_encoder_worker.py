@@ -1,5 +1,5 @@
-"""Worker for tests/unit/models/test_text_encoders.py: the MiniLM text encoder built by the trainer, inside a DeepSpeed engine
-of every ZeRO stage (one process, gloo), against the same model without DeepSpeed and the checkpoint itself.
+"""Worker for tests/unit/models/test_text_encoders.py: the MiniLM text encoder built by the trainer, inside a DeepSpeed
+engine of every ZeRO stage (one process, gloo), against the same model without DeepSpeed and the checkpoint itself.
 
     python tests/helpers/text_encoder_worker.py OUT.json
 

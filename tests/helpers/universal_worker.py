@@ -1,5 +1,5 @@
-"""Worker for tests/integration/test_universal.py: the real trainer (`python -m trainer.train ...`), which also writes the
-whole training state, gathered from every rank, right after each checkpoint it saves and right after it resumed.
+"""Worker for tests/integration/test_universal.py: the real trainer (`python -m trainer.train ...`), which also writes
+the whole training state, gathered from every rank, right after each checkpoint it saves and right after it resumed.
 
     UNIVERSAL_DUMP=DIR python tests/helpers/universal_worker.py --config ... [overrides]   # RANK, WORLD_SIZE, ... set
 

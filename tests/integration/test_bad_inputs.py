@@ -1,6 +1,7 @@
 """Issue 17: every entry point answers bad input with its documented exit code and ONE line that names the file,
 key or option and the way out; no traceback; nothing half-written. The matrix and its contract are in
-tests/helpers/bad_input_matrix.py, the cases in tests/helpers/bad_input_cases.py; `python bench/bad_inputs.py` counts them."""
+tests/helpers/bad_input_matrix.py, the cases in tests/helpers/bad_input_cases.py; `python bench/bad_inputs.py` counts
+them."""
 from __future__ import annotations
 
 import pytest

@@ -135,8 +135,9 @@ def test_bf16_step_on_two_ranks_equals_the_bf16_step_on_the_global_batch(results
     Tolerances: bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 2e-3 per operation), and the 2-rank run
     rounds different per-rank batches (other convolution tilings), so the two runs agree to bf16 rounding, not
     bit for bit. Measured on 2 cores (AMD EPYC), ZeRO 0-3: loss 1.6e-4 relative, gradients 0.027 of the largest
-    entry (max) with cosine 0.9996, updates 0.011 of their mean size (0.018 bf16 vs fp32). Bounds: 5-10x those. Adam's first update is
-    ~lr * sign(g), so single entries whose gradient is near 0 may flip (max 2 * lr): the mean is compared."""
+    entry (max) with cosine 0.9996, updates 0.011 of their mean size (0.018 bf16 vs fp32). Bounds: 5-10x those.
+    Adam's first update is ~lr * sign(g), so single entries whose gradient is near 0 may flip (max 2 * lr): the mean
+    is compared."""
     reference, distributed = results
     ref, got = reference["step_bf16"], distributed[f"step_bf16/{zero}"]
     assert all(v.dtype == torch.float32 for v in got["params"].values())  # fp32 master weights

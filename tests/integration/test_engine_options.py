@@ -86,7 +86,8 @@ def test_training_with_engine_compile_runs_to_its_end(tiny_shards, tmp_path):
 
     out = tmp_path / "run"
     cfg = load_config(REPO / "configs" / "builtin.yaml", [
-        f"data.shards={tiny_shards}", f"run.out_dir={out}", f"engine.deepspeed_config={REPO}/configs/deepspeed/zero2.json",
+        f"data.shards={tiny_shards}", f"run.out_dir={out}",
+        f"engine.deepspeed_config={REPO}/configs/deepspeed/zero2.json",
         *TINY, "train.steps=2", "engine.compile=true", "engine.compile_backend=eager"])
     final = train(cfg)
     assert final["test"]["counts"]["images"] == 32

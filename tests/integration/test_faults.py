@@ -267,8 +267,8 @@ def test_launch_script_passes_the_preemption_signal_on_to_every_rank(tiny_shards
                     SLURM_SUBMIT_DIR=str(REPO))
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     # a config the scripts' preflight (launch/preflight.sh) accepts: its shard set exists
-    proc = subprocess.Popen(["bash", str(REPO / "launch" / script), "configs/builtin.yaml", f"data.shards={tiny_shards}"],
-                            env=env, cwd=REPO)
+    proc = subprocess.Popen(["bash", str(REPO / "launch" / script), "configs/builtin.yaml",
+                             f"data.shards={tiny_shards}"], env=env, cwd=REPO)
     deadline = time.time() + 30
     while len(list(pids.glob("rank*.pid"))) < 2 and time.time() < deadline:
         time.sleep(0.05)
@@ -283,11 +283,13 @@ def test_launch_script_passes_the_preemption_signal_on_to_every_rank(tiny_shards
 
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_on_every_rank_with_exactly_no_update(tmp_path):
-    """tests/helpers/fault_worker.py, 2 processes, fp32 and bf16 (ZeRO 0-3): a loss whose value is NaN on rank 1 only (its gradient is finite,
-    rank 0 sees nothing wrong) and a loss whose gradient is NaN are both skipped on both ranks; parameters and
-    Adam state stay bit-identical, and the next good step equals that of an engine that never saw them."""
+    """tests/helpers/fault_worker.py, 2 processes, fp32 and bf16 (ZeRO 0-3): a loss whose value is NaN on rank 1
+    only (its gradient is finite, rank 0 sees nothing wrong) and a loss whose gradient is NaN are both skipped on
+    both ranks; parameters and Adam state stay bit-identical, and the next good step equals that of an engine that
+    never saw them."""
     out = tmp_path / "faults.pt"
-    procs, logs = start_ranks([sys.executable, str(REPO / "tests" / "helpers" / "fault_worker.py"), str(out)], tmp_path, "nan")
+    procs, logs = start_ranks([sys.executable, str(REPO / "tests" / "helpers" / "fault_worker.py"), str(out)],
+                              tmp_path, "nan")
     wait_all(procs, logs, timeout=400)
     results = torch.load(out)
     assert set(results) == {"zero0", "zero2", "zero3", "zero0/bf16", "zero1/bf16", "zero2/bf16", "zero3/bf16"}

@@ -80,9 +80,9 @@ def run_line(line: str, cwd: Path, extra: tuple[str, ...], log: Path) -> subproc
 def finish(proc: subprocess.Popen, log: Path) -> None:
     try:
         code = proc.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as err:
         proc.kill()
-        raise AssertionError(f"timed out; log:\n{log.read_text()[-4000:]}")
+        raise AssertionError(f"timed out; log:\n{log.read_text()[-4000:]}") from err
     assert code == 0, f"exit {code}; log:\n{log.read_text()[-4000:]}"
 
 

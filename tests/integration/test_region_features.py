@@ -391,7 +391,8 @@ def test_regions_train_on_variable_region_shards_and_on_extracted_features(regio
     assert log[-1]["loss/loss"] < REGION_LOSS_FALL * log[0]["loss/loss"], (log[0]["loss/loss"], log[-1]["loss/loss"])
     # Evaluated, but not held to beat chance: 16 test pictures after 60 steps on 48 are too few to generalise to
     # (concat rSum 1.00-1.51 x chance over seeds 0-9, at chance for seed 2; the old bound of 1.2 x failed 3 of 10).
-    # tests/integration/test_train_e2e.py and tests/unit/shards/test_emoji_corpus.py have the retrieval-beats-chance checks.
+    # tests/integration/test_train_e2e.py and tests/unit/shards/test_emoji_corpus.py have the retrieval-beats-chance
+    # checks.
     test = final["test"]
     assert test["counts"] == {"images": 16, "captions": 80} and test["concat"]["rsum"] >= 0
     # the run's retrieval index embeds the features too; a picture query is refused with the reason
@@ -412,7 +413,8 @@ def test_regions_train_on_variable_region_shards_and_on_extracted_features(regio
     assert all(r["loss/loss"] > 0 for r in map(json.loads, (tmp_path / "lite0" / "train_log.jsonl").open()))
 
 
-@pytest.mark.parametrize("name,warmup", [("flickr30k_butd_bigru", round(145_000 / 128)), ("coco_butd_bigru", round(566_435 / 128))])
+@pytest.mark.parametrize("name,warmup", [("flickr30k_butd_bigru", round(145_000 / 128)),
+                                         ("coco_butd_bigru", round(566_435 / 128))])
 def test_butd_configs_follow_vse_infinity_and_build(name, warmup):
     from types import SimpleNamespace
 

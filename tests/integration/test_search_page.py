@@ -1,7 +1,7 @@
 """The search page of `trainer.retrieve serve`, driven in a real headless browser (Debian's chromium through
 selenium and chromedriver; `make install` installs both): a caption query shows pictures that load, an uploaded
-or dropped picture shows captions, path traversal and out-of-range rows get 404, an oversized upload 413 and a long query
-400. Takes a screenshot of the answered query; with SEARCH_SCREENSHOT=docs/screenshots/search.png it refreshes the
+or dropped picture shows captions, path traversal and out-of-range rows get 404, an oversized upload 413 and a long
+query 400. Takes a screenshot of the answered query; with SEARCH_SCREENSHOT=docs/screenshots/search.png it refreshes the
 README's picture (off by default, so a test run leaves the checkout clean). Without the browser the test FAILS
 (the feature is untested otherwise), saying how to install it."""
 import http.client

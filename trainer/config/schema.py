@@ -93,7 +93,8 @@ class DataConfig:
     mix_weights: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:  # checked here, when the section is built from a file or overrides
-        _require(self.batch_size >= 2, "data.batch_size", f"must be at least 2 (a batch needs negatives), got {self.batch_size}")
+        _require(self.batch_size >= 2, "data.batch_size",
+                 f"must be at least 2 (a batch needs negatives), got {self.batch_size}")
         _require(self.eval_batch_size >= 1, "data.eval_batch_size", f"must be positive, got {self.eval_batch_size}")
         _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be positive, got {self.shuffle_buffer}")
@@ -104,13 +105,15 @@ class DataConfig:
         _require(self.bad_fraction_min_read >= 1, "data.bad_fraction_min_read",
                  f"must be positive, got {self.bad_fraction_min_read}")
         _require(self.max_image_pixels >= 1, "data.max_image_pixels", f"must be positive, got {self.max_image_pixels}")
-        _require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
+        _require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction",
+                 f"must be in [0, 1], got {self.max_bad_fraction}")
         _require(not self.mix_shards or self.resampled, "data.mix_shards",
                  "mixing shard sets draws every sample by weight: it needs data.resampled=true")
         _require(not self.mix_weights or len(self.mix_weights) == 1 + len(self.mix_shards), "data.mix_weights",
                  f"needs one weight for data.shards and one per data.mix_shards entry ({1 + len(self.mix_shards)}), "
                  f"got {len(self.mix_weights)}")
-        _require(all(w > 0 for w in self.mix_weights), "data.mix_weights", f"must all be positive, got {self.mix_weights}")
+        _require(all(w > 0 for w in self.mix_weights), "data.mix_weights",
+                 f"must all be positive, got {self.mix_weights}")
         _require(0.0 < self.random_crop_min_area <= 1.0, "data.random_crop_min_area",
                  f"must be in (0, 1], got {self.random_crop_min_area}")
 
@@ -158,7 +161,8 @@ class ModelConfig:
         for key in ("embed_dim", "cnn_width", "word_dim", "gru_hidden", "gru_layers"):
             _require(getattr(self, key) >= 1, f"model.{key}", f"must be positive, got {getattr(self, key)}")
         _require(self.word_vectors is None or self.text_encoder == "gru", "model.word_vectors",
-                 f"initialises the GRU's word embeddings; it cannot be used with model.text_encoder={self.text_encoder}")
+                 "initialises the GRU's word embeddings; it cannot be used with "
+                 f"model.text_encoder={self.text_encoder}")
         _require(self.text_model_path is None or self.text_encoder != "gru", "model.text_model_path",
                  "names a pretrained transformer's folder; it cannot be used with model.text_encoder=gru")
         _require(self.text_model_path is not None or self.text_encoder != "hf", "model.text_model_path",
@@ -212,7 +216,8 @@ class LossConfig:
         _require(self.label_mass is None or 0 <= self.label_mass < 1, "loss.label_mass",
                  f"must be null or in [0, 1), got {self.label_mass}")
         _require(self.local_weight >= 0, "loss.local_weight", f"must be >= 0, got {self.local_weight}")
-        _require(self.global_temperature > 0, "loss.global_temperature", f"must be positive, got {self.global_temperature}")
+        _require(self.global_temperature > 0, "loss.global_temperature",
+                 f"must be positive, got {self.global_temperature}")
         _require(self.global_exclude_above is None or 0 < self.global_exclude_above <= 1, "loss.global_exclude_above",
                  f"must be null or in (0, 1], got {self.global_exclude_above}")
         _require(not (self.global_label_margin and self.global_loss != "hinge"), "loss.global_label_margin",
@@ -220,7 +225,8 @@ class LossConfig:
         for key in ("global_label_margin", "global_exclude_above"):
             _require(not (getattr(self, key) not in (False, None) and self.labels == "none"), f"loss.{key}",
                      "needs labels; it cannot be used with loss.labels=none")
-        _require(self.concept_bce_weight >= 0, "loss.concept_bce_weight", f"must be >= 0, got {self.concept_bce_weight}")
+        _require(self.concept_bce_weight >= 0, "loss.concept_bce_weight",
+                 f"must be >= 0, got {self.concept_bce_weight}")
         _require(not (self.concept_bce_weight > 0 and self.labels == "none"), "loss.concept_bce_weight",
                  "needs labels; it cannot be used with loss.labels=none")
         _require(not (self.concept_bce_weight > 0 and self.local == "none"), "loss.concept_bce_weight",
@@ -247,7 +253,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:  # this section's rules, checked when it is built
         _require(self.backbone_lr_mult >= 0, "optim.backbone_lr_mult", f"must be >= 0, got {self.backbone_lr_mult}")
-        _require(self.backbone_freeze_steps >= 0, "optim.backbone_freeze_steps", f"must be >= 0, got {self.backbone_freeze_steps}")
+        _require(self.backbone_freeze_steps >= 0, "optim.backbone_freeze_steps",
+                 f"must be >= 0, got {self.backbone_freeze_steps}")
         _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
         _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
@@ -566,7 +573,8 @@ def check_shard_set_files(key: str, root: str | Path) -> dict:
     vocabularies parse and that the shard files it lists exist (each failure names the file)."""
     root = Path(root)
     rebuild = f"rebuild the set with `python -m shards build` (`python -m shards check {root}` lists problems)"
-    _require(root.is_dir(), key, f"{root} is not a shard set ({'a file, not a folder' if root.exists() else 'no such folder'}); "
+    what = "a file, not a folder" if root.exists() else "no such folder"
+    _require(root.is_dir(), key, f"{root} is not a shard set ({what}); "
                                  f"build one with `python -m shards build --out {root}`")
     _require((root / MANIFEST).exists(), key,
              f"{root} is not a shard set (no {MANIFEST}); build one with `python -m shards build`")

@@ -282,12 +282,14 @@ def find_on_all_ranks(ckpt_dir: Path, wanted: str, is_main: bool) -> tuple[str, 
 
 def load(engine, ckpt_dir: Path, tag: str, world_size: int, is_main: bool) -> dict:
     """Load a complete checkpoint (model, optimizer, scheduler) into `engine`; its client state. On another world
-    size under ZeRO, its universal conversion (trainer.universal.prepare_resume made it and built the engine to load it)."""
+    size under ZeRO, its universal conversion (trainer.universal.prepare_resume made it and built the engine to load
+    it)."""
     marker = read_marker(Path(ckpt_dir) / tag)
     universal = engine.load_universal_checkpoint()
     if marker.get("world_size") != world_size and marker.get("zero_stage", 0) > 0 and not universal:
         raise CheckpointError(f"{Path(ckpt_dir) / tag}: written by {marker.get('world_size')} ranks, this run has "
-                              f"{world_size}; the engine must be built with load_universal (see trainer.universal.prepare_resume)")
+                              f"{world_size}; the engine must be built with load_universal "
+                              "(see trainer.universal.prepare_resume)")
     load_dir = Path(ckpt_dir) / UNIVERSAL if universal else Path(ckpt_dir)
     load_path, client = engine.load_checkpoint(str(load_dir), tag=tag)
     if load_path is None:

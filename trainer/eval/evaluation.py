@@ -279,7 +279,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "latest", overrides: list[st
     if load_path is None:
         raise checkpoints.CheckpointError(f"--checkpoint {checkpoint}: DeepSpeed could not load "
                                           f"{run_dir / 'checkpoints' / tag}")
-    return LoadedRun(cfg, info, shardset, engine, str(load_path), int((client or {}).get("run_state", {}).get("step", 0)))
+    step = int((client or {}).get("run_state", {}).get("step", 0))
+    return LoadedRun(cfg, info, shardset, engine, str(load_path), step)
 
 
 def evaluate_run(run_dir: str | Path, split: str | None = None, checkpoint: str = "latest",

@@ -341,6 +341,11 @@ def plausible_match_scores(img_g: Tensor, img_l: Tensor | None, cap_g: Tensor, c
 
 
 # ------------------------------------------------------------------------------- COCO 1K: mean over folds
+def _rows_or_none(x: Tensor | None, rows: slice | Tensor) -> Tensor | None:
+    """`x[rows]`, or None for an absent (global-only) local part."""
+    return None if x is None else x[rows]
+
+
 def fold_average(img_g: Tensor, img_l: Tensor | None, cap_g: Tensor, cap_l: Tensor | None, cap_to_img: Tensor,
                  local_weight: float = 1.0, fold_size: int = 1000) -> dict[str, dict[str, float]]:
     """evaluate_embeddings on consecutive folds of `fold_size` pictures (with their captions), averaged: the
@@ -351,10 +356,10 @@ def fold_average(img_g: Tensor, img_l: Tensor | None, cap_g: Tensor, cap_l: Tens
     cap_to_img = _check_cap_to_img(cap_to_img, num_images, cap_g.shape[0])
     per_fold = []
     for start in range(0, num_images, fold_size):
+        fold_images = slice(start, start + fold_size)
         in_fold = (cap_to_img >= start) & (cap_to_img < start + fold_size)
-        pick = (lambda x, rows: None if x is None else x[rows])
-        per_fold.append(evaluate_embeddings(img_g[start:start + fold_size], pick(img_l, slice(start, start + fold_size)),
-                                            cap_g[in_fold], pick(cap_l, in_fold), cap_to_img[in_fold] - start,
+        per_fold.append(evaluate_embeddings(img_g[fold_images], _rows_or_none(img_l, fold_images),
+                                            cap_g[in_fold], _rows_or_none(cap_l, in_fold), cap_to_img[in_fold] - start,
                                             local_weight))
     return {score: {key: sum(fold[score][key] for fold in per_fold) / len(per_fold) for key in per_fold[0][score]}
             for score in per_fold[0]}

@@ -1,5 +1,6 @@
-"""One query's answer from an opened index (trainer.retrieval.index_folder) and a query encoder (trainer.retrieval.query), as data
-for scripts and the search page, or as aligned text for people. Used by `trainer.retrieve query` and `serve`."""
+"""One query's answer from an opened index (trainer.retrieval.index_folder) and a query encoder
+(trainer.retrieval.query), as data for scripts and the search page, or as aligned text for people. Used by
+`trainer.retrieve query` and `serve`."""
 from __future__ import annotations
 
 from pathlib import Path

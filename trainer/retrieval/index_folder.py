@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import tarfile
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +35,7 @@ MIME = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "
 
 
 def _loaders(out: Path, plan: list[dict], side: str) -> list[Callable[[], np.ndarray]]:
-    return [lambda p=piece_path(out, e["piece"], f"{side}.npy"): np.load(p, mmap_mode="r") for e in plan]
+    return [partial(np.load, piece_path(out, e["piece"], f"{side}.npy"), mmap_mode="r") for e in plan]
 
 
 def _sample(loaders: list[Callable[[], np.ndarray]], want: int) -> np.ndarray:

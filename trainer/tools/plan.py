@@ -7,7 +7,8 @@
 
 What it counts, per GPU, for W = gpus x nodes ranks, P parameters, n pairs per rank and N = n x W columns:
 - model states, as DeepSpeed 0.19 lays them out (checked against real engines by tests/unit/tools/test_plan.py):
-  stage 0: parameters, gradients and AdamW's two moments whole on every rank; stage 1: fp32 master weights and moments split W ways; stage 2: also the gradients;
+  stage 0: parameters, gradients and AdamW's two moments whole on every rank; stage 1: fp32 master weights and
+  moments split W ways; stage 2: also the gradients;
   stage 3: also the parameters. "+offload": master weights, moments and fp32 gradients in CPU memory.
   engine.precision=bf16 is autocast over fp32 parameters (the master weights): model states are fp32 in
   both precisions, only the activations shrink.

@@ -54,7 +54,8 @@ def build_loss(cfg: Config) -> HierarchicalLoss:
 
 
 def build_tokenizer(cfg: Config, vocab: Vocab) -> CaptionTokenizer:
-    """The caption tokenizer that matches the configured text encoder (words for the GRU, the folder's own for a transformer)."""
+    """The caption tokenizer that matches the configured text encoder (words for the GRU, the folder's own for a
+    transformer)."""
     return caption_tokenizer(cfg, vocab)
 
 

@@ -1,3 +1,5 @@
+"""Tests of trainer.config: defaults, YAML files and overrides, base-file chains, the refusals that name their key,
+saved configs, and the DeepSpeed batch sizes and warmup-cosine schedule built from a config."""
 import json
 from pathlib import Path
 
@@ -75,7 +77,8 @@ def test_concept_bce_needs_labels(shard_dir):
 def test_global_label_options_are_checked(shard_dir, overrides, key):
     with pytest.raises(ConfigError, match=key):
         _load(shard_dir, *overrides)
-    assert _load(shard_dir, "loss.global_exclude_above=1.0", "loss.global_label_margin=true").loss.global_exclude_above == 1.0
+    cfg = _load(shard_dir, "loss.global_exclude_above=1.0", "loss.global_label_margin=true")
+    assert cfg.loss.global_exclude_above == 1.0
 
 
 def test_unknown_key_in_yaml_file(tmp_path, shard_dir):

@@ -405,7 +405,8 @@ def ref_contrastive_label_mass(rows, cols, ids, labels, temperature, mass):
         own = [j for j in range(n) if ids[j] == ids[i]]
         other_sum = sum(labels[i][j] for j in range(n) if ids[j] != ids[i])
         share = mass if other_sum > 0 else 0.0
-        weights = [(1 - share) / len(own) if ids[j] == ids[i] else share * labels[i][j] / other_sum if other_sum else 0.0
+        weights = [(1 - share) / len(own) if ids[j] == ids[i]
+                   else share * labels[i][j] / other_sum if other_sum else 0.0
                    for j in range(n)]
         log_z = torch.log(sum(torch.exp(x) for x in logits))
         total = total - sum(weights[j] * (logits[j] - log_z) for j in range(n))

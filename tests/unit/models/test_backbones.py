@@ -246,8 +246,8 @@ def zero_results(tmp_path_factory) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in launch}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "backbone_zero_worker.py"), str(out)], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "helpers" / "backbone_zero_worker.py"), str(out)],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return torch.load(out)
 

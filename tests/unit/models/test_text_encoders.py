@@ -1,6 +1,6 @@
-"""Tests of trainer.models.text_encoders, trainer.models.hf_text and the caption tokenizers: GloVe rows, the transformers tower
-against the hand-written BERT it replaced and against sentence-transformers, masks, tokenizer round trips, config
-errors, LR groups, gradient checkpointing, ZeRO-3 loading and a short MiniLM training run."""
+"""Tests of trainer.models.text_encoders, trainer.models.hf_text and the caption tokenizers: GloVe rows, the
+transformers tower against the hand-written BERT it replaced and against sentence-transformers, masks, tokenizer round
+trips, config errors, LR groups, gradient checkpointing, ZeRO-3 loading and a short MiniLM training run."""
 from __future__ import annotations
 
 import copy
@@ -320,7 +320,8 @@ def test_minilm_tokens_reach_training_and_evaluation(tiny_shards):
     with torch.no_grad():
         expected = model.retrieval_vector(*model.encode_text(*pad_tokens([tokenizer.encode(emb["captions"][0])])))
     # a retrieval query is tokenised as the evaluated captions were: same vector as the caption's row
-    query, _ = QueryEncoder(SimpleNamespace(model=model, cfg=cfg, shardset=shardset), tokenizer).text(emb["captions"][0])
+    encoder = QueryEncoder(SimpleNamespace(model=model, cfg=cfg, shardset=shardset), tokenizer)
+    query, _ = encoder.text(emb["captions"][0])
     assert np.allclose(query, expected[0].numpy(), atol=1e-5)
     assert np.allclose(query, model.retrieval_vector(emb["cap_g"][:1], emb["cap_l"][:1])[0].numpy(), atol=1e-5)
 

@@ -123,7 +123,8 @@ def test_examples_mark_the_right_answers_and_projector_files(tiny_shards, tmp_pa
 
     # image -> text: picture 1 ranks picture 2's captions between its own; the others only their own.
     _, i2t = _image(events, "examples/image_to_text")
-    assert i2t.size == (grid.pad + grid.cell + grid.pad + grid.text_w + grid.pad, grid.pad + queries * grid.i2t_row_h(5))
+    assert i2t.size == (grid.pad + grid.cell + grid.pad + grid.text_w + grid.pad,
+                        grid.pad + queries * grid.i2t_row_h(5))
     px = i2t.load()
 
     def marker(row: int, line: int):
@@ -158,7 +159,8 @@ def test_examples_mark_the_right_answers_and_projector_files(tiny_shards, tmp_pa
 
 
 def test_examples_score_like_the_concat_evaluation():
-    """Random global and local parts: the answer ranks are trainer.eval.metrics' concat t2i ranks, not the global ones."""
+    """Random global and local parts: the answer ranks are trainer.eval.metrics' concat t2i ranks, not the global
+    ones."""
     gen = torch.Generator().manual_seed(0)
     n, per = 40, 3
     cap_to_img = torch.arange(n).repeat_interleave(per)

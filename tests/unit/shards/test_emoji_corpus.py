@@ -73,7 +73,8 @@ def test_each_emoji_knows_its_unicode_group_and_subgroup_apart_from_its_name(ent
     assert (by_glyph[GRINNING_BIG_EYES].unicode_group, by_glyph[GRINNING_BIG_EYES].unicode_subgroup) == \
         ("Smileys & Emotion", "face-smiling")
     # a skin-tone variant and a gendered ZWJ sequence inherit their base emoji's subgroup
-    assert unicode_group_of("\U0001F44D" + SKIN) == unicode_group_of("\U0001F44D") == ("People & Body", "hand-fingers-closed")
+    assert unicode_group_of("\U0001F44D" + SKIN) == unicode_group_of("\U0001F44D") == (
+        "People & Body", "hand-fingers-closed")
     assert unicode_group_of(WOMAN + SKIN + ZWJ + FARMER)[1] == "person-role"
     assert unicode_group_of("\U0001F1E8\U0001F1F6") == ("Flags", "country-flag")  # Sark: newer than the table
     assert unicode_group_of("x") == ("", "")

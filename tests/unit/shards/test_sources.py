@@ -87,7 +87,7 @@ def check_set(out: Path, expected: dict[str, list[tuple[str, list[str], bytes | 
         assert [s[0] for s in got[split]] == [e[0] for e in samples], split
         assert manifest["splits"][split]["images"] == len(samples)
         assert manifest["splits"][split]["captions"] == sum(len(e[1]) for e in samples)
-        for (key, members, record), (image_id, captions, data) in zip(got[split], samples):
+        for (_key, members, record), (image_id, captions, data) in zip(got[split], samples):
             assert record["image_id"] == image_id and record["split"] == split and record["source"] == source
             assert record["captions"] == captions
             expected_ids = [concept_ids(ls, lemma_to_id) for ls in extractor.lemmas(captions)]
@@ -323,7 +323,7 @@ def test_scan_precomp_features_round_trip(tmp_path, extractor):
         "train": [(f"train-{k:06d}", lines["train"][5 * k:5 * k + 5], None) for k in range(3)],
         "val": [(i, lines["dev"][5 * k:5 * k + 5], None) for k, i in enumerate(["1000092795", "10002456"])],
     }, "scan_precomp", extractor)
-    for (key, members, _), ims in [*zip(read_set(out)["train"], train), *zip(read_set(out)["val"], dev)]:
+    for (_key, members, _), ims in [*zip(read_set(out)["train"], train), *zip(read_set(out)["val"], dev)]:
         assert list(members) == ["npy"]
         regions = np.load(io.BytesIO(members["npy"]), allow_pickle=False)
         assert regions.dtype == np.float16 and regions.shape == (36, 2048)

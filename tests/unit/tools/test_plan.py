@@ -21,6 +21,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[3]
+# this file also runs as a script (the measurement subprocesses): the repository and the helpers must be on
+# sys.path before the imports below, hence their E402 exemptions
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "helpers"))
 
@@ -32,7 +34,7 @@ from trainer.tools.plan import (  # noqa: E402
     model_state_bytes,
     stand_in_vocab,
 )
-from trainer.tools.plan import (
+from trainer.tools.plan import (  # noqa: E402
     main as plan_main,
 )
 from trainer.training.factory import build_model  # noqa: E402
@@ -78,7 +80,7 @@ def worker_states(out: Path) -> None:
             engine, loss_fn = new_engine(cfg, info)
             gathered: dict[str, int] = {}
 
-            def recording(gather, kind):
+            def recording(gather, kind, gathered):
                 def wrapped(tensor):
                     result = gather(tensor)
                     gathered[kind] = gathered.get(kind, 0) + result.numel() * result.element_size()
@@ -86,8 +88,8 @@ def worker_states(out: Path) -> None:
                     return result
                 return wrapped
 
-            train_module.gather_with_grad = recording(originals[0], "with_grad")
-            train_module.gather_no_grad = recording(originals[1], "no_grad")
+            train_module.gather_with_grad = recording(originals[0], "with_grad", gathered)
+            train_module.gather_no_grad = recording(originals[1], "no_grad", gathered)
             train_module.train_step(engine, loss_fn, rank_part(batch, info), 0, info)
             train_module.gather_with_grad, train_module.gather_no_grad = originals
             results["stages"][zero] = {**measured_states(engine), "gathered": gathered,

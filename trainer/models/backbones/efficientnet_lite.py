@@ -11,7 +11,7 @@ package's state dict loads as it is, with no key mapping. Two deliberate differe
   still be trained. Drop-connect (stochastic depth) is not applied.
 
 Check it against the package's own model:
-    python -c "from trainer.models.backbones.efficientnet_lite import load_efficientnet_lite0; print(load_efficientnet_lite0())"
+    python -c "from trainer.models.backbones import efficientnet_lite as m; print(m.load_efficientnet_lite0())"
 """
 from __future__ import annotations
 
