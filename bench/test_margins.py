@@ -90,7 +90,7 @@ def _config(case: str, shards: Path, out: Path, extra: tuple[str, ...], seed: in
         return learning_config(shards, out, STEPS, *knobs)
     if case == "regions":
         from test_region_features import REGION_RUN
-        from test_region_features import _config as region_config
+        from test_region_features import region_run_config as region_config
         return region_config(shards, out, *REGION_RUN, *knobs)
     from test_emoji_corpus import emoji_run_config
     return emoji_run_config(shards, out, *knobs)

@@ -364,7 +364,7 @@ def test_extracted_features_equal_the_backbone_output(picture_shards, extracted)
 # ---------------------------------------------------------------------------------------------- training
 
 
-def _config(shards: Path, out: Path, *overrides: str):
+def region_run_config(shards: Path, out: Path, *overrides: str):
     # no loader process and one thread: on a shared 2-core machine both cost more than they bring at this size
     return load_config(REPO / "configs" / "builtin.yaml", [
         f"data.shards={shards}", f"run.out_dir={out}", "data.num_workers=0", "data.shuffle_buffer=64",
@@ -386,7 +386,7 @@ REGION_LOSS_FALL = 0.95
 def test_regions_train_on_variable_region_shards_and_on_extracted_features(region_shards, extracted, tmp_path):
     from trainer.training.loop import train
 
-    final = train(_config(region_shards, tmp_path / "regions", *REGION_RUN))
+    final = train(region_run_config(region_shards, tmp_path / "regions", *REGION_RUN))
     log = [json.loads(line) for line in (tmp_path / "regions" / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["loss/loss"] < REGION_LOSS_FALL * log[0]["loss/loss"], (log[0]["loss/loss"], log[-1]["loss/loss"])
     # Evaluated, but not held to beat chance: 16 test pictures after 60 steps on 48 are too few to generalise to
@@ -407,7 +407,7 @@ def test_regions_train_on_variable_region_shards_and_on_extracted_features(regio
     with pytest.raises(ValueError, match="reads region features, not pictures"):
         search(index, encoder, picture=Path(__file__).read_bytes(), name=__file__, k=3)
     # as trainer.extract_features prints: the extracted grid trains as sets of 4 regions of 1280 channels
-    final = train(_config(extracted, tmp_path / "lite0", "model.region_dim=1280", "model.max_regions=4",
+    final = train(region_run_config(extracted, tmp_path / "lite0", "model.region_dim=1280", "model.max_regions=4",
                           "train.steps=2", "train.log_every=1"))
     assert final["test"]["counts"] == {"images": 16, "captions": 80}
     assert all(r["loss/loss"] > 0 for r in map(json.loads, (tmp_path / "lite0" / "train_log.jsonl").open()))
