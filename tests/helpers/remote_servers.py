@@ -1,8 +1,9 @@
 """Real servers for remote shard sets, on 127.0.0.1 only, started and stopped by the tests (and the benchmark):
 
 - `RangeHTTPServer`: serves a folder over HTTP/1.1 with Range requests (Python's http.server does not do Range),
-  counts the body bytes it sends, and can inject faults into shard reads (`faults`: "503", "drop" = close the
-  connection half way through the body, "stall" = send nothing for `stall_seconds`);
+  counts the body bytes it sends, and can inject faults into shard reads (`faults`, taken one per GET of a shard:
+  "503", "drop" = close the connection half way through the body, "stall" = send nothing for `stall_seconds`,
+  "ok" = no fault);
 - `S3Server`: moto's S3-compatible server (ThreadedMotoServer) on a free port, with `upload` to put a shard-set
   folder into a bucket, and `env()` the AWS_* variables a client needs (dummy credentials, AWS_ENDPOINT_URL).
 Every wait here is bounded and names what did not come.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -130,8 +132,13 @@ class RangeHTTPServer(ThreadingHTTPServer):
     def take_fault(self, path: Path) -> str | None:
         with self.lock:
             if self.faults and path.name.endswith(self.fault_suffix):
-                return self.faults.pop(0)
+                fault = self.faults.pop(0)
+                return None if fault == "ok" else fault
         return None
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client gone after an injected fault is expected
+            super().handle_error(request, client_address)
 
     def __enter__(self) -> "RangeHTTPServer":
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)

@@ -23,7 +23,16 @@ from typing import Any, Literal, Optional
 import yaml
 
 from shards.format import CONCEPTS, MANIFEST, VOCAB, is_manifest
-from trainer.data.shardset import RemoteReads, ShardUnreachable, access_error, is_url, read_url, set_root, url_filesystem
+from trainer.data.shardset import (
+    RemoteReads,
+    ShardUnreachable,
+    access_detail,
+    access_error,
+    is_url,
+    read_url,
+    set_root,
+    url_filesystem,
+)
 from usercli import UserError
 
 
@@ -623,19 +632,15 @@ def _read_remote_json(key: str, url: str, reads: RemoteReads, required: bool):
     except FileNotFoundError as err:
         if not required:
             return None
-        raise ConfigError(f"{key}: {url} is missing ({err}); is the URL the folder of a shard set? "
-                          f"(build one with `python -m shards build` and copy it there)") from err
+        raise ConfigError(f"{key}: {url} is missing ({access_detail(url, err)}); is the URL the folder of a shard "
+                          f"set? (build one with `python -m shards build` and copy it there)") from err
     except Exception as err:  # connection refused, DNS, timeout, 403, no credentials: the libraries' own types
         cause = err.__cause__ if isinstance(err, ShardUnreachable) and err.__cause__ else err
-        raise ConfigError(f"{key}: {one_line(access_error(url, cause))}") from err
+        raise ConfigError(f"{key}: {access_error(url, cause)}") from err
     try:
         return json.loads(data)
     except ValueError as err:
         raise ConfigError(f"{key}: {url} is not valid JSON ({err})") from err
-
-
-def one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def check_remote_shard_set(key: str, url: str, reads: RemoteReads) -> dict:
@@ -659,10 +664,10 @@ def check_remote_shard_set(key: str, url: str, reads: RemoteReads) -> dict:
         try:
             fs.info(url_filesystem(first, reads)[1])
         except FileNotFoundError as err:
-            raise ConfigError(f"{key}: shard {first} of split {split!r} listed in {root / MANIFEST} is missing"
-                              ) from err
+            raise ConfigError(f"{key}: shard {first} of split {split!r} listed in {root / MANIFEST} is missing "
+                              f"({access_detail(first, err)})") from err
         except Exception as err:  # see _read_remote_json
-            raise ConfigError(f"{key}: {one_line(access_error(first, err))}") from err
+            raise ConfigError(f"{key}: {access_error(first, err)}") from err
     return manifest["splits"]
 
 

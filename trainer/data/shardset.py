@@ -100,13 +100,18 @@ def s3_credential_source() -> str:
     return f"{source}, profile {profile}" if profile and "~/.aws" in source else source
 
 
-def access_error(url: str, err: Exception) -> str:
-    """One line on why `url` could not be read: the error, and for S3 the endpoint and credential source tried."""
+def access_detail(url: str, err: Exception) -> str:
+    """Why `url` could not be read, in words: the error, and for S3 the endpoint and credential source tried."""
     reason = f"{type(err).__name__}: {err}".strip().rstrip(":")
     if url.lower().startswith(("s3://", "s3a://")):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default"
         reason += f" (endpoint {endpoint}; credentials: {s3_credential_source()})"
-    return f"cannot read {url}: {reason}"
+    return " ".join(reason.split())  # one line: library messages may hold newlines
+
+
+def access_error(url: str, err: Exception) -> str:
+    """One line on why `url` could not be read (access_detail)."""
+    return f"cannot read {url}: {access_detail(url, err)}"
 
 
 def retry_delay(reads: RemoteReads, attempt: int) -> float:
