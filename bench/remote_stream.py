@@ -37,7 +37,8 @@ from remote_servers import RangeHTTPServer, S3Server  # noqa: E402
 from step import build_bench_shards  # noqa: E402
 
 import trainer.data.shardstream as shardstream  # noqa: E402
-from trainer.data.shardset import RemoteReads, ShardSet, open_shard  # noqa: E402
+from shards.remote import RemoteReads, open_shard  # noqa: E402
+from trainer.data.shardset import ShardSet  # noqa: E402
 from trainer.data.shardstream import Identity, RawStream  # noqa: E402
 
 SERVER_START = 120.0  # seconds the child may take to start both servers and upload the set
@@ -59,8 +60,9 @@ def fail(exn: Exception, url: str | None) -> bool:
     raise RuntimeError(f"{url}: {exn}") from exn  # a benchmark pass must read every sample
 
 
-def one_pass(location: str, reads: RemoteReads) -> dict:
-    """samples/s, MB/s and bytes fetched / read of one worker's pass over the train split."""
+def one_pass(location: str, reads: RemoteReads, shard_bytes: int) -> dict:
+    """samples/s, MB/s and bytes fetched / read of one worker's pass over the train split (shard_bytes: the
+    split's shard sizes, what a pass reads)."""
     urls = ShardSet.open(location).urls("train")
     opened = []
 
@@ -78,10 +80,9 @@ def one_pass(location: str, reads: RemoteReads) -> dict:
         seconds = time.perf_counter() - start
     finally:
         shardstream.open_shard = saved
-    size = sum(f.size if hasattr(f, "fetched") else os.fstat(f.fileno()).st_size for f in opened)
-    fetched = sum(getattr(f, "fetched", 0) for f in opened)
-    return {"samples_per_s": samples / seconds, "mb_per_s": size / seconds / 1e6, "samples": samples,
-            "bytes_read": size, "bytes_fetched": fetched or size}
+    fetched = sum(getattr(f, "fetched", 0) for f in opened) or shard_bytes  # a local file: what it read
+    return {"samples_per_s": samples / seconds, "mb_per_s": shard_bytes / seconds / 1e6, "samples": samples,
+            "bytes_read": shard_bytes, "bytes_fetched": fetched}
 
 
 def measure(root: Path, args: argparse.Namespace) -> dict:
@@ -95,13 +96,14 @@ def measure(root: Path, args: argparse.Namespace) -> dict:
         child.kill()
         raise RuntimeError(f"the HTTP and S3 servers did not start within {SERVER_START} s") from e
     os.environ.update(got["env"])
-    reads = RemoteReads(block_size=args.block_mb * 2**20)
+    reads = RemoteReads(block_size=args.block_mb * 2**20, cache=args.cache)
     sources = {"local": str(root), "http": got["http"], "s3": got["s3"]}
     runs: dict[str, list[dict]] = {k: [] for k in sources}
+    shard_bytes = sum(os.path.getsize(url) for url in ShardSet.open(root).urls("train"))
     try:
         for _ in range(args.rounds):
             for kind, location in sources.items():
-                runs[kind].append(one_pass(location, reads))
+                runs[kind].append(one_pass(location, reads, shard_bytes))
     finally:
         stop.set()
         child.join(timeout=30)
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-images", type=int, default=8000)
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cache", default=RemoteReads().cache, help="fsspec cache type of a shard file")
     parser.add_argument("--block-mb", type=int, default=RemoteReads().block_size // 2**20)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from remote_servers import RangeHTTPServer, S3Server
 
+from shards.remote import RemoteReads, ShardUnreachableError
 from trainer.config import load_config
 from trainer.data.loader import TrainLoader
-from trainer.data.shardset import RemoteReads, ShardSet, ShardUnreachable
+from trainer.data.shardset import ShardSet
 from trainer.data.shardstream import Identity, RawStream
 from trainer.training.factory import build_train_stream
 from trainer.training.loop import train
@@ -175,7 +176,7 @@ def test_a_shard_that_keeps_failing_is_skipped_and_named(sources):
         http.faults.clear()
     assert len(errors) == 1
     exn, url = errors[0]
-    assert isinstance(exn, ShardUnreachable) and exn.kind == "unreachable_shard"
+    assert isinstance(exn, ShardUnreachableError) and exn.kind == "unreachable_shard"
     assert url.startswith(sources["http"]) and url in str(exn)
     lost = [key for key in local if key not in remote]
     assert len(lost) == 16 and [key for key in local if key in remote] == remote  # one shard of 16, order kept

@@ -23,9 +23,9 @@ from typing import Any, Literal, Optional
 import yaml
 
 from shards.format import CONCEPTS, MANIFEST, VOCAB, is_manifest
-from trainer.data.shardset import (
+from shards.remote import (
     RemoteReads,
-    ShardUnreachable,
+    ShardUnreachableError,
     access_detail,
     access_error,
     is_url,
@@ -635,7 +635,7 @@ def _read_remote_json(key: str, url: str, reads: RemoteReads, required: bool):
         raise ConfigError(f"{key}: {url} is missing ({access_detail(url, err)}); is the URL the folder of a shard "
                           f"set? (build one with `python -m shards build` and copy it there)") from err
     except Exception as err:  # connection refused, DNS, timeout, 403, no credentials: the libraries' own types
-        cause = err.__cause__ if isinstance(err, ShardUnreachable) and err.__cause__ else err
+        cause = err.__cause__ if isinstance(err, ShardUnreachableError) and err.__cause__ else err
         raise ConfigError(f"{key}: {access_error(url, cause)}") from err
     try:
         return json.loads(data)

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, NamedTuple
 
 from webdataset.tariterators import base_plus_ext
 
-from trainer.data.shardset import RemoteReads, open_shard, read_ranges
+from shards.remote import RemoteReads, open_shard, read_ranges
 
 BLOCK = 512
 

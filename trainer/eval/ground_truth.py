@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import tarfile
 
-from trainer.data.shardset import open_shard
+from shards.remote import open_shard
 
 
 def split_objects(shardset, split: str, image_ids: list[str]) -> list[list[dict]] | None:
