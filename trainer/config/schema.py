@@ -23,6 +23,16 @@ from typing import Any, Literal, Optional
 import yaml
 
 from shards.format import CONCEPTS, MANIFEST, VOCAB, is_manifest
+from shards.remote import (
+    RemoteReads,
+    ShardUnreachableError,
+    access_detail,
+    access_error,
+    is_url,
+    read_url,
+    set_root,
+    url_filesystem,
+)
 from usercli import UserError
 
 
@@ -91,6 +101,18 @@ class DataConfig:
     # proportion to their train-split sizes (plain concatenation). Needs data.resampled=true.
     mix_shards: list[str] = field(default_factory=list)
     mix_weights: list[float] = field(default_factory=list)
+    # Shard sets at a URL (data.shards / data.mix_shards = s3://bucket/prefix, https://host/prefix, any fsspec
+    # protocol): every request ends after shard_timeout seconds without progress; a failed read is retried
+    # shard_retries times from the byte where it stopped (backoff 0.5 s doubling, at most 10 s), then the shard is
+    # skipped and counted; shard_block_mb: the size of one ranged request (read sequentially, with read-ahead).
+    shard_retries: int = 3
+    shard_timeout: float = 60.0
+    shard_block_mb: int = 8
+
+    def remote_reads(self) -> RemoteReads:
+        """How this config reads shards at a URL."""
+        return RemoteReads(block_size=self.shard_block_mb * 2**20, timeout=self.shard_timeout,
+                           retries=self.shard_retries)
 
     def __post_init__(self) -> None:  # checked here, when the section is built from a file or overrides
         _require(self.batch_size >= 2, "data.batch_size",
@@ -116,6 +138,9 @@ class DataConfig:
                  f"must all be positive, got {self.mix_weights}")
         _require(0.0 < self.random_crop_min_area <= 1.0, "data.random_crop_min_area",
                  f"must be in (0, 1], got {self.random_crop_min_area}")
+        _require(self.shard_retries >= 0, "data.shard_retries", f"must be >= 0, got {self.shard_retries}")
+        _require(self.shard_timeout > 0, "data.shard_timeout", f"must be positive, got {self.shard_timeout}")
+        _require(self.shard_block_mb >= 1, "data.shard_block_mb", f"must be positive, got {self.shard_block_mb}")
 
 
 @dataclass
@@ -529,15 +554,15 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
 def _validate_paths(cfg: Config) -> None:
     """The files and folders the config names exist and are what they should be."""
     d, m, e = cfg.data, cfg.model, cfg.engine
-    splits = check_shard_set_files("data.shards", d.shards)
+    splits = check_shard_set_files("data.shards", d.shards, d.remote_reads())
     for key in ("train_split", "eval_split", "test_split"):
         name = getattr(d, key)
         _require(name in splits, f"data.{key}",
-                 f"split {name!r} not in {Path(d.shards) / MANIFEST} (has: {', '.join(splits)})")
+                 f"split {name!r} not in {set_root(d.shards) / MANIFEST} (has: {', '.join(splits)})")
     for i, extra in enumerate(d.mix_shards):
-        extra_splits = check_shard_set_files(f"data.mix_shards[{i}]", extra)
+        extra_splits = check_shard_set_files(f"data.mix_shards[{i}]", extra, d.remote_reads())
         _require(d.train_split in extra_splits, f"data.mix_shards[{i}]",
-                 f"split {d.train_split!r} not in {Path(extra) / MANIFEST}")
+                 f"split {d.train_split!r} not in {set_root(extra) / MANIFEST}")
     check_output_folder("run.out_dir", cfg.run.out_dir)
     _require(m.text_model_path is None or (Path(m.text_model_path) / "config.json").is_file(),
              "model.text_model_path", f"{m.text_model_path} is not a Hugging Face model folder (no config.json)")
@@ -568,9 +593,12 @@ def _read_json(key: str, path: Path, what: str, way_out: str):
         raise ConfigError(f"{key}: {what} {path} is unreadable ({err}); {way_out}") from err
 
 
-def check_shard_set_files(key: str, root: str | Path) -> dict:
+def check_shard_set_files(key: str, root: str | Path, reads: RemoteReads | None = None) -> dict:
     """The manifest's splits of the shard set at `root`, after checking that its manifest, concept and word
-    vocabularies parse and that the shard files it lists exist (each failure names the file)."""
+    vocabularies parse and that the shard files it lists exist (each failure names the file). A URL set is read
+    with `reads` (check_remote_shard_set)."""
+    if is_url(root):
+        return check_remote_shard_set(key, str(root), reads or RemoteReads())
     root = Path(root)
     rebuild = f"rebuild the set with `python -m shards build` (`python -m shards check {root}` lists problems)"
     what = "a file, not a folder" if root.exists() else "no such folder"
@@ -593,6 +621,53 @@ def check_shard_set_files(key: str, root: str | Path) -> dict:
         missing = [name for name in shards if not (root / str(name)).is_file()]
         _require(not missing, key, f"shard files of split {split!r} listed in {root / MANIFEST} are missing "
                                    f"({', '.join(map(str, missing[:3]))}); {rebuild}")
+    return manifest["splits"]
+
+
+def _read_remote_json(key: str, url: str, reads: RemoteReads, required: bool):
+    """A json file of a URL shard set, parsed (None: absent and not required). An unreachable host, a missing
+    bucket or a refused credential is refused naming the URL (and for S3 the credential source tried)."""
+    try:
+        data = read_url(url, reads)
+    except FileNotFoundError as err:
+        if not required:
+            return None
+        raise ConfigError(f"{key}: {url} is missing ({access_detail(url, err)}); is the URL the folder of a shard "
+                          f"set? (build one with `python -m shards build` and copy it there)") from err
+    except Exception as err:  # connection refused, DNS, timeout, 403, no credentials: the libraries' own types
+        cause = err.__cause__ if isinstance(err, ShardUnreachableError) and err.__cause__ else err
+        raise ConfigError(f"{key}: {access_error(url, cause)}") from err
+    try:
+        return json.loads(data)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {url} is not valid JSON ({err})") from err
+
+
+def check_remote_shard_set(key: str, url: str, reads: RemoteReads) -> dict:
+    """The manifest's splits of a shard set at a URL: the manifest and vocabularies read (one request each) and
+    parsed, and the first shard of each split there (asking for all of thousands would cost a request each; a
+    missing one is counted when it is read)."""
+    root = set_root(url)
+    manifest = _read_remote_json(key, root / MANIFEST, reads, required=True)
+    _require(is_manifest(manifest) and isinstance(manifest.get("splits"), dict), key,
+             f"{root / MANIFEST} is not a hier-shards manifest (format/splits missing)")
+    for name, field_name in ((CONCEPTS, "concepts"), (VOCAB, "words")):
+        tree = _read_remote_json(key, root / name, reads, required=False)
+        _require(tree is None or (isinstance(tree, dict) and isinstance(tree.get(field_name), list)), key,
+                 f"{root / name} has no {field_name!r} list")
+    fs, _ = url_filesystem(url, reads)
+    for split, info in manifest["splits"].items():
+        shards = info.get("shards", []) if isinstance(info, dict) else []
+        if not shards:
+            continue
+        first = root / str(shards[0])
+        try:
+            fs.info(url_filesystem(first, reads)[1])
+        except FileNotFoundError as err:
+            raise ConfigError(f"{key}: shard {first} of split {split!r} listed in {root / MANIFEST} is missing "
+                              f"({access_detail(first, err)})") from err
+        except Exception as err:  # see _read_remote_json
+            raise ConfigError(f"{key}: {access_error(first, err)}") from err
     return manifest["splits"]
 
 

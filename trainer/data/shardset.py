@@ -1,7 +1,8 @@
-"""A shard-set folder as the trainer reads it (through its documented format, defined once in `shards.format`:
+"""A shard set as the trainer reads it (through its documented format, defined once in `shards.format`:
 `manifest.json`, `concepts.json`, `vocab.json` and tars of `{image_id}.{jpg,jpeg,png,webp,npy}` + `{image_id}.json`),
-mixing several sets for training, the check that every loader worker gets a shard, and the stable hash that lets
-string image ids travel in tensors."""
+in a local folder or at a URL (`shards.remote`: fsspec, ranged reads, retries), mixing several sets for training,
+the check that every loader worker gets a shard, and the stable hash that lets string image ids travel in tensors.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +11,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shards.format import CONCEPTS, MANIFEST, VOCAB, is_manifest
+from shards.remote import SetRoot, open_shard, read_text, set_root
 from trainer.data.text import Vocab
+
+
+def use_fsspec_for_webdataset() -> None:
+    """webdataset's readers (evaluation, the first-sample check) open URLs through its `gopen_schemes` table, which
+    has curl for http(s) and nothing for s3: every fsspec protocol is routed to open_shard instead, so all reads of
+    a URL shard set share one client, its credentials, timeouts and retries. `pipe:` keeps webdataset's own."""
+    from webdataset.gopen import gopen_schemes  # lazy: webdataset pulls in torch; only URL sets need this
+
+    def gopen_fsspec(url, mode="rb", bufsize=8192, **kw):
+        if mode != "rb":
+            raise ValueError(f"{url}: shard sets at a URL are read-only here")
+        return open_shard(url)
+
+    import fsspec  # lazy: see url_filesystem
+    for protocol in fsspec.available_protocols():
+        if protocol not in ("pipe", "file", "local"):
+            gopen_schemes[protocol] = gopen_fsspec
 
 
 def image_id_hash(image_id: str) -> int:
@@ -20,30 +39,37 @@ def image_id_hash(image_id: str) -> int:
 
 @dataclass
 class ShardSet:
-    """A shard-set folder: its manifest, concept vocabulary and word vocabulary."""
+    """A shard set, in a local folder or at a URL: its manifest, concept vocabulary and word vocabulary."""
 
-    root: Path
+    root: Path | SetRoot
     manifest: dict
     concepts: list[str]
     vocab: Vocab
 
     @classmethod
     def open(cls, root: str | Path) -> "ShardSet":
-        root = Path(root)
+        """Reads the set's three small files once (at a URL: one request each; its shards stay where they are)."""
+        root = set_root(root)
+        if isinstance(root, SetRoot):
+            use_fsspec_for_webdataset()
         manifest_path = root / MANIFEST
         try:
-            manifest = json.loads(manifest_path.read_text())
+            manifest = json.loads(read_text(manifest_path))
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read shard-set manifest {manifest_path}: {e}") from e
         if not is_manifest(manifest):
             raise ValueError(f"{manifest_path} is not a hier-shards manifest (format/splits missing)")
         concepts_path = root / CONCEPTS
         try:
-            entries = json.loads(concepts_path.read_text())["concepts"]
+            entries = json.loads(read_text(concepts_path))["concepts"]
             concepts = [e["lemma"] for e in sorted(entries, key=lambda e: e["id"])]
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"cannot read concept vocabulary {concepts_path}: {e}") from e
-        return cls(root, manifest, concepts, Vocab.from_json(root / VOCAB))
+        try:
+            vocab = Vocab(json.loads(read_text(root / VOCAB))["words"])
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"cannot read word vocabulary {root / VOCAB}: {e}") from e
+        return cls(root, manifest, concepts, vocab)
 
     @property
     def num_concepts(self) -> int:
@@ -55,8 +81,11 @@ class ShardSet:
         return self.manifest["splits"][split]
 
     def urls(self, split: str) -> list[str]:
+        """The split's shards, local paths or URLs. Local ones must exist; at a URL, asking for each of thousands
+        would cost a request per shard: a missing one is counted when it is read (the config check looks for the
+        first shard of each split)."""
         urls = [str(self.root / name) for name in self.split_info(split)["shards"]]
-        missing = [u for u in urls if not Path(u).is_file()]
+        missing = [] if isinstance(self.root, SetRoot) else [u for u in urls if not Path(u).is_file()]
         if missing:
             raise FileNotFoundError(f"shard files listed in {self.root / 'manifest.json'} are missing: {missing[:3]}")
         return urls

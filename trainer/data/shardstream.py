@@ -12,7 +12,9 @@ up its buffer. With those three things known the position of a worker is small (
 offset, the buffer as (shard, offset, length) references) and getting back to it costs one read of the buffer's
 bytes plus at most one member header, whatever the run's length (`restore`).
 Shards must be plain (uncompressed) tar files, as `python -m shards build` writes them: a byte offset into a
-compressed tar cannot be sought.
+compressed tar cannot be sought. A shard may be a local file or a URL that can seek (HTTP Range, S3 ranged GET):
+`trainer.data.shardset.open_shard` reads it sequentially in large blocks, and a resume asks for the buffer's byte
+ranges and continues the current shard at its offset exactly as on local disk.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple
 
 from webdataset.tariterators import base_plus_ext
+
+from shards.remote import RemoteReads, open_shard, read_ranges
 
 BLOCK = 512
 
@@ -172,7 +176,8 @@ class RawStream:
     """One worker's raw samples of one or more shard sets (mixed by sample weight), shuffled through a buffer
     kept across epochs. `handler(exn, url)` is told of a shard that cannot be opened or is cut off (and goes on).
     passes: stop after this many passes over the shards in one-pass mode (None: endless); resampled streams are
-    endless. Iterate `samples()` once; `state()` is its position after the last sample it yielded."""
+    endless. reads: how shards at a URL are read (block size, timeouts, retries). Iterate `samples()` once;
+    `state()` is its position after the last sample it yielded."""
 
     set_urls: list[list[str]]
     set_weights: list[float]
@@ -183,6 +188,7 @@ class RawStream:
     on_shard: Callable[[], None] = lambda: None
     passes: int | None = None
     start_pass: int = 0
+    reads: RemoteReads = field(default_factory=RemoteReads)
     rng: random.Random = field(init=False)
     cursors: list[Cursor] = field(init=False)
     buffer: list[tuple[Ref, dict]] = field(init=False, default_factory=list)
@@ -200,25 +206,23 @@ class RawStream:
 
     def restore(self, state: StreamState) -> RestoreCost:
         """Put the stream where `state` was taken: RNG and cursors set, the buffer's samples re-read from their
-        byte ranges (the only bytes read again; the current shard goes on from its offset)."""
+        byte ranges (the only bytes read again; the current shard goes on from its offset). A shard at a URL is
+        asked for all its ranges at once (concurrent ranged requests), so a resume costs round trips per shard,
+        not per sample."""
         start = time.perf_counter()
         self.rng.setstate(state.rng)
         self.cursors = [Cursor(*c) for c in state.cursors]
         refs = [Ref(*b) for b in state.buffer]
+        by_shard: dict[tuple[int, int], list[int]] = {}
+        for i, ref in enumerate(refs):
+            by_shard.setdefault((ref.set, ref.url), []).append(i)
         loaded: dict[int, dict] = {}
-        f, open_url = None, None
-        for i in sorted(range(len(refs)), key=lambda i: (refs[i].set, refs[i].url, refs[i].offset)):
-            ref = refs[i]
-            url = self.set_urls[ref.set][ref.url]
-            if url != open_url:
-                f = f.close() if f else None
-                f, open_url = open(url, "rb"), url
-            f.seek(ref.offset)
-            chunk = f.read(ref.length)  # a sample's byte range is a small tar of its own members
-            self.cost.bytes += len(chunk)
-            loaded[i] = next(_group(read_members(io.BytesIO(chunk), 0), url))[0]
-        if f:
-            f.close()
+        for (set_index, url_index), indices in sorted(by_shard.items()):
+            url = self.set_urls[set_index][url_index]
+            chunks = read_ranges(url, [(refs[i].offset, refs[i].length) for i in indices], self.reads)
+            for i, chunk in zip(indices, chunks):
+                self.cost.bytes += len(chunk)  # a sample's byte range is a small tar of its own members
+                loaded[i] = next(_group(read_members(io.BytesIO(chunk), 0), url))[0]
         self.buffer = [(refs[i], loaded[i]) for i in range(len(refs))]
         self.cost.samples = len(refs)
         self.cost.seconds = time.perf_counter() - start
@@ -264,7 +268,7 @@ class RawStream:
                 return
             url, got = urls[c.url], 0
             try:
-                with open(url, "rb") as f:
+                with open_shard(url, self.reads) as f:
                     for sample, begin, end in _group(read_members(f, c.offset), url):
                         # _group hands a sample on only after reading the next one's first member; the cursor is
                         # set to where that member begins, so a state taken now re-reads it from there.

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import tarfile
 
+from shards.remote import open_shard
+
 
 def split_objects(shardset, split: str, image_ids: list[str]) -> list[list[dict]] | None:
     """Each picture's "objects" in the order of image_ids; None when the split's samples do not have them."""
     found: dict[str, list[dict]] = {}
     for url in shardset.urls(split):
-        with tarfile.open(url) as tar:
+        with open_shard(url) as f, tarfile.open(fileobj=f, mode="r:") as tar:  # a local file or a URL
             for member in tar:
                 if not member.name.endswith(".json"):
                     continue

@@ -1,0 +1,275 @@
+"""Where a shard set lives when it is not a local folder: a URL of any fsspec protocol whose package is installed
+(`s3://bucket/prefix` through s3fs, `http(s)://host/prefix` through aiohttp, `gs://` through gcsfs, ...).
+
+A URL set's small files are read whole (`read_url`); its shards are never copied to disk: `open_shard` gives a
+seekable file that reads ranged requests of `RemoteReads.block_size` bytes with read-ahead (HTTP Range, S3 ranged
+GET), each with a timeout, a failed read retried from the byte where it stopped; `read_ranges` fetches many byte
+ranges of one shard at once (a resumed stream's buffer). Credentials come from where the protocol's library looks
+(for S3: the environment, ~/.aws, an instance role; the endpoint from AWS_ENDPOINT_URL), never from a config, and
+an error names the credential source tried, never a key. A leaf: the trainer's config checks and data stream and
+the shard tools read it; it imports no project module, and fsspec and its protocol packages only when a URL is used.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(location: str | Path) -> bool:
+    """Whether a shard-set location or shard names a URL (`scheme://...`) rather than a local path."""
+    return isinstance(location, str) and bool(URL_PATTERN.match(location))
+
+
+class SetRoot(str):
+    """A URL shard-set root that joins names like a Path does (`root / "manifest.json"`), keeping its `//`."""
+
+    def __truediv__(self, name: str) -> "SetRoot":
+        return SetRoot(f"{self.rstrip('/')}/{name}")
+
+
+def set_root(location: str | Path) -> Path | SetRoot:
+    """A shard set's root: a local Path, or a SetRoot for a URL (no trailing slash)."""
+    return SetRoot(location.rstrip("/")) if is_url(location) else Path(location)
+
+
+@dataclass(frozen=True)
+class RemoteReads:
+    """How shards at a URL are read: sequential ranged requests of block_size bytes, the next one fetched as the
+    reader reaches it (fsspec's read-ahead cache), each request bounded by `timeout` seconds; a failed request
+    (connection reset, timeout, 5xx/429, a body cut short) is retried `retries` times from the byte where the read
+    stopped, after backoff, 2 x backoff, ... seconds (at most backoff_max). cache: the fsspec cache type of a
+    shard file ("readahead" measured best in bench/remote_stream.py: "background" prefetches block-aligned blocks
+    in a thread but fetched 1.15-1.4 bytes per byte read and was slower on loopback)."""
+
+    block_size: int = 8 * 2**20
+    cache: str = "readahead"
+    timeout: float = 60.0
+    retries: int = 3
+    backoff: float = 0.5
+    backoff_max: float = 10.0
+
+
+class ShardUnreachableError(OSError):
+    """A shard at a URL that could not be read after its retries. `kind` names its bad-sample kind."""
+
+    kind = "unreachable_shard"
+
+
+def storage_options(url: str, reads: RemoteReads) -> dict:
+    """fsspec options for a URL's protocol: every request with a timeout; S3's endpoint from AWS_ENDPOINT_URL(_S3).
+    Retries are ours (RetryingShard), so the libraries' own are kept short."""
+    protocol = url.split("://", 1)[0].lower()
+    if protocol in ("http", "https"):
+        import aiohttp  # lazy: only HTTP shard sets need it (fsspec's HTTP filesystem is built on it)
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=reads.timeout,
+                                                                   sock_read=reads.timeout)}}
+    if protocol in ("s3", "s3a"):
+        options: dict = {"config_kwargs": {"connect_timeout": reads.timeout, "read_timeout": reads.timeout,
+                                           "retries": {"max_attempts": 1}}}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["endpoint_url"] = endpoint
+        return options
+    return {}
+
+
+def url_filesystem(url: str, reads: RemoteReads | None = None):
+    """(fsspec filesystem, path inside it) of a URL; the filesystem is cached by fsspec per process."""
+    import fsspec  # lazy: only URL shard sets need it
+    return fsspec.core.url_to_fs(url, **storage_options(url, reads or RemoteReads()))
+
+
+def s3_credential_source() -> str:
+    """Which credential source an S3 request used, in words (never the key itself)."""
+    try:
+        import botocore.session  # lazy: installed with s3fs, needed only to name the source in an error
+        credentials = botocore.session.get_session().get_credentials()
+    except Exception as e:  # a broken ~/.aws/config: say so instead of hiding the first error
+        return f"credential lookup failed ({type(e).__name__}: {e})"
+    if credentials is None:
+        return "no credentials found (looked in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, instance role)"
+    names = {"env": "environment (AWS_ACCESS_KEY_ID)", "shared-credentials-file": "~/.aws/credentials",
+             "config-file": "~/.aws/config", "iam-role": "instance role", "container-role": "container role",
+             "assume-role": "assumed role (~/.aws/config)", "sso": "AWS SSO (~/.aws/config)"}
+    profile = os.environ.get("AWS_PROFILE")
+    source = names.get(credentials.method, credentials.method)
+    return f"{source}, profile {profile}" if profile and "~/.aws" in source else source
+
+
+def access_detail(url: str, err: Exception) -> str:
+    """Why `url` could not be read, in words: the error, and for S3 the endpoint and credential source tried."""
+    reason = f"{type(err).__name__}: {err}".strip().rstrip(":")
+    if url.lower().startswith(("s3://", "s3a://")):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default"
+        reason += f" (endpoint {endpoint}; credentials: {s3_credential_source()})"
+    return " ".join(reason.split())  # one line: library messages may hold newlines
+
+
+def access_error(url: str, err: Exception) -> str:
+    """One line on why `url` could not be read (access_detail)."""
+    return f"cannot read {url}: {access_detail(url, err)}"
+
+
+def retry_delay(reads: RemoteReads, attempt: int) -> float:
+    """Seconds to wait before retry number `attempt` (0-based): bounded exponential backoff."""
+    return min(reads.backoff * 2**attempt, reads.backoff_max)
+
+
+def is_permanent(err: Exception) -> bool:
+    """A missing file or a refused credential: retrying cannot make it work."""
+    return isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError))
+
+
+def with_retries(url: str, reads: RemoteReads, request):
+    """request() retried on any failure but a permanent one, reads.retries times after bounded exponential
+    backoff; then ShardUnreachableError naming the URL."""
+    attempt = 0
+    while True:
+        try:
+            return request()
+        except Exception as err:  # fsspec's protocols raise their libraries' own errors (aiohttp, botocore)
+            if is_permanent(err) or attempt >= reads.retries:
+                raise ShardUnreachableError(f"{url}: {type(err).__name__}: {err} (after {attempt} retries)") from err
+            time.sleep(retry_delay(reads, attempt))
+            attempt += 1
+
+
+def read_url(url: str, reads: RemoteReads | None = None) -> bytes:
+    """A small file at a URL, whole (manifest, vocabularies); a missing one raises FileNotFoundError."""
+    reads = reads or RemoteReads()
+    fs, path = url_filesystem(url, reads)
+    try:
+        return with_retries(url, reads, lambda: fs.cat_file(path))
+    except ShardUnreachableError as err:
+        if is_permanent(err.__cause__):
+            raise err.__cause__ from None
+        raise
+
+
+class RetryingShard:
+    """A shard at a URL as a seekable binary file (what the tar reader needs: seek, tell, read). Reads go through an
+    fsspec file with a read-ahead cache of reads.block_size; a read that fails (or comes back shorter than the
+    shard says it is) is retried from the byte where it stopped on a freshly opened file, after a backoff; after
+    reads.retries it raises ShardUnreachableError naming the URL. `fetched`: the bytes requested from the store."""
+
+    def __init__(self, url: str, reads: RemoteReads):
+        self.url = url
+        self.reads = reads
+        self.pos = 0
+        self.fetched = 0
+        self.file = None
+        self.size = -1
+        self.retried = 0
+
+    def _open(self) -> None:
+        fs, path = url_filesystem(self.url, self.reads)
+        self.file = fs.open(path, "rb", block_size=self.reads.block_size, cache_type=self.reads.cache)
+        self.size = self.file.size
+
+    def _drop(self) -> None:
+        if self.file is not None:
+            self.fetched += getattr(self.file.cache, "total_requested_bytes", 0)
+            file, self.file = self.file, None
+            try:
+                file.close()
+            except Exception:  # closing a broken connection may fail too; it is dropped either way
+                pass
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0:
+            raise ValueError("RetryingShard seeks from the start only")
+        self.pos = offset
+        return offset
+
+    def tell(self) -> int:
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        out, attempt = b"", 0
+        while True:
+            try:
+                if self.file is None:
+                    self._open()
+                want = self.size - self.pos if n < 0 else min(n - len(out), self.size - self.pos)
+                self.file.seek(self.pos)
+                part = self.file.read(want) if want > 0 else b""
+                out, self.pos = out + part, self.pos + len(part)
+                if len(part) == want:
+                    return out
+                raise OSError(f"body cut short: {len(part)} of {want} bytes at byte {self.pos - len(part)}")
+            except Exception as err:  # reset, timeout, 5xx/429 and short bodies alike: the libraries' own types
+                self._drop()
+                if is_permanent(err) or attempt >= self.reads.retries:
+                    raise ShardUnreachableError(f"{self.url}: {type(err).__name__}: {err} (at byte {self.pos}, "
+                                           f"after {attempt} retries)") from err
+                time.sleep(retry_delay(self.reads, attempt))
+                attempt += 1
+                self.retried += 1
+
+    def close(self) -> None:
+        self._drop()
+
+    def __enter__(self) -> "RetryingShard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_shard(url: str, reads: RemoteReads | None = None):
+    """A shard as a seekable binary file: the local file as it always was, a URL through RetryingShard."""
+    return RetryingShard(url, reads or RemoteReads()) if is_url(url) else open(url, "rb")
+
+
+def merged_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(start, end) runs covering (offset, length) spans, touching or overlapping spans merged into one."""
+    runs: list[list[int]] = []
+    for offset, length in sorted(spans):
+        if runs and offset <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], offset + length)
+        else:
+            runs.append([offset, offset + length])
+    return [(start, end) for start, end in runs]
+
+
+def read_ranges(url: str, spans: list[tuple[int, int]], reads: RemoteReads | None = None) -> list[bytes]:
+    """The bytes of (offset, length) spans of one shard: locally by seeking, at a URL as concurrent ranged
+    requests (fsspec's cat_ranges) of the merged spans, retried like a shard's reads."""
+    if not is_url(url):
+        out = []
+        with open(url, "rb") as f:
+            for offset, length in spans:
+                f.seek(offset)
+                out.append(f.read(length))
+        return out
+    reads = reads or RemoteReads()
+    runs = merged_spans(spans)
+    fs, path = url_filesystem(url, reads)
+
+    def request() -> list[bytes]:
+        blobs = fs.cat_ranges([path] * len(runs), [a for a, _ in runs], [b for _, b in runs], on_error="return")
+        for blob, (start, end) in zip(blobs, runs):
+            if isinstance(blob, Exception):
+                raise blob
+            if len(blob) != end - start:
+                raise OSError(f"body cut short: {len(blob)} of {end - start} bytes at byte {start}")
+        return blobs
+
+    blobs = with_retries(url, reads, request)
+    starts = [a for a, _ in runs]
+    out = []
+    for offset, length in spans:
+        i = bisect.bisect_right(starts, offset) - 1
+        out.append(blobs[i][offset - starts[i]:offset - starts[i] + length])
+    return out
+
+
+def read_text(location: str | Path) -> str:
+    """A small file of a shard set, local or at a URL."""
+    return read_url(location).decode() if is_url(location) else Path(location).read_text()
