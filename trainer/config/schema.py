@@ -295,6 +295,9 @@ class EngineConfig:
     deepspeed_config: str = "configs/deepspeed/zero0.json"
     precision: Literal["fp32", "bf16"] = "fp32"
     grad_accum: int = 1
+    # Gradient caching (trainer/training/grad_cache.py): the loss scores N = batch_size x grad_accum x world pairs at
+    # the activation memory of one micro-batch, for a second forward of each. Off: n x world pairs per micro-step.
+    grad_cache: bool = False  # one loss over all grad_accum micro-batches of every rank (gradient caching)
     threads: int = 0  # torch CPU threads per process; 0 = cores / local processes
     # torch.compile of the image and text encoders (ZeRO 0-2: ZeRO-3's parameter hooks break compiled graphs);
     # compile_backend: a torch.compile backend ("inductor" on GPUs; "eager" checks the wiring anywhere).

@@ -23,6 +23,10 @@ What it counts, per GPU, for W = gpus x nodes ranks, P parameters, n pairs per r
   all N rows (LOSS_BYTES_PER_CONCEPT_CELL per column and concept).
 - the all-gather of the global batch: embeddings (4 x N x D in fp32, with autograd) and labels
   (N image ids, 2 x N x K float32 concept multi-hots), exactly what `trainer.training.step.gather_global_batch` gathers.
+- with engine.grad_cache (k = engine.grad_accum): activations of one micro-batch of n only, but the loss of k n
+  rows against N = k n W columns, the gather of all N, and this rank's k n cached outputs with their cached
+  gradients (trainer/training/grad_cache.py). The largest global batch is then bounded by the loss matrices and
+  the cached embeddings, not by activations: the table gives the largest k at the configured n.
 Memory an allocator keeps in reserve, CUDA context and DeepSpeed's communication buckets are not counted:
 the fit uses --headroom (default 0.85) of the GPU's memory.
 """
@@ -107,6 +111,13 @@ def loss_bytes(rows: int, columns: int, num_concepts: int) -> int:
     return LOSS_BYTES_PER_PAIR * rows * columns + LOSS_BYTES_PER_CONCEPT_CELL * columns * num_concepts
 
 
+def cached_bytes(rows: int, embed_dim: int, num_concepts: int, local_space: bool, concept_head: bool) -> int:
+    """engine.grad_cache: this rank's cached outputs of all its micro-batches (fp32 embeddings, concept logits)
+    and the cached gradients of as many bytes, held from the first forwards to the last backward."""
+    outputs = (4 if local_space else 2) * rows * embed_dim * 4 + (2 * rows * num_concepts * 4 if concept_head else 0)
+    return 2 * outputs
+
+
 def example_batch(model: torch.nn.Module, caption: list[int], batch_size: int, image_size: int) -> dict:
     """A full-size training batch for `model`: pictures [B, 3, S, S], or as many region features as the model
     takes ([B, max_regions, region_dim] with full counts), and `caption` (token ids of the configured tokenizer,
@@ -173,31 +184,50 @@ class Plan:
     def bf16(self) -> bool:
         return self.cfg.engine.precision == "bf16"
 
-    def per_gpu(self, stage: int, offload: bool, rows: int) -> dict[str, int]:
-        """Every counted part of one GPU's memory for `rows` pairs per rank."""
-        columns = rows * self.world
+    @property
+    def grad_cache(self) -> bool:
+        return self.cfg.engine.grad_cache
+
+    def per_gpu(self, stage: int, offload: bool, rows: int, accum: int = 1) -> dict[str, int]:
+        """Every counted part of one GPU's memory for `rows` pairs per rank and micro-batch; with engine.grad_cache
+        the loss, the gather and the cache cover all `accum` micro-batches (plain accumulation: one at a time)."""
+        scored = rows * accum if self.grad_cache else rows
+        columns = scored * self.world
         # bf16 is autocast: parameters, gradients and the gathered embeddings stay fp32 (see the module doc)
         states = model_state_bytes(self.num_params, stage, self.world, False, offload)
-        gathered = gathered_bytes(columns, self.cfg.model.embed_dim, self.num_concepts,
-                                  self.cfg.loss.local != "none", False)
+        local_space = self.cfg.loss.local != "none"
+        gathered = gathered_bytes(columns, self.cfg.model.embed_dim, self.num_concepts, local_space, False)
         parts = {"params": states.params, "grads": states.grads, "master": states.master,
                  "optimizer": states.optimizer, "activations": self.activations.at(rows),
-                 "loss": loss_bytes(rows, columns, self.num_concepts), "gathered": sum(gathered.values())}
+                 "loss": loss_bytes(scored, columns, self.num_concepts), "gathered": sum(gathered.values())}
+        if self.grad_cache:
+            parts["cache"] = cached_bytes(scored, self.cfg.model.embed_dim, self.num_concepts, local_space,
+                                          self.cfg.loss.concept_bce_weight > 0)
         parts["total"] = sum(parts.values())
         parts["cpu"] = states.cpu
         return parts
 
     def largest_rows(self, stage: int, offload: bool, budget: int) -> int:
         """The most pairs per rank whose total fits `budget` bytes (0 if not even one)."""
-        low, high = 0, 1
-        while self.per_gpu(stage, offload, high)["total"] <= budget:
-            low, high = high, high * 2
-            if high > 2**30:
-                break
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if self.per_gpu(stage, offload, mid)["total"] <= budget else (low, mid)
-        return low
+        return largest_fitting(lambda rows: self.per_gpu(stage, offload, rows)["total"] <= budget)
+
+    def largest_accum(self, stage: int, offload: bool, budget: int) -> int:
+        """engine.grad_cache: the most micro-batches of data.batch_size pairs per step that fit `budget` bytes."""
+        n = self.cfg.data.batch_size
+        return largest_fitting(lambda accum: self.per_gpu(stage, offload, n, accum)["total"] <= budget)
+
+
+def largest_fitting(fits) -> int:
+    """The largest count >= 1 for which fits(count) holds (fits grows monotonically false), 0 if none."""
+    low, high = 0, 1
+    while fits(high):
+        low, high = high, high * 2
+        if high > 2**30:
+            break
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
 
 
 def stand_in_vocab(vocab_size: int) -> Vocab:
@@ -248,21 +278,47 @@ def format_plan(plan: Plan, gpu_mem_gib: float, headroom: float) -> str:
         f"all-gathered per step and rank (received {(world - 1) / world:.0%} of it): embeddings "
         f"{gathered['embeddings'] / 2**20:.1f} MiB (and as much again in gradients in backward), image ids "
         f"{gathered['image_ids'] / 2**20:.2f} MiB, concepts {gathered['concepts'] / 2**20:.1f} MiB",
+        *grad_cache_lines(plan),
         "",
-        f"{'ZeRO':<10} {'params':>9} {'grads':>9} {'master':>9} {'AdamW':>9} {'activ.':>9} {'loss':>9} "
-        f"{'gather':>9} {'total':>9} {'CPU':>9} | {'max n':>7} {'max N':>9}",
-        "MiB at n above" + " " * 102 + "| (fits the budget)",
+        *stage_table(plan, budget),
     ]
+    return "\n".join(lines)
+
+
+def grad_cache_lines(plan: Plan) -> list[str]:
+    """What engine.grad_cache changes in the plan (nothing without it)."""
+    if not plan.grad_cache:
+        return []
+    k, n, world = plan.cfg.engine.grad_accum, plan.cfg.data.batch_size, plan.world
+    return [f"engine.grad_cache with k={k}: activations of one micro-batch of n={n}; the loss scores k n = {k * n} "
+            f"rows against N = k n W = {k * n * world} columns; the largest global batch is bounded by the loss "
+            f"matrices and the cached embeddings, not by activations (max k, max N below at n={n})"]
+
+
+def stage_table(plan: Plan, budget: int) -> list[str]:
+    """One line per ZeRO stage (and offload): MiB of each part at the configured batch, and the largest batch
+    that fits: n per rank, or with engine.grad_cache the micro-batches k at the configured n."""
+    n, world, k = plan.cfg.data.batch_size, plan.world, plan.cfg.engine.grad_accum
+    keys = ["params", "grads", "master", "optimizer", "activations", "loss", "gathered",
+            *(["cache"] if plan.grad_cache else []), "total", "cpu"]
+    names = {"optimizer": "AdamW", "activations": "activ.", "gathered": "gather", "total": "total", "cpu": "CPU"}
+    largest = "max k" if plan.grad_cache else "max n"
+    lines = [" ".join([f"{'ZeRO':<10}", *(f"{names.get(key, key):>9}" for key in keys)])
+             + f" | {largest:>7} {'max N':>9}",
+             "MiB at n above" + " " * (10 * len(keys) + 12) + "| (fits the budget)"]
     for stage in (0, 1, 2, 3):
         for offload in ((False,) if stage == 0 else (False, True)):
-            parts = plan.per_gpu(stage, offload, n)
-            rows = plan.largest_rows(stage, offload, budget)
+            parts = plan.per_gpu(stage, offload, n, k)
+            if plan.grad_cache:
+                most = plan.largest_accum(stage, offload, budget)
+                columns = most * n * world
+            else:
+                most = plan.largest_rows(stage, offload, budget)
+                columns = most * world
+            cells = " ".join(f"{parts[key] / 2**20:>9.1f}" for key in keys)
             name = f"{stage}{' +offload' if offload else ''}"
-            cells = " ".join(f"{parts[k] / 2**20:>9.1f}" for k in
-                             ("params", "grads", "master", "optimizer", "activations", "loss", "gathered", "total",
-                              "cpu"))
-            lines.append(f"{name:<10} {cells} | {rows:>7} {rows * world:>9}")
-    return "\n".join(lines)
+            lines.append(f"{name:<10} {cells} | {most:>7} {columns:>9}")
+    return lines
 
 
 PROG = "python -m trainer.plan"

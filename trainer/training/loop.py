@@ -56,7 +56,7 @@ from trainer.loss.hierarchical import HierarchicalLoss
 from trainer.observe.progress import ProgressBar, progress_enabled
 from trainer.observe.tblog import RunLogger
 from trainer.training.factory import build_loss, build_model, build_train_stream, compile_encoders
-from trainer.training.step import StepAgreement, TrainEngine, train_step
+from trainer.training.step import StepAgreement, TrainEngine, grad_cache_step, train_step
 from usercli import cli_main
 
 log = logging.getLogger("trainer")
@@ -314,6 +314,7 @@ def step_once(run: Run, state: RunState, batches: TrainLoader, stop: StopRequest
     step_sums: dict[str, torch.Tensor] = {}
     log_now = (state.step + 1) % cfg.train.log_every == 0 or state.step + 1 == cfg.train.steps
     run.engine.module.set_backbone_grad(state.step >= cfg.optim.backbone_freeze_steps)
+    cached: list[dict] = []  # engine.grad_cache: the step's micro-batches, all scored at the last one
     for micro in range(cfg.engine.grad_accum):
         t0 = time.perf_counter()
         epoch, batch = next(batches)
@@ -323,12 +324,21 @@ def step_once(run: Run, state: RunState, batches: TrainLoader, stop: StopRequest
         last = micro == cfg.engine.grad_accum - 1
         if last:
             mine.stop = int(stop.signal is not None)
-        stats = train_step(run.engine, run.loss_fn, batch, state.step, run.info, want_grad_norm=log_now,
-                           agreement=mine if last else None)
+        window.micro += 1
+        if cfg.engine.grad_cache:
+            cached.append(batch)
+            if not last:
+                continue
+            stats = grad_cache_step(run.engine, run.loss_fn, cached, state.step, run.info, want_grad_norm=log_now,
+                                    agreement=mine)
+        else:
+            stats = train_step(run.engine, run.loss_fn, batch, state.step, run.info, want_grad_norm=log_now,
+                               agreement=mine if last else None)
+        # one loss per micro-step, or with grad_cache one for the step: the log divides by micro-steps
+        weight = cfg.engine.grad_accum if cfg.engine.grad_cache else 1
         for k, v in stats.items():
             if k not in ("skipped", "agreed", "grad_norm"):
-                step_sums[k] = step_sums.get(k, 0.0) + v
-        window.micro += 1
+                step_sums[k] = step_sums.get(k, 0.0) + weight * v
     agreed: StepAgreement = stats["agreed"]
     state.step += 1
     state.samples += run.global_batch

@@ -1,5 +1,7 @@
 """One training micro-step: forward on this rank's pairs, gather the global batch, loss of own rows against all
 columns, backward; at the accumulation boundary one all-reduce on which every rank agrees to update or skip.
+With engine.grad_cache, one optimizer step of k micro-batches whose loss sees all of them (grad_cache_step, over
+the mechanics of trainer/training/grad_cache.py).
 
 No host synchronisation happens inside a step except that agreement (docs/design.md section 2): batches reach the
 device with non_blocking copies (the loader pins them on GPU machines), caption lengths and region counts stay on
@@ -14,6 +16,13 @@ import torch
 
 from trainer.data.samples import BAD_KINDS
 from trainer.distributed import DistInfo, all_reduce_sum, gather_no_grad, gather_with_grad
+from trainer.training.grad_cache import (
+    CONCEPT_LOGIT_KEYS,
+    embed_without_graph,
+    loss_and_output_grads,
+    replaying,
+    surrogate_loss,
+)
 
 EMBEDDING_KEYS = ("img_g", "img_l", "txt_g", "txt_l")
 LABEL_KEYS = ("image_ids", "image_concepts", "caption_concepts")
@@ -29,11 +38,13 @@ class TrainEngine(Protocol):
 
     def __call__(self, *inputs: Any) -> dict[str, torch.Tensor]: ...
 
-    def backward(self, loss: torch.Tensor) -> Any: ...
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> Any: ...
 
     def step(self) -> None: ...
 
     def is_gradient_accumulation_boundary(self) -> bool: ...
+
+    def gradient_accumulation_steps(self) -> int: ...
 
     def zero_optimization_stage(self) -> int: ...
 
@@ -141,20 +152,11 @@ def _grad_norm(engine) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-def train_step(engine: TrainEngine, loss_fn: Callable[..., dict[str, torch.Tensor]], batch: dict, step: int,
-               info: DistInfo, want_grad_norm: bool = False, agreement: StepAgreement | None = None) -> dict:
-    """One micro-step. At the accumulation boundary: the update, or (any rank's loss or gradient not finite) a
-    skip on every rank; `agreement` (this rank's counts and stop flag; None: nothing to count) rides along in the
-    same all-reduce. Boundary stats: "skipped" (1.0 when the update was skipped) and "agreed" (the StepAgreement
-    summed over ranks)."""
-    inputs, labels = to_device(batch, info.device)
-    out = engine(inputs["images"], inputs["tokens"], inputs["lengths"], inputs["image_lengths"])
-    gathered = gather_global_batch(out, labels)
-    n = batch["images"].shape[0]
-    logits = (out["img_concept_logits"], out["txt_concept_logits"]) if "img_concept_logits" in out else None
-    losses = loss_fn(gathered, row_offset=info.rank * n, num_rows=n, step=step, concept_logits=logits)
-    engine.backward(losses["loss"])
-    stats = {k: v.detach() for k, v in losses.items()}
+def finish_micro_step(engine: TrainEngine, stats: dict, info: DistInfo, want_grad_norm: bool = False,
+                      agreement: StepAgreement | None = None) -> dict:
+    """After a micro-step's backward: mid-window, engine.step() only counts it; at the accumulation boundary, the
+    update, or (any rank's loss or gradient not finite) a skip on every rank, `agreement` riding along in the one
+    all-reduce. Adds the boundary stats "skipped" and "agreed" to `stats` (the detached loss terms)."""
     if not engine.is_gradient_accumulation_boundary():
         # Mid-window: a non-finite loss here poisons the accumulated grads, which the boundary check sees.
         engine.step()
@@ -170,3 +172,67 @@ def train_step(engine: TrainEngine, loss_fn: Callable[..., dict[str, torch.Tenso
         stats["grad_norm"] = _grad_norm(engine)
     engine.step()
     return stats
+
+
+def concept_logits(out: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The model's (image, caption) concept logits, or None when it has no concept head."""
+    return tuple(out[key] for key in CONCEPT_LOGIT_KEYS) if CONCEPT_LOGIT_KEYS[0] in out else None
+
+
+def forward(engine: TrainEngine, inputs: dict) -> dict[str, torch.Tensor]:
+    return engine(inputs["images"], inputs["tokens"], inputs["lengths"], inputs["image_lengths"])
+
+
+def train_step(engine: TrainEngine, loss_fn: Callable[..., dict[str, torch.Tensor]], batch: dict, step: int,
+               info: DistInfo, want_grad_norm: bool = False, agreement: StepAgreement | None = None) -> dict:
+    """One micro-step. At the accumulation boundary: the update, or (any rank's loss or gradient not finite) a
+    skip on every rank; `agreement` (this rank's counts and stop flag; None: nothing to count) rides along in the
+    same all-reduce. Boundary stats: "skipped" (1.0 when the update was skipped) and "agreed" (the StepAgreement
+    summed over ranks)."""
+    inputs, labels = to_device(batch, info.device)
+    out = forward(engine, inputs)
+    gathered = gather_global_batch(out, labels)
+    n = batch["images"].shape[0]
+    losses = loss_fn(gathered, row_offset=info.rank * n, num_rows=n, step=step, concept_logits=concept_logits(out))
+    engine.backward(losses["loss"])
+    return finish_micro_step(engine, {k: v.detach() for k, v in losses.items()}, info, want_grad_norm, agreement)
+
+
+def check_window_start(engine: TrainEngine, num_micro: int) -> None:
+    """Refuse a grad-cache step that does not fill exactly one accumulation window of the engine."""
+    if num_micro != engine.gradient_accumulation_steps():
+        raise ValueError(f"grad_cache_step got {num_micro} micro-batches but the engine accumulates "
+                         f"{engine.gradient_accumulation_steps()} (engine.grad_accum)")
+    if num_micro > 1 and engine.is_gradient_accumulation_boundary():
+        raise RuntimeError("grad_cache_step must start at the first micro-step of an accumulation window")
+
+
+def grad_cache_step(engine: TrainEngine, loss_fn: Callable[..., dict[str, torch.Tensor]], batches: list[dict],
+                    step: int, info: DistInfo, want_grad_norm: bool = False,
+                    agreement: StepAgreement | None = None) -> dict:
+    """One optimizer step with gradient caching (engine.grad_cache; trainer/training/grad_cache.py): the loss of
+    all k = engine.grad_accum micro-batches of every rank at once, N = k n world pairs, then k forwards with
+    graph and backwards of the cached gradients, then the boundary's agreement and update as in train_step.
+    Returns the step's loss terms (one loss over N pairs, not k of them) and the boundary stats.
+
+    DeepSpeed keeps gradient_accumulation_steps = k (deepspeed_config is the same as for plain accumulation), and
+    the k backwards go through engine.backward with engine.step() between them, as k plain micro-steps do: so the
+    engine's own boundary (micro-step counter) fires at the k-th, ZeRO-2/3 reduce-scatter each micro-step's
+    gradient into their partitions and ZeRO 0/1 reduce at the boundary through their usual code paths, and the
+    batch sizes, sample counters and LR schedule in DeepSpeed's state are those of plain accumulation (a
+    checkpoint does not know which of the two wrote it). The one difference: engine.backward divides each loss
+    by k (the mean of k micro-batch losses), but the cached gradient is already that of the whole step's loss,
+    so the surrogate backwards run with scale_wrt_gas=False."""
+    check_window_start(engine, len(batches))
+    cache = embed_without_graph(lambda micro: forward(engine, to_device(batches[micro], info.device)[0]),
+                                len(batches), info.device, EMBEDDING_KEYS)
+    labels = {key: torch.cat([batch[key] for batch in batches]).to(info.device, non_blocking=True)
+              for key in LABEL_KEYS}
+    stats = loss_and_output_grads(cache, loss_fn, labels, info.rank, step)
+    for micro, batch in enumerate(batches):
+        with replaying(cache, micro):
+            out = forward(engine, to_device(batch, info.device)[0])
+        engine.backward(surrogate_loss(cache, micro, out), scale_wrt_gas=False)
+        if micro < len(batches) - 1:
+            engine.step()  # mid-window: DeepSpeed counts the micro-step (and ZeRO-2/3 have reduced its gradient)
+    return finish_micro_step(engine, stats, info, want_grad_norm, agreement)

@@ -9,6 +9,7 @@ The measurements run in subprocesses of this file (python tests/unit/tools/test_
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -217,6 +218,22 @@ def test_largest_batch_fits_and_one_more_does_not():
         assert plan.per_gpu(stage, False, rows)["total"] <= budget < plan.per_gpu(stage, False, rows + 1)["total"]
     # the loss term is quadratic in the rows: n rows against n x world columns
     assert loss_bytes(200, 800, 0) == 4 * loss_bytes(100, 400, 0)
+
+
+def test_grad_cache_plans_one_micro_batch_of_activations_and_the_loss_of_all_of_them():
+    """engine.grad_cache: activations stay those of n, the loss and the cache grow with k; the largest k fits."""
+    base = _activation_config()
+    cfg = dataclasses.replace(base, engine=dataclasses.replace(base.engine, grad_accum=4, grad_cache=True))
+    plan, plain = (make_plan(c, world=4, vocab_size=50, num_concepts=20) for c in (cfg, base))
+    n = cfg.data.batch_size
+    one, four = plan.per_gpu(0, False, n, 1), plan.per_gpu(0, False, n, 4)
+    assert one["activations"] == four["activations"] == plain.per_gpu(0, False, n)["activations"]
+    assert four["loss"] > 15 * one["loss"] and four["cache"] == 4 * one["cache"] > 0
+    assert plain.per_gpu(0, False, n, 4) == plain.per_gpu(0, False, n)  # plain accumulation: one micro-step
+    budget = 2 * 2**30
+    for stage in range(4):
+        most = plan.largest_accum(stage, False, budget)
+        assert plan.per_gpu(stage, False, n, most)["total"] <= budget < plan.per_gpu(stage, False, n, most + 1)["total"]
 
 
 def test_cli_prints_every_stage(capsys):
