@@ -139,7 +139,8 @@ def check_record(meta, key: str, split: str, source: str | None, num_concepts: i
     if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
         out.append("captions must be a non-empty list of non-blank strings")
     caption_concepts = meta["caption_concepts"]
-    if not isinstance(caption_concepts, list) or len(caption_concepts) != len(captions or []):
+    if not isinstance(caption_concepts, list) or len(caption_concepts) != (len(captions) if isinstance(captions, list)
+                                                                           else 0):
         out.append("caption_concepts must have one list per caption")
     else:
         for k, ids in enumerate(caption_concepts):

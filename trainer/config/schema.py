@@ -77,6 +77,10 @@ class DataConfig:
     # The fraction is judged only after this many samples were read (all ranks together), so that a few bad
     # samples at the very start cannot stop a run on their own.
     bad_fraction_min_read: int = 1000
+    # The longest wait for one training batch from a loader worker (the first one too: workers start and fill
+    # their shuffle buffers); past it the run ends naming the worker and its shard set, as a stalled file system or
+    # a set without a usable sample would otherwise keep it waiting forever.
+    batch_timeout_s: float = 600.0
     # Pictures larger than this (width x height) are counted as bad (kind image_too_large) without being
     # decoded: a decompression bomb costs memory long before it fails.
     max_image_pixels: int = 64_000_000
@@ -105,6 +109,8 @@ class DataConfig:
         _require(self.bad_fraction_min_read >= 1, "data.bad_fraction_min_read",
                  f"must be positive, got {self.bad_fraction_min_read}")
         _require(self.max_image_pixels >= 1, "data.max_image_pixels", f"must be positive, got {self.max_image_pixels}")
+        _require(math.isfinite(self.batch_timeout_s) and self.batch_timeout_s > 0, "data.batch_timeout_s",
+                 f"must be a positive number of seconds, got {self.batch_timeout_s}")
         _require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction",
                  f"must be in [0, 1], got {self.max_bad_fraction}")
         _require(not self.mix_shards or self.resampled, "data.mix_shards",

@@ -12,12 +12,17 @@ eval/<split>.json (R@K per score), train_log.jsonl (the logged scalars).
 
 Faults (each rank decides nothing alone: one all-reduce per step makes every rank take the same branch):
 - SIGTERM or SIGUSR1 (SLURM's warning before the time limit): every rank writes a checkpoint at the next step
-  boundary and exits 0; `--resume latest` continues from it. Exit code 2: a refused config, file or checkpoint
-  (one line naming it); 130: Ctrl-C (the last complete checkpoint is kept).
+  boundary and exits 0; `--resume latest` continues from it. A rank waiting for data waits 10 s more at most:
+  then one process checkpoints its last completed step (exit 0), else the run ends with one line and exit code
+  128 + the signal's number. Exit code 2: a refused config, file or checkpoint (one line naming it); 130: Ctrl-C
+  (the last complete checkpoint is kept).
+- A loader worker that sends no batch within data.batch_timeout_s ends the run with one line naming it (exit 2).
 - A step whose loss or gradient is not finite on any rank is skipped on all of them (no parameter or optimizer
   state changes); train.max_nonfinite_steps in a row stop the run, keeping the last checkpoint before them.
-- Bad samples are skipped and counted per kind (TensorBoard data/bad/<kind>); past data.max_bad_fraction of
-  the samples read, the run stops with an error.
+- Bad samples are skipped and counted per kind (TensorBoard data/bad/<kind>), logged one line each for the
+  first 10 per worker, then as counts every 30 s; past data.max_bad_fraction of the samples read (judged in each
+  loader worker once it has read data.bad_fraction_min_read, and over all ranks at each step), the run stops with
+  one line naming the shard set (exit 2).
 - The data position is in the checkpoint: per rank (data_rankNNNNN.pt) every loader worker's stream position (RNG
   state, shard position and byte offset, its shuffle buffer as byte ranges), so a resumed run reads the batches
   the uninterrupted run would have read at the cost of re-reading the buffers (logged: bytes and seconds), and on
@@ -45,8 +50,8 @@ import torch
 from trainer.config import Config, ConfigError, save_config
 from trainer.config import cli_args as train_args
 from trainer.data.decode import RegionSpec, check_image_input
-from trainer.data.loader import TrainLoader
-from trainer.data.samples import BAD_KINDS
+from trainer.data.loader import DataWait, StopWhileWaiting, TrainLoader
+from trainer.data.samples import BAD_KINDS, BadSampleLimits, TooManyBadSamples
 from trainer.data.shardset import ShardSet, check_shards_for_workers, mix_sets
 from trainer.distributed import DistInfo, gather_no_grad, init_distributed, shutdown
 from trainer.engine import checkpoint, universal
@@ -116,7 +121,8 @@ def restored_state(saved: dict, rank: int, world: int, num_sets: int) -> RunStat
 
 # ---------------------------------------------------------------------------------------------- stop request
 class StopRequest:
-    """Set by SIGTERM / SIGUSR1; the training loop checkpoints and leaves at the next step boundary."""
+    """Set by SIGTERM / SIGUSR1; the training loop checkpoints and leaves at the next step boundary. While the
+    loader waits for data, the wait lasts trainer.data.loader.STOP_GRACE_S more at most (StopWhileWaiting)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -126,6 +132,9 @@ class StopRequest:
 
     def _handler(self, signum: int, _frame) -> None:
         self.signal = signum
+
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def __enter__(self) -> "StopRequest":
         for sig in self.SIGNALS:
@@ -139,6 +148,14 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+
+class StoppedWithoutCheckpoint(Exception):  # noqa: N818 - a stop request that was obeyed, not a fault
+    """A stop request (SIGTERM/SIGUSR1) obeyed while waiting for data, with nothing new to checkpoint: the run
+    ends with this one line and exit code 128 + the signal's number, as a process ended by that signal would."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 # ---------------------------------------------------------------------------------------------- prepare
@@ -256,16 +273,21 @@ def saved_stream(run: Run) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def open_batches(run: Run, mix: list, state: RunState) -> TrainLoader:
+def open_batches(run: Run, mix: list, state: RunState, stop: StopRequest) -> TrainLoader:
     """One training stream for the whole run, continued exactly from the checkpoint's position when it has one
     for this world size and worker count; otherwise fresh streams from the next epoch (none of the interrupted
-    epoch's remaining batches are then trained)."""
+    epoch's remaining batches are then trained). Its workers stop on too many bad samples of their own
+    (data.max_bad_fraction past data.bad_fraction_min_read), and each batch is waited for data.batch_timeout_s at
+    most, and at most a short grace once `stop` is requested."""
     stream = build_train_stream(run.cfg, run.shardset, rank=run.info.rank, world_size=run.info.world_size,
                                 mix=mix)
-    workers = run.cfg.data.num_workers
+    d = run.cfg.data
+    workers = d.num_workers
+    limits = BadSampleLimits(max_fraction=d.max_bad_fraction, min_read=d.bad_fraction_min_read)
+    wait = DataWait(timeout_s=d.batch_timeout_s, stop_requested=stop.requested)
     saved = saved_stream(run)
     if saved is not None:
-        run.batches = TrainLoader(stream, workers)
+        run.batches = TrainLoader(stream, workers, limits=limits, wait=wait)
         try:
             run.batches.load_state_dict(saved)
             return run.batches
@@ -273,7 +295,7 @@ def open_batches(run: Run, mix: list, state: RunState) -> TrainLoader:
             log.warning("%s: the data stream starts afresh at the next epoch", e)
     if state.data_batches > 0:
         state.data_epoch, state.data_batches = state.data_epoch + 1, 0
-    run.batches = TrainLoader(stream, workers, start_epoch=state.data_epoch)
+    run.batches = TrainLoader(stream, workers, start_epoch=state.data_epoch, limits=limits, wait=wait)
     return run.batches
 
 
@@ -360,8 +382,10 @@ def check_health(run: Run, state: RunState) -> None:
     bad = sum(state.bad_totals)
     if state.read_total >= d.bad_fraction_min_read and bad > d.max_bad_fraction * state.read_total:
         counts = ", ".join(f"{kind} {n}" for kind, n in zip(BAD_KINDS, state.bad_totals) if n)
-        raise RuntimeError(f"{bad} of {state.read_total} samples read were bad ({bad / state.read_total:.2%} > "
-                           f"data.max_bad_fraction={d.max_bad_fraction}; {counts}); see the warnings above")
+        raise TooManyBadSamples(f"data.shards: {bad} of {state.read_total} samples read were bad "
+                                f"({bad / state.read_total:.2%} > data.max_bad_fraction={d.max_bad_fraction}; "
+                                f"{counts}); see the warnings above, check the set with `python -m shards check`, "
+                                f"or raise data.max_bad_fraction")
     if state.nonfinite_streak >= cfg.train.max_nonfinite_steps:
         raise RuntimeError(f"{state.nonfinite_streak} steps in a row had a non-finite loss or gradient "
                            f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}), up to step {state.step}; "
@@ -464,7 +488,7 @@ def train(cfg: Config) -> dict:
         run, mix = prepare(cfg)
         state = restore(run)
         try:
-            return train_loop(run, state, open_batches(run, mix, state), stop, mix)
+            return train_loop(run, state, open_batches(run, mix, state, stop), stop, mix)
         finally:
             if run.batches is not None:
                 run.batches.close()  # the loader's workers live for the whole run; they end here
@@ -479,7 +503,11 @@ def train_loop(run: Run, state: RunState, batches: TrainLoader, stop: StopReques
     window = LogWindow()
     last_saved = state.step if run.resume_tag is not None else -1
     while state.step < cfg.train.steps:
-        stop_now = step_once(run, state, batches, stop, window)
+        taken = batches.consumed
+        try:
+            stop_now = step_once(run, state, batches, stop, window)
+        except StopWhileWaiting as e:
+            return stop_while_waiting(run, state, stop, last_saved, taken != batches.consumed, e)
         bar.update(run.global_batch, step=f"{state.step}/{cfg.train.steps}")
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             log_window(run, state, window, bar)
@@ -503,6 +531,28 @@ def train_loop(run: Run, state: RunState, batches: TrainLoader, stop: StopReques
     if last_saved != state.step:
         save_checkpoint(run, state)
     return final_evaluation(run, state)
+
+
+def stop_while_waiting(run: Run, state: RunState, stop: StopRequest, last_saved: int, step_begun: bool,
+                       waited: StopWhileWaiting) -> dict:
+    """A stop request met a wait for data that did not end within the grace. The last completed step is
+    checkpointed when that is safe: one process (peers may sit in the step's collective, which a checkpoint
+    would not match), a step completed since the last checkpoint, and no batch of the unfinished step taken
+    (the data position would skip it). Otherwise the run ends with one line (StoppedWithoutCheckpoint)."""
+    name = signal.Signals(stop.signal).name
+    why = f"stop requested by {name} while waiting for training data ({waited})"
+    if run.info.world_size == 1 and 0 < state.step != last_saved and not step_begun:
+        log.warning("%s: checkpoint at step %d, then exit", why, state.step)
+        save_checkpoint(run, state)
+        return {"preempted": {"step": state.step, "signal": stop.signal}}
+    if state.step == 0 or state.step == last_saved:
+        kept = "nothing new to save" + (f" since the checkpoint of step {last_saved}" if state.step else "")
+    else:
+        reason = ("the other ranks may be inside the next step's collective" if run.info.world_size > 1
+                  else "a batch of the next step was already taken")
+        kept = f"step {state.step} is not saved ({reason}); the last complete checkpoint in {run.ckpt_dir} is kept"
+    raise StoppedWithoutCheckpoint(f"{why}; {kept}; continue with --resume latest once the data is readable "
+                                   f"(data.shards={run.cfg.data.shards})", stop.signal)
 
 
 def load_init_weights(model: torch.nn.Module, path: str) -> None:
@@ -536,6 +586,9 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         train(cfg)  # a refusal before any work (ConfigError: checkpoint, world size) is the same on all ranks
+    except StoppedWithoutCheckpoint as e:
+        print(f"{train_args.PROG}: stopped: {e}", file=sys.stderr)
+        return e.exit_code
     finally:
         shutdown()
     return 0
