@@ -29,7 +29,7 @@ from test_distributed import TINY_RUN, clean_env, free_port, start, wait_all
 from trainer.config import ConfigError, load_config
 from trainer.data.decode import check_picture_size
 from trainer.data.loader import TrainLoader
-from trainer.data.samples import BAD_KINDS, BadSample
+from trainer.data.samples import BAD_KINDS, BadSample, TooManyBadSamples
 from trainer.data.shardset import ShardSet, image_id_hash
 from trainer.data.stream import StreamSettings, TrainStream
 from trainer.engine import checkpoint
@@ -333,7 +333,7 @@ def test_bad_samples_are_shown_per_kind_and_nonfinite_steps_in_a_row_stop_the_ru
     monkeypatch.setattr(train_module, "build_loss", lambda cfg: NaNAtSteps(build_loss(cfg), {1, 3, 4, 5}))
     out = tmp_path / "run"
     cfg = _cfg(tmp_path / "bad", out, "train.steps=10", "train.log_every=1", "train.ckpt_every=1",
-               "train.max_nonfinite_steps=3", "data.max_bad_fraction=0.5", "data.bad_fraction_min_read=1",
+               "train.max_nonfinite_steps=3", "data.max_bad_fraction=0.5", "data.bad_fraction_min_read=48",
                "train.keep_checkpoints=5", "data.num_workers=0")
     with pytest.raises(RuntimeError, match=r"3 steps in a row .*train.max_nonfinite_steps=3\), up to step 6"):
         train_module.train(cfg)
@@ -358,7 +358,9 @@ def test_run_stops_when_the_bad_fraction_passes_its_bound(tiny_shards, tmp_path)
     corrupt_copy(tiny_shards, tmp_path / "bad", truncate_shard=False)
     cfg = _cfg(tmp_path / "bad", tmp_path / "run", "train.steps=10", "data.max_bad_fraction=0.05",
                "data.bad_fraction_min_read=16", "data.num_workers=0")
-    with pytest.raises(RuntimeError, match=r"samples read were bad \(.*> data.max_bad_fraction=0.05; .*empty_captions"):
+    # judged in the loader worker, where the samples are read (issue 26): one line naming the set and the kinds
+    with pytest.raises(TooManyBadSamples, match=r"/bad: \d+ of \d+ samples read by worker 0 of rank 0 were bad "
+                                                r"\(.*> data.max_bad_fraction=0.05; .*empty_captions"):
         train(cfg)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing
+import os
 import signal
 import time
 import weakref
@@ -82,21 +83,35 @@ class _EndlessWorkers(IterableDataset):
                                               start_epoch=self.start_epoch, limits=self.limits)
 
 
-def _worker_init(worker_id: int, starts=None) -> None:
+def _worker_init(worker_id: int, starts=None, stopping=None) -> None:
     if starts is not None:  # counted across processes: a loader rebuilt per epoch would show here
         with starts.get_lock():
             starts.value += 1
     torch.set_num_threads(1)  # decoding workers must not fight the training threads
     # A preemption signal sent to the whole process group (SLURM, a terminal) is for the training process, which
-    # checkpoints at the next step; a loader worker killed by it would crash that process first.
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    # checkpoints at the next step; a loader worker killed by it would crash that process first. Once the loader
+    # is being closed (`stopping` set), SIGTERM is the DataLoader's own way to end a worker that is busy inside
+    # its stream (reading bad samples, a stalled read) and cannot see the request to stop: then it ends it.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, stopping) if stopping is not None else signal.SIG_IGN)
 
 
-def _stop_workers(batches) -> None:
+def _on_sigterm(stopping, _signum: int, _frame) -> None:
+    if stopping.value:
+        os._exit(0)  # a worker holds nothing to save or flush: its positions travel with the batches
+
+
+def _stop_workers(batches, stopping=None) -> None:
     shutdown = getattr(batches, "_shutdown_workers", None)  # a DataLoader iterator with worker processes
-    if shutdown is not None:
-        shutdown()
+    if shutdown is None:
+        return
+    if stopping is not None:
+        stopping.value = 1
+    shutdown()  # asks each worker to stop, waits a while, then sends SIGTERM to those still running
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():  # multiprocessing's exit hook would wait for it forever
+            worker.kill()
+            worker.join(timeout=5)
 
 
 class TrainLoader:
@@ -128,6 +143,7 @@ class TrainLoader:
         self.consumed = start_epoch * self.epoch_batches
         self.states: list[StreamState | None] = [None] * self.num_workers
         self.starts = multiprocessing.Value("i", 0)
+        self.stopping = multiprocessing.Value("b", 0)  # set at close(): workers may then end on SIGTERM
         self.started = time.perf_counter()
         self.first_batch_seconds: float | None = None
         self.resume_cost: dict | None = None
@@ -160,14 +176,14 @@ class TrainLoader:
         n = self.loader_workers
         # With workers, each wait for a batch is cut into polls of wait.poll_s (see _next_batch).
         loader = DataLoader(workers, batch_size=None, num_workers=n, timeout=self.wait.poll_s if n else 0,
-                            worker_init_fn=functools.partial(_worker_init, starts=self.starts),
+                            worker_init_fn=functools.partial(_worker_init, starts=self.starts, stopping=self.stopping),
                             persistent_workers=n > 0, prefetch_factor=4 if n else None,
                             pin_memory=torch.cuda.is_available())
         self.started = time.perf_counter()
         batches = iter(loader)
         # Workers ignore SIGTERM (see _worker_init), so multiprocessing's exit hook, which terminates and joins
         # them, would wait forever: they are asked to stop first, at close() or when this object goes (also at exit).
-        self._finalizer = weakref.finalize(self, _stop_workers, batches)
+        self._finalizer = weakref.finalize(self, _stop_workers, batches, self.stopping)
         return batches
 
     def close(self) -> None:
