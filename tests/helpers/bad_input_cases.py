@@ -166,6 +166,11 @@ def train_cases() -> list[Case]:
              ("model.init_from", "trainer.export"), absent=nothing),
         Case("train_resume_without_checkpoints", t, lambda c: c.good_train("--resume", "latest"),
              ("run.resume=latest", "{tmp}/out/checkpoints"), own_process=True),  # starts a process group
+        # issue 26: a run folder is owned by its run
+        Case("train_out_dir_holds_another_run", t, lambda c: c.good_train(f"run.out_dir={c.copy_run()}"),
+             ("run.out_dir", "{tmp}/run", "--resume latest", "--overwrite"), own_process=True),
+        Case("train_overwrite_and_resume", t, lambda c: c.good_train("--overwrite", "--resume", "latest"),
+             ("--overwrite", "--resume", "--help")),
     ]
 
 

@@ -5,6 +5,8 @@ One process, no launcher (CPU or one GPU):
     python -m trainer.train --config configs/builtin.yaml train.steps=200 loss.labels=shuffled
 Resume a killed run from its last checkpoint:
     python -m trainer.train --config configs/builtin.yaml --resume latest
+Start afresh in a run folder that holds an earlier run (its checkpoints/, tb/, eval/ are moved aside, not deleted):
+    python -m trainer.train --config configs/builtin.yaml --overwrite
 Several processes: any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK (deepspeed, torchrun, srun); see launch/.
 
 Outputs in run.out_dir: config.yaml (resolved), checkpoints/ (DeepSpeed, with `latest`), tb/ (TensorBoard),
@@ -205,13 +207,16 @@ def check_inputs(cfg: Config, info: DistInfo) -> tuple[ShardSet, list, RegionSpe
     return shardset, mix, regions
 
 
-def prepare(cfg: Config) -> tuple[Run, list]:
-    """Process group, checks, config saved, model and engine built; (run, corpus mix)."""
+def prepare(cfg: Config, overwrite: bool = False) -> tuple[Run, list]:
+    """Process group, checks, config saved, model and engine built; (run, corpus mix). A fresh run into a folder
+    with another run's checkpoints is refused, or with `overwrite` that run's outputs are moved aside first."""
     info = init_distributed()
     ds_config = deepspeed_config(cfg, info.world_size)  # refuses disagreeing batch sizes before any work
     shardset, mix, regions = check_inputs(cfg, info)
     out_dir = Path(cfg.run.out_dir)
     resume_tag = None
+    if not cfg.run.resume:
+        checkpoint.claim_run_folder(out_dir, overwrite, info.is_main)
     if cfg.run.resume:
         resume_tag, marker = checkpoint.find_on_all_ranks(out_dir / "checkpoints", cfg.run.resume, info.is_main)
         # another world size: refused where impossible, else converted (ZeRO) and loaded as universal checkpoint
@@ -481,11 +486,12 @@ def final_evaluation(run: Run, state: RunState) -> dict:
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, overwrite: bool = False) -> dict:
     """Train as configured; {split: results} at the end (on every rank), or {"preempted": {"step", "signal"}}
-    after a stop request (SIGTERM/SIGUSR1), whose handlers are in place from the start."""
+    after a stop request (SIGTERM/SIGUSR1), whose handlers are in place from the start. overwrite: --overwrite
+    (trainer.engine.checkpoint.claim_run_folder)."""
     with StopRequest() as stop:
-        run, mix = prepare(cfg)
+        run, mix = prepare(cfg, overwrite)
         state = restore(run)
         try:
             return train_loop(run, state, open_batches(run, mix, state, stop), stop, mix)
@@ -580,12 +586,15 @@ def configure_device(cfg: Config, info: DistInfo) -> None:
 def _main(argv: list[str] | None) -> int:
     args = train_args.parse_args(argv, __doc__)
     cfg = train_args.resolved_config(args)  # ConfigError names the key: one line, exit 2 (shards.cli)
+    if args.overwrite and cfg.run.resume:
+        raise ConfigError(f"--overwrite starts the run afresh and run.resume={cfg.run.resume} continues it: give one "
+                          "of them")
     if args.print_config:  # shards and checkpoints need not exist yet: nothing starts
         print(cfg.to_yaml(), end="")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        train(cfg)  # a refusal before any work (ConfigError: checkpoint, world size) is the same on all ranks
+        train(cfg, overwrite=args.overwrite)  # a refusal before any work (ConfigError) is the same on all ranks
     except StoppedWithoutCheckpoint as e:
         print(f"{train_args.PROG}: stopped: {e}", file=sys.stderr)
         return e.exit_code
