@@ -22,6 +22,15 @@ def _truncate(path: Path, keep: float = 0.5) -> Path:
     return path
 
 
+def _fifo(ctx: Ctx, name: str) -> Path:
+    """A named pipe: not a regular file, as a device is, but harmless to this machine if a command wrote to it."""
+    import os
+
+    path = ctx.tmp / name
+    os.mkfifo(path)
+    return path
+
+
 def _under_a_file(ctx: Ctx, name: str) -> Path:
     """A path whose parent is a regular file: how an unwritable folder is simulated as root (ENOTDIR)."""
     return ctx.file("blocker", "a regular file") / name
@@ -242,6 +251,14 @@ def export_cases() -> list[Case]:
              lambda c: ["--run", str(_damaged_run(c, lambda f: _truncate(f / MODEL_STATES))), "--out",
                         str(c.tmp / "model.pt")], (MODEL_STATES,), absent=model),
         Case("export_missing_out_option", x, lambda c: ["--run", str(c.fx.run)], ("--out", "--help")),
+        # issue 26: outputs are files (a pipe stands for a device: a regression must not replace /dev/full here)
+        Case("export_out_is_a_device", x, lambda c: ["--run", str(c.fx.run), "--out", str(_fifo(c, "model.pt"))],
+             ("--out", "{tmp}/model.pt", "not a regular file")),
+        Case("export_out_ends_in_a_slash", x, lambda c: ["--run", str(c.fx.run), "--out", f"{c.tmp}/newdir/"],
+             ("--out", "{tmp}/newdir/", "is a folder"), absent=lambda c: [c.tmp / "newdir"]),
+        Case("export_out_folder_missing", x,
+             lambda c: ["--run", str(c.fx.run), "--out", str(c.tmp / "nowhere" / "model.pt")],
+             ("--out", "{tmp}/nowhere", "does not exist"), absent=lambda c: [c.tmp / "nowhere"]),
         Case("export_full_disk", x, lambda c: ["--run", str(c.fx.run), "--out", str(c.tmp / "model.pt")],
              ("model.pt", "space"), own_process=True, file_size_limit=4096, absent=model),
     ]
