@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +26,14 @@ def _summary(values: list[int]) -> dict:
             "median": statistics.median(values), "max": max(values)}
 
 
+def _samples(path: Path, root: Path):
+    """tar_samples of one shard; a tar that cannot be read (empty, compressed, cut off) is one line naming it."""
+    try:
+        yield from tar_samples(path)
+    except (tarfile.TarError, EOFError) as e:
+        raise ShardSetError(f"{path}: unreadable tar: {e}; run `hier-shards check {root}`") from e
+
+
 def split_stats(root: Path, shards: list[str], lemmas: list[str], top: int) -> dict:
     shard_bytes: dict[str, int] = {}
     captions_per_image: Counter[int] = Counter()
@@ -36,7 +45,7 @@ def split_stats(root: Path, shards: list[str], lemmas: list[str], top: int) -> d
     for shard in shards:
         path = root / shard
         shard_bytes[shard] = path.stat().st_size
-        for key, members in tar_samples(path):
+        for key, members in _samples(path, root):
             raw = dict(members).get("json")
             if raw is None:
                 raise ShardSetError(f"{path}: sample {key!r} has no json member; run `hier-shards check {root}`")
@@ -44,6 +53,8 @@ def split_stats(root: Path, shards: list[str], lemmas: list[str], top: int) -> d
                 meta = json.loads(raw)
                 captions, caption_concepts = meta["captions"], meta["caption_concepts"]
                 image_concepts = meta["image_concepts"]
+                if not all(isinstance(v, list) for v in (captions, caption_concepts, image_concepts)):
+                    raise TypeError("captions, caption_concepts and image_concepts must be lists")
             except (ValueError, KeyError, TypeError) as e:
                 raise ShardSetError(
                     f"{path}: sample {key!r}: unusable json ({e}); run `hier-shards check {root}`") from e

@@ -31,6 +31,13 @@ def _fifo(ctx: Ctx, name: str) -> Path:
     return path
 
 
+def _damage_train_shard(ctx: Ctx, damage) -> Path:
+    """A copy of the fixture shard set with its first train shard damaged; the copy's folder."""
+    root = ctx.copy_shards()
+    damage(root / json.loads((root / "manifest.json").read_text())["splits"]["train"]["shards"][0])
+    return root
+
+
 def _under_a_file(ctx: Ctx, name: str) -> Path:
     """A path whose parent is a regular file: how an unwritable folder is simulated as root (ENOTDIR)."""
     return ctx.file("blocker", "a regular file") / name
@@ -106,6 +113,14 @@ def shards_cases() -> list[Case]:
         Case("shards_stats_missing_folder", "shards", lambda c: ["stats", str(c.tmp / "nowhere")],
              ("{tmp}/nowhere",)),
         Case("shards_stats_top_zero", "shards", lambda c: ["stats", str(c.fx.shards), "--top", "0"], ("--top",)),
+        # issue 26: tars the trainer cannot read
+        Case("shards_stats_zero_byte_tar", "shards",
+             lambda c: ["stats", str(_damage_train_shard(c, lambda p: p.write_bytes(b"")))],
+             ("{tmp}/shards/", ".tar", "empty (0 bytes)")),
+        Case("shards_stats_gzip_tar", "shards",
+             lambda c: ["stats", str(_damage_train_shard(
+                 c, lambda p: p.write_bytes(__import__("gzip").compress(p.read_bytes()))))],
+             ("{tmp}/shards/", ".tar", "gzip-compressed")),
         Case("shards_stats_binary_vocab", "shards",
              lambda c: (lambda s: ((s / "vocab.json").write_bytes(b"\xff\xfe\x00garbage"), ["stats", str(s)])[1])(
                  c.copy_shards()), ("{tmp}/shards/vocab.json",)),
