@@ -17,6 +17,7 @@ from pathlib import Path
 
 from shards.check import SetFiles, ShardSetError, read_set_json, tar_samples
 from shards.text import tokenize
+from usercli.options import int_in
 
 
 def _summary(values: list[int]) -> dict:
@@ -133,17 +134,10 @@ def run_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_stats_command(subparsers) -> None:
     p = subparsers.add_parser("stats", help="sizes, counts and label statistics of a shard set",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", help="shard-set folder (with manifest.json)")
-    p.add_argument("--top", type=_positive, default=20, help="how many of the most frequent concepts to list")
+    p.add_argument("--top", type=int_in(1), default=20, help="how many of the most frequent concepts to list")
     p.add_argument("--json", action="store_true", help="print one json object instead of text")
     p.set_defaults(run=run_stats)

@@ -317,6 +317,10 @@ def retrieve_cases() -> list[Case]:
         Case("retrieve_query_image_is_a_folder", r, lambda c: query(c, "--image", str(c.tmp)), ("{tmp}",)),
         Case("retrieve_query_k_zero", r, lambda c: query(c, "--text", "a red star", "--k", "0"), ("k",)),
         Case("retrieve_query_no_query", r, lambda c: query(c), ("--text", "--image")),
+        # issue 26: numeric options out of range or not finite
+        Case("retrieve_serve_port_out_of_range", r, lambda c: ["serve", "--index", str(c.fx.index), "--port", "70000"],
+             ("--port", "70000", "65535")),
+        Case("retrieve_query_k_infinite", r, lambda c: query(c, "--text", "a red star", "--k", "inf"), ("--k", "inf")),
     ]
 
 
@@ -356,6 +360,10 @@ def plan_cases() -> list[Case]:
         Case("plan_gpus_not_a_number", p, lambda c: ["--config", BUILTIN, "--gpus", "eight", *sizes], ("--gpus",)),
         Case("plan_headroom_too_large", p, lambda c: ["--config", BUILTIN, "--gpus", "1", "--headroom", "2", *sizes],
              ("--headroom",)),
+        Case("plan_gpu_mem_nan", p, lambda c: ["--config", BUILTIN, "--gpus", "1", "--gpu-mem-gib", "nan", *sizes],
+             ("--gpu-mem-gib", "finite")),
+        Case("plan_vocab_size_negative", p, lambda c: ["--config", BUILTIN, "--gpus", "1", "--vocab-size", "-5",
+                                                        "--num-concepts", "10"], ("--vocab-size", "-5")),
         Case("plan_no_shards_no_sizes", p,
              lambda c: ["--config", BUILTIN, "--gpus", "1", f"data.shards={c.tmp / 'nowhere'}"],
              ("data.shards", "--vocab-size")),
