@@ -313,7 +313,9 @@ def test_launch_script_passes_the_preemption_signal_on_to_every_rank(tiny_shards
     ranks = (f'pids=(); for i in 0 1; do {sys.executable} {tmp_path / "rank.py"} $i & pids+=($!); done\n')
     _fake_tool(bin_dir, "torchrun", "trap '' USR1\n" + ranks +
                'status=0; for p in "${pids[@]}"; do wait "$p" || status=$?; done; exit $status\n')
-    _fake_tool(bin_dir, "srun", ranks + "trap 'kill -USR1 \"${pids[@]}\"' USR1 TERM\n"
+    # srun's relay is in place before its tasks start (as the real one's is): a signal that comes as soon as the
+    # tasks wrote their pid files must not meet the default action (that race failed about 1 run in 10)
+    _fake_tool(bin_dir, "srun", "pids=(); trap 'kill -USR1 \"${pids[@]}\"' USR1 TERM\n" + ranks +
                'status=0; for p in "${pids[@]}"; do while ! wait "$p"; do kill -0 "$p" 2>/dev/null || '
                '{ status=1; break; }; done; done; exit $status\n')
     _fake_tool(bin_dir, "scontrol", "echo localhost\n")
