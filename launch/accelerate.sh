@@ -36,6 +36,12 @@ if [[ -z ${NUM_PROCESSES:-} ]]; then
 fi
 
 source "$repo/launch/preflight.sh"
+check_count NUM_PROCESSES 1 "" "processes on all machines together" || exit 2
+if [[ -n ${NUM_MACHINES+set} ]]; then check_count NUM_MACHINES 1 || exit 2; fi
+if [[ -n ${MACHINE_RANK+set} ]]; then
+    check_count MACHINE_RANK 0 $((10#$num_machines - 1)) "each machine's own number, 0 .. NUM_MACHINES-1" || exit 2
+fi
+if [[ -n ${MAIN_PROCESS_PORT+set} ]]; then check_count MAIN_PROCESS_PORT 1 65535 || exit 2; fi
 preflight --config "$config" "$@" || exit $?  # a bad config: one line, exit 2, before any rank starts
 source "$repo/launch/forward_signals.sh"
 run_forwarding_signals ranks accelerate launch --use_deepspeed --num_processes "$NUM_PROCESSES" --num_machines "$num_machines" \

@@ -24,6 +24,7 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 source "$repo/launch/preflight.sh"
+if [[ -n ${NPROC+set} ]]; then check_count NPROC 1 || exit 2; fi
 preflight --config "$config" "$@" || exit $?  # a bad config: one line, exit 2, before any rank starts
 source "$repo/launch/forward_signals.sh"
 run_forwarding_signals ranks torchrun --standalone --nproc_per_node "${NPROC:-2}" -m trainer.train --config "$config" "$@"

@@ -41,13 +41,15 @@ fi
 master_addr=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$hostfile")}
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
+source "$repo/launch/preflight.sh"
+if [[ -n ${NODE_RANK+set} ]]; then check_count NODE_RANK 0 "" "this node's line in the hostfile, from 0" || exit 2; fi
+if [[ -n ${MASTER_PORT+set} ]]; then check_count MASTER_PORT 1 65535 || exit 2; fi
 args=(--hostfile "$hostfile" --master_addr "$master_addr" --master_port "${MASTER_PORT:-29500}")
 if [[ -n ${NODE_RANK:-} ]]; then
     args+=(--no_ssh --node_rank "$NODE_RANK")
 else
     args+=(--launcher "${LAUNCHER:-pdsh}")
 fi
-source "$repo/launch/preflight.sh"
 preflight --config "$config" "$@" || exit $?  # a bad config: one line, exit 2, before any rank starts
 source "$repo/launch/forward_signals.sh"
 run_forwarding_signals ranks deepspeed "${args[@]}" --module trainer.train --config "$config" "$@"

@@ -39,6 +39,12 @@ run_forwarding_signals() {
         wait "$child" || status=$?  # (set -e must not end the script when a signal interrupts wait)
         kill -0 "$child" 2>/dev/null || break  # still running (or not yet reaped): wait was cut short by a signal
     done
+    # A signal that cut `wait` short just as the launcher ended leaves 128 + signal in status, not the launcher's
+    # own: bash keeps the status of a child it reaped, and a second wait returns it.
+    if (( status > 128 )); then
+        status=0
+        wait "$child" 2>/dev/null || status=$?
+    fi
     trap - TERM USR1
     [[ -n $own_dir ]] && rm -rf "$own_dir"
     return "$status"

@@ -31,13 +31,17 @@ for pair in "NNODES=number of nodes" "NODE_RANK=0 .. NNODES-1" "MASTER_ADDR=addr
 done
 config=$1
 shift
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+source "$repo/launch/preflight.sh"
+check_count NNODES 1 || exit 2
+check_count NODE_RANK 0 $((10#$NNODES - 1)) "each node's own number, 0 .. NNODES-1" || exit 2
+if [[ -n ${NPROC_PER_NODE:-} && $NPROC_PER_NODE != gpu ]]; then check_count NPROC_PER_NODE 1 "" "or gpu" || exit 2; fi
+if [[ -n ${MASTER_PORT:-} ]]; then check_count MASTER_PORT 1 65535 || exit 2; fi
 if [[ -z ${NPROC_PER_NODE:-} ]]; then
     if command -v nvidia-smi >/dev/null 2>&1; then NPROC_PER_NODE=gpu; else NPROC_PER_NODE=1; fi
 fi
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
-source "$repo/launch/preflight.sh"
 preflight --config "$config" "$@" || exit $?  # a bad config: one line, exit 2, before any rank starts
 source "$repo/launch/forward_signals.sh"
 run_forwarding_signals ranks torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \

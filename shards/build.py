@@ -23,6 +23,7 @@ import argparse
 import functools
 import hashlib
 import json
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +58,7 @@ from shards.writer import (
     write_json,
 )
 from usercli import OutputExists, UserError
+from usercli.options import int_in
 
 TRAIN = "train"
 
@@ -80,15 +82,6 @@ def in_memory_source(split_sizes: Callable[[argparse.Namespace], dict[str, int]]
     return Source(add_arguments, items)
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    return parse
-
-
 def _builtin_sizes(args: argparse.Namespace) -> dict[str, int]:
     sizes = {"train": args.train_images, "val": args.val_images, "test": args.test_images}
     return {split: n for split, n in sizes.items() if n > 0}
@@ -99,11 +92,11 @@ def _builtin_split(args: argparse.Namespace, split: str) -> Iterator[RawSample]:
 
 
 def _builtin_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--seed", type=_int_at_least(0), default=0)
-    group.add_argument("--train-images", type=_int_at_least(1), default=8000)
-    group.add_argument("--val-images", type=_int_at_least(0), default=500)
-    group.add_argument("--test-images", type=_int_at_least(0), default=1000)
-    group.add_argument("--image-size", type=_int_at_least(MIN_IMAGE_SIZE), default=64)
+    group.add_argument("--seed", type=int_in(0), default=0)
+    group.add_argument("--train-images", type=int_in(1), default=8000)
+    group.add_argument("--val-images", type=int_in(0), default=500)
+    group.add_argument("--test-images", type=int_in(0), default=1000)
+    group.add_argument("--image-size", type=int_in(MIN_IMAGE_SIZE), default=64)
 
 
 SOURCES: dict[str, Source] = {
@@ -139,18 +132,18 @@ def add_build_command(subparsers) -> None:
     p.add_argument("--source", choices=sorted(SOURCES), required=True, help="where images and captions come from")
     p.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
     p.add_argument("--name", default="builtin", help="shard file prefix: NAME-SPLIT-000000.tar")
-    p.add_argument("--shard-size", type=_int_at_least(1), default=500, help="samples per tar (at most)")
-    p.add_argument("--max-concepts", type=_int_at_least(1), default=1000, help="concept vocabulary size K")
-    p.add_argument("--min-concept-count", type=_int_at_least(1), default=5,
+    p.add_argument("--shard-size", type=int_in(1), default=500, help="samples per tar (at most)")
+    p.add_argument("--max-concepts", type=int_in(1), default=1000, help="concept vocabulary size K")
+    p.add_argument("--min-concept-count", type=int_in(1), default=5,
                    help="a concept must occur in at least this many training captions")
     p.add_argument("--pos", type=_pos_list, default=["NOUN"], help="comma-separated POS tags that make concepts")
     p.add_argument("--spacy-pipeline", default=DEFAULT_PIPELINE,
                    help=f"installed spaCy pipeline with a tagger, or {BLANK_PIPELINE!r}: lookup lemmas of every "
                         "non-stop word, no tagger, about 20x faster (--pos is then not used)")
-    p.add_argument("--spacy-processes", type=_int_at_least(1), default=1,
+    p.add_argument("--spacy-processes", type=int_in(1), default=1,
                    help="processes for lemmatisation, the slowest step (same output for any number)")
-    p.add_argument("--min-word-count", type=_int_at_least(1), default=1, help="word vocabulary threshold")
-    p.add_argument("--picture-threads", type=_int_at_least(1), default=4,
+    p.add_argument("--min-word-count", type=int_in(1), default=1, help="word vocabulary threshold")
+    p.add_argument("--picture-threads", type=int_in(1), default=4,
                    help="threads that decode pictures to check them and resize them (same output for any number)")
     p.add_argument("--overwrite", action="store_true", help="replace the shard set in an existing --out folder")
     p.add_argument("--resume", action="store_true",
@@ -159,7 +152,7 @@ def add_build_command(subparsers) -> None:
     p.add_argument("--on-error", choices=ON_ERROR, default="skip",
                    help="bad input (missing/corrupt picture, empty or non-UTF-8 caption, duplicate id, unknown "
                         "split): skip it and count it in the manifest, or stop with an error naming it")
-    p.add_argument("--max-side", type=_int_at_least(MIN_IMAGE_SIZE), default=None,
+    p.add_argument("--max-side", type=int_in(MIN_IMAGE_SIZE), default=None,
                    help="re-encode pictures whose longer side exceeds this (others keep their bytes)")
     p.add_argument("--vocab-from", metavar="DIR", default=None,
                    help="use the concept and word vocabularies of this shard set instead of building them")
@@ -239,6 +232,18 @@ def _reference_vocab(args: argparse.Namespace) -> tuple[Path, dict, list[tuple[s
     if [c["id"] for c in concepts] != list(range(len(concepts))):
         raise InputError(f"{ref / 'concepts.json'}: concept ids are not 0..{len(concepts) - 1} in order")
     return ref, manifest, [(c["lemma"], c["count"]) for c in concepts]
+
+
+# A Python object's repr with its memory address, as PIL names the bytes it could not identify
+# ("cannot identify image file <_io.BytesIO object at 0x7f...>"): it differs between two builds of the same input.
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def reproducible_skips(skipped: dict) -> dict:
+    """The manifest's record of skipped input without memory addresses: each example already names the sample
+    (its key or source row) before the message, so two builds of the same input write the same manifest."""
+    return {kind: {**entry, "examples": [_OBJECT_REPR.sub("its bytes", text) for text in entry["examples"]]}
+            for kind, entry in skipped.items()}
 
 
 def _file_sha256(path: Path) -> str:
@@ -409,7 +414,7 @@ def _build(args: argparse.Namespace, pool: ThreadPoolExecutor) -> dict:
         "vocab_size": len(word_vocab),
         "spacy": extractor.describe(),
         "build": build_options,
-        "skipped": problems.manifest(),
+        "skipped": reproducible_skips(problems.manifest()),
         "resized_pictures": resized,
         "vocab_from": vocab_from,
     })

@@ -33,12 +33,33 @@ class ShardSetError(UserError, ValueError):
     """The shard set's json files cannot be read; nothing else can be checked."""
 
 
+# The first bytes of the compressed files tarfile.open would read transparently, which the trainer cannot read:
+# it seeks to byte offsets inside plain tars (docs/design.md section 3).
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def not_a_plain_tar(path: Path) -> str | None:
+    """Why the file at `path` is not a plain tar the trainer can read (an empty file, a compressed one), or None."""
+    with path.open("rb") as f:
+        head = f.read(8)
+    if not head:
+        return "it is empty (0 bytes), not a tar; rebuild the shard set or remove the file from manifest.json"
+    for magic, kind in COMPRESSED_MAGIC.items():
+        if head.startswith(magic):
+            return (f"it is {kind}-compressed; shards must be plain tars (the trainer seeks into them): decompress "
+                    "it under the same name, or rebuild the shard set")
+    return None
+
+
 def tar_samples(path: Path) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """(key, [(extension, bytes), ...]) per sample, grouped as WebDataset groups them: consecutive members with
-    the same name up to the first dot. Raises tarfile.TarError for a broken tar."""
+    the same name up to the first dot. Raises tarfile.TarError for a broken tar, an empty or a compressed one."""
+    why = not_a_plain_tar(path)
+    if why is not None:
+        raise tarfile.ReadError(why)
     key: str | None = None
     members: list[tuple[str, bytes]] = []
-    with tarfile.open(path) as tar:
+    with tarfile.open(path, "r:") as tar:  # plain only: "r" would decompress what the trainer cannot read
         for info in tar:
             if not info.isfile():
                 continue
@@ -139,7 +160,8 @@ def check_record(meta, key: str, split: str, source: str | None, num_concepts: i
     if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c.strip() for c in captions):
         out.append("captions must be a non-empty list of non-blank strings")
     caption_concepts = meta["caption_concepts"]
-    if not isinstance(caption_concepts, list) or len(caption_concepts) != len(captions or []):
+    if not isinstance(caption_concepts, list) or len(caption_concepts) != (len(captions) if isinstance(captions, list)
+                                                                           else 0):
         out.append("caption_concepts must have one list per caption")
     else:
         for k, ids in enumerate(caption_concepts):

@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tarfile
 from collections import Counter
 from pathlib import Path
 
 from shards.check import SetFiles, ShardSetError, read_set_json, tar_samples
 from shards.text import tokenize
+from usercli.options import int_in
 
 
 def _summary(values: list[int]) -> dict:
@@ -23,6 +25,14 @@ def _summary(values: list[int]) -> dict:
         return {"min": 0, "mean": 0.0, "median": 0.0, "max": 0}
     return {"min": min(values), "mean": round(statistics.fmean(values), 3),
             "median": statistics.median(values), "max": max(values)}
+
+
+def _samples(path: Path, root: Path):
+    """tar_samples of one shard; a tar that cannot be read (empty, compressed, cut off) is one line naming it."""
+    try:
+        yield from tar_samples(path)
+    except (tarfile.TarError, EOFError) as e:
+        raise ShardSetError(f"{path}: unreadable tar: {e}; run `hier-shards check {root}`") from e
 
 
 def split_stats(root: Path, shards: list[str], lemmas: list[str], top: int) -> dict:
@@ -36,7 +46,7 @@ def split_stats(root: Path, shards: list[str], lemmas: list[str], top: int) -> d
     for shard in shards:
         path = root / shard
         shard_bytes[shard] = path.stat().st_size
-        for key, members in tar_samples(path):
+        for key, members in _samples(path, root):
             raw = dict(members).get("json")
             if raw is None:
                 raise ShardSetError(f"{path}: sample {key!r} has no json member; run `hier-shards check {root}`")
@@ -44,6 +54,8 @@ def split_stats(root: Path, shards: list[str], lemmas: list[str], top: int) -> d
                 meta = json.loads(raw)
                 captions, caption_concepts = meta["captions"], meta["caption_concepts"]
                 image_concepts = meta["image_concepts"]
+                if not all(isinstance(v, list) for v in (captions, caption_concepts, image_concepts)):
+                    raise TypeError("captions, caption_concepts and image_concepts must be lists")
             except (ValueError, KeyError, TypeError) as e:
                 raise ShardSetError(
                     f"{path}: sample {key!r}: unusable json ({e}); run `hier-shards check {root}`") from e
@@ -122,17 +134,10 @@ def run_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_stats_command(subparsers) -> None:
     p = subparsers.add_parser("stats", help="sizes, counts and label statistics of a shard set",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", help="shard-set folder (with manifest.json)")
-    p.add_argument("--top", type=_positive, default=20, help="how many of the most frequent concepts to list")
+    p.add_argument("--top", type=int_in(1), default=20, help="how many of the most frequent concepts to list")
     p.add_argument("--json", action="store_true", help="print one json object instead of text")
     p.set_defaults(run=run_stats)

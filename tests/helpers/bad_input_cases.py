@@ -22,6 +22,22 @@ def _truncate(path: Path, keep: float = 0.5) -> Path:
     return path
 
 
+def _fifo(ctx: Ctx, name: str) -> Path:
+    """A named pipe: not a regular file, as a device is, but harmless to this machine if a command wrote to it."""
+    import os
+
+    path = ctx.tmp / name
+    os.mkfifo(path)
+    return path
+
+
+def _damage_train_shard(ctx: Ctx, damage) -> Path:
+    """A copy of the fixture shard set with its first train shard damaged; the copy's folder."""
+    root = ctx.copy_shards()
+    damage(root / json.loads((root / "manifest.json").read_text())["splits"]["train"]["shards"][0])
+    return root
+
+
 def _under_a_file(ctx: Ctx, name: str) -> Path:
     """A path whose parent is a regular file: how an unwritable folder is simulated as root (ENOTDIR)."""
     return ctx.file("blocker", "a regular file") / name
@@ -97,6 +113,14 @@ def shards_cases() -> list[Case]:
         Case("shards_stats_missing_folder", "shards", lambda c: ["stats", str(c.tmp / "nowhere")],
              ("{tmp}/nowhere",)),
         Case("shards_stats_top_zero", "shards", lambda c: ["stats", str(c.fx.shards), "--top", "0"], ("--top",)),
+        # issue 26: tars the trainer cannot read
+        Case("shards_stats_zero_byte_tar", "shards",
+             lambda c: ["stats", str(_damage_train_shard(c, lambda p: p.write_bytes(b"")))],
+             ("{tmp}/shards/", ".tar", "empty (0 bytes)")),
+        Case("shards_stats_gzip_tar", "shards",
+             lambda c: ["stats", str(_damage_train_shard(
+                 c, lambda p: p.write_bytes(__import__("gzip").compress(p.read_bytes()))))],
+             ("{tmp}/shards/", ".tar", "gzip-compressed")),
         Case("shards_stats_binary_vocab", "shards",
              lambda c: (lambda s: ((s / "vocab.json").write_bytes(b"\xff\xfe\x00garbage"), ["stats", str(s)])[1])(
                  c.copy_shards()), ("{tmp}/shards/vocab.json",)),
@@ -131,6 +155,15 @@ def train_cases() -> list[Case]:
         Case("train_override_unknown_key", t, lambda c: c.good_train("train.stepz=5"), ("train.stepz",)),
         Case("train_override_wrong_type", t, lambda c: c.good_train("train.steps=many"), ("train.steps", "integer")),
         Case("train_override_impossible", t, lambda c: c.good_train("data.batch_size=1"), ("data.batch_size",)),
+        # issue 26: values the run cannot use, and YAML that would be read silently
+        Case("train_override_lr_infinite", t, lambda c: c.good_train("optim.lr=inf"), ("optim.lr", "finite")),
+        Case("train_override_temperature_nan", t, lambda c: c.good_train("loss.temperature=nan"),
+             ("loss.temperature", "finite")),
+        Case("train_override_seed_out_of_range", t, lambda c: c.good_train("run.seed=99999999999999999999"),
+             ("run.seed", "2**32")),
+        Case("train_config_empty", t, lambda c: ["--config", str(c.file("c.yaml", ""))], ("{tmp}/c.yaml", "empty")),
+        Case("train_config_duplicate_key", t, lambda c: ["--config", str(c.config("train:\n  steps: 3\n  steps: 4"))],
+             ("{tmp}/config.yaml", "'steps' is given twice")),
         Case("train_unknown_option", t, lambda c: c.good_train("--stpes", "5"), ("--stpes", "--help")),
         Case("train_resume_without_value", t, lambda c: c.good_train("--resume"), ("--resume",)),
         Case("train_no_config", t, lambda c: ["train.steps=5"], ("--config", "--help")),
@@ -166,6 +199,11 @@ def train_cases() -> list[Case]:
              ("model.init_from", "trainer.export"), absent=nothing),
         Case("train_resume_without_checkpoints", t, lambda c: c.good_train("--resume", "latest"),
              ("run.resume=latest", "{tmp}/out/checkpoints"), own_process=True),  # starts a process group
+        # issue 26: a run folder is owned by its run
+        Case("train_out_dir_holds_another_run", t, lambda c: c.good_train(f"run.out_dir={c.copy_run()}"),
+             ("run.out_dir", "{tmp}/run", "--resume latest", "--overwrite"), own_process=True),
+        Case("train_overwrite_and_resume", t, lambda c: c.good_train("--overwrite", "--resume", "latest"),
+             ("--overwrite", "--resume", "--help")),
     ]
 
 
@@ -237,6 +275,14 @@ def export_cases() -> list[Case]:
              lambda c: ["--run", str(_damaged_run(c, lambda f: _truncate(f / MODEL_STATES))), "--out",
                         str(c.tmp / "model.pt")], (MODEL_STATES,), absent=model),
         Case("export_missing_out_option", x, lambda c: ["--run", str(c.fx.run)], ("--out", "--help")),
+        # issue 26: outputs are files (a pipe stands for a device: a regression must not replace /dev/full here)
+        Case("export_out_is_a_device", x, lambda c: ["--run", str(c.fx.run), "--out", str(_fifo(c, "model.pt"))],
+             ("--out", "{tmp}/model.pt", "not a regular file")),
+        Case("export_out_ends_in_a_slash", x, lambda c: ["--run", str(c.fx.run), "--out", f"{c.tmp}/newdir/"],
+             ("--out", "{tmp}/newdir/", "is a folder"), absent=lambda c: [c.tmp / "newdir"]),
+        Case("export_out_folder_missing", x,
+             lambda c: ["--run", str(c.fx.run), "--out", str(c.tmp / "nowhere" / "model.pt")],
+             ("--out", "{tmp}/nowhere", "does not exist"), absent=lambda c: [c.tmp / "nowhere"]),
         Case("export_full_disk", x, lambda c: ["--run", str(c.fx.run), "--out", str(c.tmp / "model.pt")],
              ("model.pt", "space"), own_process=True, file_size_limit=4096, absent=model),
     ]
@@ -271,6 +317,10 @@ def retrieve_cases() -> list[Case]:
         Case("retrieve_query_image_is_a_folder", r, lambda c: query(c, "--image", str(c.tmp)), ("{tmp}",)),
         Case("retrieve_query_k_zero", r, lambda c: query(c, "--text", "a red star", "--k", "0"), ("k",)),
         Case("retrieve_query_no_query", r, lambda c: query(c), ("--text", "--image")),
+        # issue 26: numeric options out of range or not finite
+        Case("retrieve_serve_port_out_of_range", r, lambda c: ["serve", "--index", str(c.fx.index), "--port", "70000"],
+             ("--port", "70000", "65535")),
+        Case("retrieve_query_k_infinite", r, lambda c: query(c, "--text", "a red star", "--k", "inf"), ("--k", "inf")),
     ]
 
 
@@ -310,6 +360,10 @@ def plan_cases() -> list[Case]:
         Case("plan_gpus_not_a_number", p, lambda c: ["--config", BUILTIN, "--gpus", "eight", *sizes], ("--gpus",)),
         Case("plan_headroom_too_large", p, lambda c: ["--config", BUILTIN, "--gpus", "1", "--headroom", "2", *sizes],
              ("--headroom",)),
+        Case("plan_gpu_mem_nan", p, lambda c: ["--config", BUILTIN, "--gpus", "1", "--gpu-mem-gib", "nan", *sizes],
+             ("--gpu-mem-gib", "finite")),
+        Case("plan_vocab_size_negative", p, lambda c: ["--config", BUILTIN, "--gpus", "1", "--vocab-size", "-5",
+                                                        "--num-concepts", "10"], ("--vocab-size", "-5")),
         Case("plan_no_shards_no_sizes", p,
              lambda c: ["--config", BUILTIN, "--gpus", "1", f"data.shards={c.tmp / 'nowhere'}"],
              ("data.shards", "--vocab-size")),
@@ -334,6 +388,17 @@ def launch_cases() -> list[Case]:
              ("train.steps",), own_process=True, absent=lambda c: [c.tmp / "out"]),
         Case("launch_torchrun_multinode_no_nnodes", "bash", script("torchrun_multinode.sh", BUILTIN),
              ("NNODES",), own_process=True),
+        # issue 26: counts that are zero, negative, not numbers or out of range (one line, before any rank starts)
+        Case("launch_torchrun_node_rank_out_of_range", "bash", script("torchrun_multinode.sh", BUILTIN),
+             ("NODE_RANK=5", "0 .. 1"), own_process=True,
+             env=lambda c: {"NNODES": "2", "NODE_RANK": "5", "MASTER_ADDR": "127.0.0.1"}),
+        Case("launch_torchrun_nnodes_not_a_number", "bash", script("torchrun_multinode.sh", BUILTIN),
+             ("NNODES=two", "whole number"), own_process=True,
+             env=lambda c: {"NNODES": "two", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"}),
+        Case("launch_cpu_2proc_nproc_zero", "bash", script("cpu_2proc.sh", BUILTIN), ("NPROC=0", ">= 1"),
+             own_process=True, env=lambda c: {"NPROC": "0"}),
+        Case("launch_accelerate_processes_negative", "bash", script("accelerate.sh", BUILTIN),
+             ("NUM_PROCESSES=-1", ">= 1"), own_process=True, env=lambda c: {"NUM_PROCESSES": "-1"}),
         Case("launch_deepspeed_hostfile_missing", "bash", script("deepspeed_hostfile.sh", BUILTIN),
              ("{tmp}/hostfile",), own_process=True, env=lambda c: {"HOSTFILE": str(c.tmp / "hostfile")}),
         Case("launch_accelerate_no_processes", "bash", script("accelerate.sh", BUILTIN), ("NUM_PROCESSES",),

@@ -29,6 +29,9 @@ def build_parser(description: str = "") -> OneLineParser:
     parser.add_argument("--config", required=True, help="YAML file, e.g. configs/builtin.yaml")
     parser.add_argument("--resume", default=None, metavar="latest|TAG",
                         help="continue from the run's checkpoint: latest or a tag (same as run.resume=...)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run.out_dir that holds an earlier run: its checkpoints/, tb/, eval/ "
+                             "and train_log.jsonl are moved aside into RUN/replaced-TIME/ (nothing is deleted)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (base files and overrides applied) and exit; starts nothing")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
@@ -43,6 +46,8 @@ def parse_args(argv: list[str] | None, description: str = "") -> argparse.Namesp
     args = parser.parse_intermixed_args(argv)
     if args.resume is not None and ("=" in args.resume or not args.resume.strip()):
         parser.error(f"--resume takes latest or a checkpoint tag, got {args.resume!r}")
+    if args.overwrite and args.resume is not None:
+        parser.error("--overwrite starts the run afresh and --resume continues it: give one of them")
     for item in args.overrides:
         if "=" not in item:
             parser.error(f"{item!r} is neither an option nor an override (section.key=value)")

@@ -65,6 +65,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:  # this section's rules, checked when it is built
         _require(self.resume is None or bool(self.resume.strip()), "run.resume", "must be null, latest or a tag")
+        _require(0 <= self.seed < 2**32, "run.seed",  # the range every seeded library takes (numpy's is the narrowest)
+                 f"must be in [0, 2**32), got {self.seed}")
 
 
 @dataclass
@@ -87,6 +89,10 @@ class DataConfig:
     # The fraction is judged only after this many samples were read (all ranks together), so that a few bad
     # samples at the very start cannot stop a run on their own.
     bad_fraction_min_read: int = 1000
+    # The longest wait for one training batch from a loader worker (the first one too: workers start and fill
+    # their shuffle buffers); past it the run ends naming the worker and its shard set, as a stalled file system or
+    # a set without a usable sample would otherwise keep it waiting forever.
+    batch_timeout_s: float = 600.0
     # Pictures larger than this (width x height) are counted as bad (kind image_too_large) without being
     # decoded: a decompression bomb costs memory long before it fails.
     max_image_pixels: int = 64_000_000
@@ -127,6 +133,8 @@ class DataConfig:
         _require(self.bad_fraction_min_read >= 1, "data.bad_fraction_min_read",
                  f"must be positive, got {self.bad_fraction_min_read}")
         _require(self.max_image_pixels >= 1, "data.max_image_pixels", f"must be positive, got {self.max_image_pixels}")
+        _require(math.isfinite(self.batch_timeout_s) and self.batch_timeout_s > 0, "data.batch_timeout_s",
+                 f"must be a positive number of seconds, got {self.batch_timeout_s}")
         _require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction",
                  f"must be in [0, 1], got {self.max_bad_fraction}")
         _require(not self.mix_shards or self.resampled, "data.mix_shards",
@@ -236,13 +244,14 @@ class LossConfig:
         _require(self.margin >= 0, "loss.margin", f"must be >= 0, got {self.margin}")
         _require(self.hinge_warmup_steps >= 0, "loss.hinge_warmup_steps",
                  f"must be >= 0, got {self.hinge_warmup_steps}")
-        _require(self.temperature > 0, "loss.temperature", f"must be positive, got {self.temperature}")
+        _require(math.isfinite(self.temperature) and self.temperature > 0, "loss.temperature",
+                 f"must be positive (and finite), got {self.temperature}")
         _require(self.local_margin >= 0, "loss.local_margin", f"must be >= 0, got {self.local_margin}")
         _require(self.label_mass is None or 0 <= self.label_mass < 1, "loss.label_mass",
                  f"must be null or in [0, 1), got {self.label_mass}")
         _require(self.local_weight >= 0, "loss.local_weight", f"must be >= 0, got {self.local_weight}")
-        _require(self.global_temperature > 0, "loss.global_temperature",
-                 f"must be positive, got {self.global_temperature}")
+        _require(math.isfinite(self.global_temperature) and self.global_temperature > 0, "loss.global_temperature",
+                 f"must be positive (and finite), got {self.global_temperature}")
         _require(self.global_exclude_above is None or 0 < self.global_exclude_above <= 1, "loss.global_exclude_above",
                  f"must be null or in (0, 1], got {self.global_exclude_above}")
         _require(not (self.global_label_margin and self.global_loss != "hinge"), "loss.global_label_margin",
@@ -280,7 +289,7 @@ class OptimConfig:
         _require(self.backbone_lr_mult >= 0, "optim.backbone_lr_mult", f"must be >= 0, got {self.backbone_lr_mult}")
         _require(self.backbone_freeze_steps >= 0, "optim.backbone_freeze_steps",
                  f"must be >= 0, got {self.backbone_freeze_steps}")
-        _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        _require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"must be positive (and finite), got {self.lr}")
         _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
                  f"must be two numbers in [0, 1), got {self.betas}")
@@ -382,6 +391,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # no key means anything by inf or nan: a rate, weight or bound the run cannot use
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -450,17 +461,41 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping that gives one key twice is refused: PyYAML keeps the last
+    silently, so the first setting a user wrote would be ignored without a word."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict:
+    seen = set()
+    for key_node, _value in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, typing.Hashable):
+            continue  # a list or mapping as a key: the config's own checks refuse it by name
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice in one section",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
 def _read_yaml(path: Path) -> dict:
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder; give a YAML file such as configs/builtin.yaml")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; the configs/ folder has examples")
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # safe, and keys unique
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path}: invalid YAML ({_yaml_problem(e)}); fix the file") from e
     except (UnicodeDecodeError, OSError) as e:
         raise ConfigError(f"config file {path} cannot be read as text ({e}); give a YAML file") from e
+    if loaded is None:  # an empty file (or comments only) would run on every default without a word
+        raise ConfigError(f"config file {path} is empty; give a YAML file with its settings, e.g. one that starts "
+                          f"from a recipe: `base: {Path('configs/builtin.yaml').resolve()}`")
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path}: expected a mapping at the top level")
     return loaded

@@ -1,14 +1,18 @@
 """What a training sample is made of and what can be wrong with one: the kinds of bad sample (BAD_KINDS), the
-BadSample error, the per-worker counter of skipped samples, the checked json of a sample (parse_meta), its picture
-member (picture_bytes) and concept labels as multi-hot rows."""
+BadSample error, the per-worker counter of skipped samples with its bound (BadSampleLimits, TooManyBadSamples), the
+checked json of a sample (parse_meta), its picture member (picture_bytes) and concept labels as multi-hot rows."""
 from __future__ import annotations
 
 import json
 import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from shards.format import PICTURE_EXTS
+from usercli import UserError
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +27,28 @@ class BadSample(ValueError):
     def __init__(self, message: str, kind: str = "other"):
         super().__init__(message)
         self.kind = kind
+
+
+class TooManyBadSamples(UserError, RuntimeError):  # noqa: N818 - named for what the user meets, like ConfigError
+    """More than data.max_bad_fraction of the samples read were bad: the run ends with this one line (exit 2).
+    A RuntimeError too, as the step's check of the agreed totals raised before it existed."""
+
+
+@dataclass(frozen=True)
+class BadSampleLimits:
+    """When a worker gives up on its stream and how it reports what it skips. max_fraction, min_read: more than
+    max_fraction of at least min_read samples read bad ends the stream (data.max_bad_fraction,
+    data.bad_fraction_min_read; the default 1.0 never does). first_reported: bad samples logged one line each;
+    after them, one line of counts per kind every report_every_s seconds (a set full of bad samples cannot flood
+    the log)."""
+
+    max_fraction: float = 1.0
+    min_read: int = 1000
+    first_reported: int = 10
+    report_every_s: float = 30.0
+
+
+NO_BAD_SAMPLE_BOUND = BadSampleLimits()  # counts and reports, never ends a stream (direct iteration, benchmarks)
 
 
 def bad_kind(exn: Exception) -> str:
@@ -79,14 +105,22 @@ def multi_hot(id_lists: list[list[int]], num_concepts: int) -> torch.Tensor:
 
 
 class BadSampleCounter:
-    """Counts skipped samples per kind in a worker process and logs them at a limited rate (the first 10,
-    then every 100th), so a shard set full of broken samples cannot flood the log. A webdataset-style handler:
-    called with the exception, it returns True (go on with the next sample or shard)."""
+    """Counts skipped samples per kind in a worker process and logs them at a limited rate (the first
+    limits.first_reported one line each, then counts per kind every limits.report_every_s seconds), so a shard
+    set full of broken samples cannot flood the log; past limits.max_fraction bad of at least limits.min_read
+    read it raises TooManyBadSamples, naming the shard set and the kinds. A webdataset-style handler: called
+    with the exception, it returns True (go on with the next sample or shard)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: BadSampleLimits = NO_BAD_SAMPLE_BOUND, who: str = "this worker") -> None:
+        self.limits = limits
+        self.who = who  # named in the messages: "worker 1 of rank 3"
         self.read = 0
         self.by_kind = [0] * len(BAD_KINDS)
         self.current_url_broken = False  # reset at each shard the stream opens (new_shard)
+        self.last_bad = ""  # the last bad sample's message and its shard, for the summaries
+        self.last_url: str | None = None
+        self.unreported = [0] * len(BAD_KINDS)  # bad samples since the last summary line, per kind
+        self.reported_at = time.monotonic()
 
     def new_shard(self) -> None:
         self.current_url_broken = False
@@ -103,12 +137,38 @@ class BadSampleCounter:
                 return True  # one cut-off tar is reported once
             self.current_url_broken = True
             self.read += 1  # the sample the tar was cut inside was read and lost
-        self.by_kind[BAD_KINDS.index(kind)] += 1
-        bad = self.bad
-        if bad <= 10 or bad % 100 == 0:
-            where = f" (in {url})" if url and url not in str(exn) else ""
-            log.warning("skipping bad sample (%s, %d so far in this worker): %s%s", kind, bad, exn, where)
+        index = BAD_KINDS.index(kind)
+        self.by_kind[index] += 1
+        where = f" (in {url})" if url and url not in str(exn) else ""
+        self.last_bad, self.last_url = f"{exn}{where}", url or self.last_url
+        self._report(kind, index)
+        self._check_fraction()
         return True
+
+    def _report(self, kind: str, index: int) -> None:
+        bad = self.bad
+        if bad <= self.limits.first_reported:
+            log.warning("skipping bad sample (%s, %d so far in %s): %s", kind, bad, self.who, self.last_bad)
+            self.reported_at = time.monotonic()
+            return
+        self.unreported[index] += 1
+        if time.monotonic() - self.reported_at >= self.limits.report_every_s:
+            counts = ", ".join(f"{k} {n}" for k, n in zip(BAD_KINDS, self.unreported) if n)
+            log.warning("skipped %d more bad samples in %s (%s; %d of %d read so far), the last: %s",
+                        sum(self.unreported), self.who, counts, bad, self.read, self.last_bad)
+            self.unreported = [0] * len(BAD_KINDS)
+            self.reported_at = time.monotonic()
+
+    def _check_fraction(self) -> None:
+        limits, bad = self.limits, self.bad
+        if self.read < limits.min_read or bad <= limits.max_fraction * self.read:
+            return
+        counts = ", ".join(f"{kind} {n}" for kind, n in zip(BAD_KINDS, self.by_kind) if n)
+        where = Path(self.last_url).parent if self.last_url else "data.shards"
+        raise TooManyBadSamples(
+            f"{where}: {bad} of {self.read} samples read by {self.who} were bad ({bad / self.read:.2%} > "
+            f"data.max_bad_fraction={limits.max_fraction}; {counts}; the last: {self.last_bad}); check the set with "
+            f"`python -m shards check {where}` and rebuild it, or raise data.max_bad_fraction")
 
     def counts_since(self, since: list) -> dict:
         """n_read, n_bad and bad_counts (per BAD_KINDS) since `since`, which is then moved to now."""

@@ -14,8 +14,9 @@ With region features (`npy`, float16 [regions, dim]) a batch's "images" are the 
 largest region count, [B, R, D], and "image_lengths" [B] holds each picture's count.
 Every batch carries how many samples its worker read and how many it skipped since its last batch, per kind
 of fault (BAD_KINDS), so the main process can count corrupt samples across worker processes and ranks, show
-them in TensorBoard and stop when they pass a bound. Nothing read from a shard is unpickled: members stay
-bytes until json.loads or PIL decode them.
+them in TensorBoard and stop when they pass a bound; a worker whose own samples pass that bound (BadSampleLimits)
+ends its stream with a {"data_error"} record instead of reading bad samples forever. Nothing read from a shard
+is unpickled: members stay bytes until json.loads or PIL decode them.
 """
 from __future__ import annotations
 
@@ -31,7 +32,16 @@ from torch.utils.data import IterableDataset, get_worker_info
 from trainer.data.collate import pad_tokens, stack_image_inputs
 from trainer.data.decode import RegionSpec, decode_image_input
 from trainer.data.pictures import RandomCrop
-from trainer.data.samples import BAD_KINDS, BadSample, BadSampleCounter, multi_hot, parse_meta
+from trainer.data.samples import (
+    BAD_KINDS,
+    NO_BAD_SAMPLE_BOUND,
+    BadSample,
+    BadSampleCounter,
+    BadSampleLimits,
+    TooManyBadSamples,
+    multi_hot,
+    parse_meta,
+)
 from trainer.data.shardset import ShardSet, image_id_hash
 from trainer.data.shardstream import Identity, RawStream, StreamState
 from trainer.data.text import CaptionTokenizer, WordTokenizer
@@ -154,13 +164,23 @@ class TrainStream(IterableDataset):
                          on_shard=counter.new_shard, passes=passes, start_pass=start_epoch)
 
     def worker_batches(self, worker: int, num_workers: int, state: StreamState | None = None, *,
-                       endless: bool = False, start_epoch: int | None = None) -> Iterator[dict]:
+                       endless: bool = False, start_epoch: int | None = None,
+                       limits: BadSampleLimits = NO_BAD_SAMPLE_BOUND) -> Iterator[dict]:
         """The batches of one worker: each carries "worker" (its role), "stream_state" (where its stream stands
         after it) and "raw_read" (raw samples taken from shards since the worker's last batch, a filling shuffle
         buffer's included: what read amplification is measured by); the first one after a restore also
         "restore_bytes" and "restore_seconds". endless: passes after passes and no batches_per_worker cap (the
-        run's loader). start_epoch: the pass a fresh stream starts at (None: the stream's epoch)."""
-        counter = BadSampleCounter()
+        run's loader). start_epoch: the pass a fresh stream starts at (None: the stream's epoch). limits: when too
+        many bad samples end the stream (judged here, where they are read, so that a stream that yields no good
+        sample cannot spin forever): its last item is then {"data_error": the one-line message}."""
+        counter = BadSampleCounter(limits, who=f"worker {worker} of rank {self.rank}")
+        try:
+            yield from self._batches(worker, num_workers, state, counter, endless, start_epoch)
+        except TooManyBadSamples as e:  # crosses the worker process boundary as a record, not a wrapped traceback
+            yield {"data_error": str(e), "worker": torch.tensor(worker)}
+
+    def _batches(self, worker: int, num_workers: int, state: StreamState | None, counter: BadSampleCounter,
+                 endless: bool, start_epoch: int | None) -> Iterator[dict]:
         start_epoch = self.epoch if start_epoch is None else start_epoch
         raw = self.raw_stream(worker, num_workers, counter, endless, start_epoch)
         produced, restored = 0, {}
@@ -196,4 +216,7 @@ class TrainStream(IterableDataset):
         """Each DataLoader worker (or this process alone) runs its own worker's stream from the start."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        yield from self.worker_batches(worker, num_workers)
+        for item in self.worker_batches(worker, num_workers):
+            if "data_error" in item:
+                raise TooManyBadSamples(item["data_error"])
+            yield item

@@ -1,4 +1,4 @@
-"""Checkpoints that are complete or absent, found again at resume; the last K kept.
+"""Checkpoints that are complete or absent, found again at resume; the last K kept; a run folder owned by its run.
 
 A checkpoint is the folder CKPT_DIR/step0000120 written by DeepSpeed on every rank (model, optimizer and
 scheduler states, plus our client state). It counts only once rank 0 has written its marker, complete.json,
@@ -8,7 +8,12 @@ therefore leaves a folder without a marker, and `latest` still names the previou
 
 At resume the candidate (`latest`, or the tag asked for) is checked against its marker: a missing marker, a
 missing file or a file of another size (truncated) is reported naming the file, and with --resume latest the
-previous complete checkpoint is used instead.
+previous complete checkpoint is used instead. Checkpoints are ordered by their step number (never by name), and
+retention never deletes the one just written, so `latest` never names a deleted folder.
+
+A run folder belongs to its run: a fresh run (no --resume) into a run.out_dir that holds checkpoints is refused
+before any work, with the way out (`--resume latest`, another run.out_dir, or `--overwrite`, which moves the
+earlier run's outputs aside into RUN/replaced-TIME/; nothing is deleted).
 
 On another world size than the checkpoint's (a job back with 8 nodes instead of 16), `--resume` converts it
 (trainer.universal): ZeRO partitions the fp32 weights and the Adam moments by rank, so rank 0 turns CKPT/stepNNN
@@ -31,7 +36,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -45,6 +52,9 @@ log = logging.getLogger(__name__)
 MARKER = "complete.json"
 UNIVERSAL = "universal"  # CKPT/universal/TAG: a checkpoint converted for another world size (trainer.universal)
 LATEST = "latest"
+TAG_PATTERN = re.compile(r"step(\d+)")
+# What a run writes into run.out_dir besides config.yaml (rewritten by every start): what --overwrite moves aside.
+RUN_OUTPUTS = ("checkpoints", "tb", "eval", "train_log.jsonl")
 
 
 class CheckpointError(ConfigError):
@@ -93,25 +103,35 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, world_size: int,
                   "zero_stage": engine.zero_optimization_stage(), "files": files}
         atomic_write(folder / MARKER, json.dumps(marker, indent=1))
         atomic_write(ckpt_dir / LATEST, tag)
-        prune(ckpt_dir, keep)
+        prune(ckpt_dir, keep, written=tag)
     barrier()  # nobody reads `latest` or goes on to a next save before it moved
     return folder
 
 
+def step_of(tag: str) -> int | None:
+    """The step number of a checkpoint tag (step0000120 -> 120), None for any other name."""
+    match = TAG_PATTERN.fullmatch(tag)
+    return int(match.group(1)) if match else None
+
+
 def _step_tags(ckpt_dir: Path) -> list[str]:
-    """Checkpoint folders, oldest first."""
-    return sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
+    """Checkpoint folders, oldest first by step number (a name sort puts step10000000 before step9999999)."""
+    tags = [p.name for p in ckpt_dir.glob("step*") if p.is_dir() and step_of(p.name) is not None]
+    return sorted(tags, key=step_of)
 
 
-def prune(ckpt_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; drop older ones and unfinished writes older than them."""
+def prune(ckpt_dir: Path, keep: int, written: str | None = None) -> None:
+    """Keep `written` (the checkpoint just written, which `latest` names) and the newest others up to `keep` complete
+    ones in all; drop older complete ones and unfinished writes older than the newest kept. A folder of another run
+    with higher step numbers (a copied run folder) therefore never costs the checkpoint just written."""
     complete = [t for t in _step_tags(ckpt_dir) if (ckpt_dir / t / MARKER).is_file()]
     if not complete:
         return
-    kept = set(complete[-keep:])
-    newest = complete[-1]
+    others = [t for t in complete if t != written]
+    kept = ({written} if written else set()) | set(others[max(0, len(others) - keep + (1 if written else 0)):])
+    newest = max(step_of(t) for t in kept)
     for tag in _step_tags(ckpt_dir):
-        if tag not in kept and tag < newest:
+        if tag not in kept and step_of(tag) < newest:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
     _prune_conversions(ckpt_dir)
 
@@ -212,12 +232,14 @@ def find(ckpt_dir: Path, wanted: str, option: str = "run.resume") -> tuple[str, 
         return wanted, read_marker(ckpt_dir / wanted)
     latest_path = ckpt_dir / LATEST
     tags = _step_tags(ckpt_dir)
-    if latest_path.is_file():
-        named = latest_path.read_text().strip()
-        candidates = [named] + [t for t in reversed(tags) if t < named]
-    else:
-        candidates = list(reversed(tags))
+    named = _read_latest(latest_path)
     reasons = []
+    if named is None:
+        candidates = list(reversed(tags))
+        if latest_path.exists():
+            reasons.append((LATEST, f"{latest_path} does not name a checkpoint (not a stepNNNNNNN tag)"))
+    else:
+        candidates = [named] + [t for t in reversed(tags) if step_of(t) < step_of(named)]
     for tag in candidates:
         why = problem(ckpt_dir / tag)
         if why is None:
@@ -230,6 +252,57 @@ def find(ckpt_dir: Path, wanted: str, option: str = "run.resume") -> tuple[str, 
         reasons.append((tag, why))
     detail = "; ".join(why for _, why in reasons) if reasons else "no checkpoint folders"
     raise CheckpointError(f"{option}=latest: no complete checkpoint in {ckpt_dir} ({detail})")
+
+
+def _read_latest(path: Path) -> str | None:
+    """The tag `latest` names, or None when it is absent or holds anything else (binary bytes, a path, text)."""
+    try:
+        named = path.read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return named if step_of(named) is not None else None
+
+
+def claim_run_folder(out_dir: Path, overwrite: bool, is_main: bool) -> None:
+    """A fresh run (no --resume) may not write into a folder that holds another run's checkpoints: retention,
+    `latest`, TensorBoard and eval files of the two would mix. Refused before any work with the way out; with
+    `overwrite`, the earlier run's outputs (RUN_OUTPUTS) are moved aside into RUN/replaced-TIME/ instead. Rank 0
+    decides and acts; every rank gets its answer, so a refusal is the same on all of them."""
+    answer = ""
+    if is_main:
+        try:
+            _claim(Path(out_dir), overwrite)
+        except (CheckpointError, OSError) as e:
+            answer = str(e)
+    answer = broadcast_object(answer)
+    if answer:
+        raise CheckpointError(answer)
+
+
+def _claim(out_dir: Path, overwrite: bool) -> None:
+    ckpt_dir = out_dir / "checkpoints"
+    held = _step_tags(ckpt_dir) if ckpt_dir.is_dir() else []
+    if not overwrite:
+        if held or (ckpt_dir / LATEST).exists():
+            newest = f" (newest {held[-1]})" if held else ""
+            raise CheckpointError(
+                f"run.out_dir: {out_dir} holds the checkpoints of another run in {ckpt_dir}{newest}; continue it "
+                f"with --resume latest, train into another run.out_dir, or pass --overwrite to move its "
+                f"{', '.join(RUN_OUTPUTS)} aside into {out_dir}/replaced-TIME/ and start afresh")
+        return
+    present = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+    if not present:
+        return
+    aside = out_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in range(1, 1000):
+        if not aside.exists():
+            break
+        aside = out_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+    aside.mkdir()
+    for name in present:
+        os.replace(out_dir / name, aside / name)
+    log.warning("--overwrite: the earlier run's %s moved aside into %s (delete it when it is no longer wanted)",
+                ", ".join(present), aside)
 
 
 def _offloaded_to_nvme(ds_config: dict) -> bool:

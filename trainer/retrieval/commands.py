@@ -38,6 +38,7 @@ from trainer.retrieval.query import QueryEncoder, QueryError, check_text, decode
 from trainer.retrieval.server import create_app, run_server
 from trainer.training.factory import build_tokenizer
 from usercli import OneLineParser, cli_main, one_line
+from usercli.options import PORT, int_in
 
 PROG = "trainer.retrieve"
 
@@ -221,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "all share the run's vocabulary")
     exp.add_argument("--index-type", default="flat", choices=KINDS,
                      help="flat: exact (default); hnsw / ivf: approximate; auto: hnsw or ivf by size")
-    exp.add_argument("--batch-size", type=int, default=None, help="pictures per forward (default data.eval_batch_size)")
+    exp.add_argument("--batch-size", type=int_in(1), default=None,
+                     help="pictures per forward (default data.eval_batch_size)")
     again = exp.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="finish an interrupted export (written pieces are kept)")
     again.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
@@ -232,14 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     qry.add_argument("--interactive", action="store_true", help="then read queries from stdin, one per line")
     qry.add_argument("--find", choices=("pictures", "captions"), default=None,
                      help="what to rank (default: pictures for --text, captions for --image)")
-    qry.add_argument("--k", type=int, default=5, help="how many results (default 5)")
+    qry.add_argument("--k", type=int_in(1), default=5, help="how many results (default 5)")
     qry.add_argument("--json", action="store_true", help="one JSON object per query, for scripts")
     srv = sub.add_parser("serve", help="a local search page over an index folder")
     srv.add_argument("--index", required=True, help="index folder written by `export`")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    srv.add_argument("--port", type=int, default=8000, help="port (0: any free one; the address is printed)")
-    srv.add_argument("--max-query-chars", type=int, default=1000, help="longer text queries are refused (400)")
-    srv.add_argument("--max-upload-mb", type=int, default=8, help="larger picture uploads are refused (413)")
+    srv.add_argument("--port", type=int_in(*PORT), default=8000, help="port (0: any free one; the address is printed)")
+    srv.add_argument("--max-query-chars", type=int_in(1), default=1000, help="longer text queries are refused (400)")
+    srv.add_argument("--max-upload-mb", type=int_in(1, 1024), default=8,
+                     help="larger picture uploads are refused (413)")
     return parser
 
 
@@ -250,10 +253,6 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "query":
         if not (args.text or args.image or args.interactive):
             parser.error("query: give --text, --image (either may repeat) or --interactive")
-        if args.k < 1:
-            parser.error(f"query: --k must be at least 1, got {args.k}")
-    if args.command == "export" and args.batch_size is not None and args.batch_size < 1:
-        parser.error(f"export: --batch-size must be at least 1, got {args.batch_size}")
     try:
         if args.command == "export":
             meta = export_index(args.run, args.out, ExportOptions(

@@ -11,7 +11,6 @@ it with model.init_from=model.pt, on any number of ranks.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -21,30 +20,18 @@ import yaml
 from trainer.config import ConfigError
 from trainer.engine import checkpoint
 from usercli import OneLineParser, cli_main
+from usercli.outputs import atomic_output, check_output_file
 
 PROG = "python -m trainer.export"
-
-
-def check_out_file(out: Path, option: str = "--out") -> None:
-    """An output file that can be written: not a folder, not under a file (refused before any work)."""
-    if out.is_dir():
-        raise ConfigError(f"{option} {out} is a folder; name a file, e.g. {out / 'model.pt'}")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"{option} {out} cannot be written: {parent} is a file, not a folder; "
-                                  f"choose another path")
-            break
 
 
 def export(run_dir: str | Path, out: str | Path, tag: str = "latest") -> dict:
     """Write the fp32 weights of a run's checkpoint to `out`; returns what was written."""
     run_dir = Path(run_dir)
-    out = Path(out)
     if not run_dir.is_dir():
         raise ConfigError(f"--run {run_dir} {'is a file' if run_dir.exists() else 'does not exist'}; give the "
                           f"run folder trainer.train wrote (its run.out_dir)")
-    check_out_file(out)
+    out = check_output_file(out, "--out", example="model.pt")  # a device, a folder, no parent: refused here
     ckpt_dir = run_dir / "checkpoints"
     tag, marker = checkpoint.find_readable(ckpt_dir, tag, option="--checkpoint")
     config_path = run_dir / "config.yaml"
@@ -56,16 +43,12 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "latest") -> dict:
         "run": str(run_dir),
         "config": yaml.safe_load(config_path.read_text()) if config_path.is_file() else None,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        torch.save(payload, tmp)
-        tmp.replace(out)  # never a half-written model.pt
+        with atomic_output(out) as tmp:  # never a half-written model.pt, nor a temporary left behind
+            torch.save(payload, tmp)
     except RuntimeError as e:  # torch's zip writer reports a failed write (full disk, size limit) this way
         raise ConfigError(f"--out {out}: writing failed ({str(e).strip().splitlines()[-1]}): is there space left "
                           f"on the device? Free some or write elsewhere") from e
-    finally:
-        tmp.unlink(missing_ok=True)  # a full disk or Ctrl-C leaves no partial temporary behind
     return payload
 
 
@@ -73,7 +56,7 @@ def _main(argv: list[str] | None) -> int:
     parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="the run folder (run.out_dir)")
     parser.add_argument("--checkpoint", default="latest", help="checkpoint tag in RUN/checkpoints, or latest")
-    parser.add_argument("--out", required=True, help="file to write, e.g. model.pt")
+    parser.add_argument("--out", required=True, help="file to write, e.g. model.pt (its folder must exist)")
     args = parser.parse_args(argv)
     payload = export(args.run, args.out, args.checkpoint)
     count = sum(v.numel() for v in payload["state_dict"].values())

@@ -36,6 +36,7 @@ from trainer.models.backbones.efficientnet_lite import default_weights_path
 from trainer.models.configs import ImageTowerConfig
 from trainer.models.image_towers import build_image_tower
 from usercli import OneLineParser, OutputExists, cli_main
+from usercli.options import int_in
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,8 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--shards", required=True, help="input shard set (pictures)")
     parser.add_argument("--out", required=True, help="new folder for the feature shard set")
     parser.add_argument("--encoder", default="efficientnet_lite0", choices=ENCODERS)
-    parser.add_argument("--image-size", type=int, default=224, help="pictures are resized to this square side")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int_in(32), default=224, help="pictures are resized to this square side")
+    parser.add_argument("--batch-size", type=int_in(1), default=32)
     parser.add_argument("--weights", default=None, help="backbone state dict (default: the installed package's)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     args = parser.parse_args(argv)

@@ -45,6 +45,7 @@ from trainer.data.shardset import ShardSet
 from trainer.data.text import PAD, UNK, CaptionTokenizer, Vocab
 from trainer.training.factory import build_model, build_tokenizer
 from usercli import OneLineParser, cli_main
+from usercli.options import int_in, number_in
 
 GIB = 2**30
 # Peak loss memory per scored (row, column) pair, forward + backward: bench/loss_scaling.py measured ~56 B
@@ -327,17 +328,15 @@ PROG = "python -m trainer.plan"
 def _main(argv: list[str] | None) -> int:
     parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs per node")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpu-mem-gib", type=float, default=80.0)
-    parser.add_argument("--headroom", type=float, default=0.85, help="fraction of GPU memory the plan may fill")
-    parser.add_argument("--vocab-size", type=int, default=None, help="instead of reading the shard set")
-    parser.add_argument("--num-concepts", type=int, default=None, help="instead of reading the shard set")
+    parser.add_argument("--gpus", type=int_in(1), required=True, help="GPUs per node")
+    parser.add_argument("--nodes", type=int_in(1), default=1)
+    parser.add_argument("--gpu-mem-gib", type=number_in(0, low_open=True), default=80.0)
+    parser.add_argument("--headroom", type=number_in(0, 1, low_open=True), default=0.85,
+                        help="fraction of GPU memory the plan may fill")
+    parser.add_argument("--vocab-size", type=int_in(1), default=None, help="instead of reading the shard set")
+    parser.add_argument("--num-concepts", type=int_in(0), default=None, help="instead of reading the shard set")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_intermixed_args(argv)
-    if args.gpus < 1 or args.nodes < 1 or args.gpu_mem_gib <= 0 or not 0 < args.headroom <= 1 \
-            or (args.num_concepts is not None and args.num_concepts < 0):
-        parser.error("--gpus and --nodes must be >= 1, --gpu-mem-gib > 0, --headroom in (0, 1], --num-concepts >= 0")
     cfg = load_config(args.config, args.overrides, check_paths=False)
     vocab, concepts = shard_set_sizes(cfg, args.vocab_size, args.num_concepts)
     try:

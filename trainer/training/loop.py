@@ -5,6 +5,8 @@ One process, no launcher (CPU or one GPU):
     python -m trainer.train --config configs/builtin.yaml train.steps=200 loss.labels=shuffled
 Resume a killed run from its last checkpoint:
     python -m trainer.train --config configs/builtin.yaml --resume latest
+Start afresh in a run folder that holds an earlier run (its checkpoints/, tb/, eval/ are moved aside, not deleted):
+    python -m trainer.train --config configs/builtin.yaml --overwrite
 Several processes: any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK (deepspeed, torchrun, srun); see launch/.
 
 Outputs in run.out_dir: config.yaml (resolved), checkpoints/ (DeepSpeed, with `latest`), tb/ (TensorBoard),
@@ -12,12 +14,17 @@ eval/<split>.json (R@K per score), train_log.jsonl (the logged scalars).
 
 Faults (each rank decides nothing alone: one all-reduce per step makes every rank take the same branch):
 - SIGTERM or SIGUSR1 (SLURM's warning before the time limit): every rank writes a checkpoint at the next step
-  boundary and exits 0; `--resume latest` continues from it. Exit code 2: a refused config, file or checkpoint
-  (one line naming it); 130: Ctrl-C (the last complete checkpoint is kept).
+  boundary and exits 0; `--resume latest` continues from it. A rank waiting for data waits 10 s more at most:
+  then one process checkpoints its last completed step (exit 0), else the run ends with one line and exit code
+  128 + the signal's number. Exit code 2: a refused config, file or checkpoint (one line naming it); 130: Ctrl-C
+  (the last complete checkpoint is kept).
+- A loader worker that sends no batch within data.batch_timeout_s ends the run with one line naming it (exit 2).
 - A step whose loss or gradient is not finite on any rank is skipped on all of them (no parameter or optimizer
   state changes); train.max_nonfinite_steps in a row stop the run, keeping the last checkpoint before them.
-- Bad samples are skipped and counted per kind (TensorBoard data/bad/<kind>); past data.max_bad_fraction of
-  the samples read, the run stops with an error.
+- Bad samples are skipped and counted per kind (TensorBoard data/bad/<kind>), logged one line each for the
+  first 10 per worker, then as counts every 30 s; past data.max_bad_fraction of the samples read (judged in each
+  loader worker once it has read data.bad_fraction_min_read, and over all ranks at each step), the run stops with
+  one line naming the shard set (exit 2).
 - The data position is in the checkpoint: per rank (data_rankNNNNN.pt) every loader worker's stream position (RNG
   state, shard position and byte offset, its shuffle buffer as byte ranges), so a resumed run reads the batches
   the uninterrupted run would have read at the cost of re-reading the buffers (logged: bytes and seconds), and on
@@ -45,8 +52,8 @@ import torch
 from trainer.config import Config, ConfigError, save_config
 from trainer.config import cli_args as train_args
 from trainer.data.decode import RegionSpec, check_image_input
-from trainer.data.loader import TrainLoader
-from trainer.data.samples import BAD_KINDS
+from trainer.data.loader import DataWait, StopWhileWaiting, TrainLoader
+from trainer.data.samples import BAD_KINDS, BadSampleLimits, TooManyBadSamples
 from trainer.data.shardset import ShardSet, check_shards_for_workers, mix_sets
 from trainer.distributed import DistInfo, gather_no_grad, init_distributed, shutdown
 from trainer.engine import checkpoint, universal
@@ -116,7 +123,8 @@ def restored_state(saved: dict, rank: int, world: int, num_sets: int) -> RunStat
 
 # ---------------------------------------------------------------------------------------------- stop request
 class StopRequest:
-    """Set by SIGTERM / SIGUSR1; the training loop checkpoints and leaves at the next step boundary."""
+    """Set by SIGTERM / SIGUSR1; the training loop checkpoints and leaves at the next step boundary. While the
+    loader waits for data, the wait lasts trainer.data.loader.STOP_GRACE_S more at most (StopWhileWaiting)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -126,6 +134,9 @@ class StopRequest:
 
     def _handler(self, signum: int, _frame) -> None:
         self.signal = signum
+
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def __enter__(self) -> "StopRequest":
         for sig in self.SIGNALS:
@@ -139,6 +150,14 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+
+class StoppedWithoutCheckpoint(Exception):  # noqa: N818 - a stop request that was obeyed, not a fault
+    """A stop request (SIGTERM/SIGUSR1) obeyed while waiting for data, with nothing new to checkpoint: the run
+    ends with this one line and exit code 128 + the signal's number, as a process ended by that signal would."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 # ---------------------------------------------------------------------------------------------- prepare
@@ -188,13 +207,16 @@ def check_inputs(cfg: Config, info: DistInfo) -> tuple[ShardSet, list, RegionSpe
     return shardset, mix, regions
 
 
-def prepare(cfg: Config) -> tuple[Run, list]:
-    """Process group, checks, config saved, model and engine built; (run, corpus mix)."""
+def prepare(cfg: Config, overwrite: bool = False) -> tuple[Run, list]:
+    """Process group, checks, config saved, model and engine built; (run, corpus mix). A fresh run into a folder
+    with another run's checkpoints is refused, or with `overwrite` that run's outputs are moved aside first."""
     info = init_distributed()
     ds_config = deepspeed_config(cfg, info.world_size)  # refuses disagreeing batch sizes before any work
     shardset, mix, regions = check_inputs(cfg, info)
     out_dir = Path(cfg.run.out_dir)
     resume_tag = None
+    if not cfg.run.resume:
+        checkpoint.claim_run_folder(out_dir, overwrite, info.is_main)
     if cfg.run.resume:
         resume_tag, marker = checkpoint.find_on_all_ranks(out_dir / "checkpoints", cfg.run.resume, info.is_main)
         # another world size: refused where impossible, else converted (ZeRO) and loaded as universal checkpoint
@@ -256,16 +278,21 @@ def saved_stream(run: Run) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def open_batches(run: Run, mix: list, state: RunState) -> TrainLoader:
+def open_batches(run: Run, mix: list, state: RunState, stop: StopRequest) -> TrainLoader:
     """One training stream for the whole run, continued exactly from the checkpoint's position when it has one
     for this world size and worker count; otherwise fresh streams from the next epoch (none of the interrupted
-    epoch's remaining batches are then trained)."""
+    epoch's remaining batches are then trained). Its workers stop on too many bad samples of their own
+    (data.max_bad_fraction past data.bad_fraction_min_read), and each batch is waited for data.batch_timeout_s at
+    most, and at most a short grace once `stop` is requested."""
     stream = build_train_stream(run.cfg, run.shardset, rank=run.info.rank, world_size=run.info.world_size,
                                 mix=mix)
-    workers = run.cfg.data.num_workers
+    d = run.cfg.data
+    workers = d.num_workers
+    limits = BadSampleLimits(max_fraction=d.max_bad_fraction, min_read=d.bad_fraction_min_read)
+    wait = DataWait(timeout_s=d.batch_timeout_s, stop_requested=stop.requested)
     saved = saved_stream(run)
     if saved is not None:
-        run.batches = TrainLoader(stream, workers)
+        run.batches = TrainLoader(stream, workers, limits=limits, wait=wait)
         try:
             run.batches.load_state_dict(saved)
             return run.batches
@@ -273,7 +300,7 @@ def open_batches(run: Run, mix: list, state: RunState) -> TrainLoader:
             log.warning("%s: the data stream starts afresh at the next epoch", e)
     if state.data_batches > 0:
         state.data_epoch, state.data_batches = state.data_epoch + 1, 0
-    run.batches = TrainLoader(stream, workers, start_epoch=state.data_epoch)
+    run.batches = TrainLoader(stream, workers, start_epoch=state.data_epoch, limits=limits, wait=wait)
     return run.batches
 
 
@@ -370,8 +397,10 @@ def check_health(run: Run, state: RunState) -> None:
     bad = sum(state.bad_totals)
     if state.read_total >= d.bad_fraction_min_read and bad > d.max_bad_fraction * state.read_total:
         counts = ", ".join(f"{kind} {n}" for kind, n in zip(BAD_KINDS, state.bad_totals) if n)
-        raise RuntimeError(f"{bad} of {state.read_total} samples read were bad ({bad / state.read_total:.2%} > "
-                           f"data.max_bad_fraction={d.max_bad_fraction}; {counts}); see the warnings above")
+        raise TooManyBadSamples(f"data.shards: {bad} of {state.read_total} samples read were bad "
+                                f"({bad / state.read_total:.2%} > data.max_bad_fraction={d.max_bad_fraction}; "
+                                f"{counts}); see the warnings above, check the set with `python -m shards check`, "
+                                f"or raise data.max_bad_fraction")
     if state.nonfinite_streak >= cfg.train.max_nonfinite_steps:
         raise RuntimeError(f"{state.nonfinite_streak} steps in a row had a non-finite loss or gradient "
                            f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}), up to step {state.step}; "
@@ -467,14 +496,15 @@ def final_evaluation(run: Run, state: RunState) -> dict:
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, overwrite: bool = False) -> dict:
     """Train as configured; {split: results} at the end (on every rank), or {"preempted": {"step", "signal"}}
-    after a stop request (SIGTERM/SIGUSR1), whose handlers are in place from the start."""
+    after a stop request (SIGTERM/SIGUSR1), whose handlers are in place from the start. overwrite: --overwrite
+    (trainer.engine.checkpoint.claim_run_folder)."""
     with StopRequest() as stop:
-        run, mix = prepare(cfg)
+        run, mix = prepare(cfg, overwrite)
         state = restore(run)
         try:
-            return train_loop(run, state, open_batches(run, mix, state), stop, mix)
+            return train_loop(run, state, open_batches(run, mix, state, stop), stop, mix)
         finally:
             if run.batches is not None:
                 run.batches.close()  # the loader's workers live for the whole run; they end here
@@ -489,7 +519,11 @@ def train_loop(run: Run, state: RunState, batches: TrainLoader, stop: StopReques
     window = LogWindow()
     last_saved = state.step if run.resume_tag is not None else -1
     while state.step < cfg.train.steps:
-        stop_now = step_once(run, state, batches, stop, window)
+        taken = batches.consumed
+        try:
+            stop_now = step_once(run, state, batches, stop, window)
+        except StopWhileWaiting as e:
+            return stop_while_waiting(run, state, stop, last_saved, taken != batches.consumed, e)
         bar.update(run.global_batch, step=f"{state.step}/{cfg.train.steps}")
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             log_window(run, state, window, bar)
@@ -513,6 +547,28 @@ def train_loop(run: Run, state: RunState, batches: TrainLoader, stop: StopReques
     if last_saved != state.step:
         save_checkpoint(run, state)
     return final_evaluation(run, state)
+
+
+def stop_while_waiting(run: Run, state: RunState, stop: StopRequest, last_saved: int, step_begun: bool,
+                       waited: StopWhileWaiting) -> dict:
+    """A stop request met a wait for data that did not end within the grace. The last completed step is
+    checkpointed when that is safe: one process (peers may sit in the step's collective, which a checkpoint
+    would not match), a step completed since the last checkpoint, and no batch of the unfinished step taken
+    (the data position would skip it). Otherwise the run ends with one line (StoppedWithoutCheckpoint)."""
+    name = signal.Signals(stop.signal).name
+    why = f"stop requested by {name} while waiting for training data ({waited})"
+    if run.info.world_size == 1 and 0 < state.step != last_saved and not step_begun:
+        log.warning("%s: checkpoint at step %d, then exit", why, state.step)
+        save_checkpoint(run, state)
+        return {"preempted": {"step": state.step, "signal": stop.signal}}
+    if state.step == 0 or state.step == last_saved:
+        kept = "nothing new to save" + (f" since the checkpoint of step {last_saved}" if state.step else "")
+    else:
+        reason = ("the other ranks may be inside the next step's collective" if run.info.world_size > 1
+                  else "a batch of the next step was already taken")
+        kept = f"step {state.step} is not saved ({reason}); the last complete checkpoint in {run.ckpt_dir} is kept"
+    raise StoppedWithoutCheckpoint(f"{why}; {kept}; continue with --resume latest once the data is readable "
+                                   f"(data.shards={run.cfg.data.shards})", stop.signal)
 
 
 def load_init_weights(model: torch.nn.Module, path: str) -> None:
@@ -540,12 +596,18 @@ def configure_device(cfg: Config, info: DistInfo) -> None:
 def _main(argv: list[str] | None) -> int:
     args = train_args.parse_args(argv, __doc__)
     cfg = train_args.resolved_config(args)  # ConfigError names the key: one line, exit 2 (shards.cli)
+    if args.overwrite and cfg.run.resume:
+        raise ConfigError(f"--overwrite starts the run afresh and run.resume={cfg.run.resume} continues it: give one "
+                          "of them")
     if args.print_config:  # shards and checkpoints need not exist yet: nothing starts
         print(cfg.to_yaml(), end="")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        train(cfg)  # a refusal before any work (ConfigError: checkpoint, world size) is the same on all ranks
+        train(cfg, overwrite=args.overwrite)  # a refusal before any work (ConfigError) is the same on all ranks
+    except StoppedWithoutCheckpoint as e:
+        print(f"{train_args.PROG}: stopped: {e}", file=sys.stderr)
+        return e.exit_code
     finally:
         shutdown()
     return 0
