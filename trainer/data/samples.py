@@ -17,11 +17,12 @@ from usercli import UserError
 log = logging.getLogger(__name__)
 
 # What can be wrong with a training sample; each kind is counted on its own (TensorBoard data/bad/<kind>).
+# New kinds go at the end: checkpoints keep the totals in this order (trainer.training.loop.restored_state pads).
 BAD_KINDS = ("truncated_tar", "missing_json", "malformed_json", "empty_captions", "concept_out_of_range",
-             "missing_image", "undecodable_image", "image_too_large", "other")
+             "missing_image", "undecodable_image", "image_too_large", "other", "unreachable_shard")
 
 
-class BadSample(ValueError):
+class BadSample(ValueError):  # noqa: N818 (a sample the stream skips and counts, not an error of the program)
     """A sample that cannot be used; the message names it and says why, `kind` is one of BAD_KINDS."""
 
     def __init__(self, message: str, kind: str = "other"):
@@ -55,6 +56,8 @@ def bad_kind(exn: Exception) -> str:
     """The BAD_KINDS entry of an exception met while reading a shard: anything not raised as a BadSample
     comes from webdataset's tar reading (a cut-off or unreadable tar)."""
     if isinstance(exn, BadSample):
+        return exn.kind
+    if getattr(exn, "kind", None) in BAD_KINDS:  # shards.remote.ShardUnreachableError: a URL past its retries
         return exn.kind
     return "truncated_tar"  # webdataset's tar reader: tarfile.ReadError, EOFError, OSError on a cut-off file
 

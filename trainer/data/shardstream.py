@@ -32,7 +32,7 @@ from shards.remote import RemoteReads, open_shard, read_ranges
 BLOCK = 512
 
 
-class TruncatedTar(OSError):
+class TruncatedTar(OSError):  # noqa: N818 (named for what the shard is, like the sample kinds)
     """A tar cut off inside a header or a member: the rest of that shard is lost."""
 
 

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from shards.remote import RemoteReads
 from trainer.data.collate import pad_tokens, stack_image_inputs
 from trainer.data.decode import RegionSpec, decode_image_input
 from trainer.data.pictures import RandomCrop
@@ -68,6 +69,7 @@ class StreamSettings:
     max_image_pixels: int = 64_000_000
     crop: RandomCrop | None = None
     batches_per_worker: int | None = None
+    reads: RemoteReads = field(default_factory=RemoteReads)  # how shards at a URL are read (data.shard_*)
 
 
 class TrainStream(IterableDataset):
@@ -161,7 +163,7 @@ class TrainStream(IterableDataset):
         passes = None if endless or s.resampled else 1
         return RawStream(self.set_urls, self.set_weights, s.resampled, s.shuffle_buffer,
                          Identity(self.rank, self.world_size, worker, num_workers, s.seed), handler=counter,
-                         on_shard=counter.new_shard, passes=passes, start_pass=start_epoch)
+                         on_shard=counter.new_shard, passes=passes, start_pass=start_epoch, reads=s.reads)
 
     def worker_batches(self, worker: int, num_workers: int, state: StreamState | None = None, *,
                        endless: bool = False, start_epoch: int | None = None,

@@ -68,7 +68,8 @@ def build_train_stream(cfg: Config, shardset: ShardSet, *, rank: int, world_size
     settings = StreamSettings(batch_size=d.batch_size, image_size=d.image_size, max_words=d.max_words,
                               shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, seed=cfg.run.seed,
                               epoch_samples=d.samples_per_epoch, max_image_pixels=d.max_image_pixels,
-                              crop=RandomCrop(d.random_crop_min_area) if d.random_crop else None)
+                              crop=RandomCrop(d.random_crop_min_area) if d.random_crop else None,
+                              reads=d.remote_reads())
     return TrainStream(shardset, d.train_split, settings, rank=rank, world_size=world_size,
                        tokenizer=build_tokenizer(cfg, shardset.vocab), regions=RegionSpec.from_config(cfg),
                        mix=mix or [])

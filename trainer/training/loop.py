@@ -113,6 +113,7 @@ def restored_state(saved: dict, rank: int, world: int, num_sets: int) -> RunStat
     state = RunState(**saved["run_state"])
     if not state.set_samples:
         state.set_samples = [0] * num_sets
+    state.bad_totals = [*state.bad_totals, *[0] * (len(BAD_KINDS) - len(state.bad_totals))]  # from before a new kind
     positions = saved["data_positions"]
     if len(positions) == world:
         state.data_epoch, state.data_batches = positions[rank]

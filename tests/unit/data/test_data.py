@@ -1,3 +1,4 @@
+"""The training stream and loader on small built shard sets: batches, splits across ranks and workers, epochs."""
 import io
 import json
 import shutil
@@ -6,10 +7,10 @@ import tarfile
 import pytest
 import torch
 
+from trainer.data.eval_samples import iter_eval_samples
+from trainer.data.loader import TrainLoader
 from trainer.data.shardset import ShardSet, check_shards_for_workers, image_id_hash
 from trainer.data.stream import StreamSettings, TrainStream
-from trainer.data.loader import TrainLoader
-from trainer.data.eval_samples import iter_eval_samples
 
 
 def _stream(shardset, rank=0, world_size=1, **kw):

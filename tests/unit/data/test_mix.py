@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_builtin
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import build_builtin
 from trainer.config import ConfigError, load_config
 from trainer.data.shardset import ShardSet, image_id_hash, mix_sets
 from trainer.data.stream import StreamSettings, TrainStream

@@ -113,10 +113,11 @@ def test_large_jpegs_are_decoded_at_reduced_size(monkeypatch):
 
 def test_feature_extraction_and_retrieval_use_the_same_decoder():
     import trainer.data.decode as decode
-    import trainer.tools.extract_features as extract
     import trainer.retrieval.query as query
+    import trainer.tools.extract_features as extract
 
-    assert query.decode_image is decode.decode_image  # trainer.retrieve's picture queries decode through trainer.retrieval.query
+    # trainer.retrieve's picture queries decode through trainer.retrieval.query
+    assert query.decode_image is decode.decode_image
     assert extract.decode_image_input is decode.decode_image_input
     png = encode(half_transparent_rgba())
     sample = {"__key__": "k", "png": png}

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
+from trainer.data.loader import TrainLoader
 from trainer.data.shardset import ShardSet
 from trainer.data.stream import StreamSettings, TrainStream
-from trainer.data.loader import TrainLoader
 
 
 def _stream(shardset, rank=0, world_size=1, mix=(), **kw):
