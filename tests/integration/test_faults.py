@@ -67,7 +67,8 @@ def test_each_kind_of_corrupt_sample_is_skipped_and_counted_and_no_good_sample_i
     assert re.search(r"builtin-train-\d+-0-\w+: .*\(in .*/builtin-train-\d+\.tar\)$", warnings[-1].getMessage())
     counted = dict(zip(BAD_KINDS, sum(item["bad_counts"] for item in items).tolist()))
     assert counted == {kind: injected["bad"][kind] for kind in BAD_KINDS}
-    assert all(counted[kind] > 0 for kind in BAD_KINDS if kind != "other")  # each kind injected and recognised
+    # each kind injected and recognised (unreachable_shard, a URL that stays down: tests/integration/test_remote_shards)
+    assert all(counted[kind] > 0 for kind in BAD_KINDS if kind not in ("other", "unreachable_shard"))
     assert counted["other"] == 0
     got = sorted(int(item["image_ids"][0]) for item in items if "images" in item)
     assert got == sorted(image_id_hash(i) for i in injected["good_ids"])  # no good sample lost or duplicated
