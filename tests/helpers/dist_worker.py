@@ -21,6 +21,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from worker_exit import leave  # noqa: E402 (tests/helpers is on the path by now)
+
 import trainer.training.step as train_module  # noqa: E402
 from trainer.config import Config, load_config  # noqa: E402
 from trainer.distributed import DistInfo, all_reduce_sum, gather_no_grad, init_distributed, shutdown  # noqa: E402
@@ -202,4 +204,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    leave(main(sys.argv[1:]))  # results saved, group destroyed: see worker_exit

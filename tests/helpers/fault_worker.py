@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_worker import RANK_BATCH, full_params, make_config, new_engine, rank_part, synthetic_batch  # noqa: E402
+from worker_exit import leave  # noqa: E402 (tests/helpers is on the path by now)
 
 from trainer.distributed import gather_no_grad, init_distributed, shutdown  # noqa: E402
 from trainer.training.step import train_step  # noqa: E402
@@ -99,4 +100,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    leave(main(sys.argv[1:]))  # results saved, group destroyed: see worker_exit

@@ -18,6 +18,8 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from worker_exit import leave  # noqa: E402 (tests/helpers is on the path by now)
+
 from trainer.config import load_config  # noqa: E402
 from trainer.data.collate import pad_tokens  # noqa: E402
 from trainer.distributed import init_distributed, shutdown  # noqa: E402
@@ -75,4 +77,4 @@ def main(out_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    leave(main(sys.argv[1]))  # results saved, group destroyed: see worker_exit
