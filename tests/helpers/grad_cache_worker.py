@@ -30,6 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from dist_worker import record_grads_before_step  # noqa: E402
 from worker_exit import leave  # noqa: E402 (tests/helpers is on the path by now)
 
 import trainer.training.step as step_module  # noqa: E402
@@ -120,21 +121,6 @@ def adam_moments(engine) -> dict[str, dict[str, torch.Tensor]]:
                 moment = engine.client_optimizer.state[p][key]
             moments[name] = moment.detach().clone().reshape(getattr(p, "ds_shape", p.shape))
     return out
-
-
-def record_grads_before_step(engine, into: dict) -> None:
-    """The averaged gradients the optimizer gets, read just before the boundary's engine.step."""
-    from deepspeed.utils import safe_get_full_grad
-
-    step = engine.step
-
-    def step_recording_grads(*args, **kwargs):
-        if engine.is_gradient_accumulation_boundary():
-            into.update({name: safe_get_full_grad(p).detach().clone()
-                         for name, p in engine.module.named_parameters()})
-        return step(*args, **kwargs)
-
-    engine.step = step_recording_grads
 
 
 def result(engine, init: dict, grads: dict, loss: torch.Tensor) -> dict:

@@ -13,28 +13,19 @@ tests/integration/test_distributed.py. Measured on 2 cores: 8e-8 (loss), 2e-7 (g
 """
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from grad_cache_worker import LR, WORLD, ZERO_CONFIGS
+from test_distributed import clean_env, free_port, start, wait_all
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "helpers" / "grad_cache_worker.py"
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 REL_TOL = 1e-5  # loss, gradients and Adam moments, relative (to the largest entry for tensors)
 PARAM_TOL = 1e-6  # absolute, after one step at lr = 1e-4
 TIMEOUT = 240
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_workers(mode: str, world: int, out: Path) -> dict:
@@ -42,23 +33,13 @@ def run_workers(mode: str, world: int, out: Path) -> dict:
     port = str(free_port())
     procs, logs = [], []
     for rank in range(world):
-        env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-        env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+        env = clean_env()
         if world > 1:
             env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         logs.append(out.with_name(f"{out.stem}-rank{rank}.log"))
-        with logs[-1].open("w") as log:
-            procs.append(subprocess.Popen([sys.executable, str(WORKER), mode, str(out)], env=env, cwd=REPO,
-                                          stdout=log, stderr=subprocess.STDOUT))
-    try:
-        codes = [p.wait(timeout=TIMEOUT) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for code, log in zip(codes, logs):
-        assert code == 0, f"{log.name}: exit code {code}\n{log.read_text()[-5000:]}"
+        procs.append(start([sys.executable, str(WORKER), mode, str(out)], env, logs[-1]))
+    wait_all(procs, logs, TIMEOUT)
     return torch.load(out)
 
 
