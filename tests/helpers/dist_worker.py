@@ -21,11 +21,11 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from worker_exit import leave  # noqa: E402 (tests/helpers is on the path by now)
+from worker_exit import run_and_leave  # noqa: E402 (tests/helpers is on the path by now)
 
 import trainer.training.step as train_module  # noqa: E402
 from trainer.config import Config, load_config  # noqa: E402
-from trainer.distributed import DistInfo, all_reduce_sum, gather_no_grad, init_distributed, shutdown  # noqa: E402
+from trainer.distributed import DistInfo, all_reduce_sum, gather_no_grad  # noqa: E402
 from trainer.engine.build import build_engine, deepspeed_config  # noqa: E402
 from trainer.training.factory import build_loss, build_model  # noqa: E402
 from trainer.training.step import gather_global_batch, train_step  # noqa: E402
@@ -190,18 +190,9 @@ def run_distributed(info: DistInfo) -> dict:
     return results
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> None:
     mode, out_path = argv
-    info = init_distributed()
-    torch.set_num_threads(1)
-    try:
-        results = {"reference": run_reference, "distributed": run_distributed}[mode](info)
-        if info.is_main:
-            torch.save(results, out_path)
-    finally:
-        shutdown()
-    return 0
-
+    run_and_leave({"reference": run_reference, "distributed": run_distributed}[mode], out_path)
 
 if __name__ == "__main__":
-    leave(main(sys.argv[1:]))  # results saved, group destroyed: see worker_exit
+    main(sys.argv[1:])

@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_worker import RANK_BATCH, full_params, make_config, new_engine, rank_part, synthetic_batch  # noqa: E402
-from worker_exit import leave  # noqa: E402 (tests/helpers is on the path by now)
+from worker_exit import run_and_leave  # noqa: E402 (tests/helpers is on the path by now)
 
-from trainer.distributed import gather_no_grad, init_distributed, shutdown  # noqa: E402
+from trainer.distributed import DistInfo, gather_no_grad  # noqa: E402
 from trainer.training.step import train_step  # noqa: E402
 
 STAGES = ("zero0", "zero2", "zero3")  # ZeRO-1 shares ZeRO-2's optimizer code
@@ -84,20 +84,16 @@ def run_stage(zero: str, info, precision: str = "fp32") -> dict:
     return out
 
 
-def main(argv: list[str]) -> int:
-    (out_path,) = argv
-    info = init_distributed()
-    torch.set_num_threads(1)
-    try:
-        results = {zero: run_stage(zero, info) for zero in STAGES}
-        # bf16 autocast: the same skip, and the skip still leaves the fp32 master weights and Adam untouched
-        results.update({f"{zero}/bf16": run_stage(zero, info, "bf16") for zero in BF16_STAGES})
-        if info.is_main:
-            torch.save(results, out_path)
-    finally:
-        shutdown()
-    return 0
+def run_all_stages(info: DistInfo) -> dict:
+    results = {zero: run_stage(zero, info) for zero in STAGES}
+    # bf16 autocast: the same skip, and the skip still leaves the fp32 master weights and Adam untouched
+    results.update({f"{zero}/bf16": run_stage(zero, info, "bf16") for zero in BF16_STAGES})
+    return results
 
+
+def main(argv: list[str]) -> None:
+    (out_path,) = argv
+    run_and_leave(run_all_stages, out_path)
 
 if __name__ == "__main__":
-    leave(main(sys.argv[1:]))  # results saved, group destroyed: see worker_exit
+    main(sys.argv[1:])

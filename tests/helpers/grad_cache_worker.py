@@ -18,9 +18,7 @@ Rank 0 writes {result name: {"loss", "init", "params", "grads", "exp_avg", "exp_
 """
 from __future__ import annotations
 
-import os
 import sys
-import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,11 +29,11 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from dist_worker import record_grads_before_step  # noqa: E402
-from worker_exit import leave  # noqa: E402 (tests/helpers is on the path by now)
+from worker_exit import run_and_leave  # noqa: E402 (tests/helpers is on the path by now)
 
 import trainer.training.step as step_module  # noqa: E402
 from trainer.config import Config, load_config  # noqa: E402
-from trainer.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown  # noqa: E402
+from trainer.distributed import DistInfo, all_reduce_sum  # noqa: E402
 from trainer.engine.build import build_engine, deepspeed_config  # noqa: E402
 from trainer.training.factory import build_loss, build_model  # noqa: E402
 from trainer.training.step import concept_logits, grad_cache_step, train_step  # noqa: E402
@@ -191,22 +189,9 @@ def run_distributed(info: DistInfo) -> dict:
     return results
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> None:
     mode, out_path = argv
-    info = init_distributed()
-    torch.set_num_threads(1)
-    try:
-        results = {"reference": run_reference, "distributed": run_distributed}[mode](info)
-    except Exception:
-        # Leave at once: the other rank then fails in its next collective instead of waiting for this one.
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)
-    if info.is_main:
-        torch.save(results, out_path)
-    shutdown()
-    return 0
-
+    run_and_leave({"reference": run_reference, "distributed": run_distributed}[mode], out_path)
 
 if __name__ == "__main__":
-    leave(main(sys.argv[1:]))  # results saved, group destroyed: see worker_exit
+    main(sys.argv[1:])
