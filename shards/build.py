@@ -23,7 +23,6 @@ import argparse
 import functools
 import hashlib
 import json
-import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -234,18 +233,6 @@ def _reference_vocab(args: argparse.Namespace) -> tuple[Path, dict, list[tuple[s
     return ref, manifest, [(c["lemma"], c["count"]) for c in concepts]
 
 
-# A Python object's repr with its memory address, as PIL names the bytes it could not identify
-# ("cannot identify image file <_io.BytesIO object at 0x7f...>"): it differs between two builds of the same input.
-_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
-
-
-def reproducible_skips(skipped: dict) -> dict:
-    """The manifest's record of skipped input without memory addresses: each example already names the sample
-    (its key or source row) before the message, so two builds of the same input write the same manifest."""
-    return {kind: {**entry, "examples": [_OBJECT_REPR.sub("its bytes", text) for text in entry["examples"]]}
-            for kind, entry in skipped.items()}
-
-
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -417,7 +404,7 @@ def _build(args: argparse.Namespace, pool: ThreadPoolExecutor) -> dict:
         "vocab_size": len(word_vocab),
         "spacy": extractor.describe(),
         "build": build_options,
-        "skipped": reproducible_skips(problems.manifest()),
+        "skipped": problems.manifest(),
         "resized_pictures": resized,
         "vocab_from": vocab_from,
     })

@@ -8,6 +8,7 @@ every byte of the stream.
 from __future__ import annotations
 
 import io
+import re
 
 from PIL import Image
 
@@ -17,6 +18,14 @@ from shards.sources.base import BadSample
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _SAVE_OPTIONS = {"JPEG": {"quality": 95}, "PNG": {"optimize": False}, "WEBP": {"quality": 95}}
 _CHECK_SIDE = 64  # decode JPEGs at about this size: the whole stream is still parsed
+# PIL names the bytes it cannot identify by their repr ("<_io.BytesIO object at 0x7f...>"): a memory address that
+# would make two builds of the same input record different reasons in their manifests
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _reason(e: Exception) -> str:
+    """PIL's error as a reason that is the same in every build: the object repr becomes "its bytes"."""
+    return f"{type(e).__name__}: {_OBJECT_REPR.sub('its bytes', str(e))}"
 
 
 def _decode_check(data: bytes) -> str:
@@ -34,7 +43,7 @@ def _decode_check(data: bytes) -> str:
             img.draft("RGB", (_CHECK_SIDE, _CHECK_SIDE))
             img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise BadSample("corrupt_image", f"not a decodable picture ({type(e).__name__}: {e})") from None
+        raise BadSample("corrupt_image", f"not a decodable picture ({_reason(e)})") from None
     return fmt
 
 
@@ -44,7 +53,7 @@ def _format(data: bytes) -> str:
         with Image.open(io.BytesIO(data)) as img:
             return img.format
     except (OSError, ValueError) as e:
-        raise BadSample("corrupt_image", f"not a picture ({type(e).__name__}: {e})") from None
+        raise BadSample("corrupt_image", f"not a picture ({_reason(e)})") from None
 
 
 def needs_resize(data: bytes, max_side: int | None) -> bool:
