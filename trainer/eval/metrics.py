@@ -11,7 +11,7 @@ Without that, a collapsed model (every score equal) would report 100% recall.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -31,10 +31,11 @@ def retrieval_ranks(img_vecs: Tensor, cap_vecs: Tensor, cap_to_img: Tensor, chun
 
 
 def combined_retrieval_ranks(img_spaces: Sequence[Tensor], cap_spaces: Sequence[Tensor],
-                             scores: dict[str, Sequence[float]], cap_to_img: Tensor, chunk_size: int = 256
-                             ) -> dict[str, tuple[Tensor, Tensor]]:
+                             scores: dict[Hashable, Sequence[float]], cap_to_img: Tensor, chunk_size: int = 256
+                             ) -> dict[Hashable, tuple[Tensor, Tensor]]:
     """Ranks as `retrieval_ranks` for several scores at once, each a weighted sum of per-space inner products:
-    scores[name] = (w_0, w_1, ...) scores a pair with sum_k w_k <img_spaces[k], cap_spaces[k]>.
+    scores[name] = (w_0, w_1, ...) scores a pair with sum_k w_k <img_spaces[k], cap_spaces[k]> (any hashable
+    name: a string, or the local share of a mix).
 
     One pass over tiles of the score matrices: image blocks of chunk_size rows against the caption blocks
     that belong to each image block (captions grouped by image), so every inner product is computed once
@@ -90,7 +91,7 @@ def combined_retrieval_ranks(img_spaces: Sequence[Tensor], cap_spaces: Sequence[
     return {name: (i2t[name], t2i[name]) for name in scores}
 
 
-def _check_scores(img_spaces: Sequence[Tensor], cap_spaces: Sequence[Tensor], scores: dict[str, Sequence[float]],
+def _check_scores(img_spaces: Sequence[Tensor], cap_spaces: Sequence[Tensor], scores: dict[Hashable, Sequence[float]],
                   chunk_size: int) -> None:
     """combined_retrieval_ranks' arguments: a positive chunk size, paired spaces, one weight per space."""
     if chunk_size < 1:
@@ -168,31 +169,46 @@ def chance_recalls(caps_per_image: Tensor | Sequence[int], ks: Sequence[int] = D
 
 
 def evaluate_embeddings(img_g: Tensor, img_l: Tensor | None, cap_g: Tensor, cap_l: Tensor | None,
-                        cap_to_img: Tensor, local_weight: float = 1.0, chunk_size: int = 256
+                        cap_to_img: Tensor, local_share: float = 0.5, chunk_size: int = 256
                         ) -> dict[str, dict[str, float]]:
     """Recalls of the global, local and concatenated scores: {"global": ..., "local": ..., "concat": ...}.
 
-    concat scores with [g; sqrt(w) l], the exported retrieval vector, i.e. <g_v,g_t> + w <l_v,l_t>.
-    With img_l and cap_l both None only "global" is returned.
+    concat scores with [sqrt(1 - a) g; sqrt(a) l] (a = local_share, trainer.eval.concat_weight), the exported
+    retrieval vector, i.e. (1 - a) <g_v,g_t> + a <l_v,l_t>. With img_l and cap_l both None only "global" is
+    returned.
     """
     if img_l is None and cap_l is None:
         _check_embeddings(img_g, cap_g, "img_g", "cap_g")
         return {"global": recalls(*retrieval_ranks(img_g, cap_g, cap_to_img, chunk_size))}
+    by_share = mix_recalls(img_g, img_l, cap_g, cap_l, cap_to_img, (0.0, 1.0, local_share), chunk_size)
+    return {"global": by_share[0.0], "local": by_share[1.0], "concat": by_share[local_share]}
+
+
+def mix_recalls(img_g: Tensor, img_l: Tensor, cap_g: Tensor, cap_l: Tensor, cap_to_img: Tensor,
+                shares: Sequence[float], chunk_size: int = 256) -> dict[float, dict[str, float]]:
+    """Recalls of the mixed score (1 - a) <g_v,g_t> + a <l_v,l_t> for each local share a in `shares`, in one pass
+    over the tiles (a = 0: the global space alone, a = 1: the local space alone)."""
     if img_l is None or cap_l is None:
         raise ValueError("img_l and cap_l must both be given or both be None; got only "
                          + ("cap_l" if img_l is None else "img_l"))
-    if not (math.isfinite(local_weight) and local_weight >= 0):
-        raise ValueError(f"local_weight must be finite and >= 0, got {local_weight}")
+    for share in shares:
+        if not 0.0 <= share <= 1.0:  # also nan
+            raise ValueError(f"local_share must be in [0, 1], got {share}")
     _check_embeddings(img_g, cap_g, "img_g", "cap_g")
     _check_embeddings(img_l, cap_l, "img_l", "cap_l")
     for name_a, a, name_b, b in (("img_g", img_g, "img_l", img_l), ("cap_g", cap_g, "cap_l", cap_l)):
         if a.shape[0] != b.shape[0]:  # both already checked above: only the row counts are left to compare
             raise ValueError(f"{name_a} has {a.shape[0]} rows but {name_b} has {b.shape[0]}")
-    # One pass for the three scores: concat's <g,g> + w <l,l> is a weighted sum of the two spaces' products.
+    # Every mix is a weighted sum of the two spaces' products: one pass scores them all.
     ranks = combined_retrieval_ranks([img_g, img_l], [cap_g, cap_l],
-                                     {"global": (1.0, 0.0), "local": (0.0, 1.0), "concat": (1.0, local_weight)},
+                                     {share: (1.0 - share, share) for share in dict.fromkeys(shares)},
                                      cap_to_img, chunk_size)
-    return {name: recalls(*pair) for name, pair in ranks.items()}
+    return {share: recalls(*pair) for share, pair in ranks.items()}
+
+
+def concat_rows(g: Tensor, l: Tensor, local_share: float) -> Tensor:
+    """[sqrt(1 - a) g; sqrt(a) l]: rows whose inner products are the mixed score of share a."""
+    return torch.cat([math.sqrt(1.0 - local_share) * g, math.sqrt(local_share) * l], dim=-1)
 
 
 def format_table(results: dict[str, dict[str, float]], chance: dict[str, float] | None = None) -> str:
@@ -330,13 +346,12 @@ def plausible_match_precision(img_vecs: Tensor, cap_vecs: Tensor, cap_to_img: Te
 
 
 def plausible_match_scores(img_g: Tensor, img_l: Tensor | None, cap_g: Tensor, cap_l: Tensor | None,
-                           cap_to_img: Tensor, classes: Tensor, local_weight: float = 1.0) -> dict[str, dict]:
-    """plausible_match_precision of the global, local and concatenated ([g; sqrt(w) l]) scores."""
+                           cap_to_img: Tensor, classes: Tensor, local_share: float = 0.5) -> dict[str, dict]:
+    """plausible_match_precision of the global, local and concatenated ([sqrt(1 - a) g; sqrt(a) l]) scores."""
     spaces = {"global": (img_g, cap_g)}
     if img_l is not None and cap_l is not None:
-        root = math.sqrt(local_weight)
         spaces["local"] = (img_l, cap_l)
-        spaces["concat"] = (torch.cat([img_g, root * img_l], 1), torch.cat([cap_g, root * cap_l], 1))
+        spaces["concat"] = (concat_rows(img_g, img_l, local_share), concat_rows(cap_g, cap_l, local_share))
     return {name: plausible_match_precision(i, c, cap_to_img, classes) for name, (i, c) in spaces.items()}
 
 
@@ -347,7 +362,7 @@ def _rows_or_none(x: Tensor | None, rows: slice | Tensor) -> Tensor | None:
 
 
 def fold_average(img_g: Tensor, img_l: Tensor | None, cap_g: Tensor, cap_l: Tensor | None, cap_to_img: Tensor,
-                 local_weight: float = 1.0, fold_size: int = 1000) -> dict[str, dict[str, float]]:
+                 local_share: float = 0.5, fold_size: int = 1000) -> dict[str, dict[str, float]]:
     """evaluate_embeddings on consecutive folds of `fold_size` pictures (with their captions), averaged: the
     COCO 1K protocol (five folds of a 5K split). The number of pictures must be a multiple of fold_size."""
     num_images = img_g.shape[0]
@@ -360,6 +375,6 @@ def fold_average(img_g: Tensor, img_l: Tensor | None, cap_g: Tensor, cap_l: Tens
         in_fold = (cap_to_img >= start) & (cap_to_img < start + fold_size)
         per_fold.append(evaluate_embeddings(img_g[fold_images], _rows_or_none(img_l, fold_images),
                                             cap_g[in_fold], _rows_or_none(cap_l, in_fold), cap_to_img[in_fold] - start,
-                                            local_weight))
+                                            local_share))
     return {score: {key: sum(fold[score][key] for fold in per_fold) / len(per_fold) for key in per_fold[0][score]}
             for score in per_fold[0]}

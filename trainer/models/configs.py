@@ -9,10 +9,27 @@ uses them, so a tower sees only its own options.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 from trainer.config import Config, ConfigError
+
+AUTO_WEIGHT = "auto"  # model.local_score_weight=auto: the share is chosen on the validation split
+DEFAULT_SHARE = 0.5  # w = 1: the paper's plain concatenation
+
+
+def share_of_weight(weight: float) -> float:
+    """The local share a = w / (1 + w) of a weight w >= 0 in <g, g> + w <l, l> (same ranking as
+    (1 - a) <g, g> + a <l, l>); an infinite w is 1, the local space alone."""
+    if not weight >= 0:  # also nan
+        raise ValueError(f"a local score weight must be >= 0, got {weight}")
+    return 1.0 if math.isinf(weight) else weight / (1.0 + weight)
+
+
+def start_share(local_score_weight: float | str) -> float:
+    """The share a model starts with: a fixed weight's, or DEFAULT_SHARE under auto (until validation chooses)."""
+    return DEFAULT_SHARE if local_score_weight == AUTO_WEIGHT else share_of_weight(float(local_score_weight))
 
 
 @dataclass(frozen=True)
@@ -71,7 +88,9 @@ class EmbedderConfig:
     max_words: int = 32  # data.max_words: most parts per caption (the text heads' GPO table)
     pooling: Literal["gpo", "mean"] = "gpo"  # model.pooling
     local_space: bool = True  # loss.local != none
-    local_score_weight: float = 1.0  # model.local_score_weight: w in s = <g, g> + w <l, l>
+    # The concatenation's local share a in s = (1 - a) <g, g> + a <l, l>: model.local_score_weight w gives
+    # a = w / (1 + w); auto starts at 0.5 (w = 1) until the validation split chooses (trainer.eval.concat_weight).
+    local_share: float = 0.5
     num_concepts: int = 0  # concept logits per local vector (loss.concept_bce_weight > 0); 0 = no concept head
 
     @classmethod
@@ -82,5 +101,5 @@ class EmbedderConfig:
             raise ConfigError("loss.concept_bce_weight: the shard set lists no concepts (concepts.json) to predict; "
                               "set loss.concept_bce_weight=0")
         return cls(embed_dim=cfg.model.embed_dim, max_words=cfg.data.max_words, pooling=cfg.model.pooling,
-                   local_space=cfg.loss.local != "none", local_score_weight=cfg.model.local_score_weight,
+                   local_space=cfg.loss.local != "none", local_share=start_share(cfg.model.local_score_weight),
                    num_concepts=num_concepts if concept_head else 0)

@@ -3,8 +3,10 @@
 Each modality yields a set of parts (CNN grid cells or regions from the image tower, caption words from the text
 tower). Two heads per modality project the parts into the shared global and local spaces; each head pools its
 parts (GPO by default) and L2-normalises, so a picture or a caption becomes (g, l). Retrieval scores with one
-inner product of `retrieval_vector`s:
-<[g_v; sqrt(w) l_v], [g_t; sqrt(w) l_t]> = <g_v, g_t> + w <l_v, l_t>.
+inner product of `retrieval_vector`s, unit vectors that mix the spaces with the local share a (`local_share`):
+<[sqrt(1 - a) g_v; sqrt(a) l_v], [sqrt(1 - a) g_t; sqrt(a) l_t]> = (1 - a) <g_v, g_t> + a <l_v, l_t>.
+a is not a parameter: it is set from the config (model.local_score_weight w fixes a = w / (1 + w)) or chosen on
+the validation split after training (trainer.eval.concat_weight).
 
 The towers come built (trainer.models.image_towers, trainer.models.text_encoders; trainer.training.factory
 builds all three from the run's config), the heads from an `EmbedderConfig`:
@@ -47,7 +49,8 @@ class HierarchicalEmbedder(nn.Module):
             raise ValueError("num_concepts needs local_space: concept logits are computed from local vectors")
         self.local_space = config.local_space
         self.embed_dim = config.embed_dim
-        self.local_score_weight = float(config.local_score_weight)
+        # Not a buffer: the state dict (checkpoints, model.pt) keeps its keys; the run folder records the choice.
+        self.local_share = float(config.local_share)
         self.autocast_dtype = autocast_dtype
         self.max_words = config.max_words
         # The attribute names are the state dict's key prefixes (checkpoints, exported model.pt files): they stay.
@@ -125,14 +128,15 @@ class HierarchicalEmbedder(nn.Module):
             self.image_encoder.backbone_grad = enabled
 
     def retrieval_vector(self, g: Tensor, l: Tensor | None) -> Tensor:
-        """The exported vector [g; sqrt(w) l], whose inner products are <g_v, g_t> + w <l_v, l_t>."""
+        """The exported vector [sqrt(1 - a) g; sqrt(a) l] (a = local_share), whose inner products are
+        (1 - a) <g_v, g_t> + a <l_v, l_t>: the concatenation that evaluation scores."""
         if not self.local_space:
             if l is not None:
                 raise ValueError("retrieval_vector got a local vector but the model has no local space")
             return g
         if l is None:
             raise ValueError("retrieval_vector needs the local vector l: the model has a local space")
-        return torch.cat([g, math.sqrt(self.local_score_weight) * l], dim=-1)
+        return torch.cat([math.sqrt(1.0 - self.local_share) * g, math.sqrt(self.local_share) * l], dim=-1)
 
     def _check_text(self, tokens: Tensor, lengths: Tensor) -> None:
         if tokens.dim() != 2 or lengths.shape != tokens.shape[:1]:

@@ -1,7 +1,8 @@
 """Retrieval examples and the embedding projector for TensorBoard, drawn from one evaluation's embeddings.
 
-Everything is scored as evaluation scores (trainer.eval.metrics, "concat"): rows [g; sqrt(w) l] and inner products,
-ties counted against the right answer. The query sets are fixed (the first pictures of the split in
+Everything is scored as evaluation scores (trainer.eval.metrics, "concat"): rows [sqrt(1 - a) g; sqrt(a) l], a the
+local share the evaluation used (chosen on the validation split under model.local_score_weight=auto), and inner
+products, ties counted against the right answer. The query sets are fixed (the first pictures of the split in
 embed_split's order, and the first caption of each), so the images of successive evaluations compare.
 
 - examples/text_to_image: per query caption (drawn above), its top-k pictures of the whole split, framed green
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import io
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from trainer.data.samples import parse_meta, picture_bytes
 from trainer.data.shardset import ShardSet
+from trainer.eval.metrics import concat_rows
 
 FONT_FILE = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 GREEN = (0, 170, 0)
@@ -46,13 +47,13 @@ def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size)
 
 
-def retrieval_vectors(emb: dict, local_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Picture and caption rows scored as evaluation's "concat": [g; sqrt(w) l] (just g without a local space)."""
+def retrieval_vectors(emb: dict, local_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Picture and caption rows scored as evaluation's "concat": [sqrt(1 - a) g; sqrt(a) l] (just g without a
+    local space)."""
     if emb.get("img_l") is None:
         return emb["img_g"].float(), emb["cap_g"].float()
-    scale = math.sqrt(local_weight)
-    return (torch.cat([emb["img_g"].float(), scale * emb["img_l"].float()], dim=1),
-            torch.cat([emb["cap_g"].float(), scale * emb["cap_l"].float()], dim=1))
+    return (concat_rows(emb["img_g"].float(), emb["img_l"].float(), local_share),
+            concat_rows(emb["cap_g"].float(), emb["cap_l"].float(), local_share))
 
 
 def first_captions(cap_to_img: torch.Tensor, num_images: int) -> list[int]:
@@ -175,9 +176,9 @@ def image_to_text_panel(queries: list[dict], pictures: dict[int, Image.Image], g
     return canvas
 
 
-def retrieval_examples(emb: dict, local_weight: float, num_queries: int = 6, k: int = 5) -> dict:
+def retrieval_examples(emb: dict, local_share: float, num_queries: int = 6, k: int = 5) -> dict:
     """The example queries and their top k: {"text_to_image": [...], "image_to_text": [...]} (see the panels)."""
-    img, cap = retrieval_vectors(emb, local_weight)
+    img, cap = retrieval_vectors(emb, local_share)
     cap_to_img = emb["cap_to_img"]
     num_images = img.shape[0]
     k = min(k, num_images, cap.shape[0])
@@ -221,11 +222,11 @@ def _tsv_safe(text: str) -> str:
     return " ".join(str(text).split())  # the projector's metadata.tsv has one line per row and tab columns
 
 
-def projector_rows(emb: dict, local_weight: float, pictures: dict[int, Image.Image], num_images: int,
+def projector_rows(emb: dict, local_share: float, pictures: dict[int, Image.Image], num_images: int,
                    thumb: int) -> tuple[torch.Tensor, list[list[str]], torch.Tensor]:
     """(vectors, metadata rows [modality, text, image_id], thumbnails [N, 3, thumb, thumb] in [0, 1]) of the
     first `num_images` pictures followed by all their captions."""
-    img, cap = retrieval_vectors(emb, local_weight)
+    img, cap = retrieval_vectors(emb, local_share)
     num_images = min(num_images, img.shape[0])
     caps = [c for c, i in enumerate(emb["cap_to_img"].tolist()) if i < num_images]
     vectors = torch.cat([img[:num_images], cap[caps]])
@@ -250,12 +251,12 @@ class ExampleOptions:
     projector_thumb: int = 48
 
 
-def log_eval_examples(writer, step: int, emb: dict, shardset: ShardSet, split: str, local_weight: float,
+def log_eval_examples(writer, step: int, emb: dict, shardset: ShardSet, split: str, local_share: float,
                       options: ExampleOptions = ExampleOptions()) -> None:
     """Write examples/text_to_image, examples/image_to_text and a projector embedding for one evaluation."""
     num_queries, k, grid = options.num_queries, options.k, options.grid
     projector_images, projector_thumb = options.projector_images, options.projector_thumb
-    examples = retrieval_examples(emb, local_weight, num_queries, k)
+    examples = retrieval_examples(emb, local_share, num_queries, k)
     rows = {i for q in examples["text_to_image"] for i, _ in q["top"]}
     rows |= {q["answer"] for q in examples["text_to_image"]} | {q["image"] for q in examples["image_to_text"]}
     num_proj = min(projector_images, emb["img_g"].shape[0])
@@ -268,6 +269,6 @@ def log_eval_examples(writer, step: int, emb: dict, shardset: ShardSet, split: s
             image = np.asarray(panel(examples[tag], pictures, grid), dtype=np.uint8)
             writer.add_image(f"examples/{tag}", image, step, dataformats="HWC")
     if num_proj:
-        vectors, meta, thumbs = projector_rows(emb, local_weight, pictures, num_proj, projector_thumb)
+        vectors, meta, thumbs = projector_rows(emb, local_share, pictures, num_proj, projector_thumb)
         writer.add_embedding(vectors, metadata=meta, label_img=thumbs, global_step=step,
                              tag=f"{split}_retrieval_vectors", metadata_header=["modality", "text", "image_id"])

@@ -81,11 +81,12 @@ class RunLogger:
                   for split in splits}
         self.writer.add_custom_scalars(layout)
 
-    def eval_examples(self, step: int, emb: dict, shardset, split: str, local_weight: float) -> None:
-        """Retrieval examples and the projector from one evaluation's embeddings (embed_split's output)."""
+    def eval_examples(self, step: int, emb: dict, shardset, split: str, local_share: float) -> None:
+        """Retrieval examples and the projector from one evaluation's embeddings (embed_split's output), the
+        concatenation mixed with `local_share` (the evaluation's)."""
         if self.writer is None:
             return
-        log_eval_examples(self.writer, step, emb, shardset, split, local_weight)
+        log_eval_examples(self.writer, step, emb, shardset, split, local_share)
 
     def hparams(self, config: dict, results: dict, split: str) -> None:
         """The flattened config beside the final recalls of `split` (TensorBoard's HPARAMS tab)."""

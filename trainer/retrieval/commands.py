@@ -12,8 +12,10 @@ Query it: a caption ranks pictures; a picture ranks captions (or pictures, with 
 Search page on http://127.0.0.1:8000 (binds 127.0.0.1 unless --host says otherwise):
     python -m trainer.retrieve serve --index runs/builtin/index
 
-The folder's layout is in trainer/retrieval/index_folder.py; vectors are the model's [g; sqrt(w) l], a score is a dot
-product, as in evaluation. The model is loaded once per command, however many queries it answers.
+The folder's layout is in trainer/retrieval/index_folder.py; vectors are the model's [sqrt(1 - a) g; sqrt(a) l], a
+score is a dot product, as in evaluation. The local share a is the run's (chosen on its validation split under
+model.local_score_weight=auto: trainer.eval.concat_weight); index.json records it and queries use it. The model is
+loaded once per command, however many queries it answers.
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ from trainer.config import ConfigError, load_run_config
 from trainer.data.shardset import ShardSet
 from trainer.distributed import broadcast_object, is_active, shutdown
 from trainer.engine.checkpoint import CheckpointError, find, refuse_sharded_weights_elsewhere
+from trainer.eval.concat_weight import describe
 from trainer.eval.evaluation import EmbedOptions, add_checkpoint_arguments, load_run
+from trainer.models.configs import share_of_weight
 from trainer.retrieval.answers import format_answer, search
 from trainer.retrieval.faiss_index import KINDS
 from trainer.retrieval.index_folder import FILES, RetrievalIndex, assemble
@@ -115,6 +119,8 @@ def export_index(run_dir: str | Path, out_dir: str | Path, options: ExportOption
     sets = [ShardSet.open(Path(root).resolve()) for root in options.shards] or [run.shardset]
     plan = plan_pieces(sets, split)
     record = {"run": str(run_dir), "checkpoint": run.load_path, "split": split, "sets": [str(s.root) for s in sets]}
+    if run.model.local_space:  # pieces of two mixes would not score alike
+        record["local_share"] = run.model.local_share
     if info.is_main:
         prepare_out_dir(out, options.overwrite)
         _check_record(out, record, options.resume)
@@ -128,7 +134,7 @@ def export_index(run_dir: str | Path, out_dir: str | Path, options: ExportOption
         meta = assemble(out, plan, {
             "run": str(run_dir), "config": str(run_dir / "config.yaml"), "checkpoint": run.load_path,
             "checkpoint_tag": Path(run.load_path).parent.name, "step": run.step, "split": split,
-            "sets": record["sets"], "local_score_weight": cfg.model.local_score_weight,
+            "sets": record["sets"], **(describe(model.local_share) if model.local_space else {}),
             "dim": model.embed_dim * (2 if model.local_space else 1)}, options.kind)
     return broadcast_object(meta)
 
@@ -144,8 +150,22 @@ def open_index(index_dir: str | Path):
 
 
 def load_encoder(index, tokenizer):
-    """The query encoder of the index's checkpoint (the model, loaded once for the whole session)."""
-    return QueryEncoder(load_run(index.meta["run"], index.meta["checkpoint_tag"]), tokenizer)
+    """The query encoder of the index's checkpoint (the model, loaded once for the whole session). Queries mix the
+    spaces with the share the index was built with, whatever the run has recorded since."""
+    run = load_run(index.meta["run"], index.meta["checkpoint_tag"])
+    share = index_share(index.meta)
+    if share is not None and run.model.local_space:
+        run.model.local_share = share
+    return QueryEncoder(run, tokenizer)
+
+
+def index_share(meta: dict) -> float | None:
+    """The local share an index.json says its vectors were built with: local_share, or the fixed
+    local_score_weight of an index written before the share was recorded (None: global vectors only)."""
+    if "local_share" in meta:
+        return float(meta["local_share"])
+    weight = meta.get("local_score_weight")
+    return None if weight is None else share_of_weight(float(weight))
 
 
 def _check_queries(args, cfg, tokenizer) -> tuple[list[tuple[str, str, bytes | None]], int]:

@@ -1,8 +1,8 @@
 """Embed shard sets into retrieval-vector pieces, one piece per shard, on every rank, with bounded memory.
 
 A piece is what one shard holds: INDEX/pieces/pNNNNNN.images.npy and .captions.npy (float32 rows
-[g; sqrt(w) l], the model's `retrieval_vector`) and pNNNNNN.json (each picture's shard file, key, image id and
-captions; written last, atomically, so it marks the piece complete). The plan numbers the shards of every set
+[sqrt(1 - a) g; sqrt(a) l], the model's `retrieval_vector`) and pNNNNNN.json (each picture's shard file, key, image
+id and captions; written last, atomically, so it marks the piece complete). The plan numbers the shards of every set
 in order, so an interrupted export that runs again skips the pieces already written (as `shards build
 --resume` skips finished shards). Rank r embeds pieces r, r + world, ...; a rank holds one shard's vectors at
 most. Samples are read and encoded as evaluation reads them (trainer.data's parse_meta and decode_image_input,

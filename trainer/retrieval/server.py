@@ -63,7 +63,8 @@ def create_app(index, encoder, *, max_query_chars: int = 1000, max_upload_bytes:
     def info():
         return jsonify(split=meta["split"], sets=[Path(s).name for s in meta["sets"]], step=meta["step"],
                        checkpoint=meta["checkpoint_tag"], counts=meta["counts"], index=meta["index"]["images"]["type"],
-                       max_query_chars=max_query_chars, max_upload_bytes=max_upload_bytes)
+                       max_query_chars=max_query_chars, max_upload_bytes=max_upload_bytes,
+                       local_share=meta.get("local_share"))  # the concatenation's mix (null: global vectors only)
 
     @app.get("/api/search")
     def search_text():

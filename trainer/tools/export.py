@@ -5,8 +5,10 @@
 
 No process group and no GPU: the checkpoint files are read directly (the last complete checkpoint by
 default; an incomplete or truncated one is refused naming the file). model.pt holds {"state_dict" (fp32
-tensors), "step", "tag", "run", "config"} and loads with torch.load(weights_only=True); a new run starts from
-it with model.init_from=model.pt, on any number of ranks.
+tensors), "step", "tag", "run", "config", "concat_weight"} and loads with torch.load(weights_only=True); a new run
+starts from it with model.init_from=model.pt, on any number of ranks. "concat_weight" is the concatenation's mix the
+run scores with ({"local_share", "local_score_weight", "source"}: trainer.eval.concat_weight; None without a local
+space): a run started from the file under model.local_score_weight=auto starts with it.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import yaml
 
 from trainer.config import ConfigError
 from trainer.engine import checkpoint
+from trainer.eval.concat_weight import describe, run_share
+from trainer.models.configs import AUTO_WEIGHT
 from usercli import OneLineParser, cli_main
 from usercli.outputs import atomic_output, check_output_file
 
@@ -36,12 +40,14 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "latest") -> dict:
     tag, marker = checkpoint.find_readable(ckpt_dir, tag, option="--checkpoint")
     config_path = run_dir / "config.yaml"
     weights = checkpoint.fp32_state_dict(ckpt_dir, tag)
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
     payload = {
         "state_dict": {k: v.detach().float().contiguous() for k, v in weights.items()},
         "step": marker["step"],
         "tag": tag,
         "run": str(run_dir),
-        "config": yaml.safe_load(config_path.read_text()) if config_path.is_file() else None,
+        "config": config,
+        "concat_weight": run_concat_weight(config, run_dir),
     }
     try:
         with atomic_output(out) as tmp:  # never a half-written model.pt, nor a temporary left behind
@@ -50,6 +56,18 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "latest") -> dict:
         raise ConfigError(f"--out {out}: writing failed ({str(e).strip().splitlines()[-1]}): is there space left "
                           f"on the device? Free some or write elsewhere") from e
     return payload
+
+
+def run_concat_weight(config: dict | None, run_dir: Path) -> dict | None:
+    """The concatenation's share the run scores with (trainer.eval.concat_weight.run_share: the config's fixed
+    weight, else the share chosen on validation), and where it came from; None for a global-only model or a run
+    folder without its config."""
+    model, loss = (config or {}).get("model") or {}, (config or {}).get("loss") or {}
+    if config is None or loss.get("local") == "none":
+        return None
+    # an old config.yaml's number, or auto (the default where the key is absent)
+    share, source = run_share(model.get("local_score_weight", AUTO_WEIGHT), run_dir)
+    return {**describe(share), "source": source}
 
 
 def _main(argv: list[str] | None) -> int:
@@ -61,7 +79,9 @@ def _main(argv: list[str] | None) -> int:
     payload = export(args.run, args.out, args.checkpoint)
     count = sum(v.numel() for v in payload["state_dict"].values())
     print(f"wrote {args.out}: {len(payload['state_dict'])} tensors, {count / 1e6:.2f}M fp32 parameters, "
-          f"checkpoint {payload['tag']} (step {payload['step']})")
+          f"checkpoint {payload['tag']} (step {payload['step']})"
+          + (f", concatenation local share {payload['concat_weight']['local_share']:.3g}"
+             if payload["concat_weight"] else ""))
     return 0
 
 

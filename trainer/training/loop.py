@@ -58,8 +58,10 @@ from trainer.data.shardset import ShardSet, check_shards_for_workers, mix_sets
 from trainer.distributed import DistInfo, gather_no_grad, init_distributed, shutdown
 from trainer.engine import checkpoint, universal
 from trainer.engine.build import backbone_lr, build_engine, deepspeed_config
+from trainer.eval.concat_weight import exported_share, run_share
 from trainer.eval.evaluation import evaluate_split, results_table, write_results
 from trainer.loss.hierarchical import HierarchicalLoss
+from trainer.models.configs import AUTO_WEIGHT
 from trainer.observe.progress import ProgressBar, progress_enabled
 from trainer.observe.tblog import RunLogger
 from trainer.training.factory import build_loss, build_model, build_train_stream, compile_encoders
@@ -232,7 +234,9 @@ def prepare(cfg: Config, overwrite: bool = False) -> tuple[Run, list]:
     model = build_model(cfg, shardset)
     num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
     if cfg.model.init_from and not cfg.run.resume:
-        load_init_weights(model, cfg.model.init_from)
+        load_init_weights(model, cfg.model.init_from, keep_share=cfg.model.local_score_weight != AUTO_WEIGHT)
+    elif cfg.run.resume and model.local_space:  # the share chosen before the stop (or the fixed one)
+        model.local_share = run_share(cfg.model.local_score_weight, out_dir)[0]
     if cfg.engine.compile:
         compile_encoders(model, cfg.engine.compile_backend)
     engine = build_engine(cfg, model, ds_config)
@@ -462,11 +466,13 @@ def evaluate(run: Run, split: str, step: int, examples: bool) -> dict:
     """Every rank embeds its share; rank 0 scores, logs and writes RUN/eval/<split>.json; all get the results."""
     def on_embeddings(emb: dict) -> None:  # retrieval examples + projector, on rank 0 (it has the embeddings)
         if examples and run.regions is None:  # feature shard sets hold no pictures to show
-            run.tb.eval_examples(step, emb, run.shardset, split, run.cfg.model.local_score_weight)
+            run.tb.eval_examples(step, emb, run.shardset, split, run.engine.module.local_share)
 
     results = evaluate_split(run.engine.module, run.shardset, split, run.cfg, rank=run.info.rank,
                              world=run.info.world_size, on_embeddings=on_embeddings)
     run.tb.retrieval(step, split, results)
+    if "concat_weight" in results:  # the concatenation's local share: chosen on validation, or the run's
+        run.tb.scalars(step, {f"eval_{split}/concat/local_share": results["concat_weight"]["local_share"]})
     if run.info.is_main:
         write_results(results, run.out_dir, split, step)
     return results
@@ -572,11 +578,15 @@ def stop_while_waiting(run: Run, state: RunState, stop: StopRequest, last_saved:
                                    f"(data.shards={run.cfg.data.shards})", stop.signal)
 
 
-def load_init_weights(model: torch.nn.Module, path: str) -> None:
-    """model.init_from: the fp32 weights of `python -m trainer.export`."""
+def load_init_weights(model: torch.nn.Module, path: str, keep_share: bool = False) -> None:
+    """model.init_from: the fp32 weights of `python -m trainer.export`, and unless keep_share (a fixed
+    model.local_score_weight) the concatenation's share it carries."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
+        share = None if keep_share else exported_share(saved)
         model.load_state_dict(saved["state_dict"])
+        if share is not None and getattr(model, "local_space", False):  # the share its run chose on validation
+            model.local_share = share
     except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"model.init_from: cannot load {path} into this model: {e}") from e
     log.info("initial weights from %s (step %s of %s)", path, saved.get("step"), saved.get("run"))

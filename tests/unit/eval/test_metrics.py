@@ -11,9 +11,11 @@ from torch.overrides import TorchFunctionMode
 from trainer.eval.metrics import (
     chance_recalls,
     combined_retrieval_ranks,
+    concat_rows,
     evaluate_embeddings,
     fold_average,
     format_table,
+    mix_recalls,
     object_classes,
     plausible_match_precision,
     plausible_match_scores,
@@ -203,23 +205,45 @@ def _random_embeddings(gen, rows, dim=6):
     return torch.nn.functional.normalize(torch.randn(rows, dim, generator=gen), dim=1)
 
 
-def test_evaluate_embeddings_concat_scores_g_plus_w_l():
+def test_evaluate_embeddings_concat_scores_the_mix_of_the_spaces():
     gen = torch.Generator().manual_seed(2)
     cap_to_img = torch.arange(12).repeat_interleave(3)
     img_g, img_l = _random_embeddings(gen, 12), _random_embeddings(gen, 12)
     cap_g, cap_l = _random_embeddings(gen, 36), _random_embeddings(gen, 36)
-    out = evaluate_embeddings(img_g, img_l, cap_g, cap_l, cap_to_img, local_weight=4.0, chunk_size=5)
+    out = evaluate_embeddings(img_g, img_l, cap_g, cap_l, cap_to_img, local_share=0.8, chunk_size=5)
     assert list(out) == ["global", "local", "concat"]
     assert out["global"] == recalls(*retrieval_ranks(img_g, cap_g, cap_to_img))
     assert out["local"] == recalls(*retrieval_ranks(img_l, cap_l, cap_to_img))
-    manual = recalls(*retrieval_ranks(torch.cat([img_g, 2.0 * img_l], 1), torch.cat([cap_g, 2.0 * cap_l], 1),
-                                      cap_to_img))
+    manual = recalls(*retrieval_ranks(concat_rows(img_g, img_l, 0.8), concat_rows(cap_g, cap_l, 0.8), cap_to_img))
     assert out["concat"] == manual
-    # the concatenated vectors score exactly <g,g> + w <l,l>
+    # the concatenated vectors score (1 - a) <g,g> + a <l,l>: the ranking of <g,g> + w <l,l> with w = a / (1 - a) = 4
     combined = img_g @ cap_g.T + 4.0 * (img_l @ cap_l.T)
     assert out["concat"] == recalls(*retrieval_ranks(*vectors_scoring(combined), cap_to_img))
-    # w = 0 leaves only the global part
-    assert evaluate_embeddings(img_g, img_l, cap_g, cap_l, cap_to_img, local_weight=0.0)["concat"] == out["global"]
+    # the ends are the single spaces, exactly
+    assert evaluate_embeddings(img_g, img_l, cap_g, cap_l, cap_to_img, local_share=0.0)["concat"] == out["global"]
+    assert evaluate_embeddings(img_g, img_l, cap_g, cap_l, cap_to_img, local_share=1.0)["concat"] == out["local"]
+    with pytest.raises(ValueError, match=r"local_share must be in \[0, 1\]"):
+        evaluate_embeddings(img_g, img_l, cap_g, cap_l, cap_to_img, local_share=1.5)
+
+
+def test_concat_rows_are_unit_vectors_whose_products_mix_the_spaces():
+    gen = torch.Generator().manual_seed(4)
+    img_g, img_l, cap_g, cap_l = (_random_embeddings(gen, n) for n in (5, 5, 7, 7))
+    for share in (0.0, 0.25, 2 / 3, 1.0):
+        img, cap = concat_rows(img_g, img_l, share), concat_rows(cap_g, cap_l, share)
+        assert torch.allclose(img.norm(dim=1), torch.ones(5), atol=1e-6)
+        assert torch.allclose(img @ cap.T, (1 - share) * img_g @ cap_g.T + share * img_l @ cap_l.T, atol=1e-6)
+
+
+def test_mix_recalls_scores_every_share_in_one_pass_as_evaluate_embeddings_does():
+    gen = torch.Generator().manual_seed(5)
+    cap_to_img = torch.arange(20).repeat_interleave(2)
+    img_g, img_l = _random_embeddings(gen, 20), _random_embeddings(gen, 20)
+    cap_g, cap_l = _random_embeddings(gen, 40), _random_embeddings(gen, 40)
+    grid = mix_recalls(img_g, img_l, cap_g, cap_l, cap_to_img, (0.0, 0.2, 0.5, 1.0), chunk_size=6)
+    assert list(grid) == [0.0, 0.2, 0.5, 1.0]
+    for share, result in grid.items():
+        assert result == evaluate_embeddings(img_g, img_l, cap_g, cap_l, cap_to_img, local_share=share)["concat"]
 
 
 def test_evaluate_embeddings_global_only_without_local_vectors():
@@ -344,9 +368,9 @@ def test_pmrp_of_each_score_uses_the_concatenated_vector():
     img_g, img_l, cap_g, cap_l = (torch.randn(n, 4, generator=g) for n in (10, 10, 20, 20))
     cap_to_img = torch.arange(10).repeat_interleave(2)
     classes = (torch.rand(10, 5, generator=g) < 0.4).float()
-    out = plausible_match_scores(img_g, img_l, cap_g, cap_l, cap_to_img, classes, local_weight=4.0)
-    concat = plausible_match_precision(torch.cat([img_g, 2 * img_l], 1), torch.cat([cap_g, 2 * cap_l], 1),
-                                       cap_to_img, classes)
+    out = plausible_match_scores(img_g, img_l, cap_g, cap_l, cap_to_img, classes, local_share=0.8)
+    concat = plausible_match_precision(concat_rows(img_g, img_l, 0.8), concat_rows(cap_g, cap_l, 0.8), cap_to_img,
+                                       classes)
     assert out["concat"] == concat and set(out) == {"global", "local", "concat"}
     assert set(plausible_match_scores(img_g, None, cap_g, None, cap_to_img, classes)) == {"global"}
 
@@ -357,16 +381,16 @@ def test_fold_average_is_the_mean_of_each_fold():
     img_g, img_l = torch.randn(30, 4, generator=g), torch.randn(30, 4, generator=g)
     cap_g, cap_l = torch.randn(150, 4, generator=g), torch.randn(150, 4, generator=g)
     cap_to_img = torch.arange(30).repeat_interleave(5)[torch.randperm(150, generator=g)]  # captions not grouped
-    out = fold_average(img_g, img_l, cap_g, cap_l, cap_to_img, local_weight=0.5, fold_size=10)
+    out = fold_average(img_g, img_l, cap_g, cap_l, cap_to_img, local_share=1 / 3, fold_size=10)
     folds = []
     for start in (0, 10, 20):
         keep = (cap_to_img >= start) & (cap_to_img < start + 10)
         folds.append(evaluate_embeddings(img_g[start:start + 10], img_l[start:start + 10], cap_g[keep], cap_l[keep],
-                                         cap_to_img[keep] - start, local_weight=0.5))
+                                         cap_to_img[keep] - start, local_share=1 / 3))
     for score in ("global", "local", "concat"):
         for key, value in out[score].items():
             assert value == pytest.approx(sum(f[score][key] for f in folds) / 3)
-    whole = evaluate_embeddings(img_g, img_l, cap_g, cap_l, cap_to_img, local_weight=0.5)
+    whole = evaluate_embeddings(img_g, img_l, cap_g, cap_l, cap_to_img, local_share=1 / 3)
     assert out["concat"]["rsum"] > whole["concat"]["rsum"]  # a third of the candidates: easier
     with pytest.raises(ValueError, match="folds of 7"):
         fold_average(img_g, img_l, cap_g, cap_l, cap_to_img, fold_size=7)

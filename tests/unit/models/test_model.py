@@ -3,6 +3,7 @@ retrieval vector, gradients, fixed module calls, the tower registry, and the con
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from trainer.config import ConfigError, load_config
 from trainer.models import image_towers
-from trainer.models.configs import EmbedderConfig, ImageTowerConfig, TextTowerConfig
+from trainer.models.configs import EmbedderConfig, ImageTowerConfig, TextTowerConfig, share_of_weight
 from trainer.models.embedder import HierarchicalEmbedder
 from trainer.models.gru_text import GRUTextEncoder
 from trainer.models.image_towers import SmallCNN, build_image_tower, register_image_tower
@@ -156,15 +157,27 @@ def test_mean_pooling_averages_only_valid_parts():
 # ---------------------------------------------------------------------------------------------- retrieval
 
 
-@pytest.mark.parametrize("weight", [1.0, 0.5, 2.0, 0.0])
-def test_retrieval_vector_inner_product_is_global_plus_weighted_local(weight):
-    m = tiny_model(local_score_weight=weight)
+@pytest.mark.parametrize("share", [0.5, 1 / 3, 2 / 3, 0.0, 1.0])
+def test_retrieval_vector_inner_product_mixes_the_spaces_by_the_local_share(share):
+    m = tiny_model(local_share=share)
     out = m(*batch([3, 5, 2]))
     v_img = m.retrieval_vector(out["img_g"], out["img_l"])
     v_txt = m.retrieval_vector(out["txt_g"], out["txt_l"])
     assert v_img.shape == (3, 32)
-    expected = out["img_g"] @ out["txt_g"].t() + weight * out["img_l"] @ out["txt_l"].t()
+    assert torch.allclose(v_img.norm(dim=1), torch.ones(3), atol=ATOL)  # unit vectors: a dot product is a cosine
+    expected = (1 - share) * out["img_g"] @ out["txt_g"].t() + share * out["img_l"] @ out["txt_l"].t()
     assert torch.allclose(v_img @ v_txt.t(), expected, atol=ATOL)
+    m.local_share = 0.25  # set after training (chosen on validation, or read from the run): the vectors follow
+    assert torch.allclose(m.retrieval_vector(out["img_g"], out["img_l"])[:, :16], math.sqrt(0.75) * out["img_g"])
+
+
+@pytest.mark.parametrize("weight,share", [(1.0, 0.5), (2.0, 2 / 3), (0.0, 0.0), (0.25, 0.2), ("auto", 0.5)])
+def test_the_model_starts_with_the_share_of_the_configured_weight(weight, share):
+    cfg = load_config(None, [f"model.local_score_weight={weight}"], check_paths=False)
+    assert EmbedderConfig.from_config(cfg, num_concepts=0).local_share == pytest.approx(share)
+    assert share_of_weight(math.inf) == 1.0
+    with pytest.raises(ValueError, match=">= 0"):
+        share_of_weight(-1.0)
 
 
 def test_retrieval_vector_without_local_space_is_the_global_vector():
@@ -290,7 +303,7 @@ def test_tower_configs_carry_the_flat_model_keys_to_the_tower_that_uses_them():
             text.lr_mult) == ("gru", 30, 9, 24, 20, 2, 0.3)
     spaces = EmbedderConfig.from_config(cfg, num_concepts=4)
     assert spaces == EmbedderConfig(embed_dim=48, max_words=9, pooling="mean", local_space=False,
-                                    local_score_weight=0.5, num_concepts=0)  # no concept loss: no concept head
+                                    local_share=1 / 3, num_concepts=0)  # no concept loss: no concept head
     tower = build_image_tower(image)
     assert (tower.out_dim, tower.num_parts, tower.region_dropout) == (12, 5, 0.1)
     with_concepts = load_config(None, ["loss.concept_bce_weight=0.5"], check_paths=False)
@@ -317,6 +330,8 @@ def test_tower_configs_carry_the_flat_model_keys_to_the_tower_that_uses_them():
     ("model.local_score_weight=-0.5", "model.local_score_weight"),
     ("model.local_score_weight=.nan", "model.local_score_weight"),
     ("model.local_score_weight=.inf", "model.local_score_weight"),
+    ("model.local_score_weight=atuo", "model.local_score_weight"),
+    ("model.local_score_weight=true", "model.local_score_weight"),
     ("model.region_dim=0", "model.region_dim"),
     ("model.max_regions=0", "model.max_regions"),
     ("model.region_dropout=1.0", "model.region_dropout"),

@@ -89,7 +89,7 @@ def test_examples_mark_the_right_answers_and_projector_files(tiny_shards, tmp_pa
     emb = _designed_embeddings(labels)
     grid = Grid()
     tb = RunLogger(tmp_path / "tb", enabled=True)
-    tb.eval_examples(7, emb, ShardSet.open(tiny_shards), "val", local_weight=1.0)
+    tb.eval_examples(7, emb, ShardSet.open(tiny_shards), "val", local_share=0.5)
     tb.close()
     events = _events(event_dir(tmp_path / "tb"))
     assert {"examples/text_to_image", "examples/image_to_text"} <= set(events.Tags()["images"])
@@ -142,7 +142,7 @@ def test_examples_mark_the_right_answers_and_projector_files(tiny_shards, tmp_pa
     config = (event_dir(tmp_path / "tb") / "projector_config.pbtxt").read_text()
     assert 'tensor_name: "val_retrieval_vectors:00007"' in config and "single_image_dim: 48" in config
     tensors = np.loadtxt(folder / "tensors.tsv", delimiter="\t")
-    img, cap = retrieval_vectors(emb, 1.0)
+    img, cap = retrieval_vectors(emb, 0.5)
     np.testing.assert_allclose(tensors, torch.cat([img, cap]).numpy(), atol=1e-6)
     meta = (folder / "metadata.tsv").read_text().splitlines()
     assert meta[0].split("\t") == ["modality", "text", "image_id"] and len(meta) == 1 + n_pictures + n_captions
@@ -168,10 +168,10 @@ def test_examples_score_like_the_concat_evaluation():
            "cap_g": torch.randn(n * per, 8, generator=gen), "cap_l": torch.randn(n * per, 8, generator=gen),
            "cap_to_img": cap_to_img, "captions": [f"caption {c}" for c in range(n * per)],
            "image_ids": [f"img{i}" for i in range(n)]}
-    w = 2.5
-    examples = retrieval_examples(emb, w, num_queries=n, k=5)
-    img_cat = torch.cat([emb["img_g"], math.sqrt(w) * emb["img_l"]], 1)
-    cap_cat = torch.cat([emb["cap_g"], math.sqrt(w) * emb["cap_l"]], 1)
+    share = 0.7
+    examples = retrieval_examples(emb, share, num_queries=n, k=5)
+    img_cat = torch.cat([math.sqrt(1 - share) * emb["img_g"], math.sqrt(share) * emb["img_l"]], 1)
+    cap_cat = torch.cat([math.sqrt(1 - share) * emb["cap_g"], math.sqrt(share) * emb["cap_l"]], 1)
     _, t2i = metrics.retrieval_ranks(img_cat, cap_cat, cap_to_img)
     _, t2i_global = metrics.retrieval_ranks(emb["img_g"], emb["cap_g"], cap_to_img)
     firsts = torch.arange(n) * per
