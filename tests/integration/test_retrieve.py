@@ -12,12 +12,15 @@ from retrieval_run import REPO, clean_env, exported_index, first_test_picture, t
 
 from shards.text import PAD, UNK, Vocab
 from trainer.data.text import WordTokenizer
-from trainer.eval.evaluation import EmbedOptions, embed_split, load_run
+from trainer.eval.concat_weight import read_record, record_path
+from trainer.eval.evaluation import EmbedOptions, embed_split, evaluate_run, load_run
+from trainer.eval.metrics import concat_rows
 from trainer.retrieval.commands import ExportOptions, check_export_checkpoint, export_index, main
 from trainer.retrieval.faiss_index import build_index, index_params, load_index
 from trainer.retrieval.index_folder import RetrievalIndex
 from trainer.retrieval.pieces import piece_path
 from trainer.retrieval.query import QueryError, check_text, decode_query_picture, read_picture_file, shorten
+from trainer.tools.export import export
 
 QUIET = ("[", "Loading", "Gathering", "Detected", "Reconstructed", "Processing", "Parsing", "  return", "/")
 
@@ -106,16 +109,18 @@ def test_export_resume_and_approximate_index(tiny_shards, tmp_path_factory, tmp_
     assert meta["checkpoint_tag"] == "step0000004" and meta["dim"] == 64 and meta["pieces"] == 2
     assert meta["index"]["images"]["type"] == "flat" and meta["sets"] == [str(tiny_shards)]
 
-    # The rows are embed_split's vectors of the same checkpoint (evaluation's code), [g; sqrt(w) l].
+    # The rows are embed_split's vectors of the same checkpoint (evaluation's code), [sqrt(1 - a) g; sqrt(a) l] with
+    # the share the run chose on its validation split at the end of training (model.local_score_weight=auto).
     run = load_run(run_dir)
     cfg = run.cfg
     emb = embed_split(run.model, run.shardset, "test", EmbedOptions(image_size=cfg.data.image_size,
                       max_words=cfg.data.max_words, batch_size=cfg.data.eval_batch_size))
     img = index.faiss["images"].reconstruct_n(0, 32)
     cap = index.faiss["captions"].reconstruct_n(0, 160)
-    w = cfg.model.local_score_weight
-    np.testing.assert_allclose(img, torch.cat([emb["img_g"], w ** 0.5 * emb["img_l"]], 1).numpy(), atol=1e-6)
-    np.testing.assert_allclose(cap, torch.cat([emb["cap_g"], w ** 0.5 * emb["cap_l"]], 1).numpy(), atol=1e-6)
+    share = read_record(run_dir)["local_share"]
+    assert meta["local_share"] == share == run.model.local_share
+    np.testing.assert_allclose(img, concat_rows(emb["img_g"], emb["img_l"], share).numpy(), atol=1e-6)
+    np.testing.assert_allclose(cap, concat_rows(emb["cap_g"], emb["cap_l"], share).numpy(), atol=1e-6)
     assert [r["image_id"] for r in index.rows["images"]] == emb["image_ids"]
     assert [c["text"] for c in index.rows["captions"]] == emb["captions"]
     assert [c["image_row"] for c in index.rows["captions"]] == emb["cap_to_img"].tolist()
@@ -228,3 +233,35 @@ def test_query_session_and_json(tiny_shards, tmp_path_factory, tmp_path, capsys,
     with pytest.raises(ValueError, match=r"step0000004 is a ZeRO-3 checkpoint of 1 rank\(s\); export it on 1 "
                                          r"rank\(s\) \(this launch has 2\)"):
         check_export_checkpoint(run_dir, "latest")
+
+
+@pytest.mark.slow
+def test_evaluate_export_and_index_use_the_recorded_share(tiny_shards, tmp_path_factory, tmp_path):
+    """A copy of the shared run with another recorded share: evaluate, export and the index all score with it
+    (a fixed model.local_score_weight wins over the record: test_concat_weight.py)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run(tmp_path_factory.getbasetemp(), tiny_shards), run_dir,
+                    ignore=shutil.ignore_patterns("tb", "retrieval_index"))
+    record = read_record(run_dir)
+    assert record["chosen_on"] == "val" and record["step"] == 4  # the final evaluation chose it
+    assert json.loads((run_dir / "eval" / "val.json").read_text())["concat_weight"]["local_share"] == \
+        record["local_share"]
+    other = 0.9 if record["local_share"] != 0.9 else 0.1  # a share the run did not choose
+    record_path(run_dir).write_text(json.dumps({**record, "local_share": other}))
+
+    test = evaluate_run(run_dir, "test")
+    assert test["concat_weight"] == {"local_share": other, "local_score_weight": pytest.approx(other / (1 - other)),
+                                     "chosen": False}
+    assert json.loads((run_dir / "eval" / "test.json").read_text())["concat_weight"]["local_share"] == other
+
+    payload = export(run_dir, tmp_path / "model.pt")
+    assert payload["concat_weight"]["local_share"] == other
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["concat_weight"]["local_share"] == other
+
+    meta = export_index(run_dir, tmp_path / "index")
+    assert meta["local_share"] == other
+    run = load_run(run_dir)
+    assert run.model.local_share == other
+    emb = embed_split(run.model, run.shardset, "test", EmbedOptions.from_config(run.cfg, run.shardset.vocab))
+    img = RetrievalIndex(tmp_path / "index").faiss["images"].reconstruct_n(0, 32)
+    np.testing.assert_allclose(img, concat_rows(emb["img_g"], emb["img_l"], other).numpy(), atol=1e-6)

@@ -83,6 +83,8 @@ def test_search_page_in_a_real_browser(tiny_shards, tmp_path_factory, tmp_path):
         driver.get(base + "/")
         wait.until(lambda d: "pictures" in d.find_element(By.ID, "info").text)
         assert "32 pictures, 160 captions" in driver.find_element(By.ID, "info").text
+        share = json.loads((index_dir / "index.json").read_text())["local_share"]  # the run's choice on validation
+        assert f"score {1 - share:.2f} global + {share:.2f} local" in driver.find_element(By.ID, "info").text
 
         # A caption query: twelve result pictures, each loaded (naturalWidth > 0), with scores and captions.
         query = index_rows[5]["caption"]

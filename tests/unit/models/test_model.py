@@ -17,6 +17,7 @@ from trainer.models.embedder import HierarchicalEmbedder
 from trainer.models.gru_text import GRUTextEncoder
 from trainer.models.image_towers import SmallCNN, build_image_tower, register_image_tower
 from trainer.models.pooling import GPOPool, MeanPool, build_pooling
+from trainer.training.loop import load_init_weights
 
 VOCAB = 40
 CONCEPTS = 7
@@ -178,6 +179,22 @@ def test_the_model_starts_with_the_share_of_the_configured_weight(weight, share)
     assert share_of_weight(math.inf) == 1.0
     with pytest.raises(ValueError, match=">= 0"):
         share_of_weight(-1.0)
+
+
+def test_init_from_takes_the_share_the_exported_run_chose(tmp_path):
+    """model.init_from: model.pt's concat_weight becomes the starting share under auto; a fixed weight keeps its own."""
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": tiny_model().state_dict(), "concat_weight": {"local_share": 0.9}}, path)
+    started = tiny_model(local_share=0.5)
+    load_init_weights(started, str(path))
+    assert started.local_share == 0.9
+    fixed = tiny_model(local_share=0.2)
+    load_init_weights(fixed, str(path), keep_share=True)
+    assert fixed.local_share == 0.2
+    torch.save({"state_dict": tiny_model().state_dict()}, path)  # exported before the share was carried
+    older = tiny_model(local_share=0.5)
+    load_init_weights(older, str(path))
+    assert older.local_share == 0.5
 
 
 def test_retrieval_vector_without_local_space_is_the_global_vector():
