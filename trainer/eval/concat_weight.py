@@ -48,7 +48,8 @@ def choose_share(rsums: dict[float, float], prefer: float = DEFAULT_SHARE) -> fl
 
 def describe(share: float) -> dict:
     """The share and its weight, as the eval json, the record and the exported model hold them."""
-    return {"local_share": share, "local_score_weight": weight_of_share(share)}
+    weight = weight_of_share(share)
+    return {"local_share": share, "local_score_weight": None if weight is None else round(weight, 9)}
 
 
 def record_path(run_dir: str | Path) -> Path:
