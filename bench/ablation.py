@@ -42,6 +42,12 @@ from pathlib import Path
 HARDEST_NEGATIVE_LABELS = ("loss.global_label_margin=true", "loss.global_exclude_above=1.0")
 MASS = ("loss.label_mass=0.3",)
 INFONCE = ("loss.global_loss=infonce",)
+# The hinge variants name their global loss: configs/builtin.yaml has shipped InfoNCE since 2026-12-04. Every other
+# key is the config's; the tables in docs/ablation_builtin*.md were made with the builtin config before then:
+# --base OLD_BUILTIN reproduces it under each variant's options.
+HINGE = ("loss.global_loss=hinge",)
+OLD_BUILTIN = ("loss.global_loss=hinge", "loss.label_mass=null", "loss.temperature=0.05", "loss.local_weight=1.0",
+               "loss.hinge_warmup_steps=1000000")
 
 
 @dataclass(frozen=True)
@@ -52,14 +58,15 @@ class Variant:
 
 
 VARIANTS = {
-    "global_only": Variant(("loss.local=none",)),
-    "concepts": Variant(("loss.labels=concepts",), "shuffled", "none"),
-    "shuffled": Variant(("loss.labels=shuffled",), None, "none"),
-    "none": Variant(("loss.labels=none",)),
-    "concepts_mass": Variant(("loss.labels=concepts", *MASS), "shuffled_mass", "none"),
-    "shuffled_mass": Variant(("loss.labels=shuffled", *MASS), None, "none"),
-    "concepts_lhinge": Variant(("loss.labels=concepts", *MASS, *HARDEST_NEGATIVE_LABELS), "shuffled_lhinge", "none"),
-    "shuffled_lhinge": Variant(("loss.labels=shuffled", *MASS, *HARDEST_NEGATIVE_LABELS), None, "none"),
+    "global_only": Variant(("loss.local=none", *HINGE)),
+    "concepts": Variant(("loss.labels=concepts", *HINGE), "shuffled", "none"),
+    "shuffled": Variant(("loss.labels=shuffled", *HINGE), None, "none"),
+    "none": Variant(("loss.labels=none", *HINGE)),
+    "concepts_mass": Variant(("loss.labels=concepts", *MASS, *HINGE), "shuffled_mass", "none"),
+    "shuffled_mass": Variant(("loss.labels=shuffled", *MASS, *HINGE), None, "none"),
+    "concepts_lhinge": Variant(("loss.labels=concepts", *MASS, *HARDEST_NEGATIVE_LABELS, *HINGE), "shuffled_lhinge",
+                               "none"),
+    "shuffled_lhinge": Variant(("loss.labels=shuffled", *MASS, *HARDEST_NEGATIVE_LABELS, *HINGE), None, "none"),
     "none_infonce": Variant(("loss.labels=none", *INFONCE)),
     "concepts_infonce": Variant(("loss.labels=concepts", *MASS, *INFONCE, "loss.global_exclude_above=1.0"),
                                 "shuffled_infonce", "none_infonce"),
@@ -83,7 +90,7 @@ def train_one(variant: str, seed: int, args: argparse.Namespace) -> None:
     cmd = [sys.executable, "-m", "trainer.train", "--config", args.config, f"run.out_dir={out}", f"run.seed={seed}",
            f"train.steps={args.steps}", f"data.batch_size={args.batch_size}", f"engine.threads={args.threads}",
            "train.eval_every=0", f"train.ckpt_every={args.steps}", "data.eval_split=val", "data.test_split=test",
-           *VARIANTS[variant].overrides, *args.overrides]
+           *args.base, *VARIANTS[variant].overrides, *args.overrides]
     out.mkdir(parents=True, exist_ok=True)
     (out / "command.txt").write_text(" ".join(cmd) + "\n")
     started = time.time()
@@ -287,6 +294,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--plot", default=None, help="PNG path (default OUT/ablation.png)")
     parser.add_argument("--plot-score", default="concat", choices=SCORES)
     parser.add_argument("--markdown", default=None, help="also write the tables as markdown to this file")
+    parser.add_argument("--base", nargs="*", default=[],
+                        help="section.key=value given before each variant's options (give --base last); the builtin"
+                        f" config before 2026-12-04: {' '.join(OLD_BUILTIN)}")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value for every run")
     args = parser.parse_args()
     args.plot = args.plot or str(Path(args.out) / "ablation.png")

@@ -37,10 +37,11 @@ SPACE: dict[str, list] = {
     "loss.local_weight": [0.5, 1.0, 2.0],
     "loss.global_loss": ["hinge", "infonce"],
     "loss.global_temperature": [0.05, 0.1],
-    "loss.hinge_warmup_steps": [None, 100],  # None = the config's (builtin: never the hardest negative)
+    "loss.hinge_warmup_steps": [None, 100],  # None = the config's (the first search: builtin never switched)
     "optim.lr": [5e-4, 1e-3, 2e-3],
-    "model.local_score_weight": [0.5, 1.0, 2.0],
 }
+# model.local_score_weight was searched here too (0.5, 1, 2) until it was learned on validation after training
+# (model.local_score_weight=auto, trainer/eval/concat_weight.py): the first search's table drew with it.
 DEFAULT = "default"
 
 

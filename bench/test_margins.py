@@ -49,8 +49,10 @@ CASES = ("e2e", "regions", "emoji")
 
 
 def _import_tests() -> None:
-    """The test modules import each other as top-level modules (pytest puts tests/ on sys.path)."""
-    for path in (str(REPO), str(REPO / "tests")):
+    """The test modules import each other as top-level modules (pytest puts each test's folder, tests/ for
+    conftest and tests/helpers on sys.path)."""
+    folders = ("", "tests", "tests/helpers", "tests/integration", "tests/unit/shards")
+    for path in (str(REPO / folder) for folder in folders):
         if path not in sys.path:
             sys.path.insert(0, path)
 

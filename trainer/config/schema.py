@@ -241,6 +241,9 @@ class LossConfig:
     # hardest-negative max (and of InfoNCE's softmax): a duplicate caption of another picture is a true match.
     global_label_margin: bool = False
     global_exclude_above: Optional[float] = None
+    # The hinge's hardest negative as a soft max, t * log mean exp(cost / t) over a row's negatives (null = the
+    # max). On the built-in corpus the max collapses the global space (docs/results.md); t = 0.05 keeps it.
+    global_hardest_temperature: Optional[float] = None
 
     def __post_init__(self) -> None:  # this section's rules, checked when it is built
         _require(self.margin >= 0, "loss.margin", f"must be >= 0, got {self.margin}")
@@ -256,6 +259,13 @@ class LossConfig:
                  f"must be positive (and finite), got {self.global_temperature}")
         _require(self.global_exclude_above is None or 0 < self.global_exclude_above <= 1, "loss.global_exclude_above",
                  f"must be null or in (0, 1], got {self.global_exclude_above}")
+        _require(self.global_hardest_temperature is None or (math.isfinite(self.global_hardest_temperature)
+                                                             and self.global_hardest_temperature > 0),
+                 "loss.global_hardest_temperature",
+                 f"must be null or positive (and finite), got {self.global_hardest_temperature}")
+        _require(not (self.global_hardest_temperature is not None and self.global_loss != "hinge"),
+                 "loss.global_hardest_temperature",
+                 "softens the hinge's hardest negative; it cannot be used with loss.global_loss=infonce")
         _require(not (self.global_label_margin and self.global_loss != "hinge"), "loss.global_label_margin",
                  "scales the hinge's margin; it cannot be used with loss.global_loss=infonce")
         for key in ("global_label_margin", "global_exclude_above"):

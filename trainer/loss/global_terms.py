@@ -61,6 +61,7 @@ class HingeGlobal(torch.nn.Module):
         self.hinge_warmup_steps = cfg.hinge_warmup_steps
         self.label_margin = cfg.global_label_margin
         self.exclude_above = cfg.global_exclude_above
+        self.hardest_temperature = cfg.global_hardest_temperature
 
     def forward(self, batch: Mapping[str, Tensor], pairs: PairBatch) -> dict[str, Tensor]:
         scores = pairs.scores(batch, "g")
@@ -70,7 +71,7 @@ class HingeGlobal(torch.nn.Module):
             margins = [self.margin * (1 - match) for match in containment]
         not_negative = not_negative_columns(pairs, containment, self.exclude_above)
         use_sum = pairs.step < self.hinge_warmup_steps
-        i2t, t2i = (hinge(s, pairs.positives(s), excluded, margin, use_sum)
+        i2t, t2i = (hinge(s, pairs.positives(s), excluded, margin, use_sum, self.hardest_temperature)
                     for s, margin, excluded in zip(scores, margins, not_negative))
         return directional("global", i2t, t2i)
 

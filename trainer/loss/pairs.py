@@ -14,6 +14,8 @@ from torch import Tensor
 
 from trainer.loss.labels import ConceptSets
 
+MASKED_LOGIT = -1e4  # a masked column of the soft hardest negative: exp(-1e4) is 0 in fp32 and bf16
+
 
 @dataclass(frozen=True)
 class PairBatch:
@@ -64,9 +66,24 @@ def directional(name: str, i2t: Tensor, t2i: Tensor) -> dict[str, Tensor]:
     return {f"{name}_i2t": i2t, f"{name}_t2i": t2i, name: i2t + t2i}
 
 
-def hinge(scores: Tensor, positive: Tensor, not_negative: Tensor, margin: Tensor | float, use_sum: bool) -> Tensor:
+def hinge(scores: Tensor, positive: Tensor, not_negative: Tensor, margin: Tensor | float, use_sum: bool,
+          hardest_temperature: float | None = None) -> Tensor:
     """Mean over rows of the hardest (or summed) hinge [margin - s_pos + s_ij]_+ over the negative columns
-    (those not masked by not_negative: the row's own picture, and any column the labels call a match)."""
-    cost = (margin - positive.unsqueeze(1) + scores).clamp(min=0).masked_fill(not_negative, 0.0)
-    per_row = cost.sum(1) if use_sum else cost.max(1).values
-    return per_row.mean()
+    (those not masked by not_negative: the row's own picture, and any column the labels call a match).
+
+    With hardest_temperature t the hardest negative's max becomes t * log(mean_j exp(cost_j / t)) over the row's
+    negatives: 0 when no negative violates, the max as t -> 0, the mean as t grows. The max sends its whole
+    gradient to one column; where many columns tie (a small corpus whose captions fit several pictures) the
+    per-step winner flips between them and the space collapses to equal scores. The soft max spreads it."""
+    cost = (margin - positive.unsqueeze(1) + scores).clamp(min=0)
+    if use_sum or hardest_temperature is None:
+        cost = cost.masked_fill(not_negative, 0.0)
+        per_row = cost.sum(1) if use_sum else cost.max(1).values
+        return per_row.mean()
+    num_negatives = (~not_negative).sum(1).clamp(min=1).to(cost.dtype)
+    # Every real cost / t is >= 0, so a fill far below 0 weighs nothing; finite, unlike -inf, so that a row with
+    # no negative at all (every column masked) has a finite gradient, zeroed with its value below.
+    scaled = (cost / hardest_temperature).masked_fill(not_negative, MASKED_LOGIT)
+    per_row = hardest_temperature * (torch.logsumexp(scaled, dim=1) - num_negatives.log())
+    has_negative = (~not_negative).any(1)
+    return torch.where(has_negative, per_row, torch.zeros_like(per_row)).mean()

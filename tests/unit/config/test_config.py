@@ -67,18 +67,22 @@ def test_concept_bce_needs_labels(shard_dir):
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (("loss.global_label_margin=true", "loss.labels=none"), "loss.global_label_margin: needs labels"),
+    (("loss.global_label_margin=true", "loss.labels=none", "loss.global_loss=hinge"),
+     "loss.global_label_margin: needs labels"),
     (("loss.global_exclude_above=1.0", "loss.labels=none"), "loss.global_exclude_above: needs labels"),
     (("loss.global_exclude_above=0",), "loss.global_exclude_above: must be null or in"),
     (("loss.global_label_margin=true", "loss.global_loss=infonce"), "loss.global_label_margin: scales"),
     (("loss.global_loss=softmax",), "loss.global_loss: 'softmax' is not one of"),
     (("loss.global_temperature=0",), "loss.global_temperature: must be positive"),
+    (("loss.global_hardest_temperature=0", "loss.global_loss=hinge"), "loss.global_hardest_temperature: must be"),
+    (("loss.global_hardest_temperature=0.05",), "loss.global_hardest_temperature: softens the hinge"),
 ])
 def test_global_label_options_are_checked(shard_dir, overrides, key):
     with pytest.raises(ConfigError, match=key):
         _load(shard_dir, *overrides)
-    cfg = _load(shard_dir, "loss.global_exclude_above=1.0", "loss.global_label_margin=true")
-    assert cfg.loss.global_exclude_above == 1.0
+    cfg = _load(shard_dir, "loss.global_exclude_above=1.0", "loss.global_label_margin=true", "loss.global_loss=hinge",
+                "loss.global_hardest_temperature=0.05")
+    assert cfg.loss.global_exclude_above == 1.0 and cfg.loss.global_hardest_temperature == 0.05
 
 
 def test_unknown_key_in_yaml_file(tmp_path, shard_dir):

@@ -19,6 +19,7 @@ from trainer.loss.labels import (
     shuffle_permutation,
 )
 from trainer.loss.local_terms import AdaptiveHingeLocal, NoLocal, SoftContrastiveLocal, soft_contrastive
+from trainer.loss.pairs import hinge
 from trainer.loss.registry import GLOBAL_TERMS, LABEL_SOURCES, LOCAL_TERMS
 
 EMBED_KEYS = ("img_g", "img_l", "txt_g", "txt_l")
@@ -568,3 +569,66 @@ def test_global_label_options_refused_without_labels():
         LossConfig(global_loss="infonce", global_label_margin=True)
     with pytest.raises(ConfigError, match="loss.global_exclude_above"):
         LossConfig(global_exclude_above=1.5)
+
+
+# ----------------------------------------------------------------------------------------- soft hardest negative
+def ref_soft_hinge(rows, cols, ids, margin, temperature, excluded=None):
+    """mean_i of t * log(mean_j exp([margin - <r_i, c_i> + <r_i, c_j>]_+ / t)) over the negatives j of row i."""
+    n = len(rows)
+    per_row = []
+    for i in range(n):
+        positive = ref_dot(rows[i], cols[i])
+        costs = [ref_relu(margin - positive + ref_dot(rows[i], cols[j])) for j in range(n)
+                 if ids[j] != ids[i] and not (excluded and excluded[i][j])]
+        if not costs:
+            per_row.append(0 * positive)
+        else:
+            per_row.append(temperature * torch.log(sum(torch.exp(c / temperature) for c in costs) / len(costs)))
+    return sum(per_row) / n
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.5])
+def test_soft_hardest_negative_matches_reference(temperature):
+    batch = make_batch(seed=4)
+    out = make_loss(local="none", margin=0.3, global_hardest_temperature=temperature)(batch, step=1)
+    ids = batch["image_ids"].tolist()
+    assert_same(out["global_i2t"], ref_soft_hinge(batch["img_g"], batch["txt_g"], ids, 0.3, temperature), batch)
+    assert_same(out["global_t2i"], ref_soft_hinge(batch["txt_g"], batch["img_g"], ids, 0.3, temperature), batch)
+
+
+def test_soft_hardest_negative_lies_between_mean_and_max_and_tends_to_the_max():
+    batch = make_batch(seed=5)
+    hardest = make_loss(local="none")(batch)["global"]
+    summed = make_loss(local="none", hinge_warmup_steps=10)(batch)["global"]  # the sum, before the switch
+    cold = make_loss(local="none", global_hardest_temperature=1e-3)(batch)["global"]
+    warm = make_loss(local="none", global_hardest_temperature=0.1)(batch)["global"]
+    assert warm < cold <= hardest + 1e-9 < summed
+    assert torch.isclose(cold, hardest, atol=0.02)
+    # the max sends a row's gradient to one column; the soft max to every violating one
+    scores = torch.rand(5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64).requires_grad_()
+    own = torch.eye(5, dtype=torch.bool)
+    for temperature, columns_per_row in ((None, 1), (0.1, 4)):
+        value = hinge(scores, scores.diagonal(), own, 2.0, use_sum=False, hardest_temperature=temperature)
+        grad = torch.autograd.grad(value, scores)[0].masked_fill(own, 0)
+        assert ((grad != 0).sum(1) == columns_per_row).all()
+
+
+def test_soft_hardest_negative_with_excluded_columns_and_rows_without_negatives():
+    batch = duplicate_caption_batch()
+    out = make_loss(local="none", global_exclude_above=1.0, global_hardest_temperature=0.1)(batch)
+    s = batch["img_g"] @ batch["txt_g"].T
+    excluded = [[i != j and {i, j} == {0, 1} for j in range(3)] for i in range(3)]
+    ref = ref_soft_hinge(batch["img_g"], batch["txt_g"], [0, 1, 2], 0.2, 0.1, excluded)
+    assert torch.allclose(out["global_i2t"], ref, **TOL) and s.shape == (3, 3)
+    one_picture = {**make_batch(), "image_ids": torch.zeros(6, dtype=torch.int64)}
+    none_left = make_loss(local="none", global_hardest_temperature=0.1)(one_picture)
+    assert none_left["global"] == 0
+    assert all(torch.isfinite(g).all() for g in grads(none_left["loss"], one_picture))
+
+
+def test_soft_hardest_negative_config_is_checked():
+    for bad in (0.0, -0.1, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="loss.global_hardest_temperature: must be null or positive"):
+            LossConfig(global_hardest_temperature=bad)
+    with pytest.raises(ConfigError, match="loss.global_hardest_temperature: softens the hinge"):
+        LossConfig(global_loss="infonce", global_hardest_temperature=0.05)
