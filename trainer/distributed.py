@@ -22,7 +22,10 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -61,8 +64,9 @@ def backend_for(use_cuda: bool) -> str:
     return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
 
 
-def init_distributed() -> DistInfo:
-    """Initialise the default process group (idempotent) and return this process's place in it."""
+def init_distributed(timeout_s: float | None = None) -> DistInfo:
+    """Initialise the default process group (idempotent) and return this process's place in it. timeout_s: how
+    long any collective waits for the other ranks (engine.collective_timeout_s; None: torch's default)."""
     _environment_from_slurm()
     if "RANK" not in os.environ:  # no launcher: a world of one, so DeepSpeed does not go looking for MPI
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
@@ -82,7 +86,8 @@ def init_distributed() -> DistInfo:
             comm_torch.build_shm_op = lambda: None
         # Our own group first (device-mapped on GPUs); DeepSpeed then wraps the existing default group.
         dist.init_process_group(backend=backend_for(use_cuda), rank=int(os.environ["RANK"]),
-                                world_size=int(os.environ["WORLD_SIZE"]))
+                                world_size=int(os.environ["WORLD_SIZE"]),
+                                timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     # torchrun and srun (translated above) set LOCAL_WORLD_SIZE; the deepspeed launcher sets LOCAL_SIZE.
@@ -108,11 +113,100 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    """Without an explicit destroy, gloo runs abort at interpreter exit now and then."""
+def shutdown(peers_answer: bool = True) -> None:
+    """Without an explicit destroy, gloo runs abort at interpreter exit now and then. peers_answer=False after a
+    PeerLost: no closing barrier, which would wait for the missing rank once more."""
     if is_active():
-        dist.barrier()
+        if peers_answer:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- peers
+
+# How gloo words a collective that a peer did not come to (a timeout) or left (its process or node is gone).
+PEER_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+                 "Broken pipe")
+
+
+class PeerLost(Exception):  # noqa: N818 - named for what happened, like the other one-line stops
+    """A collective ended because another rank did not come within engine.collective_timeout_s or went away:
+    the run ends with this one line, naming the ranks, and exit code 3 (the last complete checkpoint stays)."""
+
+    exit_code = 3
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether a collective's error says a peer did not come or went away (not a bug of this rank)."""
+    return isinstance(error, RuntimeError) and any(words in str(error) for words in PEER_FAILURES)
+
+
+class PeerWatch:
+    """Each rank's sign of life in the launcher's key-value store (MASTER_ADDR:MASTER_PORT, the store the process
+    group was set up through; a client of its own, so the process group's is never touched from another thread).
+
+    A daemon thread writes "<beats> <step>" under trainer/alive/<rank> every `interval_s`; the training loop sets
+    the step each rank has begun. When a collective fails (is_peer_failure), `missing()` reads every rank's record
+    twice, 2.5 intervals apart: a rank whose beats did not move is frozen or gone (a stopped process, a dead node),
+    a rank whose step is behind is alive but has not reached the collective. Costs one small write per interval."""
+
+    PREFIX = "trainer/alive/"
+
+    def __init__(self, rank: int, world: int, interval_s: float = 1.0):
+        self.rank, self.world, self.interval_s = rank, world, interval_s
+        self.step = 0
+        self._stop = threading.Event()
+        self._store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                    timeout=timedelta(seconds=10))
+        self._thread = threading.Thread(target=self._beat, name="peer-watch", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        beats = 0
+        while not self._stop.is_set():
+            beats += 1
+            try:
+                self._store.set(f"{self.PREFIX}{self.rank}", f"{beats} {self.step}")
+            except RuntimeError:  # the store's host (rank 0 or the launcher) is gone: nothing left to tell
+                return
+            self._stop.wait(self.interval_s)
+
+    def _records(self) -> dict[int, tuple[int, int]] | None:
+        """rank -> (beats, step) for every rank that has written one; None when the store does not answer."""
+        out = {}
+        for r in range(self.world):
+            key = f"{self.PREFIX}{r}"
+            try:
+                if self._store.check([key]):
+                    beats, step = self._store.get(key).decode().split()
+                    out[r] = (int(beats), int(step))
+            except RuntimeError:  # one timeout is enough: the store's host is frozen or gone
+                return None
+        return out
+
+    def missing(self) -> str:
+        """Which ranks did not come, in words: frozen or gone, behind, or none found (then every rank is inside
+        the same step and one is stuck there)."""
+        first = self._records()
+        time.sleep(2.5 * self.interval_s)
+        second = self._records() if first is not None else None
+        if second is None:
+            return (f"the store at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} does not answer: "
+                    "its host (rank 0, or the launcher of node 0) is frozen or gone")
+        others = [r for r in range(self.world) if r != self.rank]
+        silent = [r for r in others if r not in second or second[r][0] == first.get(r, (None,))[0]]
+        behind = [r for r in others if r not in silent and second[r][1] < self.step]
+        said = []
+        if silent:
+            seen = {r: f" (last seen at step {second[r][1]})" if r in second else " (never seen)" for r in silent}
+            said.append("no sign of life from " + ", ".join(f"rank {r}{seen[r]}" for r in silent))
+        if behind:
+            said.append("alive but behind: " + ", ".join(f"rank {r} at step {second[r][1]}" for r in behind))
+        return "; ".join(said) or f"every rank is alive and has begun step {self.step}: one is stuck inside it"
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * self.interval_s)
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -29,7 +29,7 @@ from trainer.train import main as train_main
 def keep_the_process_group(monkeypatch):
     """main() ends by destroying the process group, which DeepSpeed cannot set up twice in one process: the
     in-process runs of this module share one, as trainer.training.loop.train's callers in other tests do."""
-    monkeypatch.setattr(loop_module, "shutdown", lambda: None)
+    monkeypatch.setattr(loop_module, "shutdown", lambda *_: None)
 
 
 class Hung(BaseException):  # noqa: N818 - what the test found; a BaseException so that no handler swallows it

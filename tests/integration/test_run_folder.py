@@ -15,7 +15,7 @@ from trainer.train import main as train_main
 @pytest.fixture(autouse=True)
 def keep_the_process_group(monkeypatch):
     """main() ends by destroying the process group, which DeepSpeed cannot set up twice in one process."""
-    monkeypatch.setattr(loop_module, "shutdown", lambda: None)
+    monkeypatch.setattr(loop_module, "shutdown", lambda *_: None)
 
 
 def _args(shards, out, *extra):

@@ -325,11 +325,16 @@ class EngineConfig:
     compile: bool = False
     compile_backend: str = "inductor"
     tf32: bool = True  # TF32 tensor-core matmuls and convolutions for fp32 on GPUs (about 10 mantissa bits)
+    # How long a collective waits for the other ranks; past it the run ends with one line naming the ranks that did
+    # not come (trainer.distributed.PeerWatch). Covers the slowest rank's eval and checkpoint between two collectives.
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:  # this section's rules, checked when it is built
         _require(self.grad_accum >= 1, "engine.grad_accum", f"must be positive, got {self.grad_accum}")
         _require(self.threads >= 0, "engine.threads", f"must be >= 0, got {self.threads}")
         _require(bool(self.compile_backend.strip()), "engine.compile_backend", "must name a torch.compile backend")
+        _require(math.isfinite(self.collective_timeout_s) and self.collective_timeout_s > 0,
+                 "engine.collective_timeout_s", f"must be positive seconds, got {self.collective_timeout_s}")
 
 
 @dataclass

@@ -55,7 +55,15 @@ from trainer.data.decode import RegionSpec, check_image_input
 from trainer.data.loader import DataWait, StopWhileWaiting, TrainLoader
 from trainer.data.samples import BAD_KINDS, BadSampleLimits, TooManyBadSamples
 from trainer.data.shardset import ShardSet, check_shards_for_workers, mix_sets
-from trainer.distributed import DistInfo, gather_no_grad, init_distributed, shutdown
+from trainer.distributed import (
+    DistInfo,
+    PeerLost,
+    PeerWatch,
+    gather_no_grad,
+    init_distributed,
+    is_peer_failure,
+    shutdown,
+)
 from trainer.engine import checkpoint, universal
 from trainer.engine.build import backbone_lr, build_engine, deepspeed_config
 from trainer.eval.concat_weight import exported_share, run_share
@@ -182,6 +190,7 @@ class Run:
     num_params: int
     resume_tag: str | None = None
     batches: TrainLoader | None = None  # the training stream (open_batches): its position goes into checkpoints
+    peers: PeerWatch | None = None  # the other ranks' signs of life (more than one process)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -213,7 +222,7 @@ def check_inputs(cfg: Config, info: DistInfo) -> tuple[ShardSet, list, RegionSpe
 def prepare(cfg: Config, overwrite: bool = False) -> tuple[Run, list]:
     """Process group, checks, config saved, model and engine built; (run, corpus mix). A fresh run into a folder
     with another run's checkpoints is refused, or with `overwrite` that run's outputs are moved aside first."""
-    info = init_distributed()
+    info = init_distributed(cfg.engine.collective_timeout_s)
     ds_config = deepspeed_config(cfg, info.world_size)  # refuses disagreeing batch sizes before any work
     shardset, mix, regions = check_inputs(cfg, info)
     out_dir = Path(cfg.run.out_dir)
@@ -245,7 +254,7 @@ def prepare(cfg: Config, overwrite: bool = False) -> tuple[Run, list]:
     tb.retrieval_layout(list(dict.fromkeys([cfg.data.eval_split, cfg.data.test_split])))
     set_names = [str(s.root) for s, _ in mix] or [str(shardset.root)]
     run = Run(cfg, info, shardset, engine, build_loss(cfg), tb, out_dir, set_names, regions, num_params,
-              resume_tag)
+              resume_tag, peers=PeerWatch(info.rank, info.world_size) if info.world_size > 1 else None)
     return run, mix
 
 
@@ -512,10 +521,26 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
         state = restore(run)
         try:
             return train_loop(run, state, open_batches(run, mix, state, stop), stop, mix)
+        except RuntimeError as e:
+            if run.peers is None or not is_peer_failure(e):
+                raise
+            raise peer_lost(run, e) from e
         finally:
             if run.batches is not None:
                 run.batches.close()  # the loader's workers live for the whole run; they end here
+            if run.peers is not None:
+                run.peers.close()
             run.tb.close()
+
+
+def peer_lost(run: Run, error: RuntimeError) -> PeerLost:
+    """The one line for a collective that another rank did not come to, naming that rank."""
+    what = ("did not complete within engine.collective_timeout_s="
+            f"{run.cfg.engine.collective_timeout_s:g} s" if "imed out" in str(error) else "lost a peer's connection")
+    kept = (f"the last complete checkpoint in {run.ckpt_dir} is kept: once every rank's node is sound, continue "
+            "with --resume latest" if (run.ckpt_dir / "latest").is_file() else "no checkpoint was written yet")
+    return PeerLost(f"rank {run.info.rank}: a collective of step {run.peers.step} {what}: {run.peers.missing()}; "
+                    f"{kept}")
 
 
 def train_loop(run: Run, state: RunState, batches: TrainLoader, stop: StopRequest, mix: list) -> dict:
@@ -526,6 +551,8 @@ def train_loop(run: Run, state: RunState, batches: TrainLoader, stop: StopReques
     window = LogWindow()
     last_saved = state.step if run.resume_tag is not None else -1
     while state.step < cfg.train.steps:
+        if run.peers is not None:
+            run.peers.step = state.step + 1  # the step this rank has begun, for a peer whose collective fails
         taken = batches.consumed
         try:
             stop_now = step_once(run, state, batches, stop, window)
@@ -614,13 +641,15 @@ def _main(argv: list[str] | None) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    peers_answer = True
     try:
         train(cfg, overwrite=args.overwrite)  # a refusal before any work (ConfigError) is the same on all ranks
-    except StoppedWithoutCheckpoint as e:
+    except (StoppedWithoutCheckpoint, PeerLost) as e:
+        peers_answer = not isinstance(e, PeerLost)
         print(f"{train_args.PROG}: stopped: {e}", file=sys.stderr)
         return e.exit_code
     finally:
-        shutdown()
+        shutdown(peers_answer)
     return 0
 
 
