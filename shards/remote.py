@@ -273,3 +273,38 @@ def read_ranges(url: str, spans: list[tuple[int, int]], reads: RemoteReads | Non
 def read_text(location: str | Path) -> str:
     """A small file of a shard set, local or at a URL."""
     return read_url(location).decode() if is_url(location) else Path(location).read_text()
+
+
+def read_bytes(location: str | Path) -> bytes:
+    """A small file of a shard set, local or at a URL, byte for byte."""
+    return read_url(location) if is_url(location) else Path(location).read_bytes()
+
+
+def file_size(location: str | Path, reads: RemoteReads | None = None) -> int:
+    """A shard's size in bytes, local or at a URL (one HEAD / stat request); a missing one raises
+    FileNotFoundError (locally also a folder: it is no shard)."""
+    if not is_url(location):
+        if Path(location).is_dir():
+            raise FileNotFoundError(f"{location} is a folder, not a shard")
+        return Path(location).stat().st_size
+    reads = reads or RemoteReads()
+    fs, path = url_filesystem(location, reads)
+    try:
+        return int(with_retries(location, reads, lambda: fs.size(path)))
+    except ShardUnreachableError as err:
+        if isinstance(err.__cause__, FileNotFoundError):
+            raise err.__cause__ from None
+        raise
+
+
+def list_names(root: str | Path, suffix: str) -> list[str] | None:
+    """Names of the files directly in a shard-set folder ending in `suffix`; None where the store cannot list a
+    folder (an HTTP server without an index page): what is not listed there is not looked for."""
+    if not is_url(root):
+        return sorted(p.name for p in Path(root).glob(f"*{suffix}"))
+    fs, path = url_filesystem(root)
+    try:
+        entries = fs.ls(path, detail=False)
+    except Exception:  # noqa: BLE001 - 404 for a folder, no listing permission: the check goes on without it
+        return None
+    return sorted({str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries if str(e).endswith(suffix)})

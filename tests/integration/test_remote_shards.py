@@ -8,19 +8,26 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from remote_servers import RangeHTTPServer, S3Server
+from retrieval_run import exported_index, trained_run
 
+from shards.__main__ import main as shards_main
 from shards.remote import RemoteReads, ShardUnreachableError
 from trainer.config import load_config
 from trainer.data.loader import TrainLoader
 from trainer.data.shardset import ShardSet
 from trainer.data.shardstream import Identity, RawStream
+from trainer.retrieval.commands import ExportOptions, export_index
+from trainer.retrieval.index_folder import RetrievalIndex
+from trainer.tools.extract_features import extract
 from trainer.training.factory import build_train_stream
 from trainer.training.loop import train
 
@@ -180,3 +187,69 @@ def test_a_shard_that_keeps_failing_is_skipped_and_named(sources):
     assert url.startswith(sources["http"]) and url in str(exn)
     lost = [key for key in local if key not in remote]
     assert len(lost) == 16 and [key for key in local if key in remote] == remote  # one shard of 16, order kept
+
+
+# ---------------------------------------------------------------------------------------------- the shard tools
+def _shards_cli(capsys, *args: str) -> tuple[int, str]:
+    code = shards_main(list(args))
+    return code, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["http", "s3"])
+def test_shards_check_and_stats_read_a_url_as_they_read_the_folder(sources, kind, capsys):
+    url = sources[kind].rstrip("/")
+    local_code, local_out = _shards_cli(capsys, "check", sources["local"])
+    code, out = _shards_cli(capsys, "check", url)
+    assert (code, local_code) == (0, 0)
+    assert out.replace(url, "ROOT") == local_out.replace(sources["local"], "ROOT")
+    assert out.strip().endswith(f"{url}: ok") and "train: 96 images, 480 captions, 6 shards" in out
+    _, local_stats = _shards_cli(capsys, "stats", "--json", sources["local"])
+    code, stats = _shards_cli(capsys, "stats", "--json", url)
+    local_stats, stats = json.loads(local_stats), json.loads(stats)
+    assert code == 0 and stats.pop("root") == url and local_stats.pop("root") == sources["local"]
+    assert stats == local_stats and stats["splits"]["train"]["images"] == 96
+
+
+def test_shards_check_names_a_missing_and_a_broken_shard_at_a_url(tiny_shards, tmp_path, capsys):
+    broken = tmp_path / "set"
+    shutil.copytree(tiny_shards, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    missing, cut = manifest["splits"]["train"]["shards"][:2]
+    (broken / missing).unlink()
+    (broken / cut).write_bytes((tiny_shards / cut).read_bytes()[:3000])
+    with RangeHTTPServer(broken) as http:
+        code, out = _shards_cli(capsys, "check", http.url("").rstrip("/"))
+        stats_code = shards_main(["stats", http.url("").rstrip("/")])
+    assert code == 1
+    assert f"{http.url(missing)}: listed in manifest.json for split 'train' but missing" in out
+    assert f"{http.url(cut)}: unreadable tar after" in out
+    assert "train: 80 images" not in out and out.strip().endswith("problems")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stats_code == 2 and len(err) == 1 and http.url(missing) in err[0] and "missing" in err[0], err
+
+
+@pytest.mark.slow
+def test_retrieve_export_indexes_a_url_set_as_the_folder(sources, tiny_shards, tmp_path_factory, tmp_path):
+    base = tmp_path_factory.getbasetemp()
+    local = RetrievalIndex(exported_index(base, tiny_shards))
+    meta = export_index(trained_run(base, tiny_shards), tmp_path / "http", ExportOptions(shards=(sources["http"],)))
+    remote = RetrievalIndex(tmp_path / "http")
+    assert meta["sets"] == [sources["http"].rstrip("/")] and meta["counts"] == local.meta["counts"]
+    np.testing.assert_array_equal(remote.faiss["images"].reconstruct_n(0, 32),
+                                  local.faiss["images"].reconstruct_n(0, 32))
+    assert [r["image_id"] for r in remote.rows["images"]] == [r["image_id"] for r in local.rows["images"]]
+    assert remote.rows["images"][0]["shard"].startswith(sources["http"])
+    assert remote.picture(5) == local.picture(5)  # the search page's pictures come from the shard at the URL
+
+
+def test_extract_features_reads_a_url_set_as_the_folder(sources, tmp_path):
+    local = extract(sources["local"], tmp_path / "local", image_size=32, batch_size=32)
+    remote = extract(sources["http"], tmp_path / "http", image_size=32, batch_size=32)
+    assert remote["image_features"].pop("from_shards") == sources["http"].rstrip("/")
+    local["image_features"].pop("from_shards")
+    assert remote == local
+    names = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "http").iterdir()) and len(names) == 13
+    for name in names:
+        if name != "manifest.json":
+            assert (tmp_path / "http" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
