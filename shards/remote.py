@@ -108,6 +108,9 @@ def access_detail(url: str, err: Exception) -> str:
     if url.lower().startswith(("s3://", "s3a://")):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default"
         reason += f" (endpoint {endpoint}; credentials: {s3_credential_source()})"
+    elif url.lower().startswith(("http://", "https://")) and getattr(err, "status", None) in (401, 403):
+        reason += (" (credentials: none sent; an http(s) shard set is read without credentials: serve it publicly, "
+                   "or read it through its store's protocol, e.g. s3:// with the AWS_* environment)")
     return " ".join(reason.split())  # one line: library messages may hold newlines
 
 
@@ -122,8 +125,10 @@ def retry_delay(reads: RemoteReads, attempt: int) -> float:
 
 
 def is_permanent(err: Exception) -> bool:
-    """A missing file or a refused credential: retrying cannot make it work."""
-    return isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError))
+    """A missing file or a refused credential (S3's PermissionError, HTTP's 401 / 403): retrying cannot make it
+    work."""
+    return (isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError))
+            or getattr(err, "status", None) in (401, 403))
 
 
 def with_retries(url: str, reads: RemoteReads, request):

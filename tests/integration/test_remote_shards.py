@@ -47,7 +47,7 @@ def sources(tiny_shards):
         for key, value in s3.env().items():
             env.setenv(key, value)
         yield {"local": str(tiny_shards), "http": http.url(), "s3": s3.upload(tiny_shards, "corpus", "tiny/v1"),
-               "http_server": http}
+               "http_server": http, "s3_server": s3}
 
 
 def _loader(shards: str, tmp: Path, num_workers: int = 1) -> TrainLoader:
@@ -253,3 +253,33 @@ def test_extract_features_reads_a_url_set_as_the_folder(sources, tmp_path):
     for name in names:
         if name != "manifest.json":
             assert (tmp_path / "http" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------------------------------- refused access
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYzzSECRETzz"  # a secret key set in the environment, never to be printed
+
+
+def _with_secret(env: dict) -> dict:
+    return {**env, "AWS_ACCESS_KEY_ID": "AKIAWRONGKEY0000", "AWS_SECRET_ACCESS_KEY": SECRET}
+
+
+def test_a_403_over_http_is_refused_before_training_naming_the_url_and_credentials(tiny_shards, tmp_path):
+    with RangeHTTPServer(tiny_shards) as http:
+        http.deny = True
+        result = _train_cli(http.url(), tmp_path, _with_secret(dict(os.environ)))
+    line = _refused(result, "data.shards", f"{http.url()}manifest.json", "403", "credentials: none sent")
+    assert SECRET not in result.stdout + result.stderr and "AKIAWRONGKEY" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_s3_credentials_are_refused_before_training_never_showing_the_secret(sources, tmp_path):
+    s3 = sources["s3_server"]
+    s3.require_signatures(True)
+    try:
+        result = _train_cli(sources["s3"], tmp_path, _with_secret(dict(os.environ)))
+    finally:
+        s3.require_signatures(False)
+    line = _refused(result, "data.shards", f"{sources['s3']}/manifest.json", "PermissionError",
+                    "credentials: environment (AWS_ACCESS_KEY_ID)", f"endpoint {s3.endpoint}")
+    assert SECRET not in result.stdout + result.stderr and "AKIAWRONGKEY" not in line
+    assert not (tmp_path / "out").exists()
