@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,8 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from remote_servers import RangeHTTPServer, S3Server
 from retrieval_run import exported_index, trained_run
+from test_distributed import clean_env, start, wait_all
+from test_faults import RUN_STEPS, logged_steps, train_cmd, wait_for_logged
 
 from shards.__main__ import main as shards_main
 from shards.remote import RemoteReads, ShardUnreachableError
@@ -25,8 +30,10 @@ from trainer.config import load_config
 from trainer.data.loader import TrainLoader
 from trainer.data.shardset import ShardSet
 from trainer.data.shardstream import Identity, RawStream
+from trainer.engine import checkpoint
 from trainer.retrieval.commands import ExportOptions, export_index
 from trainer.retrieval.index_folder import RetrievalIndex
+from trainer.tools.export import export
 from trainer.tools.extract_features import extract
 from trainer.training.factory import build_train_stream
 from trainer.training.loop import train
@@ -283,3 +290,34 @@ def test_wrong_s3_credentials_are_refused_before_training_never_showing_the_secr
                     "credentials: environment (AWS_ACCESS_KEY_ID)", f"endpoint {s3.endpoint}")
     assert SECRET not in result.stdout + result.stderr and "AKIAWRONGKEY" not in line
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- kill and resume
+@pytest.mark.slow
+def test_a_run_over_http_killed_and_resumed_ends_with_the_uninterrupted_parameters(sources, tmp_path):
+    """One process, 12 steps, a checkpoint every 2, shards from the HTTP server (test_faults' exact-resume test,
+    over the network): SIGKILL after step 3, `--resume latest` to the end; the exported weights are bit-identical
+    to an uninterrupted run's over the same URL, and the resumed run re-read its buffer over HTTP."""
+    url, ref, run = sources["http"], tmp_path / "reference", tmp_path / "interrupted"
+    wait_all([start(train_cmd(url, ref), clean_env(), tmp_path / "reference.log")], [tmp_path / "reference.log"], 300)
+    assert logged_steps(ref) == list(range(1, RUN_STEPS + 1))
+
+    procs, logs = [start(train_cmd(url, run), clean_env(), tmp_path / "killed.log")], [tmp_path / "killed.log"]
+    wait_for_logged(run, 3, procs, logs)
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait(timeout=30)
+    killed = logged_steps(run)
+    resumed_from = int(checkpoint.find(run / "checkpoints", "latest")[0][4:])
+    assert 2 <= resumed_from <= killed[-1] < RUN_STEPS
+
+    log = tmp_path / "resumed.log"
+    wait_all([start(train_cmd(url, run, "--resume", "latest"), clean_env(), log)], [log], 300)
+    assert logged_steps(run) == killed + list(range(resumed_from + 1, RUN_STEPS + 1))
+    back = re.search(r"data stream back in position: ([\d.]+) MB re-read", log.read_text())
+    assert back and float(back.group(1)) > 0, log.read_text()[-3000:]
+
+    expected = export(ref, tmp_path / "ref.pt")["state_dict"]
+    got = export(run, tmp_path / "run.pt")["state_dict"]
+    assert expected.keys() == got.keys() and len(got) > 10
+    differ = [k for k in got if not torch.equal(got[k], expected[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[0]}"
