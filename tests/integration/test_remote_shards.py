@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -23,12 +24,14 @@ from remote_servers import RangeHTTPServer, S3Server
 from retrieval_run import exported_index, trained_run
 from test_distributed import clean_env, start, wait_all
 from test_faults import RUN_STEPS, logged_steps, train_cmd, wait_for_logged
+from test_readme_commands import STORE_HEADING, readme_block
 
 from shards.__main__ import main as shards_main
 from shards.remote import RemoteReads, ShardUnreachableError
 from trainer.config import load_config
+from trainer.config.cli_args import parse_args, resolved_config
 from trainer.data.loader import TrainLoader
-from trainer.data.shardset import ShardSet
+from trainer.data.shardset import ShardSet, mix_sets
 from trainer.data.shardstream import Identity, RawStream
 from trainer.engine import checkpoint
 from trainer.retrieval.commands import ExportOptions, export_index
@@ -321,3 +324,26 @@ def test_a_run_over_http_killed_and_resumed_ends_with_the_uninterrupted_paramete
     assert expected.keys() == got.keys() and len(got) > 10
     differ = [k for k in got if not torch.equal(got[k], expected[k])]
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[0]}"
+
+
+# ---------------------------------------------------------------------------------------------- the README's lines
+def test_the_readme_object_store_lines_pass_the_checks_and_give_batches(sources, tiny_shards, tmp_path):
+    """Each line of the README's "Pretraining from an object store" block, as written, with its bucket on the S3
+    server (the same URL), its host replaced by the HTTP server's and its folder by the tiny set's: the config
+    check before training passes and the training stream gives a batch (with the pipe: set in it)."""
+    s3 = sources["s3_server"]
+    s3.upload(tiny_shards, "bucket", "builtin")
+    lines = readme_block(STORE_HEADING)
+    assert [line.split()[:4] for line in lines] == [["python", "-m", "trainer.train", "--config"]] * 3
+    for line in lines:
+        line = line.replace("https://host/sets/builtin", sources["http"]).replace("/data/cc", str(tiny_shards))
+        argv = shlex.split(line)[3:] + [f"run.out_dir={tmp_path / 'run'}", *TINY, "data.num_workers=0"]
+        if "data.shards=" not in line:  # configs/builtin.yaml's data/builtin, which `make run` builds
+            argv.append(f"data.shards={tiny_shards}")
+        cfg = resolved_config(parse_args(argv), check_paths=True)
+        shardset = ShardSet.open(cfg.data.shards)
+        mix = mix_sets(shardset, cfg.data.mix_shards, cfg.data.mix_weights, cfg.data.train_split)
+        loader = TrainLoader(build_train_stream(cfg, shardset, rank=0, world_size=1, mix=mix), num_workers=0)
+        batch = _image_ids(loader, 1)[0]
+        assert len(batch) == 8, line
+        assert not cfg.data.mix_shards or cfg.data.mix_shards[0].startswith(f"pipe:cat {tiny_shards}/"), line
