@@ -107,7 +107,8 @@ class DataConfig:
     # Pretraining on several corpora at once: more shard sets whose train split is streamed beside data.shards'
     # (built against its vocabularies: `python -m shards build ... --vocab-from DATA.SHARDS`). Evaluation stays
     # on data.shards. mix_weights: each set's share of the training samples, data.shards first; empty = in
-    # proportion to their train-split sizes (plain concatenation). Needs data.resampled=true.
+    # proportion to their train-split sizes (plain concatenation). Needs data.resampled=true. An entry may be
+    # webdataset's `pipe:COMMAND` form with brace lists (training samples only, no manifest: mix_weights needed).
     mix_shards: list[str] = field(default_factory=list)
     mix_weights: list[float] = field(default_factory=list)
     # Shard sets at a URL (data.shards / data.mix_shards = s3://bucket/prefix, https://host/prefix, any fsspec
