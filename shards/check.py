@@ -1,6 +1,7 @@
-"""`hier-shards check DIR`: read a whole shard set back and hold it to its format (docs/design.md section 3).
+"""`hier-shards check DIR|URL`: read a whole shard set back and hold it to its format (docs/design.md section 3).
 
     python -m shards check data/emoji
+    python -m shards check s3://bucket/corpus/v1        (any URL data.shards takes: read through shards.remote)
 
 Opens every shard of every split named in manifest.json, decodes every sample (pictures with PIL, region
 features with np.load(allow_pickle=False)), checks the members and json fields of each sample, the concept ids
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from shards.format import FEATURE_EXT, FORMAT, PICTURE_EXTS, SAMPLE_FIELDS
+from shards.remote import SetRoot, access_detail, file_size, is_url, list_names, open_shard, read_text, set_root
 from shards.text import Vocab
 from usercli import UserError
 
@@ -38,9 +40,10 @@ class ShardSetError(UserError, ValueError):
 COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
-def not_a_plain_tar(path: Path) -> str | None:
-    """Why the file at `path` is not a plain tar the trainer can read (an empty file, a compressed one), or None."""
-    with path.open("rb") as f:
+def not_a_plain_tar(path: Path | SetRoot) -> str | None:
+    """Why the file at `path` (local or a URL) is not a plain tar the trainer can read (an empty file, a
+    compressed one), or None."""
+    with open_shard(path) as f:
         head = f.read(8)
     if not head:
         return "it is empty (0 bytes), not a tar; rebuild the shard set or remove the file from manifest.json"
@@ -51,15 +54,17 @@ def not_a_plain_tar(path: Path) -> str | None:
     return None
 
 
-def tar_samples(path: Path) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+def tar_samples(path: Path | SetRoot) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """(key, [(extension, bytes), ...]) per sample, grouped as WebDataset groups them: consecutive members with
-    the same name up to the first dot. Raises tarfile.TarError for a broken tar, an empty or a compressed one."""
+    the same name up to the first dot. Raises tarfile.TarError for a broken tar, an empty or a compressed one; a
+    shard at a URL is read sequentially through shards.remote (OSError once its retries are spent)."""
     why = not_a_plain_tar(path)
     if why is not None:
         raise tarfile.ReadError(why)
     key: str | None = None
     members: list[tuple[str, bytes]] = []
-    with tarfile.open(path, "r:") as tar:  # plain only: "r" would decompress what the trainer cannot read
+    # plain only ("r:"): "r" would decompress what the trainer cannot read
+    with open_shard(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for info in tar:
             if not info.isfile():
                 continue
@@ -74,26 +79,30 @@ def tar_samples(path: Path) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
             yield key, members
 
 
-def read_set_json(path: Path):
-    """A JSON file of a shard set (manifest, concepts, vocab); an unreadable one is a ShardSetError naming it. Not
+def read_set_json(path: Path | SetRoot):
+    """A JSON file of a shard set (manifest, concepts, vocab), local or at a URL; an unreadable one is a
+    ShardSetError naming it (at a URL: why, and for S3 the credential source tried). Not
     shards.sources.base.read_json_file, which reads a user's input file given by an option."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        return json.loads(read_text(path) if is_url(path) else path.read_text(encoding="utf-8"))
+    except ValueError as e:
         raise ShardSetError(f"cannot read {path}: {e}") from e
+    except OSError as e:  # at a URL: ShardUnreachableError after its retries, or the library's own error
+        raise ShardSetError(f"cannot read {path}: "
+                            f"{access_detail(path, e.__cause__ or e) if is_url(path) else e}") from e
 
 
 @dataclass
 class SetFiles:
     """manifest.json, concepts.json and vocab.json of a shard set, each checked on its own."""
 
-    root: Path
+    root: Path | SetRoot
     manifest: dict
     num_concepts: int
     vocab_size: int
 
     @classmethod
-    def open(cls, root: Path) -> "SetFiles":
+    def open(cls, root: Path | SetRoot) -> "SetFiles":
         manifest = read_set_json(root / "manifest.json")
         where = root / "manifest.json"
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -118,10 +127,11 @@ class SetFiles:
         if manifest.get("num_concepts") != len(ids):
             raise ShardSetError(f"{where}: num_concepts {manifest.get('num_concepts')} but {concepts_path} "
                                 f"has {len(ids)} concepts")
+        words = read_set_json(root / "vocab.json")
         try:
-            vocab = Vocab.from_json(root / "vocab.json")
-        except ValueError as e:
-            raise ShardSetError(str(e)) from e
+            vocab = Vocab(words["words"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ShardSetError(f"cannot read word vocabulary {root / 'vocab.json'}: {e}") from e
         if manifest.get("vocab_size") != len(vocab):
             raise ShardSetError(f"{where}: vocab_size {manifest.get('vocab_size')} but {root / 'vocab.json'} "
                                 f"has {len(vocab)} words")
@@ -230,7 +240,7 @@ def check_sample(key: str, member_list: list[tuple[str, bytes]], split: str,
 
 def check_shard_set(root: str | Path) -> CheckResult:
     """Every problem of the shard set at root (raises ShardSetError when its json files are unusable)."""
-    files = SetFiles.open(Path(root))
+    files = SetFiles.open(set_root(root))
     result = CheckResult()
     listed: set[str] = set()
     for split, info in files.manifest["splits"].items():
@@ -239,7 +249,7 @@ def check_shard_set(root: str | Path) -> CheckResult:
         for shard in info["shards"]:
             listed.add(shard)
             path = files.root / shard
-            if not path.is_file():
+            if not shard_exists(path):
                 result.problems.append(f"{path}: listed in manifest.json for split {split!r} but missing")
                 continue
             count.shards += 1
@@ -258,13 +268,24 @@ def check_shard_set(root: str | Path) -> CheckResult:
             if getattr(count, what) != info[what]:
                 result.problems.append(f"{files.root / 'manifest.json'}: split {split!r} lists {info[what]} {what}, "
                                        f"its shards hold {getattr(count, what)}")
-    strays = sorted(p.name for p in files.root.glob("*.tar") if p.name not in listed)
+    strays = [name for name in list_names(files.root, ".tar") or [] if name not in listed]
     if strays:
         result.problems.append(f"{files.root}: shards not listed in manifest.json: {', '.join(strays[:10])}")
     return result
 
 
-def format_result(root: Path, result: CheckResult) -> str:
+def shard_exists(path: Path | SetRoot) -> bool:
+    """Whether a listed shard is there (at a URL: one HEAD request; an unreachable one is named when read)."""
+    try:
+        file_size(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return is_url(path)
+    return True
+
+
+def format_result(root: Path | SetRoot, result: CheckResult) -> str:
     lines = [f"{split}: {c.images} images, {c.captions} captions, {c.shards} shards"
              for split, c in result.counts.items()]
     if not result.problems:
@@ -276,7 +297,7 @@ def format_result(root: Path, result: CheckResult) -> str:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    root = Path(args.dir)
+    root = set_root(args.dir)
     result = check_shard_set(root)
     print(format_result(root, result))
     return 1 if result.problems else 0
@@ -285,5 +306,5 @@ def run_check(args: argparse.Namespace) -> int:
 def add_check_command(subparsers) -> None:
     p = subparsers.add_parser("check", help="decode every sample of a shard set and check it against its manifest",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir", help="shard-set folder (with manifest.json)")
+    p.add_argument("dir", help="shard-set folder (with manifest.json), or its URL (s3://, http(s)://, ...)")
     p.set_defaults(run=run_check)

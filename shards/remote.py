@@ -6,24 +6,63 @@ seekable file that reads ranged requests of `RemoteReads.block_size` bytes with 
 GET), each with a timeout, a failed read retried from the byte where it stopped; `read_ranges` fetches many byte
 ranges of one shard at once (a resumed stream's buffer). Credentials come from where the protocol's library looks
 (for S3: the environment, ~/.aws, an instance role; the endpoint from AWS_ENDPOINT_URL), never from a config, and
-an error names the credential source tried, never a key. A leaf: the trainer's config checks and data stream and
-the shard tools read it; it imports no project module, and fsspec and its protocol packages only when a URL is used.
+an error names the credential source tried, never a key.
+
+webdataset's `pipe:COMMAND` form (`pipe:aws s3 cp s3://bucket/shard-{000000..000099}.tar -`, brace lists expanded
+by `expand_pipe`) is a list of shards each written by a shell command to its stdout: `PipeShard` reads it forward
+only (each wait bounded by a timeout, a failed command run again and read up to where it stopped), and a byte
+range of it costs reading the shard from its start up to that range (`read_ranges` says how much in `spent`).
+A leaf: the trainer's config checks and data stream and the shard tools read it; it imports no project module, and
+fsspec and its protocol packages only when a URL is used.
 """
 from __future__ import annotations
 
 import bisect
 import os
 import re
+import select
+import shlex
+import shutil
+import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+PIPE = "pipe:"
+PIPE_CHUNK = 1 << 20  # the most bytes taken from a command's stdout at once
 
 
 def is_url(location: str | Path) -> bool:
     """Whether a shard-set location or shard names a URL (`scheme://...`) rather than a local path."""
     return isinstance(location, str) and bool(URL_PATTERN.match(location))
+
+
+def is_pipe(location: str | Path) -> bool:
+    """Whether a shard set or shard is webdataset's `pipe:COMMAND` form (a command writes the tar to stdout)."""
+    return isinstance(location, str) and location.startswith(PIPE)
+
+
+def expand_pipe(spec: str) -> list[str]:
+    """One `pipe:COMMAND` per shard of a spec with brace lists, as webdataset expands them:
+    `pipe:cat d/s-{000000..000002}.tar` -> `pipe:cat d/s-000000.tar`, ... (ValueError: no command)."""
+    import braceexpand  # lazy: installed with webdataset, needed only by pipe: sets
+    shards = list(braceexpand.braceexpand(spec))
+    if not shards or any(not s[len(PIPE):].strip() for s in shards):
+        raise ValueError(f"{spec!r} names no command after {PIPE!r}")
+    return shards
+
+
+def pipe_program(spec: str) -> str | None:
+    """The program a `pipe:` spec runs, when it cannot be found on PATH (else None): checked before training."""
+    try:
+        words = shlex.split(spec[len(PIPE):])
+    except ValueError:
+        return None  # unbalanced quotes: the shell names it when the command runs
+    if words and "=" not in words[0] and not shutil.which(words[0]):
+        return words[0]
+    return None
 
 
 class SetRoot(str):
@@ -108,6 +147,9 @@ def access_detail(url: str, err: Exception) -> str:
     if url.lower().startswith(("s3://", "s3a://")):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default"
         reason += f" (endpoint {endpoint}; credentials: {s3_credential_source()})"
+    elif url.lower().startswith(("http://", "https://")) and getattr(err, "status", None) in (401, 403):
+        reason += (" (credentials: none sent; an http(s) shard set is read without credentials: serve it publicly, "
+                   "or read it through its store's protocol, e.g. s3:// with the AWS_* environment)")
     return " ".join(reason.split())  # one line: library messages may hold newlines
 
 
@@ -122,8 +164,10 @@ def retry_delay(reads: RemoteReads, attempt: int) -> float:
 
 
 def is_permanent(err: Exception) -> bool:
-    """A missing file or a refused credential: retrying cannot make it work."""
-    return isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError))
+    """A missing file or a refused credential (S3's PermissionError, HTTP's 401 / 403): retrying cannot make it
+    work."""
+    return (isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError))
+            or getattr(err, "status", None) in (401, 403))
 
 
 def with_retries(url: str, reads: RemoteReads, request):
@@ -222,8 +266,115 @@ class RetryingShard:
         self.close()
 
 
+class PipeShard:
+    """A `pipe:COMMAND` shard as the file the tar reader needs: read, tell, and seek (forward: the bytes in between
+    are read and dropped; back: the command runs again from the start). Each wait for the command's bytes is
+    bounded by reads.timeout; a command that fails (exits non-zero, is silent past the timeout) runs again after a
+    backoff, read up to where the reader stopped, reads.retries times; then ShardUnreachableError naming it.
+    `fetched`: the bytes the command wrote (what a seek or a resume cost)."""
+
+    def __init__(self, url: str, reads: RemoteReads):
+        self.url, self.command, self.reads = url, url[len(PIPE):], reads
+        self.proc: subprocess.Popen | None = None
+        self.errors = None  # the command's stderr, in a file (a pipe could fill and stall it)
+        self.pos = 0  # where the reader is
+        self.taken = 0  # bytes taken from the command's stdout (this run of it)
+        self.buf = bytearray()  # bytes [taken - len(buf), taken) of this run
+        self.done = False
+        self.fetched = 0
+        self.retried = 0
+
+    def _start(self) -> None:
+        self._stop()
+        self.errors = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.command, shell=True, stdout=subprocess.PIPE, stderr=self.errors)
+        self.taken, self.buf, self.done = 0, bytearray(), False
+
+    def _stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()  # read no further than needed (a resumed stream's buffer, an early close)
+            proc.stdout.close()
+            try:
+                proc.wait(timeout=self.reads.timeout)
+            except subprocess.TimeoutExpired:
+                pass  # killed: the kernel reaps it; nothing here waits without a bound
+        if self.errors is not None:
+            self.errors.close()
+            self.errors = None
+
+    def _chunk(self) -> bytes:
+        """The command's next bytes; b"" once it has ended well (exit 0)."""
+        fd = self.proc.stdout.fileno()
+        if not select.select([fd], [], [], self.reads.timeout)[0]:
+            raise TimeoutError(f"no byte from the command in {self.reads.timeout:g} s (data.shard_timeout)")
+        data = os.read(fd, PIPE_CHUNK)
+        if data:
+            self.taken += len(data)
+            self.fetched += len(data)
+            return data
+        try:
+            code = self.proc.wait(timeout=self.reads.timeout)
+        except subprocess.TimeoutExpired as err:
+            raise TimeoutError(f"the command closed its output but did not end in {self.reads.timeout:g} s") from err
+        if code != 0:
+            self.errors.seek(0)
+            said = " ".join(self.errors.read()[-400:].decode("utf-8", "replace").split())
+            raise OSError(f"the command exited with status {code}" + (f": {said}" if said else ""))
+        self.done = True
+        return b""
+
+    def _read_to(self, end: int | None) -> bytes:
+        if self.proc is None or self.pos < self.taken - len(self.buf):
+            self._start()  # first read, or a seek back: from the start again
+        while not self.done and (end is None or self.taken < end):
+            del self.buf[:max(0, min(len(self.buf), self.pos - (self.taken - len(self.buf))))]  # before the reader
+            self.buf += self._chunk()
+        start = self.taken - len(self.buf)
+        low = max(0, self.pos - start)
+        out = bytes(self.buf[low:] if end is None else self.buf[low:max(low, end - start)])
+        self.pos += len(out)
+        return out
+
+    def read(self, n: int = -1) -> bytes:
+        attempt = 0
+        while True:
+            try:
+                return self._read_to(None if n < 0 else self.pos + n)
+            except Exception as err:  # a failed command, a timeout, a broken pipe
+                self._stop()
+                if attempt >= self.reads.retries:
+                    raise ShardUnreachableError(f"{self.url}: {type(err).__name__}: {err} (at byte {self.pos}, "
+                                                f"after {attempt} retries)") from err
+                time.sleep(retry_delay(self.reads, attempt))
+                attempt += 1
+                self.retried += 1
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0:
+            raise ValueError("PipeShard seeks from the start only")
+        self.pos = offset
+        return offset
+
+    def tell(self) -> int:
+        return self.pos
+
+    def close(self) -> None:
+        self._stop()
+
+    def __enter__(self) -> "PipeShard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def open_shard(url: str, reads: RemoteReads | None = None):
-    """A shard as a seekable binary file: the local file as it always was, a URL through RetryingShard."""
+    """A shard as a seekable binary file: the local file as it always was, a URL through RetryingShard, a
+    `pipe:COMMAND` through PipeShard (forward only)."""
+    if is_pipe(url):
+        return PipeShard(url, reads or RemoteReads())
     return RetryingShard(url, reads or RemoteReads()) if is_url(url) else open(url, "rb")
 
 
@@ -240,7 +391,16 @@ def merged_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def read_ranges(url: str, spans: list[tuple[int, int]], reads: RemoteReads | None = None) -> list[bytes]:
     """The bytes of (offset, length) spans of one shard: locally by seeking, at a URL as concurrent ranged
-    requests (fsspec's cat_ranges) of the merged spans, retried like a shard's reads."""
+    requests (fsspec's cat_ranges) of the merged spans, retried like a shard's reads; of a `pipe:` shard by running
+    its command once and reading it from its start up to the last span (pipe_cost says how many bytes that is)."""
+    if is_pipe(url):
+        order = sorted(range(len(spans)), key=lambda i: spans[i][0])
+        got: dict[int, bytes] = {}
+        with PipeShard(url, reads or RemoteReads()) as f:
+            for i in order:
+                f.seek(spans[i][0])
+                got[i] = f.read(spans[i][1])
+        return [got[i] for i in range(len(spans))]
     if not is_url(url):
         out = []
         with open(url, "rb") as f:
@@ -270,6 +430,46 @@ def read_ranges(url: str, spans: list[tuple[int, int]], reads: RemoteReads | Non
     return out
 
 
+def pipe_cost(spans: list[tuple[int, int]]) -> int:
+    """Bytes a `pipe:` shard's command writes before read_ranges has `spans`: all of it up to the last one."""
+    return max((offset + length for offset, length in spans), default=0)
+
+
 def read_text(location: str | Path) -> str:
     """A small file of a shard set, local or at a URL."""
     return read_url(location).decode() if is_url(location) else Path(location).read_text()
+
+
+def read_bytes(location: str | Path) -> bytes:
+    """A small file of a shard set, local or at a URL, byte for byte."""
+    return read_url(location) if is_url(location) else Path(location).read_bytes()
+
+
+def file_size(location: str | Path, reads: RemoteReads | None = None) -> int:
+    """A shard's size in bytes, local or at a URL (one HEAD / stat request); a missing one raises
+    FileNotFoundError (locally also a folder: it is no shard)."""
+    if not is_url(location):
+        if Path(location).is_dir():
+            raise FileNotFoundError(f"{location} is a folder, not a shard")
+        return Path(location).stat().st_size
+    reads = reads or RemoteReads()
+    fs, path = url_filesystem(location, reads)
+    try:
+        return int(with_retries(location, reads, lambda: fs.size(path)))
+    except ShardUnreachableError as err:
+        if isinstance(err.__cause__, FileNotFoundError):
+            raise err.__cause__ from None
+        raise
+
+
+def list_names(root: str | Path, suffix: str) -> list[str] | None:
+    """Names of the files directly in a shard-set folder ending in `suffix`; None where the store cannot list a
+    folder (an HTTP server without an index page): what is not listed there is not looked for."""
+    if not is_url(root):
+        return sorted(p.name for p in Path(root).glob(f"*{suffix}"))
+    fs, path = url_filesystem(root)
+    try:
+        entries = fs.ls(path, detail=False)
+    except Exception:  # noqa: BLE001 - 404 for a folder, no listing permission: the check goes on without it
+        return None
+    return sorted({str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries if str(e).endswith(suffix)})

@@ -1,6 +1,7 @@
-"""`hier-shards stats DIR`: what a shard set holds, from its shards' json members.
+"""`hier-shards stats DIR|URL`: what a shard set holds, from its shards' json members.
 
     python -m shards stats data/emoji [--top 20] [--json]
+    python -m shards stats https://host/corpus/v1        (any URL data.shards takes: read through shards.remote)
 
 Per split: bytes (and per shard), images, captions, the distribution of captions per image, words per caption
 (the trainer's tokenizer), concepts per caption and per image, and the most frequent concepts (by number of
@@ -16,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from shards.check import SetFiles, ShardSetError, read_set_json, tar_samples
+from shards.remote import SetRoot, access_detail, file_size, is_url, set_root
 from shards.text import tokenize
 from usercli.options import int_in
 
@@ -27,15 +29,31 @@ def _summary(values: list[int]) -> dict:
             "median": statistics.median(values), "max": max(values)}
 
 
-def _samples(path: Path, root: Path):
-    """tar_samples of one shard; a tar that cannot be read (empty, compressed, cut off) is one line naming it."""
+def _samples(path: Path | SetRoot, root: Path | SetRoot):
+    """tar_samples of one shard; a tar that cannot be read (empty, compressed, cut off, at a URL unreachable
+    after its retries) is one line naming it."""
     try:
         yield from tar_samples(path)
     except (tarfile.TarError, EOFError) as e:
         raise ShardSetError(f"{path}: unreadable tar: {e}; run `hier-shards check {root}`") from e
+    except OSError as e:
+        if not is_url(path):
+            raise
+        raise ShardSetError(f"{path}: unreadable: {access_detail(path, e.__cause__ or e)}") from e
 
 
-def split_stats(root: Path, shards: list[str], lemmas: list[str], top: int) -> dict:
+def _size(path: Path | SetRoot) -> int:
+    try:
+        return file_size(path)
+    except FileNotFoundError as e:
+        raise ShardSetError(f"{path}: listed in manifest.json but missing; run `hier-shards check`") from e
+    except OSError as e:
+        if not is_url(path):
+            raise
+        raise ShardSetError(f"{path}: unreadable: {access_detail(path, e.__cause__ or e)}") from e
+
+
+def split_stats(root: Path | SetRoot, shards: list[str], lemmas: list[str], top: int) -> dict:
     shard_bytes: dict[str, int] = {}
     captions_per_image: Counter[int] = Counter()
     words: list[int] = []
@@ -45,7 +63,7 @@ def split_stats(root: Path, shards: list[str], lemmas: list[str], top: int) -> d
     images = 0
     for shard in shards:
         path = root / shard
-        shard_bytes[shard] = path.stat().st_size
+        shard_bytes[shard] = _size(path)
         for key, members in _samples(path, root):
             raw = dict(members).get("json")
             if raw is None:
@@ -84,7 +102,7 @@ def split_stats(root: Path, shards: list[str], lemmas: list[str], top: int) -> d
 
 
 def shard_set_stats(root: str | Path, top: int = 20) -> dict:
-    files = SetFiles.open(Path(root))
+    files = SetFiles.open(set_root(root))
     entries = read_set_json(files.root / "concepts.json")["concepts"]
     lemmas = [e["lemma"] for e in entries]
     splits = {split: split_stats(files.root, info["shards"], lemmas, top)
@@ -137,7 +155,7 @@ def run_stats(args: argparse.Namespace) -> int:
 def add_stats_command(subparsers) -> None:
     p = subparsers.add_parser("stats", help="sizes, counts and label statistics of a shard set",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir", help="shard-set folder (with manifest.json)")
+    p.add_argument("dir", help="shard-set folder (with manifest.json), or its URL (s3://, http(s)://, ...)")
     p.add_argument("--top", type=int_in(1), default=20, help="how many of the most frequent concepts to list")
     p.add_argument("--json", action="store_true", help="print one json object instead of text")
     p.set_defaults(run=run_stats)

@@ -3,7 +3,7 @@
 - `RangeHTTPServer`: serves a folder over HTTP/1.1 with Range requests (Python's http.server does not do Range),
   counts the body bytes it sends, and can inject faults into shard reads (`faults`, taken one per GET of a shard:
   "503", "drop" = close the connection half way through the body, "stall" = send nothing for `stall_seconds`,
-  "ok" = no fault);
+  "ok" = no fault), or refuse every request with 403 Forbidden (`deny = True`: a set without read access);
 - `S3Server`: moto's S3-compatible server (ThreadedMotoServer) on a free port, with `upload` to put a shard-set
   folder into a bucket, and `env()` the AWS_* variables a client needs (dummy credentials, AWS_ENDPOINT_URL).
 Every wait here is bounded and names what did not come.
@@ -55,6 +55,9 @@ class ShardRequestHandler(BaseHTTPRequestHandler):
         return (start, end) if start < size else None
 
     def serve(self, body: bool) -> None:
+        if self.server.deny:
+            self.send_error(403, "Forbidden")
+            return
         path = self.target()
         if path is None:
             self.send_error(404)
@@ -114,6 +117,7 @@ class RangeHTTPServer(ThreadingHTTPServer):
         self.fault_suffix = fault_suffix
         self.stall_seconds = stall_seconds
         self.faults: list[str] = []
+        self.deny = False
         self.bytes_sent = 0
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
@@ -182,6 +186,13 @@ class S3Server:
         import boto3  # lazy: installed with moto and s3fs
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
                             aws_secret_access_key="testing", region_name="us-east-1")
+
+    def require_signatures(self, on: bool) -> None:
+        """Whether the server checks each request's credentials (moto's /moto-api/reset-auth): on, the dummy keys
+        of env() and any other are refused with 403 InvalidAccessKeyId, as a store refuses a wrong key."""
+        import requests  # lazy: installed with moto
+        answer = requests.post(f"{self.endpoint}/moto-api/reset-auth", data="0" if on else "inf", timeout=10)
+        answer.raise_for_status()
 
     def upload(self, folder: str | Path, bucket: str, prefix: str) -> str:
         """Every file of `folder` put under s3://bucket/prefix/ (the bucket made); the set's URL."""

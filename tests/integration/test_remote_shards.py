@@ -8,19 +8,36 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from remote_servers import RangeHTTPServer, S3Server
+from retrieval_run import exported_index, trained_run
+from test_distributed import clean_env, start, wait_all
+from test_faults import RUN_STEPS, logged_steps, train_cmd, wait_for_logged
+from test_readme_commands import STORE_HEADING, readme_block
 
+from shards.__main__ import main as shards_main
 from shards.remote import RemoteReads, ShardUnreachableError
 from trainer.config import load_config
+from trainer.config.cli_args import parse_args, resolved_config
 from trainer.data.loader import TrainLoader
-from trainer.data.shardset import ShardSet
+from trainer.data.shardset import ShardSet, mix_sets
 from trainer.data.shardstream import Identity, RawStream
+from trainer.engine import checkpoint
+from trainer.retrieval.commands import ExportOptions, export_index
+from trainer.retrieval.index_folder import RetrievalIndex
+from trainer.tools.export import export
+from trainer.tools.extract_features import extract
 from trainer.training.factory import build_train_stream
 from trainer.training.loop import train
 
@@ -40,7 +57,7 @@ def sources(tiny_shards):
         for key, value in s3.env().items():
             env.setenv(key, value)
         yield {"local": str(tiny_shards), "http": http.url(), "s3": s3.upload(tiny_shards, "corpus", "tiny/v1"),
-               "http_server": http}
+               "http_server": http, "s3_server": s3}
 
 
 def _loader(shards: str, tmp: Path, num_workers: int = 1) -> TrainLoader:
@@ -180,3 +197,153 @@ def test_a_shard_that_keeps_failing_is_skipped_and_named(sources):
     assert url.startswith(sources["http"]) and url in str(exn)
     lost = [key for key in local if key not in remote]
     assert len(lost) == 16 and [key for key in local if key in remote] == remote  # one shard of 16, order kept
+
+
+# ---------------------------------------------------------------------------------------------- the shard tools
+def _shards_cli(capsys, *args: str) -> tuple[int, str]:
+    code = shards_main(list(args))
+    return code, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["http", "s3"])
+def test_shards_check_and_stats_read_a_url_as_they_read_the_folder(sources, kind, capsys):
+    url = sources[kind].rstrip("/")
+    local_code, local_out = _shards_cli(capsys, "check", sources["local"])
+    code, out = _shards_cli(capsys, "check", url)
+    assert (code, local_code) == (0, 0)
+    assert out.replace(url, "ROOT") == local_out.replace(sources["local"], "ROOT")
+    assert out.strip().endswith(f"{url}: ok") and "train: 96 images, 480 captions, 6 shards" in out
+    _, local_stats = _shards_cli(capsys, "stats", "--json", sources["local"])
+    code, stats = _shards_cli(capsys, "stats", "--json", url)
+    local_stats, stats = json.loads(local_stats), json.loads(stats)
+    assert code == 0 and stats.pop("root") == url and local_stats.pop("root") == sources["local"]
+    assert stats == local_stats and stats["splits"]["train"]["images"] == 96
+
+
+def test_shards_check_names_a_missing_and_a_broken_shard_at_a_url(tiny_shards, tmp_path, capsys):
+    broken = tmp_path / "set"
+    shutil.copytree(tiny_shards, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    missing, cut = manifest["splits"]["train"]["shards"][:2]
+    (broken / missing).unlink()
+    (broken / cut).write_bytes((tiny_shards / cut).read_bytes()[:3000])
+    with RangeHTTPServer(broken) as http:
+        code, out = _shards_cli(capsys, "check", http.url("").rstrip("/"))
+        stats_code = shards_main(["stats", http.url("").rstrip("/")])
+    assert code == 1
+    assert f"{http.url(missing)}: listed in manifest.json for split 'train' but missing" in out
+    assert f"{http.url(cut)}: unreadable tar after" in out
+    assert "train: 80 images" not in out and out.strip().endswith("problems")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stats_code == 2 and len(err) == 1 and http.url(missing) in err[0] and "missing" in err[0], err
+
+
+@pytest.mark.slow
+def test_retrieve_export_indexes_a_url_set_as_the_folder(sources, tiny_shards, tmp_path_factory, tmp_path):
+    base = tmp_path_factory.getbasetemp()
+    local = RetrievalIndex(exported_index(base, tiny_shards))
+    meta = export_index(trained_run(base, tiny_shards), tmp_path / "http", ExportOptions(shards=(sources["http"],)))
+    remote = RetrievalIndex(tmp_path / "http")
+    assert meta["sets"] == [sources["http"].rstrip("/")] and meta["counts"] == local.meta["counts"]
+    np.testing.assert_array_equal(remote.faiss["images"].reconstruct_n(0, 32),
+                                  local.faiss["images"].reconstruct_n(0, 32))
+    assert [r["image_id"] for r in remote.rows["images"]] == [r["image_id"] for r in local.rows["images"]]
+    assert remote.rows["images"][0]["shard"].startswith(sources["http"])
+    assert remote.picture(5) == local.picture(5)  # the search page's pictures come from the shard at the URL
+
+
+def test_extract_features_reads_a_url_set_as_the_folder(sources, tmp_path):
+    local = extract(sources["local"], tmp_path / "local", image_size=32, batch_size=32)
+    remote = extract(sources["http"], tmp_path / "http", image_size=32, batch_size=32)
+    assert remote["image_features"].pop("from_shards") == sources["http"].rstrip("/")
+    local["image_features"].pop("from_shards")
+    assert remote == local
+    names = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "http").iterdir()) and len(names) == 13
+    for name in names:
+        if name != "manifest.json":
+            assert (tmp_path / "http" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------------------------------- refused access
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYzzSECRETzz"  # a secret key set in the environment, never to be printed
+
+
+def _with_secret(env: dict) -> dict:
+    return {**env, "AWS_ACCESS_KEY_ID": "AKIAWRONGKEY0000", "AWS_SECRET_ACCESS_KEY": SECRET}
+
+
+def test_a_403_over_http_is_refused_before_training_naming_the_url_and_credentials(tiny_shards, tmp_path):
+    with RangeHTTPServer(tiny_shards) as http:
+        http.deny = True
+        result = _train_cli(http.url(), tmp_path, _with_secret(dict(os.environ)))
+    line = _refused(result, "data.shards", f"{http.url()}manifest.json", "403", "credentials: none sent")
+    assert SECRET not in result.stdout + result.stderr and "AKIAWRONGKEY" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_s3_credentials_are_refused_before_training_never_showing_the_secret(sources, tmp_path):
+    s3 = sources["s3_server"]
+    s3.require_signatures(True)
+    try:
+        result = _train_cli(sources["s3"], tmp_path, _with_secret(dict(os.environ)))
+    finally:
+        s3.require_signatures(False)
+    line = _refused(result, "data.shards", f"{sources['s3']}/manifest.json", "PermissionError",
+                    "credentials: environment (AWS_ACCESS_KEY_ID)", f"endpoint {s3.endpoint}")
+    assert SECRET not in result.stdout + result.stderr and "AKIAWRONGKEY" not in line
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- kill and resume
+@pytest.mark.slow
+def test_a_run_over_http_killed_and_resumed_ends_with_the_uninterrupted_parameters(sources, tmp_path):
+    """One process, 12 steps, a checkpoint every 2, shards from the HTTP server (test_faults' exact-resume test,
+    over the network): SIGKILL after step 3, `--resume latest` to the end; the exported weights are bit-identical
+    to an uninterrupted run's over the same URL, and the resumed run re-read its buffer over HTTP."""
+    url, ref, run = sources["http"], tmp_path / "reference", tmp_path / "interrupted"
+    wait_all([start(train_cmd(url, ref), clean_env(), tmp_path / "reference.log")], [tmp_path / "reference.log"], 300)
+    assert logged_steps(ref) == list(range(1, RUN_STEPS + 1))
+
+    procs, logs = [start(train_cmd(url, run), clean_env(), tmp_path / "killed.log")], [tmp_path / "killed.log"]
+    wait_for_logged(run, 3, procs, logs)
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait(timeout=30)
+    killed = logged_steps(run)
+    resumed_from = int(checkpoint.find(run / "checkpoints", "latest")[0][4:])
+    assert 2 <= resumed_from <= killed[-1] < RUN_STEPS
+
+    log = tmp_path / "resumed.log"
+    wait_all([start(train_cmd(url, run, "--resume", "latest"), clean_env(), log)], [log], 300)
+    assert logged_steps(run) == killed + list(range(resumed_from + 1, RUN_STEPS + 1))
+    back = re.search(r"data stream back in position: ([\d.]+) MB re-read", log.read_text())
+    assert back and float(back.group(1)) > 0, log.read_text()[-3000:]
+
+    expected = export(ref, tmp_path / "ref.pt")["state_dict"]
+    got = export(run, tmp_path / "run.pt")["state_dict"]
+    assert expected.keys() == got.keys() and len(got) > 10
+    differ = [k for k in got if not torch.equal(got[k], expected[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[0]}"
+
+
+# ---------------------------------------------------------------------------------------------- the README's lines
+def test_the_readme_object_store_lines_pass_the_checks_and_give_batches(sources, tiny_shards, tmp_path):
+    """Each line of the README's "Pretraining from an object store" block, as written, with its bucket on the S3
+    server (the same URL), its host replaced by the HTTP server's and its folder by the tiny set's: the config
+    check before training passes and the training stream gives a batch (with the pipe: set in it)."""
+    s3 = sources["s3_server"]
+    s3.upload(tiny_shards, "bucket", "builtin")
+    lines = readme_block(STORE_HEADING)
+    assert [line.split()[:4] for line in lines] == [["python", "-m", "trainer.train", "--config"]] * 3
+    for line in lines:
+        line = line.replace("https://host/sets/builtin", sources["http"]).replace("/data/cc", str(tiny_shards))
+        argv = shlex.split(line)[3:] + [f"run.out_dir={tmp_path / 'run'}", *TINY, "data.num_workers=0"]
+        if "data.shards=" not in line:  # configs/builtin.yaml's data/builtin, which `make run` builds
+            argv.append(f"data.shards={tiny_shards}")
+        cfg = resolved_config(parse_args(argv), check_paths=True)
+        shardset = ShardSet.open(cfg.data.shards)
+        mix = mix_sets(shardset, cfg.data.mix_shards, cfg.data.mix_weights, cfg.data.train_split)
+        loader = TrainLoader(build_train_stream(cfg, shardset, rank=0, world_size=1, mix=mix), num_workers=0)
+        batch = _image_ids(loader, 1)[0]
+        assert len(batch) == 8, line
+        assert not cfg.data.mix_shards or cfg.data.mix_shards[0].startswith(f"pipe:cat {tiny_shards}/"), line

@@ -28,7 +28,10 @@ from shards.remote import (
     ShardUnreachableError,
     access_detail,
     access_error,
+    expand_pipe,
+    is_pipe,
     is_url,
+    pipe_program,
     read_url,
     set_root,
     url_filesystem,
@@ -104,7 +107,8 @@ class DataConfig:
     # Pretraining on several corpora at once: more shard sets whose train split is streamed beside data.shards'
     # (built against its vocabularies: `python -m shards build ... --vocab-from DATA.SHARDS`). Evaluation stays
     # on data.shards. mix_weights: each set's share of the training samples, data.shards first; empty = in
-    # proportion to their train-split sizes (plain concatenation). Needs data.resampled=true.
+    # proportion to their train-split sizes (plain concatenation). Needs data.resampled=true. An entry may be
+    # webdataset's `pipe:COMMAND` form with brace lists (training samples only, no manifest: mix_weights needed).
     mix_shards: list[str] = field(default_factory=list)
     mix_weights: list[float] = field(default_factory=list)
     # Shard sets at a URL (data.shards / data.mix_shards = s3://bucket/prefix, https://host/prefix, any fsspec
@@ -144,6 +148,12 @@ class DataConfig:
                  f"got {len(self.mix_weights)}")
         _require(all(w > 0 for w in self.mix_weights), "data.mix_weights",
                  f"must all be positive, got {self.mix_weights}")
+        _require(not is_pipe(self.shards), "data.shards",
+                 f"{self.shards!r}: a pipe: set has no manifest or vocabularies (nor validation and test splits); "
+                 f"name the shard-set folder or URL here and put the pipe: set in data.mix_shards")
+        _require(self.mix_weights or not any(is_pipe(m) for m in self.mix_shards), "data.mix_weights",
+                 "a pipe: set in data.mix_shards has no manifest to count its pictures: give each set's share, "
+                 f"e.g. data.mix_weights=[{', '.join(['1'] * (1 + len(self.mix_shards)))}]")
         _require(0.0 < self.random_crop_min_area <= 1.0, "data.random_crop_min_area",
                  f"must be in (0, 1], got {self.random_crop_min_area}")
         _require(self.shard_retries >= 0, "data.shard_retries", f"must be >= 0, got {self.shard_retries}")
@@ -621,6 +631,9 @@ def _validate_paths(cfg: Config) -> None:
         _require(name in splits, f"data.{key}",
                  f"split {name!r} not in {set_root(d.shards) / MANIFEST} (has: {', '.join(splits)})")
     for i, extra in enumerate(d.mix_shards):
+        if is_pipe(extra):
+            check_pipe_set(f"data.mix_shards[{i}]", extra)
+            continue
         extra_splits = check_shard_set_files(f"data.mix_shards[{i}]", extra, d.remote_reads())
         _require(d.train_split in extra_splits, f"data.mix_shards[{i}]",
                  f"split {d.train_split!r} not in {set_root(extra) / MANIFEST}")
@@ -683,6 +696,18 @@ def check_shard_set_files(key: str, root: str | Path, reads: RemoteReads | None 
         _require(not missing, key, f"shard files of split {split!r} listed in {root / MANIFEST} are missing "
                                    f"({', '.join(map(str, missing[:3]))}); {rebuild}")
     return manifest["splits"]
+
+
+def check_pipe_set(key: str, spec: str) -> None:
+    """A `pipe:COMMAND` set: its brace lists expand to commands whose program is on PATH (what the command reads is
+    found out when it runs: a failing one is retried, then its shard skipped and counted)."""
+    try:
+        commands = expand_pipe(spec)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}; write it as webdataset does, e.g. 'pipe:cat /data/shard-{{000000..000009}}"
+                          f".tar' or 'pipe:aws s3 cp s3://bucket/shard-{{000000..000009}}.tar -'") from err
+    missing = pipe_program(commands[0])
+    _require(missing is None, key, f"{spec!r} runs {missing!r}, which is not on PATH; install it or give its full path")
 
 
 def _read_remote_json(key: str, url: str, reads: RemoteReads, required: bool):

@@ -1,6 +1,8 @@
 """A shard set as the trainer reads it (through its documented format, defined once in `shards.format`:
 `manifest.json`, `concepts.json`, `vocab.json` and tars of `{image_id}.{jpg,jpeg,png,webp,npy}` + `{image_id}.json`),
-in a local folder or at a URL (`shards.remote`: fsspec, ranged reads, retries), mixing several sets for training,
+in a local folder or at a URL (`shards.remote`: fsspec, ranged reads, retries), or, for a mixed-in training set
+only, webdataset's `pipe:COMMAND` form with brace lists (no manifest: it shares data.shards' vocabularies and is
+read forward only), mixing several sets for training,
 the check that every loader worker gets a shard, and the stable hash that lets string image ids travel in tensors.
 """
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shards.format import CONCEPTS, MANIFEST, VOCAB, is_manifest
-from shards.remote import SetRoot, open_shard, read_text, set_root
+from shards.remote import SetRoot, expand_pipe, is_pipe, open_shard, read_text, set_root
 from trainer.data.text import Vocab
 
 
@@ -41,7 +43,7 @@ def image_id_hash(image_id: str) -> int:
 class ShardSet:
     """A shard set, in a local folder or at a URL: its manifest, concept vocabulary and word vocabulary."""
 
-    root: Path | SetRoot
+    root: Path | SetRoot | str  # a str: a pipe: spec
     manifest: dict
     concepts: list[str]
     vocab: Vocab
@@ -71,6 +73,15 @@ class ShardSet:
             raise ValueError(f"cannot read word vocabulary {root / VOCAB}: {e}") from e
         return cls(root, manifest, concepts, vocab)
 
+    @classmethod
+    def pipe(cls, spec: str, like: "ShardSet", split: str) -> "ShardSet":
+        """A `pipe:COMMAND` set (brace lists expanded, one command per shard): the `split` of training samples and
+        nothing else, with the vocabularies of `like` (it has no files of its own to read them from). Its size is
+        unknown (0 pictures in its manifest): data.mix_weights gives its share."""
+        manifest = {"format": like.manifest.get("format"), "splits": {split: {
+            "shards": expand_pipe(spec), "images": 0, "captions": 0}}}
+        return cls(spec, manifest, like.concepts, like.vocab)
+
     @property
     def num_concepts(self) -> int:
         return len(self.concepts)
@@ -84,6 +95,8 @@ class ShardSet:
         """The split's shards, local paths or URLs. Local ones must exist; at a URL, asking for each of thousands
         would cost a request per shard: a missing one is counted when it is read (the config check looks for the
         first shard of each split)."""
+        if is_pipe(self.root):
+            return list(self.split_info(split)["shards"])  # the commands themselves
         urls = [str(self.root / name) for name in self.split_info(split)["shards"]]
         missing = [] if isinstance(self.root, SetRoot) else [u for u in urls if not Path(u).is_file()]
         if missing:
@@ -94,10 +107,12 @@ class ShardSet:
 def mix_sets(shardset: ShardSet, extra_roots: list[str], weights: list[float],
              split: str) -> list[tuple[ShardSet, float]]:
     """[(shard set, share of the training samples)] for data.mix_shards, `shardset` first; [] without a mix.
-    The sets must share one concept and word vocabulary: labels and token ids mean the same in every batch."""
+    The sets must share one concept and word vocabulary: labels and token ids mean the same in every batch (a
+    `pipe:` set has none of its own to compare: it is taken to share shardset's)."""
     if not extra_roots:
         return []
-    sets = [shardset] + [ShardSet.open(root) for root in extra_roots]
+    sets = [shardset] + [ShardSet.pipe(root, shardset, split) if is_pipe(root) else ShardSet.open(root)
+                         for root in extra_roots]
     for extra in sets[1:]:
         for what, file, same in (("concept", "concepts.json", extra.concepts == shardset.concepts),
                                  ("word", "vocab.json", extra.vocab.words == shardset.vocab.words)):

@@ -14,11 +14,14 @@ bytes plus at most one member header, whatever the run's length (`restore`).
 Shards must be plain (uncompressed) tar files, as `python -m shards build` writes them: a byte offset into a
 compressed tar cannot be sought. A shard may be a local file or a URL that can seek (HTTP Range, S3 ranged GET):
 `trainer.data.shardset.open_shard` reads it sequentially in large blocks, and a resume asks for the buffer's byte
-ranges and continues the current shard at its offset exactly as on local disk.
+ranges and continues the current shard at its offset exactly as on local disk. A `pipe:COMMAND` shard cannot
+seek: a resume runs its command again, reads it from its start and drops the bytes before the saved sample (its
+buffered samples likewise); the log says so and the restore cost counts every byte read.
 """
 from __future__ import annotations
 
 import io
+import logging
 import random
 import tarfile
 import time
@@ -27,9 +30,10 @@ from typing import Callable, Iterator, NamedTuple
 
 from webdataset.tariterators import base_plus_ext
 
-from shards.remote import RemoteReads, open_shard, read_ranges
+from shards.remote import RemoteReads, is_pipe, open_shard, pipe_cost, read_ranges
 
 BLOCK = 512
+log = logging.getLogger(__name__)
 
 
 class TruncatedTar(OSError):  # noqa: N818 (named for what the shard is, like the sample kinds)
@@ -219,7 +223,12 @@ class RawStream:
         loaded: dict[int, dict] = {}
         for (set_index, url_index), indices in sorted(by_shard.items()):
             url = self.set_urls[set_index][url_index]
-            chunks = read_ranges(url, [(refs[i].offset, refs[i].length) for i in indices], self.reads)
+            spans = [(refs[i].offset, refs[i].length) for i in indices]
+            chunks = read_ranges(url, spans, self.reads)
+            if is_pipe(url):  # read from its start up to the last span: count the bytes in between too
+                self.cost.bytes += pipe_cost(spans) - sum(len(chunk) for chunk in chunks)
+                log.info("%s cannot seek: its %d buffered samples were re-read from its start (%d bytes)", url,
+                         len(spans), pipe_cost(spans))
             for i, chunk in zip(indices, chunks):
                 self.cost.bytes += len(chunk)  # a sample's byte range is a small tar of its own members
                 loaded[i] = next(_group(read_members(io.BytesIO(chunk), 0), url))[0]
@@ -267,6 +276,10 @@ class RawStream:
             if c.url < 0 and not self._next_shard(set_index):
                 return
             url, got = urls[c.url], 0
+            if c.offset and is_pipe(url):  # a resumed position in a shard that cannot seek
+                self.cost.bytes += c.offset
+                log.info("%s cannot seek: re-reading it from its start, %d bytes to skip to the saved sample", url,
+                         c.offset)
             try:
                 with open_shard(url, self.reads) as f:
                     for sample, begin, end in _group(read_members(f, c.offset), url):

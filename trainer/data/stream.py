@@ -185,11 +185,10 @@ class TrainStream(IterableDataset):
                  endless: bool, start_epoch: int | None) -> Iterator[dict]:
         start_epoch = self.epoch if start_epoch is None else start_epoch
         raw = self.raw_stream(worker, num_workers, counter, endless, start_epoch)
-        produced, restored = 0, {}
+        produced, cost = 0, None
         if state is not None:
-            cost = raw.restore(state)
+            cost = raw.restore(state)  # read when the first batch goes: a pipe: shard's skip is counted by then
             produced = state.batches
-            restored = {"restore_bytes": torch.tensor(cost.bytes), "restore_seconds": torch.tensor(cost.seconds)}
         # webdataset's map with a handler: a bad sample is counted and skipped. Batching is by hand: wds.batched
         # hands a batch on only after pulling the next sample, one sample past the position a checkpoint must hold.
         decoded = wds.map(lambda sample: self._decode(sample, raw.rng, counter), handler=counter)(raw.samples())
@@ -203,10 +202,12 @@ class TrainStream(IterableDataset):
                 continue
             produced += 1
             raw_read, raw_since = raw.read - raw_since, raw.read
+            restored = {} if cost is None else {"restore_bytes": torch.tensor(cost.bytes),
+                                                "restore_seconds": torch.tensor(cost.seconds)}
             yield {**self._collate(items, counter, since), **restored, "raw_read": torch.tensor(raw_read),
                    "worker": torch.tensor(worker), "stream_state": raw.state(produced)}
             items.clear()
-            restored = {}
+            cost = None
             if cap is not None and produced - (state.batches if state else 0) >= cap:
                 return
         # Bad samples met after the last full batch still have to reach the main process's count.

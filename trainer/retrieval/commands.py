@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.remote import is_url
 from trainer.config import ConfigError, load_run_config
 from trainer.data.shardset import ShardSet
 from trainer.distributed import broadcast_object, is_active, shutdown
@@ -116,7 +117,7 @@ def export_index(run_dir: str | Path, out_dir: str | Path, options: ExportOption
     run = load_run(run_dir, options.checkpoint)
     cfg, info = run.cfg, run.info
     split = options.split or cfg.data.test_split
-    sets = [ShardSet.open(Path(root).resolve()) for root in options.shards] or [run.shardset]
+    sets = [ShardSet.open(root if is_url(root) else Path(root).resolve()) for root in options.shards] or [run.shardset]
     plan = plan_pieces(sets, split)
     record = {"run": str(run_dir), "checkpoint": run.load_path, "split": split, "sets": [str(s.root) for s in sets]}
     if run.model.local_space:  # pieces of two mixes would not score alike
@@ -238,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_arguments(exp)
     exp.add_argument("--out", required=True, help="index folder to write")
     exp.add_argument("--shards", nargs="+", metavar="ROOT",
-                     help="shard sets to index, as data.mix_shards names them (default: the run's data.shards); "
-                          "all share the run's vocabulary")
+                     help="shard sets to index, folders or URLs, as data.mix_shards names them (default: the run's "
+                          "data.shards); all share the run's vocabulary")
     exp.add_argument("--index-type", default="flat", choices=KINDS,
                      help="flat: exact (default); hnsw / ivf: approximate; auto: hnsw or ivf by size")
     exp.add_argument("--batch-size", type=int_in(1), default=None,

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from shards.format import PICTURE_EXTS
+from shards.remote import open_shard
 from trainer.retrieval.faiss_index import build_index, load_index
 from trainer.retrieval.pieces import piece_path
 
@@ -147,14 +148,14 @@ class RetrievalIndex:
         shard = record["shard"]
         with self._lock:
             members = self._members.get(shard)
-            if members is None:  # name -> (offset, size) for the whole shard, read once
-                with tarfile.open(shard) as tar:
+            if members is None:  # name -> (offset, size) for the whole shard, read once (a URL: streamed)
+                with open_shard(shard) as f, tarfile.open(fileobj=f, mode="r:") as tar:
                     members = {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
                 self._members[shard] = members
         for ext in PICTURE_EXTS:
             if f"{record['key']}.{ext}" in members:
                 offset, size = members[f"{record['key']}.{ext}"]
-                with open(shard, "rb") as f:
+                with open_shard(shard) as f:
                     f.seek(offset)
                     return f.read(size), MIME.get(ext, "application/octet-stream")
         raise LookupError(f"{record['key']} in {shard} has no picture (region-feature shards hold none)")

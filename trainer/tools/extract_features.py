@@ -7,6 +7,7 @@ their names and sample order; concepts.json and vocab.json are copied; manifest.
 set). Training on the result reads the features only (no backbone in the step):
 
     python -m trainer.extract_features --shards data/emoji --out data/emoji_lite0 --encoder efficientnet_lite0
+    python -m trainer.extract_features --shards s3://bucket/emoji --out data/emoji_lite0   # a URL set, streamed
     python -m trainer.train --config configs/emoji_efficientnet.yaml data.shards=data/emoji_lite0 \
         model.image_encoder=regions model.region_dim=1280 model.max_regions=49 model.region_dropout=0
 """
@@ -17,7 +18,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import sys
 import tarfile
 import time
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from shards.remote import is_url, read_bytes
 from trainer.config import ConfigError, check_output_folder
 from trainer.data.decode import decode_image_input
 from trainer.data.samples import BadSample
@@ -69,9 +70,10 @@ def _batches(url: str, batch_size: int) -> Iterator[list[dict]]:
 
 
 @torch.no_grad()
-def extract_shard(encoder: torch.nn.Module, src: Path, dst: Path, image_size: int, batch_size: int,
+def extract_shard(encoder: torch.nn.Module, src: str | Path, dst: Path, image_size: int, batch_size: int,
                   device: torch.device) -> int:
-    """Features of every picture of one tar, written (via a .partial file) to `dst`; returns the sample count."""
+    """Features of every picture of one tar (a local file or a URL, streamed), written (via a .partial file) to
+    `dst`; returns the sample count."""
     partial = dst.with_name(dst.name + PARTIAL_SUFFIX)
     count = 0
     with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
@@ -103,7 +105,8 @@ def extract(shards: str | Path, out: str | Path, encoder_name: str = "efficientn
     except ValueError as e:  # names the file that cannot be read
         raise ConfigError(f"--shards: {e}; give a shard set built by `python -m shards build`") from e
     out = Path(out)
-    if out.resolve() == src.root.resolve():
+    source = str(src.root) if is_url(src.root) else str(src.root.resolve())
+    if source == str(out.resolve()):
         raise ConfigError(f"--out {out} is the input shard set; write the features to a new folder")
     if (out / "manifest.json").exists():
         raise OutputExists(f"{out / 'manifest.json'} exists: {out} already holds a shard set; choose a new --out")
@@ -119,21 +122,21 @@ def extract(shards: str | Path, out: str | Path, encoder_name: str = "efficientn
     except (ValueError, FileNotFoundError) as e:  # an unreadable or missing weights file, named
         raise ConfigError(f"--weights: {e}") from e
     out.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((src.root / "manifest.json").read_text())
+    manifest = json.loads(read_bytes(src.root / "manifest.json"))
     start = time.perf_counter()
     for split, info in manifest["splits"].items():
-        written = sum(extract_shard(encoder, Path(url), out / Path(url).name, image_size, batch_size, dev)
+        written = sum(extract_shard(encoder, url, out / url.rsplit("/", 1)[-1], image_size, batch_size, dev)
                       for url in src.urls(split))
         if written != info["images"]:
             raise ValueError(f"split {split!r}: {written} samples in its shards, the manifest says {info['images']}")
         log.info("split %s: %d pictures -> features (%.0f s so far)", split, written, time.perf_counter() - start)
     for name in ("concepts.json", "vocab.json"):
-        shutil.copyfile(src.root / name, out / name)
+        (out / name).write_bytes(read_bytes(src.root / name))
     manifest["image_ext"] = "npy"
     manifest["image_features"] = {
         "encoder": encoder_name, "image_size": image_size, "parts": encoder.num_parts, "dim": encoder.out_dim,
         "dtype": "float16", "layout": "[parts, channels], grid cells row-major",
-        "weights": str(weights or default_weights_path()), "from_shards": str(src.root.resolve()),
+        "weights": str(weights or default_weights_path()), "from_shards": source,
         "extracted_by": "python -m trainer.extract_features",
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
@@ -145,7 +148,7 @@ PROG = "python -m trainer.extract_features"
 
 def _main(argv: list[str] | None) -> int:
     parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", required=True, help="input shard set (pictures)")
+    parser.add_argument("--shards", required=True, help="input shard set (pictures): a folder or its URL")
     parser.add_argument("--out", required=True, help="new folder for the feature shard set")
     parser.add_argument("--encoder", default="efficientnet_lite0", choices=ENCODERS)
     parser.add_argument("--image-size", type=int_in(32), default=224, help="pictures are resized to this square side")
