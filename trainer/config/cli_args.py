@@ -23,9 +23,17 @@ from usercli import OneLineParser, cli_main
 PROG = "python -m trainer.train"
 
 
+class _TrainParser(OneLineParser):
+    """The list of config keys is the help's epilog, made only when help is printed: generating it reads the
+    schema's source (about 0.2 s), which a run that parses its arguments has no use for."""
+
+    def format_help(self) -> str:
+        self.epilog = config_keys_help()
+        return super().format_help()
+
+
 def build_parser(description: str = "") -> OneLineParser:
-    parser = OneLineParser(prog=PROG, description=description, epilog=config_keys_help(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _TrainParser(prog=PROG, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file, e.g. configs/builtin.yaml")
     parser.add_argument("--resume", default=None, metavar="latest|TAG",
                         help="continue from the run's checkpoint: latest or a tag (same as run.resume=...)")

@@ -1,0 +1,52 @@
+"""Issue 26 part 1: the generated bad-input matrix. Its cases come from the code's own tables (every config key of
+trainer/config/schema.py, every numeric option of every command's parser, every field of a sample's json) crossed
+with value kinds; each must be refused with one clear line (exit 2, the key or option named, a way out, no
+traceback, nothing written) or be a documented acceptance (bad_input_generated.ACCEPTED: key, kind, reason) whose
+value really loads. The generator, the runners and the acceptance table are in tests/helpers/bad_input_generated.py;
+`python bench/bad_inputs.py --generated` prints the counts.
+
+All cases run in this process (no training, no process group): one family per test, each asserting an empty list
+of failures that names the failing cases."""
+from __future__ import annotations
+
+import pytest
+from bad_input_generated import ACCEPTED, config_cases, run_config_cases
+
+FAILURES = ("traceback", "unclear", "silently_accepted", "hang", "half_written")
+
+
+def _failures(results) -> str:
+    bad = [r for r in results if r.outcome in FAILURES]
+    return "\n".join(f"{r.name}: {r.outcome}: {r.detail[-400:]}" for r in bad)
+
+
+@pytest.fixture(scope="module")
+def config_results(tiny_shards, tmp_path_factory):
+    return run_config_cases(config_cases(), tiny_shards, tmp_path_factory.mktemp("generated_config"))
+
+
+def test_every_config_key_and_value_kind_is_refused_clearly_or_documented(config_results):
+    failures = _failures(config_results)
+    assert not failures, f"{failures.count(chr(10)) + 1} config cases are defects:\n{failures}"
+    outcomes = {r.outcome for r in config_results}
+    assert outcomes == {"refused", "accepted"}
+
+
+def test_the_config_family_covers_every_key_with_every_kind(config_results):
+    from bad_input_generated import config_keys
+
+    keys = {key for key, _ in config_keys()}
+    assert {r.target for r in config_results} == keys
+    assert len(keys) >= 80  # the schema's leaves: a walk that found few would be a broken walk
+    for key in keys:
+        kinds = {r.kind for r in config_results if r.target == key}
+        assert {"zero", "negative", "empty"} <= kinds or any(k.startswith("element:") for k in kinds), key
+        assert any(k.startswith("wrong_type") for k in kinds), key
+    assert len(config_results) >= 1000
+
+
+def test_config_acceptances_are_all_met_and_really_load(config_results):
+    accepted = {(r.target, r.kind) for r in config_results if r.outcome == "accepted"}
+    stale = [row for row in ACCEPTED if row[0] in {r.target for r in config_results} and row not in accepted]
+    assert not stale, f"ACCEPTED rows whose case is no longer accepted (remove them): {stale}"
+    assert all(r.detail == ACCEPTED[(r.target, r.kind)] for r in config_results if r.outcome == "accepted")
