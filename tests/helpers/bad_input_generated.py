@@ -40,7 +40,7 @@ HUGE_FLOAT = "1e300"  # beyond float32 (the tensors' type) and any timeout a clo
 
 # What a refusal says to show the way out: the rule the value breaks or what to do instead.
 WAY_OUT = re.compile(r"must|expected|not one of|needs|cannot be used|name a|give|choose|build one|rebuild|"
-                     r"--help|make one|fix|is not a|does not exist", re.I)
+                     r"make one|fix|is not a|does not exist", re.I)
 
 
 @dataclass
@@ -458,3 +458,15 @@ def _judge_accepted_option(case: GenCase, parsed, option: str) -> tuple[str, str
     if got is None or not math.isclose(float(got), float(case.value)):
         return "unclear", f"accepted, but the option holds {got!r}, not {case.value!r}"
     return "accepted", ACCEPTED[(case.target, case.kind)]
+ACCEPTED.update({
+    ("shards build --seed", "zero"): "seed 0 is a seed like any other",
+    ("shards build --val-images", "zero"): "0 = a set without val pictures (int_in(0) by design)",
+    ("shards build --test-images", "zero"): "0 = a set without test pictures (int_in(0) by design)",
+    **{(f"shards build --{src}-{split}-fraction", "zero"): f"0 = no {src} groups in the {split} split; the range "
+       "is [0, 1)" for src in ("emoji", "openmoji") for split in ("val", "test")},
+    **{(f"shards build --{src}-limit", "zero"): "0 = every emoji (the option's help)" for src in ("emoji", "openmoji")},
+    **{(f"{cmd} --local_rank", "zero"): "the deepspeed launcher's rank on the node, 0 for the first (the run reads "
+       "LOCAL_RANK)" for cmd in ("trainer.train", "trainer.train_args")},
+    ("trainer.retrieve serve --port", "zero"): "0 = any free port, printed (the option's help)",
+    ("trainer.plan --num-concepts", "zero"): "0 = a set without concepts (loss.labels=none), int_in(0) by design",
+})

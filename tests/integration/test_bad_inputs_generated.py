@@ -50,3 +50,29 @@ def test_config_acceptances_are_all_met_and_really_load(config_results):
     stale = [row for row in ACCEPTED if row[0] in {r.target for r in config_results} and row not in accepted]
     assert not stale, f"ACCEPTED rows whose case is no longer accepted (remove them): {stale}"
     assert all(r.detail == ACCEPTED[(r.target, r.kind)] for r in config_results if r.outcome == "accepted")
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory):
+    from bad_input_generated import cli_cases, run_cli_cases
+
+    return run_cli_cases(cli_cases(), tmp_path_factory.mktemp("generated_cli"))
+
+
+def test_every_numeric_option_of_every_command_is_refused_clearly_or_documented(cli_results):
+    failures = _failures(cli_results)
+    assert not failures, f"{failures.count(chr(10)) + 1} option cases are defects:\n{failures}"
+
+
+def test_the_cli_family_covers_every_command_with_numeric_options(cli_results):
+    commands = {r.target.split()[0] for r in cli_results}
+    assert commands >= {"shards", "trainer.retrieve", "trainer.plan", "trainer.extract_features", "trainer.train"}
+    options = {r.target for r in cli_results}
+    for option in ("shards build --train-images", "shards stats --top", "trainer.retrieve serve --port",
+                   "trainer.retrieve query --k", "trainer.plan --gpu-mem-gib", "trainer.plan --headroom",
+                   "trainer.extract_features --image-size", "shards build --emoji-val-fraction"):
+        assert option in options, option
+    assert len(cli_results) >= 400
+    accepted = {(r.target, r.kind) for r in cli_results if r.outcome == "accepted"}
+    stale = [row for row in ACCEPTED if row[0] in options and row not in accepted]
+    assert not stale, f"ACCEPTED rows whose case is no longer accepted (remove them): {stale}"

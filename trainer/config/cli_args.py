@@ -19,6 +19,7 @@ import sys
 from trainer.config import Config, ConfigError, load_config
 from trainer.config.help import config_keys_help
 from usercli import OneLineParser, cli_main
+from usercli.options import int_in
 
 PROG = "python -m trainer.train"
 
@@ -42,7 +43,7 @@ def build_parser(description: str = "") -> OneLineParser:
                              "and train_log.jsonl are moved aside into RUN/replaced-TIME/ (nothing is deleted)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (base files and overrides applied) and exit; starts nothing")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
+    parser.add_argument("--local_rank", type=int_in(0), default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides, before or after the options (keys listed below)")
     return parser
