@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import math
 import re
 import time
@@ -36,7 +37,8 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[2]
 HUGE_INT = "1" + "0" * 30  # beyond any machine integer
-HUGE_FLOAT = "1e300"  # beyond float32 (the tensors' type) and any timeout a clock takes
+HUGE_FLOAT = "1e300"
+CASE_BOUND_S = 10.0  # a case must be answered within this (each takes milliseconds)  # beyond float32 (the tensors' type) and any timeout a clock takes
 
 # What a refusal says to show the way out: the rule the value breaks or what to do instead.
 WAY_OUT = re.compile(r"must|expected|not one of|needs|cannot be used|name a|give|choose|build one|rebuild|"
@@ -63,6 +65,10 @@ class GenResult:
     outcome: str  # refused, accepted, traceback, unclear, silently_accepted, hang, half_written
     detail: str = ""
     seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.seconds > CASE_BOUND_S:  # in-process cases cannot be cut off; one past the bound is a hang
+            self.outcome, self.detail = "hang", f"took {self.seconds:.1f} s (bound {CASE_BOUND_S} s): {self.detail}"
 
 
 # ---------------------------------------------------------------------------------------------- value kinds
@@ -470,3 +476,152 @@ ACCEPTED.update({
     ("trainer.retrieve serve --port", "zero"): "0 = any free port, printed (the option's help)",
     ("trainer.plan --num-concepts", "zero"): "0 = a set without concepts (loss.labels=none), int_in(0) by design",
 })
+
+
+# ---------------------------------------------------------------------------------------------- family: sample
+
+BIG = 10**5  # entries of a huge list, characters of a huge string
+
+
+def _field_kinds(name: str) -> dict[str, Any]:
+    """kind -> the field's new value (_MISSING: removed) for one field of a sample's json."""
+    kinds: dict[str, Any] = {"missing": _MISSING, "wrong_type:null": None, "wrong_type:bool": True,
+                             "wrong_type:number": 42, "wrong_type:fraction": 0.5, "wrong_type:object": {"a": 1}}
+    if name in ("image_id", "split", "source"):  # strings
+        return {**kinds, "wrong_type:list": ["a"], "empty": "", "blank": "   ", "huge": "x" * BIG}
+    kinds.update({"wrong_type:string": "a red star", "empty": [], "huge": "@huge"})
+    if name == "captions":
+        kinds.update({"element:wrong_type:number": [42], "element:wrong_type:null": [None],
+                      "element:wrong_type:list": [["a"]], "element:empty": [""], "element:blank": ["  "],
+                      "element:huge": ["word " * BIG]})
+    else:  # concept id lists: image_concepts [ids], caption_concepts [[ids] per caption]
+        ids = {"element:wrong_type:string": ["0"], "element:wrong_type:fraction": [0.5],
+               "element:wrong_type:bool": [True], "element:wrong_type:null": [None], "element:negative": [-1],
+               "element:huge": [10**30], "element:out_of_range": [10**6], "element:nested": [[0]]}
+        kinds.update(ids if name == "image_concepts" else {k: "@per_caption" + json.dumps(v) for k, v in ids.items()})
+        if name == "caption_concepts":
+            kinds.update({"element:wrong_type:number": "@per_caption42", "too_few": "@too_few"})
+    return kinds
+
+
+_MISSING = object()
+MEMBER_KINDS = {"missing": None, "zero_bytes": b"", "truncated": "@half", "garbage": b"\x00\xffnot this at all",
+                "compressed": "@gzip"}
+
+
+def sample_cases() -> list[GenCase]:
+    from shards.format import SAMPLE_FIELDS
+
+    cases = [GenCase("sample", f"sample:json.{name}:{kind}", name, kind, repr(value)[:60])
+             for name in SAMPLE_FIELDS for kind, value in _field_kinds(name).items()]
+    cases += [GenCase("sample", f"sample:member.{ext}:{kind}", f".{ext}", kind, kind)
+              for ext in ("json", "png") for kind in MEMBER_KINDS]
+    return cases
+
+
+def _bad_sample(case: GenCase, good: dict) -> dict:
+    """A copy of a good raw sample with the case's damage."""
+    import gzip
+
+    sample = dict(good)
+    if case.target.startswith("."):
+        ext, damage = case.target[1:], MEMBER_KINDS[case.kind]
+        data = sample.pop(ext)
+        if damage is not None:
+            sample[ext] = {"@half": data[: len(data) // 2], "@gzip": gzip.compress(data)}.get(damage, damage)
+        return sample
+    meta = json.loads(good["json"])
+    value = _field_kinds(case.target)[case.kind]
+    if value is _MISSING:
+        meta.pop(case.target, None)
+    elif value == "@huge":
+        meta[case.target] = _huge_list(case.target, meta)
+    elif value == "@too_few":
+        meta[case.target] = meta[case.target][:-1]
+    elif isinstance(value, str) and value.startswith("@per_caption"):
+        meta[case.target] = [json.loads(value[len("@per_caption"):])] * len(meta["captions"])
+    else:
+        meta[case.target] = value
+    sample["json"] = json.dumps(meta).encode()
+    return sample
+
+
+def _huge_list(name: str, meta: dict) -> list:
+    if name == "captions":  # many captions; caption_concepts kept in step so that only the size differs
+        meta["caption_concepts"] = meta["caption_concepts"][:1] * BIG
+        return meta["captions"][:1] * BIG
+    if name == "caption_concepts":  # one per caption, each listing every concept many times
+        return [list(range(min(3, len(meta["image_concepts"]) or 1))) * (BIG // 10)] * len(meta["captions"])
+    return [0] * BIG
+
+
+def run_sample_cases(cases: list[GenCase], shards: Path) -> list[GenResult]:
+    """Each damaged sample through the training stream's decoder (json checks, picture decoding, tokens, the id's
+    hash): refused = a BadSample of a named kind, which the stream counts under that kind and skips."""
+    import random
+
+    import webdataset as wds
+
+    from trainer.data.samples import BAD_KINDS, BadSample, BadSampleCounter
+    from trainer.data.shardset import ShardSet
+    from trainer.data.stream import StreamSettings, TrainStream
+
+    shardset = ShardSet.open(shards)
+    stream = TrainStream(shardset, "train", StreamSettings(batch_size=2, image_size=32, max_words=32,
+                                                           shuffle_buffer=1, resampled=False, seed=0),
+                         rank=0, world_size=1)
+    good = next(iter(wds.tarfile_to_samples()([{"url": stream.urls[0]}])))
+    results = []
+    for case in cases:
+        start = time.perf_counter()
+        counter = BadSampleCounter()
+        try:
+            stream._decode(_bad_sample(case, good), random.Random(0), counter)
+            outcome, detail = _judge_accepted_sample(case)
+        except BadSample as e:
+            named = case.target.lstrip(".") in str(e) or case.target.startswith(".png")
+            ok = e.kind in BAD_KINDS and e.kind not in ("truncated_tar", "other") and named
+            outcome = "refused" if ok else "unclear"
+            detail = f"{e.kind}: {str(e)[:300]}"
+        except Exception:  # noqa: BLE001 - counted as a cut-off tar by the stream's handler: a wrong kind
+            outcome, detail = "traceback", traceback.format_exc()[-1500:]
+        results.append(GenResult(case.name, case.family, case.target, case.kind, outcome, detail,
+                                 round(time.perf_counter() - start, 4)))
+    return results
+
+
+def _judge_accepted_sample(case: GenCase) -> tuple[str, str]:
+    if (f"json.{case.target}", case.kind) not in ACCEPTED:
+        return "silently_accepted", f"{case.target} {case.kind} ({case.value}) decoded with no documented reason"
+    return "accepted", ACCEPTED[(f"json.{case.target}", case.kind)]
+_INFORMATIONAL = "informational: the trainer reads neither field (the manifest lists the splits, the set's source)"
+ACCEPTED.update({
+    ("json.image_id", "missing"): "a sample without an id is known by its key (parse_meta)",
+    ("json.image_id", "huge"): "an id of any length is hashed to 63 bits for the loss; evaluation keys on it as is",
+    ("json.captions", "huge"): "many captions: training draws one per sample, evaluation ranks them all",
+    ("json.caption_concepts", "huge"): "repeated valid ids set the same label once (multi-hot)",
+    ("json.image_concepts", "empty"): "a picture with no concept of the vocabulary: an all-zero label row",
+    ("json.image_concepts", "huge"): "repeated valid ids set the same label once (multi-hot)",
+    **{(f"json.{name}", kind): _INFORMATIONAL for name in ("split", "source")
+       for kind in _field_kinds("split")},
+})
+
+
+# ---------------------------------------------------------------------------------------------- all families
+
+
+def summary(results: list[GenResult]) -> dict:
+    """The counts bench/bad_inputs.py --generated prints: clear = refused with one clear line (or, for samples,
+    skipped under its kind); accepted = a documented acceptance that really loads."""
+    count = lambda outcome: sum(r.outcome == outcome for r in results)  # noqa: E731
+    return {"tried": len(results), "clear": count("refused"), "accepted": count("accepted"),
+            "traceback": count("traceback"), "hang": count("hang"), "half_written": count("half_written"),
+            "unclear": count("unclear"), "silently_accepted": count("silently_accepted")}
+
+
+def run_generated(shards: Path, scratch: Path) -> list[GenResult]:
+    """Every family, in this process."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / "cli").mkdir(exist_ok=True)
+    return (run_config_cases(config_cases(), shards, scratch) + run_cli_cases(cli_cases(), scratch / "cli")
+            + run_sample_cases(sample_cases(), shards))

@@ -76,3 +76,36 @@ def test_the_cli_family_covers_every_command_with_numeric_options(cli_results):
     accepted = {(r.target, r.kind) for r in cli_results if r.outcome == "accepted"}
     stale = [row for row in ACCEPTED if row[0] in options and row not in accepted]
     assert not stale, f"ACCEPTED rows whose case is no longer accepted (remove them): {stale}"
+
+
+@pytest.fixture(scope="module")
+def sample_results(tiny_shards):
+    from bad_input_generated import run_sample_cases, sample_cases
+
+    return run_sample_cases(sample_cases(), tiny_shards)
+
+
+def test_every_field_of_a_sample_json_is_skipped_under_its_kind_or_documented(sample_results):
+    failures = _failures(sample_results)
+    assert not failures, f"{failures.count(chr(10)) + 1} sample cases are defects:\n{failures}"
+
+
+def test_the_sample_family_covers_every_json_field_and_member(sample_results):
+    from shards.format import SAMPLE_FIELDS
+
+    targets = {r.target for r in sample_results}
+    assert targets >= set(SAMPLE_FIELDS) | {".json", ".png"}
+    for name in SAMPLE_FIELDS:
+        kinds = {r.kind for r in sample_results if r.target == name}
+        assert {"missing", "empty", "huge"} <= kinds and any(k.startswith("wrong_type") for k in kinds), name
+    refused = [r for r in sample_results if r.outcome == "refused"]
+    assert {r.detail.split(":")[0] for r in refused} >= {"malformed_json", "empty_captions", "concept_out_of_range",
+                                                         "missing_json", "missing_image", "undecodable_image"}
+
+
+def test_the_generated_matrix_holds_thousands_of_cases(config_results, cli_results, sample_results):
+    from bad_input_generated import summary
+
+    counts = summary(config_results + cli_results + sample_results)
+    assert counts["tried"] >= 1000
+    assert counts["clear"] + counts["accepted"] == counts["tried"], counts
