@@ -37,8 +37,8 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[2]
 HUGE_INT = "1" + "0" * 30  # beyond any machine integer
-HUGE_FLOAT = "1e300"
-CASE_BOUND_S = 10.0  # a case must be answered within this (each takes milliseconds)  # beyond float32 (the tensors' type) and any timeout a clock takes
+HUGE_FLOAT = "1e300"  # beyond float32 (the tensors' type) and any timeout a clock takes
+CASE_BOUND_S = 10.0  # a case must be answered within this (each takes milliseconds)
 
 # What a refusal says to show the way out: the rule the value breaks or what to do instead.
 WAY_OUT = re.compile(r"must|expected|not one of|needs|cannot be used|name a|give|choose|build one|rebuild|"
