@@ -10,6 +10,9 @@ Families (each a function returning its cases, and one that runs them in THIS pr
 - cli: every numeric option of every command (the argparse parsers, found by running each entry point's main
   until it parses and walking parser._actions, subcommands included) x the same kinds, through main(argv) as
   `--option=VALUE`; a value the parser takes counts as accepted (the command is stopped there, before any work).
+- launch: every variable a launch script checks (its `check_count NAME MIN [MAX]` lines) x {missing, empty,
+  zero, negative, not a number, a fraction, huge, spaces, past the upper bound}, through `bash launch/SCRIPT` with
+  the launchers stubbed (a case that would start them counts as accepted).
 - sample: every field of a sample's json (shards.format.SAMPLE_FIELDS) x {missing, wrong type, empty, huge},
   through the training stream's decoder and the evaluation reader: each bad sample must be a BadSample of its
   kind (which the stream counts and skips) naming the field, never another exception.
@@ -42,7 +45,7 @@ CASE_BOUND_S = 10.0  # a case must be answered within this (each takes milliseco
 
 # What a refusal says to show the way out: the rule the value breaks or what to do instead.
 WAY_OUT = re.compile(r"must|expected|not one of|needs|cannot be used|name a|give|choose|build one|rebuild|"
-                     r"make one|fix|is not a|does not exist", re.I)
+                     r"make one|fix|is not a|does not exist|\bset\b", re.I)
 
 
 @dataclass
@@ -624,4 +627,97 @@ def run_generated(shards: Path, scratch: Path) -> list[GenResult]:
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / "cli").mkdir(exist_ok=True)
     return (run_config_cases(config_cases(), shards, scratch) + run_cli_cases(cli_cases(), scratch / "cli")
-            + run_sample_cases(sample_cases(), shards))
+            + run_sample_cases(sample_cases(), shards) + run_launch_cases(launch_cases(), scratch / "launch"))
+
+
+# ---------------------------------------------------------------------------------------------- family: launch
+
+# The launch scripts' own table: every `check_count NAME MIN [MAX]` in them. Each script runs with a valid
+# environment (LAUNCH_BASE) but for the variable under test; the launchers it would start (torchrun, deepspeed,
+# accelerate) and the preflight's python are stubs that print LAUNCHED: accepted = the launch would start.
+LAUNCH_SCRIPTS = ("cpu_2proc.sh", "torchrun_multinode.sh", "accelerate.sh", "deepspeed_hostfile.sh")
+LAUNCH_BASE = {
+    "cpu_2proc.sh": {},
+    "torchrun_multinode.sh": {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1"},
+    "accelerate.sh": {"NUM_PROCESSES": "2", "NUM_MACHINES": "2", "MACHINE_RANK": "0", "MAIN_PROCESS_IP": "127.0.0.1"},
+    "deepspeed_hostfile.sh": {"HOSTFILE": "{scratch}/hostfile"},
+}
+_CHECK_COUNT = re.compile(r"check_count (\w+) (\d+)(?: (\d+|\$\(\(10#\$\w+ - 1\)\)))?")
+
+
+def launch_cases() -> list[GenCase]:
+    cases = []
+    for script in LAUNCH_SCRIPTS:
+        checks = {m.group(1): m.group(3) for m in _CHECK_COUNT.finditer((REPO / "launch" / script).read_text())}
+        for name, high in checks.items():
+            kinds = {"missing": None, "empty": "", "zero": "0", "negative": "-1", "not_a_number": "two",
+                     "fraction": "1.5", "huge": HUGE_INT, "spaces": " 1 "}
+            if high:  # past the upper bound: a number, or NNODES-1 with the base's 2 nodes
+                kinds["out_of_range"] = str(int(high) + 1) if high.isdigit() else "2"
+            for kind, value in kinds.items():
+                cases.append(GenCase("launch", f"launch:{script} {name}:{kind}", f"{script} {name}", kind,
+                                     "" if value is None else value, [script], "bash"))
+    return cases
+
+
+_DEFAULTED = "unset, the script's default is used (its usage line)"
+ACCEPTED.update({
+    ("cpu_2proc.sh NPROC", "missing"): f"{_DEFAULTED}: 2 processes",
+    ("torchrun_multinode.sh NODE_RANK", "zero"): "0 is the first node's rank, in 0 .. NNODES-1",
+    ("torchrun_multinode.sh NPROC_PER_NODE", "missing"): f"{_DEFAULTED}: gpu where nvidia-smi is, else 1",
+    ("torchrun_multinode.sh NPROC_PER_NODE", "empty"): "empty is unset here (${NPROC_PER_NODE:-}): gpu or 1",
+    ("torchrun_multinode.sh MASTER_PORT", "missing"): f"{_DEFAULTED}: 29500",
+    ("torchrun_multinode.sh MASTER_PORT", "empty"): "empty is unset here (${MASTER_PORT:-}): 29500",
+    ("accelerate.sh NUM_MACHINES", "missing"): f"{_DEFAULTED}: 1 machine",
+    ("accelerate.sh MACHINE_RANK", "missing"): f"{_DEFAULTED}: machine 0",
+    ("accelerate.sh MACHINE_RANK", "zero"): "0 is the first machine's rank, in 0 .. NUM_MACHINES-1",
+    ("accelerate.sh MAIN_PROCESS_PORT", "missing"): f"{_DEFAULTED}: 29500",
+    ("deepspeed_hostfile.sh NODE_RANK", "missing"): f"{_DEFAULTED}: every node started over pdsh from this one",
+    ("deepspeed_hostfile.sh NODE_RANK", "zero"): "0 is the hostfile's first line",
+    ("deepspeed_hostfile.sh MASTER_PORT", "missing"): f"{_DEFAULTED}: 29500",
+})
+
+
+def _launch_stubs(scratch: Path) -> Path:
+    stubs = scratch / "stubs"
+    stubs.mkdir(parents=True, exist_ok=True)
+    for tool in ("torchrun", "deepspeed", "accelerate", "python"):
+        path = stubs / tool
+        path.write_text("#!/bin/sh\n" + ("exit 0\n" if tool == "python" else "echo LAUNCHED\n"))
+        path.chmod(0o755)
+    (scratch / "hostfile").write_text("127.0.0.1 slots=1\n")
+    return stubs
+
+
+def run_launch_cases(cases: list[GenCase], scratch: Path) -> list[GenResult]:
+    """Each case a `bash launch/SCRIPT CONFIG` with the variable under test set, emptied or removed."""
+    import os
+    import subprocess
+
+    stubs = _launch_stubs(scratch)
+    results = []
+    for case in cases:
+        script, name = case.target.split()
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                                 "MASTER_PORT", "NODE_RANK", "NNODES")}
+        env.update({k: v.format(scratch=scratch) for k, v in LAUNCH_BASE[script].items()})
+        env.update(PATH=f"{stubs}{os.pathsep}{env.get('PATH', '')}", PYTHON=str(stubs / "python"))
+        env.pop(name, None)
+        if case.kind != "missing":
+            env[name] = case.value
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(["bash", str(REPO / "launch" / script), str(REPO / "configs" / "builtin.yaml")],
+                                  capture_output=True, text=True, env=env, cwd=scratch, timeout=CASE_BOUND_S)
+        except subprocess.TimeoutExpired:
+            results.append(GenResult(case.name, case.family, case.target, case.kind, "hang", "timed out"))
+            continue
+        if "LAUNCHED" in done.stdout and done.returncode == 0:
+            documented = ACCEPTED.get((case.target, case.kind))
+            outcome, detail = ("accepted", documented) if documented else (
+                "silently_accepted", f"{name}={case.value!r} ({case.kind}) launched with no documented reason")
+        else:
+            outcome, detail = judge_refusal(done.returncode, done.stderr, (name,))
+        results.append(GenResult(case.name, case.family, case.target, case.kind, outcome, detail,
+                                 round(time.perf_counter() - start, 4)))
+    return results

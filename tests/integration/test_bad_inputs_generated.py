@@ -1,5 +1,6 @@
 """Issue 26 part 1: the generated bad-input matrix. Its cases come from the code's own tables (every config key of
-trainer/config/schema.py, every numeric option of every command's parser, every field of a sample's json) crossed
+trainer/config/schema.py, every numeric option of every command's parser, every field of a sample's json, every
+variable the launch scripts check) crossed
 with value kinds; each must be refused with one clear line (exit 2, the key or option named, a way out, no
 traceback, nothing written) or be a documented acceptance (bad_input_generated.ACCEPTED: key, kind, reason) whose
 value really loads. The generator, the runners and the acceptance table are in tests/helpers/bad_input_generated.py;
@@ -103,9 +104,27 @@ def test_the_sample_family_covers_every_json_field_and_member(sample_results):
                                                          "missing_json", "missing_image", "undecodable_image"}
 
 
-def test_the_generated_matrix_holds_thousands_of_cases(config_results, cli_results, sample_results):
+@pytest.fixture(scope="module")
+def launch_results(tmp_path_factory):
+    from bad_input_generated import launch_cases, run_launch_cases
+
+    return run_launch_cases(launch_cases(), tmp_path_factory.mktemp("generated_launch"))
+
+
+def test_every_checked_variable_of_every_launch_script_is_refused_clearly_or_documented(launch_results):
+    failures = _failures(launch_results)
+    assert not failures, f"{failures.count(chr(10)) + 1} launch cases are defects:\n{failures}"
+    variables = {r.target for r in launch_results}
+    assert variables >= {"torchrun_multinode.sh NNODES", "torchrun_multinode.sh NODE_RANK", "cpu_2proc.sh NPROC",
+                         "accelerate.sh NUM_PROCESSES", "deepspeed_hostfile.sh MASTER_PORT"}
+    assert {r.kind for r in launch_results if r.target == "torchrun_multinode.sh NODE_RANK"} >= {
+        "missing", "zero", "negative", "not_a_number", "out_of_range"}
+
+
+def test_the_generated_matrix_holds_thousands_of_cases(config_results, cli_results, sample_results,
+                                                       launch_results):
     from bad_input_generated import summary
 
-    counts = summary(config_results + cli_results + sample_results)
+    counts = summary(config_results + cli_results + sample_results + launch_results)
     assert counts["tried"] >= 1000
     assert counts["clear"] + counts["accepted"] == counts["tried"], counts
