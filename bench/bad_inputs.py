@@ -1,10 +1,15 @@
 """Run the bad-input matrix (tests/helpers/bad_input_cases.py, issue 17) and print its counts as one JSON line:
 
     python bench/bad_inputs.py [--work DIR] [--jobs 2] [--verbose]
+    python bench/bad_inputs.py --generated [--work DIR] [--verbose]
 
 {"tried": N, "clear": N, "traceback": N, "half_written": N, "seconds": S}: clear = one line on stderr naming the
 file, key or option, no traceback (exit codes are checked by tests/integration/test_bad_inputs.py and listed with
 --verbose).
+--generated: the generated matrix instead (tests/helpers/bad_input_generated.py, issue 26: every config key, every
+numeric option, every field of a sample's json, crossed with value kinds), in this process, no trained run needed:
+{"tried": N, "clear": N, "accepted": N, "traceback": 0, "hang": 0, "half_written": 0, ..., "seconds": S};
+accepted = documented acceptances; --verbose lists every case that is neither.
 The tiny shard set, run and index are made under --work (a temporary folder by default) and reused there.
 """
 from __future__ import annotations
@@ -24,9 +29,11 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=None, help="folder for the fixtures and scratch (reused)")
     parser.add_argument("--jobs", type=int, default=2, help="processes at once")
     parser.add_argument("--verbose", action="store_true", help="one line per case that is not clear; the slowest")
+    parser.add_argument("--generated", action="store_true", help="the generated matrix (issue 26) instead")
     parser.add_argument("cases", nargs="*", help="only these case names")
     args = parser.parse_args()
-    sys.path[:0] = [str(TESTS), str(TESTS.parent)]  # the matrix lives beside the tests that assert it
+    # the matrices live beside the tests that assert them
+    sys.path[:0] = [str(TESTS / "helpers"), str(TESTS), str(TESTS.parent)]
     from bad_input_cases import all_cases
     from bad_input_matrix import make_fixtures, run_matrix, summary
     from conftest import build_builtin
@@ -36,6 +43,8 @@ def main() -> int:
     shards = work / "shards"
     if not (shards / "manifest.json").is_file():
         build_builtin(shards, 96, 32, 32, 16)  # the tests' tiny_shards
+    if args.generated:
+        return generated(shards, work, args.verbose, start)
     fx = make_fixtures(work / "fixtures", shards)
     cases = [c for c in all_cases() if not args.cases or c.name in args.cases]
     scratch = work / f"cases-{int(time.time())}"
@@ -47,6 +56,18 @@ def main() -> int:
                       file=sys.stderr)
         slowest = sorted(results, key=lambda r: -r.seconds)[:8]
         print("slowest: " + ", ".join(f"{r.name} {r.seconds:.1f} s" for r in slowest), file=sys.stderr)
+    print(json.dumps({**summary(results), "seconds": round(time.perf_counter() - start, 1)}))
+    return 0
+
+
+def generated(shards: Path, work: Path, verbose: bool, start: float) -> int:
+    from bad_input_generated import run_generated, summary
+
+    results = run_generated(shards, work / f"generated-{int(time.time())}")
+    if verbose:
+        for r in results:
+            if r.outcome not in ("refused", "accepted"):
+                print(f"{r.name}: {r.outcome}: {r.detail[-300:]!r}", file=sys.stderr)
     print(json.dumps({**summary(results), "seconds": round(time.perf_counter() - start, 1)}))
     return 0
 

@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import importlib.resources
 import json
+import math
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
@@ -290,10 +291,15 @@ def emoji_split(args: argparse.Namespace, split: str) -> Iterator[RawSample]:
 
 def bounded(parse: Callable[[str], float], low: float, high: float | None) -> Callable[[str], float]:
     def check(text: str) -> float:
-        value = parse(text)
-        if value < low or (high is not None and value >= high):
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high if high is not None else 'inf'}), "
-                                             f"got {value}")
+        kind = "whole number" if parse is int else "number"
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind} in [{low}, {high if high is not None else '2**63'}),"
+                                             f" got {text!r}") from None
+        if not math.isfinite(value) or value < low or (high is not None and value >= high) or abs(value) >= 2**63:
+            raise argparse.ArgumentTypeError(f"must be a finite number in [{low}, "
+                                             f"{high if high is not None else '2**63'}), got {text}")
         return value
     return check
 

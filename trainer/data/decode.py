@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,13 @@ from trainer.data.samples import BadSample, picture_bytes
 from trainer.data.shardset import ShardSet
 
 Image.MAX_IMAGE_PIXELS = 64_000_000  # a decompression bomb is refused, not decoded
+# PIL names the bytes it cannot identify by their repr, a memory address that would differ in every message
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def picture_error(e: Exception) -> str:
+    """PIL's error without the object's address."""
+    return _OBJECT_REPR.sub("its bytes", str(e))
 
 
 def _open_picture(data: bytes, key: str) -> Image.Image:
@@ -44,7 +52,7 @@ def check_picture_size(data: bytes, max_pixels: int, key: str) -> None:
     except BadSample:
         raise
     except Exception as e:  # PIL raises many types for broken pictures
-        raise BadSample(f"{key}: undecodable picture: {e}", "undecodable_image") from e
+        raise BadSample(f"{key}: undecodable picture: {picture_error(e)}", "undecodable_image") from e
 
 
 @dataclass(frozen=True)
@@ -111,7 +119,7 @@ def decode_image_input(sample: dict, image_size: int, regions: RegionSpec | None
     except BadSample:
         raise
     except Exception as e:  # PIL raises many types for broken pictures
-        raise BadSample(f"{key}: undecodable picture: {e}", "undecodable_image") from e
+        raise BadSample(f"{key}: undecodable picture: {picture_error(e)}", "undecodable_image") from e
 
 
 def check_image_input(shardset: ShardSet, split: str, regions: RegionSpec | None) -> None:

