@@ -76,6 +76,12 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)  # before the group: NCCL binds each rank to its current device
+    if timeout_s is not None:
+        # Groups made later (DeepSpeed's data-parallel groups: dist.new_group without a timeout) take the module's
+        # default, 30 minutes, not the world group's: a peer missing from the gradient all-reduce would wait that long.
+        dist.distributed_c10d.default_pg_timeout = timedelta(seconds=timeout_s)
+        if hasattr(dist.distributed_c10d, "default_pg_nccl_timeout"):
+            dist.distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         import deepspeed
         import deepspeed.comm  # noqa: F401  (loads deepspeed.comm.torch into sys.modules)
