@@ -44,7 +44,7 @@ def build_parser() -> OneLineParser:
     qry.add_argument("--json", action="store_true", help="one JSON object per query, for scripts")
     srv = _command(sub, "serve", "a local search page over an index folder")
     srv.add_argument("--index", required=True, help="index folder written by `export`")
-    srv.add_argument("--host", default="127.0.0.1", help="address to bind (the default: this machine only)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int_in(*PORT), default=8000, help="port (0: any free one; the address is printed)")
     srv.add_argument("--max-query-chars", type=int_in(1), default=1000, help="longer text queries are refused (400)")
     srv.add_argument("--max-upload-mb", type=int_in(1, 1024), default=8,
