@@ -56,7 +56,7 @@ from shards.writer import (
     write_concepts_json,
     write_json,
 )
-from usercli import OutputExists, UserError
+from usercli import DefaultsHelpFormatter, OutputExists, UserError
 from usercli.options import int_in
 
 TRAIN = "train"
@@ -91,11 +91,13 @@ def _builtin_split(args: argparse.Namespace, split: str) -> Iterator[RawSample]:
 
 
 def _builtin_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--seed", type=int_in(0), default=0)
-    group.add_argument("--train-images", type=int_in(1), default=8000)
-    group.add_argument("--val-images", type=int_in(0), default=500)
-    group.add_argument("--test-images", type=int_in(0), default=1000)
-    group.add_argument("--image-size", type=int_in(MIN_IMAGE_SIZE), default=64)
+    group.add_argument("--seed", type=int_in(0), default=0,
+                       help="seed of the generated scenes (sample k depends on seed, split and k only)")
+    group.add_argument("--train-images", type=int_in(1), default=8000, help="pictures in the train split")
+    group.add_argument("--val-images", type=int_in(0), default=500, help="pictures in the val split (0: no split)")
+    group.add_argument("--test-images", type=int_in(0), default=1000, help="pictures in the test split (0: no split)")
+    group.add_argument("--image-size", type=int_in(MIN_IMAGE_SIZE), default=64,
+                       help="side of the square pictures in pixels")
 
 
 SOURCES: dict[str, Source] = {
@@ -121,13 +123,9 @@ def _pos_list(text: str) -> list[str]:
     return tags
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the option help, and the module docstring's command lines kept as written."""
-
-
 def add_build_command(subparsers) -> None:
     p = subparsers.add_parser("build", help="build a shard set", description=__doc__,
-                              formatter_class=_HelpFormatter)
+                              formatter_class=DefaultsHelpFormatter)
     p.add_argument("--source", choices=sorted(SOURCES), required=True, help="where images and captions come from")
     p.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
     p.add_argument("--name", default="builtin", help="shard file prefix: NAME-SPLIT-000000.tar")

@@ -66,6 +66,33 @@ def os_error_message(e: OSError) -> str | None:
     return f"{where}{target}: {hint}"
 
 
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows an option's default once: "(default: X)" is appended where the help text does not already
+    speak of the default and there is one to show (not for None, False, a flag or a suppressed option)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default is argparse.SUPPRESS:
+            return text
+        if action.nargs == 0:  # a flag (store_true, ...): its default is its absence
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"  # argparse expands % in help texts
+
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def exit_if_help(build_parser: Callable[[], argparse.ArgumentParser], argv: Sequence[str]) -> None:
+    """`--help` answered from a command's parser alone: prints the help and exits 0 when argv asks for it (options
+    before a bare `--`), else returns. Each `python -m trainer.X` calls it before importing the module that does
+    the work, whose torch and DeepSpeed imports take seconds that help does not need."""
+    options = list(argv)[: list(argv).index("--")] if "--" in argv else list(argv)
+    if any(arg in HELP_FLAGS for arg in options):
+        build_parser().parse_args(options)  # argparse prints the help (of a subcommand too) and exits
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose refusals are one line that names the option and points at --help (instead of the usage
     block, which buries the message)."""

@@ -9,7 +9,7 @@ Later overrides of the same key win; `--resume X` is `run.resume=X`, whatever it
 Also the launch scripts' preflight, so that a bad config is refused once, in one line, before a launcher starts
 any rank (a refusal inside torchrun's ranks ends as its multi-line failure report instead):
     python -m trainer.train_args --config CONFIG [ARGS...]      exit 0: fine; 2: refused (one line)
-It imports no torch and no DeepSpeed (about 0.2 s).
+It imports no torch and no DeepSpeed (about 0.2 s), and so is `python -m trainer.train --help`.
 """
 from __future__ import annotations
 
@@ -18,10 +18,45 @@ import sys
 
 from trainer.config import Config, ConfigError, load_config
 from trainer.config.help import config_keys_help
-from usercli import OneLineParser, cli_main
+from usercli import DefaultsHelpFormatter, OneLineParser, cli_main
 from usercli.options import int_in
 
 PROG = "python -m trainer.train"
+DESCRIPTION = """Train a hierarchical (global + local) image-text embedding with DeepSpeed, streaming WebDataset shards.
+
+One process, no launcher (CPU or one GPU):
+    python -m trainer.train --config configs/builtin.yaml
+    python -m trainer.train --config configs/builtin.yaml train.steps=200 loss.labels=shuffled
+Resume a killed run from its last checkpoint:
+    python -m trainer.train --config configs/builtin.yaml --resume latest
+Start afresh in a run folder that holds an earlier run (its checkpoints/, tb/, eval/ are moved aside, not deleted):
+    python -m trainer.train --config configs/builtin.yaml --overwrite
+Several processes: any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK (deepspeed, torchrun, srun); see launch/.
+
+Outputs in run.out_dir: config.yaml (resolved), checkpoints/ (DeepSpeed, with `latest`), tb/ (TensorBoard),
+eval/<split>.json (R@K per score), train_log.jsonl (the logged scalars).
+
+Faults (each rank decides nothing alone: one all-reduce per step makes every rank take the same branch):
+- SIGTERM or SIGUSR1 (SLURM's warning before the time limit): every rank writes a checkpoint at the next step
+  boundary and exits 0; `--resume latest` continues from it. A rank waiting for data waits 10 s more at most:
+  then one process checkpoints its last completed step (exit 0), else the run ends with one line and exit code
+  128 + the signal's number. Exit code 2: a refused config, file or checkpoint (one line naming it); 130: Ctrl-C
+  (the last complete checkpoint is kept).
+- A loader worker that sends no batch within data.batch_timeout_s ends the run with one line naming it (exit 2).
+- A step whose loss or gradient is not finite on any rank is skipped on all of them (no parameter or optimizer
+  state changes); train.max_nonfinite_steps in a row stop the run, keeping the last checkpoint before them.
+- Bad samples are skipped and counted per kind (TensorBoard data/bad/<kind>), logged one line each for the
+  first 10 per worker, then as counts every 30 s; past data.max_bad_fraction of the samples read (judged in each
+  loader worker once it has read data.bad_fraction_min_read, and over all ranks at each step), the run stops with
+  one line naming the shard set (exit 2).
+- The data position is in the checkpoint: per rank (data_rankNNNNN.pt) every loader worker's stream position (RNG
+  state, shard position and byte offset, its shuffle buffer as byte ranges), so a resumed run reads the batches
+  the uninterrupted run would have read at the cost of re-reading the buffers (logged: bytes and seconds), and on
+  the same machine kind, world size, data.num_workers and engine.threads it ends with bit-identical parameters
+  (tests/integration/test_faults.py), for data.resampled too. The loader's workers live for the whole run. Not
+  reproduced: a resume on another world size or worker count (other shards per worker), timing scalars, and on
+  GPUs any kernel or collective that sums in a varying order (then the runs agree to float rounding only).
+"""
 
 
 class _TrainParser(OneLineParser):
@@ -33,8 +68,8 @@ class _TrainParser(OneLineParser):
         return super().format_help()
 
 
-def build_parser(description: str = "") -> OneLineParser:
-    parser = _TrainParser(prog=PROG, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> OneLineParser:
+    parser = _TrainParser(prog=PROG, description=DESCRIPTION, formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file, e.g. configs/builtin.yaml")
     parser.add_argument("--resume", default=None, metavar="latest|TAG",
                         help="continue from the run's checkpoint: latest or a tag (same as run.resume=...)")
@@ -49,8 +84,8 @@ def build_parser(description: str = "") -> OneLineParser:
     return parser
 
 
-def parse_args(argv: list[str] | None, description: str = "") -> argparse.Namespace:
-    parser = build_parser(description)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     # intermixed: overrides may stand before, between and after --config / --resume / --print-config
     args = parser.parse_intermixed_args(argv)
     if args.resume is not None and ("=" in args.resume or not args.resume.strip()):

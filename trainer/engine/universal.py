@@ -1,25 +1,8 @@
-"""A ZeRO 1-3 checkpoint converted to DeepSpeed's universal checkpoint format, to resume on another world size.
-
-ZeRO partitions the fp32 master weights and the Adam moments by rank, so a checkpoint written by 16 ranks cannot
-be loaded by 8 as it is. DeepSpeed's universal format holds every parameter whole (its fp32 value, exp_avg,
-exp_avg_sq and step, one folder per parameter); an engine whose config has "checkpoint": {"load_universal": true}
-loads it on any world size, each rank taking its own partition.
-
-`--resume latest` on another world size does the conversion itself (prepare_resume, below): rank 0
-converts CKPT/stepNNN into CKPT/universal/stepNNN while the other ranks wait, then every rank loads it. To
-convert beforehand (the conversion runs in one process, without a process group; on a big model it is worth
-doing before the job starts, so that no rank waits on it):
-
-    python -m trainer.universal --run RUN                    # the checkpoint `latest` names
-    python -m trainer.universal --run RUN --tag step0000120
-
-A conversion counts only once its own marker (complete.json: files and sizes, plus the source checkpoint's file
-list) is written; a folder without one (a killed conversion) or made from another checkpoint of the same name is
-converted again. The folder goes when its source checkpoint is pruned.
-"""
+"""ZeRO 1-3 checkpoints converted to DeepSpeed's universal format, to resume on another world size: the conversion
+(`convert`), the resume on another world size (`prepare_resume`) and `python -m trainer.universal` (what the
+format is, when the conversion runs, and the command's help: trainer/engine/universal_args.py)."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -40,6 +23,7 @@ from trainer.engine.checkpoint import (
     problem,
     read_marker,
 )
+from trainer.engine.universal_args import build_parser
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +117,7 @@ def prepare_resume(ckpt_dir: Path, tag: str, marker: dict, world_size: int, ds_c
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="the run's out_dir (its checkpoints/ folder is used)")
-    parser.add_argument("--tag", default="latest", help="'latest' (default) or a checkpoint tag, e.g. step0000120")
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ckpt_dir = Path(args.run) / "checkpoints"

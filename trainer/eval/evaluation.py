@@ -5,12 +5,10 @@ rank 0 and scored there once, on its device, in tiles (trainer.eval.metrics); th
 Ranks run the same number of forward calls (a rank that ran out of data embeds a dummy batch), because under
 ZeRO-3 each forward call gathers partitioned parameters collectively.
 
-Evaluate a finished run's last checkpoint on its test split:
-    python -m trainer.evaluate --run runs/builtin --split test
+The command `python -m trainer.evaluate` and its help: trainer/eval/evaluate_args.py.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -40,11 +38,12 @@ from trainer.distributed import rank as dist_rank
 from trainer.engine import checkpoint as checkpoints
 from trainer.engine.build import build_engine, deepspeed_config
 from trainer.eval import concat_weight, metrics
+from trainer.eval.evaluate_args import PROG, build_parser
 from trainer.eval.ground_truth import split_objects
 from trainer.models.configs import AUTO_WEIGHT, share_of_weight
 from trainer.observe.progress import ProgressBar, progress_enabled
 from trainer.training.factory import build_model, build_tokenizer
-from usercli import OneLineParser, cli_main
+from usercli import cli_main
 
 log = logging.getLogger(__name__)
 
@@ -350,20 +349,8 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, checkpoint: str 
     return results
 
 
-def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    """--run, --checkpoint, --split: which run, checkpoint and split a command reads (evaluate, retrieve export)."""
-    parser.add_argument("--run", required=True, help="run folder written by trainer.train (has config.yaml)")
-    parser.add_argument("--checkpoint", default="latest", help="checkpoint tag in RUN/checkpoints, or latest")
-    parser.add_argument("--split", default=None, help="split to read (default: the config's test split)")
-
-
-PROG = "python -m trainer.evaluate"
-
-
 def _main(argv: list[str] | None) -> int:
-    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_checkpoint_arguments(parser)
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the run's config")
+    parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:

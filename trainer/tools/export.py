@@ -1,18 +1,7 @@
-"""Export a run's fp32 weights (ZeRO partitions gathered, as DeepSpeed's zero_to_fp32) to one file.
-
-    python -m trainer.export --run runs/builtin --out model.pt
-    python -m trainer.export --run runs/builtin --checkpoint step0000200 --out model.pt
-
-No process group and no GPU: the checkpoint files are read directly (the last complete checkpoint by
-default; an incomplete or truncated one is refused naming the file). model.pt holds {"state_dict" (fp32
-tensors), "step", "tag", "run", "config", "concat_weight"} and loads with torch.load(weights_only=True); a new run
-starts from it with model.init_from=model.pt, on any number of ranks. "concat_weight" is the concatenation's mix the
-run scores with ({"local_share", "local_score_weight", "source"}: trainer.eval.concat_weight; None without a local
-space): a run started from the file under model.local_score_weight=auto starts with it.
-"""
+"""fp32 weights of a run's checkpoint gathered into one file: the code of `python -m trainer.export` (what it
+writes and its help: trainer/tools/export_args.py)."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,10 +12,9 @@ from trainer.config import ConfigError
 from trainer.engine import checkpoint
 from trainer.eval.concat_weight import describe, run_share
 from trainer.models.configs import AUTO_WEIGHT
-from usercli import OneLineParser, cli_main
+from trainer.tools.export_args import PROG, build_parser
+from usercli import cli_main
 from usercli.outputs import atomic_output, check_output_file
-
-PROG = "python -m trainer.export"
 
 
 def export(run_dir: str | Path, out: str | Path, tag: str = "latest") -> dict:
@@ -71,10 +59,7 @@ def run_concat_weight(config: dict | None, run_dir: Path) -> dict | None:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="the run folder (run.out_dir)")
-    parser.add_argument("--checkpoint", default="latest", help="checkpoint tag in RUN/checkpoints, or latest")
-    parser.add_argument("--out", required=True, help="file to write, e.g. model.pt (its folder must exist)")
+    parser = build_parser()
     args = parser.parse_args(argv)
     payload = export(args.run, args.out, args.checkpoint)
     count = sum(v.numel() for v in payload["state_dict"].values())

@@ -1,19 +1,8 @@
-"""Run a frozen pretrained backbone once over every split of a shard set and write a feature shard set.
-
-Each output sample holds `{image_id}.npy` (np.save bytes of float16 [parts, channels]: the backbone's last
-feature grid, cells row-major) in place of the picture, and the very same `{image_id}.json`. The shard files keep
-their names and sample order; concepts.json and vocab.json are copied; manifest.json is the input's with
-"image_ext": "npy" and an "image_features" record of the extraction, written last (its presence marks a complete
-set). Training on the result reads the features only (no backbone in the step):
-
-    python -m trainer.extract_features --shards data/emoji --out data/emoji_lite0 --encoder efficientnet_lite0
-    python -m trainer.extract_features --shards s3://bucket/emoji --out data/emoji_lite0   # a URL set, streamed
-    python -m trainer.train --config configs/emoji_efficientnet.yaml data.shards=data/emoji_lite0 \
-        model.image_encoder=regions model.region_dim=1280 model.max_regions=49 model.region_dropout=0
-"""
+"""A frozen pretrained backbone run once over a shard set, its grid features written as a new shard set: the code
+of `python -m trainer.extract_features` (the output's layout and the command's help:
+trainer/tools/extract_features_args.py)."""
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -36,12 +25,11 @@ from trainer.data.shardset import ShardSet
 from trainer.models.backbones.efficientnet_lite import default_weights_path
 from trainer.models.configs import ImageTowerConfig
 from trainer.models.image_towers import build_image_tower
-from usercli import OneLineParser, OutputExists, cli_main
-from usercli.options import int_in
+from trainer.tools.extract_features_args import ENCODERS, PROG, build_parser
+from usercli import OutputExists, cli_main
 
 log = logging.getLogger(__name__)
 
-ENCODERS = ("efficientnet_lite0",)  # pretrained grid encoders: a from-scratch one has nothing to extract
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -143,18 +131,8 @@ def extract(shards: str | Path, out: str | Path, encoder_name: str = "efficientn
     return manifest
 
 
-PROG = "python -m trainer.extract_features"
-
-
 def _main(argv: list[str] | None) -> int:
-    parser = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", required=True, help="input shard set (pictures): a folder or its URL")
-    parser.add_argument("--out", required=True, help="new folder for the feature shard set")
-    parser.add_argument("--encoder", default="efficientnet_lite0", choices=ENCODERS)
-    parser.add_argument("--image-size", type=int_in(32), default=224, help="pictures are resized to this square side")
-    parser.add_argument("--batch-size", type=int_in(1), default=32)
-    parser.add_argument("--weights", default=None, help="backbone state dict (default: the installed package's)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     manifest = extract(args.shards, args.out, args.encoder, args.image_size, args.batch_size, args.weights,

@@ -1,37 +1,8 @@
-"""Train a hierarchical (global + local) image-text embedding with DeepSpeed, streaming WebDataset shards.
+"""The training loop of `python -m trainer.train`: config -> data -> model -> loss -> engine, with evaluation,
+checkpoints, fault handling and logging around the steps.
 
-One process, no launcher (CPU or one GPU):
-    python -m trainer.train --config configs/builtin.yaml
-    python -m trainer.train --config configs/builtin.yaml train.steps=200 loss.labels=shuffled
-Resume a killed run from its last checkpoint:
-    python -m trainer.train --config configs/builtin.yaml --resume latest
-Start afresh in a run folder that holds an earlier run (its checkpoints/, tb/, eval/ are moved aside, not deleted):
-    python -m trainer.train --config configs/builtin.yaml --overwrite
-Several processes: any launcher that sets RANK/WORLD_SIZE/LOCAL_RANK (deepspeed, torchrun, srun); see launch/.
-
-Outputs in run.out_dir: config.yaml (resolved), checkpoints/ (DeepSpeed, with `latest`), tb/ (TensorBoard),
-eval/<split>.json (R@K per score), train_log.jsonl (the logged scalars).
-
-Faults (each rank decides nothing alone: one all-reduce per step makes every rank take the same branch):
-- SIGTERM or SIGUSR1 (SLURM's warning before the time limit): every rank writes a checkpoint at the next step
-  boundary and exits 0; `--resume latest` continues from it. A rank waiting for data waits 10 s more at most:
-  then one process checkpoints its last completed step (exit 0), else the run ends with one line and exit code
-  128 + the signal's number. Exit code 2: a refused config, file or checkpoint (one line naming it); 130: Ctrl-C
-  (the last complete checkpoint is kept).
-- A loader worker that sends no batch within data.batch_timeout_s ends the run with one line naming it (exit 2).
-- A step whose loss or gradient is not finite on any rank is skipped on all of them (no parameter or optimizer
-  state changes); train.max_nonfinite_steps in a row stop the run, keeping the last checkpoint before them.
-- Bad samples are skipped and counted per kind (TensorBoard data/bad/<kind>), logged one line each for the
-  first 10 per worker, then as counts every 30 s; past data.max_bad_fraction of the samples read (judged in each
-  loader worker once it has read data.bad_fraction_min_read, and over all ranks at each step), the run stops with
-  one line naming the shard set (exit 2).
-- The data position is in the checkpoint: per rank (data_rankNNNNN.pt) every loader worker's stream position (RNG
-  state, shard position and byte offset, its shuffle buffer as byte ranges), so a resumed run reads the batches
-  the uninterrupted run would have read at the cost of re-reading the buffers (logged: bytes and seconds), and on
-  the same machine kind, world size, data.num_workers and engine.threads it ends with bit-identical parameters
-  (tests/integration/test_faults.py), for data.resampled too. The loader's workers live for the whole run. Not
-  reproduced: a resume on another world size or worker count (other shards per worker), timing scalars, and on
-  GPUs any kernel or collective that sums in a varying order (then the runs agree to float rounding only).
+What the command does and its faults, as `--help` shows them: DESCRIPTION in trainer/config/cli_args.py (the
+command line lives there, without torch, so that help and the launch scripts' preflight are instant).
 """
 
 from __future__ import annotations
@@ -648,7 +619,7 @@ def configure_device(cfg: Config, info: DistInfo) -> None:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = train_args.parse_args(argv, __doc__)
+    args = train_args.parse_args(argv)
     cfg = train_args.resolved_config(args)  # ConfigError names the key: one line, exit 2 (shards.cli)
     if args.overwrite and cfg.run.resume:
         raise ConfigError(f"--overwrite starts the run afresh and run.resume={cfg.run.resume} continues it: give one "
