@@ -358,6 +358,25 @@ def test_nonfinite_steps_are_skipped_on_every_rank_with_exactly_no_update(tmp_pa
         assert got["moved"] > 0 and got["final_vs_reference"] == 0.0, (zero, got)
 
 
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_on_every_rank_with_grad_cache(tmp_path):
+    """The same with engine.grad_cache (k = 2 micro-batches per rank, grad_cache_step; ZeRO 0, 2, 3): the NaN is in
+    the one loss over both ranks' micro-batches; its value (rank 1 only) or its gradient with respect to the cached
+    embeddings, which every micro-batch's second backward carries into the parameter gradients. Both skipped on
+    both ranks, nothing updated, and the next good step equals that of an engine that never saw them."""
+    out = tmp_path / "faults.pt"
+    procs, logs = start_ranks([sys.executable, str(REPO / "tests" / "helpers" / "fault_worker.py"), str(out),
+                               "grad_cache"], tmp_path, "nan")
+    wait_all(procs, logs, timeout=400)
+    results = torch.load(out)
+    assert set(results) == {"zero0", "zero2", "zero3"}
+    for zero, got in results.items():
+        assert got["skipped"] == [[False, False], [True, True], [True, True], [False, False]], zero
+        for mode in ("value", "grad"):
+            assert got[f"params_unchanged/{mode}"] and got[f"adam_unchanged/{mode}"], (zero, mode)
+        assert got["moved"] > 0 and got["final_vs_reference"] == 0.0, (zero, got)
+
+
 class NaNAtSteps:
     """The trainer's loss with a NaN gradient at chosen (0-based) steps."""
 
