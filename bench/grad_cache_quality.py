@@ -21,6 +21,11 @@ seeds, and paired differences ± SE (bench/ablation.py's statistics: * when |dif
     python bench/grad_cache_quality.py --no-train --out runs/grad_cache_quality      # the table of finished runs
 
 A finished run (its eval/test.json present) is reused. Prints the tables, then one JSON line with every figure.
+
+Cost on 2 shared CPU cores, 2 runs at a time, one thread each (k = 8, n = 64): with MiniLM a cache step takes
+about 26 s (10 steps: k1 106 s, cache 367 s, accum 283 s with start-up and evaluation), so 150 steps x 3 seeds
+is out of reach there; with the GRU a cache run of 150 steps takes about 6 minutes, accum 4, k1 under 1.
+docs/distributed.md ("Is it worth it?") has the figures and the commands that made them.
 """
 from __future__ import annotations
 
