@@ -14,7 +14,9 @@ micro-batches in turn, seeding DROP_SEED + r before rank r's first one. The mode
 one forward of one process on the concatenated batch, with one loss, one backward and one optimizer step. A grad-
 cache step whose second forward did not replay the first one's draws would then differ (negative control).
 
-Rank 0 writes {result name: {"loss", "init", "params", "grads", "exp_avg", "exp_avg_sq"}} to OUT.pt.
+Each comparison runs in fp32 and in bf16 (engine.precision=bf16: autocast over fp32 master weights; the reference
+then is the one-process bf16 step). Rank 0 writes {result name: {"loss", "init", "params", "grads", "exp_avg",
+"exp_avg_sq"}} to OUT.pt; the reference writes "step" (fp32) and "step_bf16".
 """
 from __future__ import annotations
 
@@ -48,11 +50,14 @@ ZERO_CONFIGS = ("zero0", "zero1", "zero2", "zero3")
 LR = 1e-4
 
 
-def make_config(zero: str, batch_size: int, grad_accum: int = 1, grad_cache: bool = False) -> Config:
-    """A tiny regions + GRU model with region dropout on, concept BCE on, plain fp32 AdamW without warmup."""
+def make_config(zero: str, batch_size: int, grad_accum: int = 1, grad_cache: bool = False,
+                precision: str = "fp32") -> Config:
+    """A tiny regions + GRU model with region dropout on, concept BCE on, plain fp32 AdamW without warmup;
+    precision=bf16 runs the encoders under bf16 autocast over the fp32 master weights, as engine.precision=bf16 does."""
     return load_config(None, [
         f"engine.deepspeed_config={REPO / 'configs' / 'deepspeed' / f'{zero}.json'}",
         f"engine.grad_accum={grad_accum}", f"engine.grad_cache={str(grad_cache).lower()}",
+        f"engine.precision={precision}",
         f"data.batch_size={batch_size}", f"data.max_words={MAX_WORDS}", "model.image_encoder=regions",
         f"model.region_dim={REGION_DIM}", f"model.max_regions={MAX_REGIONS}", "model.region_dropout=0.3",
         "model.embed_dim=16", "model.gru_hidden=16", "model.word_dim=8", f"optim.lr={LR}", "optim.warmup_steps=0",
@@ -141,10 +146,9 @@ def run_step(cfg: Config, info: DistInfo, cached: bool) -> dict:
     return result(engine, init, grads, all_reduce_sum(loss) / info.world_size)
 
 
-def run_reference(info: DistInfo) -> dict:
+def reference_step(info: DistInfo, precision: str) -> dict:
     """One process, one loss over the whole batch, one backward, one step (DeepSpeed ZeRO 0, no accumulation)."""
-    assert info.world_size == 1, "the reference runs in a world of one"
-    engine, loss_fn = new_engine(make_config("zero0", GLOBAL_BATCH), info)
+    engine, loss_fn = new_engine(make_config("zero0", GLOBAL_BATCH, precision=precision), info)
     init, grads = full_params(engine), {}
     record_grads_before_step(engine, grads)
     batch = global_batch()
@@ -159,7 +163,12 @@ def run_reference(info: DistInfo) -> dict:
     loss = loss_fn({**out, **labels}, step=0, concept_logits=concept_logits(out))["loss"]
     engine.backward(loss)
     engine.step()
-    return {"step": result(engine, init, grads, loss.detach())}
+    return result(engine, init, grads, loss.detach())
+
+
+def run_reference(info: DistInfo) -> dict:
+    assert info.world_size == 1, "the reference runs in a world of one"
+    return {"step": reference_step(info, "fp32"), "step_bf16": reference_step(info, "bf16")}
 
 
 @contextmanager
@@ -179,13 +188,23 @@ def without_rng_replay():
         step_module.replaying = real
 
 
+def cached_step(zero: str, precision: str, info: DistInfo) -> dict:
+    return run_step(make_config(zero, RANK_BATCH, MICRO, grad_cache=True, precision=precision), info, cached=True)
+
+
 def run_distributed(info: DistInfo) -> dict:
+    """Every ZeRO 0-2 engine and control first, ZeRO-3 last: DeepSpeed's ZeRO-3 engine patches torch's F.linear
+    for the whole process, and an engine built after it would run under that patch."""
     assert info.world_size == WORLD, f"the distributed run expects {WORLD} processes"
-    results = {f"cached/{zero}": run_step(make_config(zero, RANK_BATCH, MICRO, grad_cache=True), info, cached=True)
-               for zero in ZERO_CONFIGS}
+    results = {f"cached/{zero}": cached_step(zero, "fp32", info) for zero in ZERO_CONFIGS if zero != "zero3"}
+    results.update({f"cached_bf16/{zero}": cached_step(zero, "bf16", info) for zero in ZERO_CONFIGS if zero != "zero3"})
     results["plain_accum"] = run_step(make_config("zero0", RANK_BATCH, MICRO), info, cached=False)
+    results["plain_accum_bf16"] = run_step(make_config("zero0", RANK_BATCH, MICRO, precision="bf16"), info,
+                                           cached=False)
     with without_rng_replay():
-        results["no_replay"] = run_step(make_config("zero0", RANK_BATCH, MICRO, grad_cache=True), info, cached=True)
+        results["no_replay"] = cached_step("zero0", "fp32", info)
+    results["cached/zero3"] = cached_step("zero3", "fp32", info)
+    results["cached_bf16/zero3"] = cached_step("zero3", "bf16", info)
     return results
 
 

@@ -358,6 +358,25 @@ def test_nonfinite_steps_are_skipped_on_every_rank_with_exactly_no_update(tmp_pa
         assert got["moved"] > 0 and got["final_vs_reference"] == 0.0, (zero, got)
 
 
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_on_every_rank_with_grad_cache(tmp_path):
+    """The same with engine.grad_cache (k = 2 micro-batches per rank, grad_cache_step; ZeRO 0, 2, 3): the NaN is in
+    the one loss over both ranks' micro-batches; its value (rank 1 only) or its gradient with respect to the cached
+    embeddings, which every micro-batch's second backward carries into the parameter gradients. Both skipped on
+    both ranks, nothing updated, and the next good step equals that of an engine that never saw them."""
+    out = tmp_path / "faults.pt"
+    procs, logs = start_ranks([sys.executable, str(REPO / "tests" / "helpers" / "fault_worker.py"), str(out),
+                               "grad_cache"], tmp_path, "nan")
+    wait_all(procs, logs, timeout=400)
+    results = torch.load(out)
+    assert set(results) == {"zero0", "zero2", "zero3"}
+    for zero, got in results.items():
+        assert got["skipped"] == [[False, False], [True, True], [True, True], [False, False]], zero
+        for mode in ("value", "grad"):
+            assert got[f"params_unchanged/{mode}"] and got[f"adam_unchanged/{mode}"], (zero, mode)
+        assert got["moved"] > 0 and got["final_vs_reference"] == 0.0, (zero, got)
+
+
 class NaNAtSteps:
     """The trainer's loss with a NaN gradient at chosen (0-based) steps."""
 
@@ -516,3 +535,43 @@ def test_killed_and_preempted_run_resumes_to_exactly_the_uninterrupted_parameter
     cfg.model.embed_dim = 24
     with pytest.raises(ConfigError, match="model.init_from: cannot load .*run.pt"):
         load_init_weights(build_model(cfg, ShardSet.open(tiny_shards)), cfg.model.init_from)
+
+
+GRAD_CACHE_STEPS = 8
+GRAD_CACHE_ARGS = ("engine.grad_accum=2", "engine.grad_cache=true", f"train.steps={GRAD_CACHE_STEPS}")
+
+
+@pytest.mark.slow
+def test_preempted_grad_cache_run_resumes_to_exactly_the_uninterrupted_parameters(tiny_shards, tmp_path):
+    """engine.grad_cache with k = 2, 2 processes, ZeRO-2, 8 steps. Reference: uninterrupted. The other run: SIGTERM
+    to rank 0 only after step 2 (the flag rides on the step's all-reduce; both ranks checkpoint the same step
+    and exit 0), then `--resume latest` to the end. The exported weights must be bit-identical (the assumption of
+    the test above: one machine, the same threads). The stop is read at an optimizer-step boundary only, so the
+    checkpoint holds no half-filled window of cached micro-batches (docs/distributed.md, "Gradient caching")."""
+    from trainer.tools.export import export
+
+    ref, run = tmp_path / "reference", tmp_path / "interrupted"
+    procs, logs = start_ranks(train_cmd(tiny_shards, ref, *GRAD_CACHE_ARGS), tmp_path, "reference")
+    wait_all(procs, logs, 400)
+    assert logged_steps(ref) == list(range(1, GRAD_CACHE_STEPS + 1))
+    assert "x accum 2)" in logs[0].read_text()
+    assert "grad_cache: true" in (ref / "config.yaml").read_text()
+
+    procs, logs = start_ranks(train_cmd(tiny_shards, run, *GRAD_CACHE_ARGS), tmp_path, "preempted")
+    wait_for_logged(run, 2, procs, logs)
+    procs[0].send_signal(signal.SIGTERM)
+    wait_all(procs, logs, 120)  # both exit 0
+    stopped = logged_steps(run)[-1]
+    assert stopped < GRAD_CACHE_STEPS, "the run ended before the signal: make GRAD_CACHE_STEPS larger"
+    assert (run / "checkpoints" / "latest").read_text() == f"step{stopped:07d}"
+    assert f"checkpoint at step {stopped}, then exit" in logs[0].read_text()
+
+    procs, logs = start_ranks(train_cmd(tiny_shards, run, *GRAD_CACHE_ARGS, "--resume", "latest"), tmp_path,
+                              "resumed")
+    wait_all(procs, logs, 400)
+    assert logged_steps(run) == list(range(1, GRAD_CACHE_STEPS + 1))
+    expected = export(ref, tmp_path / "ref.pt")["state_dict"]
+    got = export(run, tmp_path / "run.pt")["state_dict"]
+    assert expected.keys() == got.keys() and len(got) > 10
+    differ = [k for k in got if not torch.equal(got[k], expected[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[0]}"
