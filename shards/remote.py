@@ -32,6 +32,14 @@ from pathlib import Path
 URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 PIPE = "pipe:"
 PIPE_CHUNK = 1 << 20  # the most bytes taken from a command's stdout at once
+# a URL's user:password@ part (http://user:pass@host/..., s3://KEY:SECRET@bucket/...): the password is never shown
+_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:?#\s]*):[^@\s]*@")
+
+
+def redact_url(text: str) -> str:
+    """`text` (a URL, or a message naming URLs) with the password of each URL in it replaced by ***: every message
+    and log line that names a shard set's URL goes through here."""
+    return _PASSWORD.sub(lambda m: f"{m['head']}:***@", str(text))
 
 
 def is_url(location: str | Path) -> bool:
