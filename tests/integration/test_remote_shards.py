@@ -297,11 +297,13 @@ def test_wrong_s3_credentials_are_refused_before_training_never_showing_the_secr
 
 # ---------------------------------------------------------------------------------------------- kill and resume
 @pytest.mark.slow
-def test_a_run_over_http_killed_and_resumed_ends_with_the_uninterrupted_parameters(sources, tmp_path):
-    """One process, 12 steps, a checkpoint every 2, shards from the HTTP server (test_faults' exact-resume test,
-    over the network): SIGKILL after step 3, `--resume latest` to the end; the exported weights are bit-identical
-    to an uninterrupted run's over the same URL, and the resumed run re-read its buffer over HTTP."""
-    url, ref, run = sources["http"], tmp_path / "reference", tmp_path / "interrupted"
+@pytest.mark.parametrize("kind", ["http", "s3"])
+def test_a_run_over_the_network_killed_and_resumed_ends_with_the_uninterrupted_parameters(sources, kind, tmp_path):
+    """One process, 12 steps, a checkpoint every 2, shards from the HTTP server or the S3 server (test_faults'
+    exact-resume test, over the network): SIGKILL after step 3, `--resume latest` to the end; the exported weights
+    are bit-identical to an uninterrupted run's over the same URL, and the resumed run re-read its buffer over the
+    network (HTTP Range, S3 ranged GETs)."""
+    url, ref, run = sources[kind], tmp_path / "reference", tmp_path / "interrupted"
     wait_all([start(train_cmd(url, ref), clean_env(), tmp_path / "reference.log")], [tmp_path / "reference.log"], 300)
     assert logged_steps(ref) == list(range(1, RUN_STEPS + 1))
 
