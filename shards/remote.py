@@ -33,13 +33,19 @@ URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 PIPE = "pipe:"
 PIPE_CHUNK = 1 << 20  # the most bytes taken from a command's stdout at once
 # a URL's user:password@ part (http://user:pass@host/..., s3://KEY:SECRET@bucket/...): the password is never shown
-_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:?#\s]*):[^@\s]*@")
+_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:?#\s]*):(?P<password>[^@\s]*)@")
 
 
-def redact_url(text: str) -> str:
-    """`text` (a URL, or a message naming URLs) with the password of each URL in it replaced by ***: every message
-    and log line that names a shard set's URL goes through here."""
-    return _PASSWORD.sub(lambda m: f"{m['head']}:***@", str(text))
+def redact_url(text: object, *urls: object) -> str:
+    """`text` (a URL, or a message naming URLs) with the password of each URL in it replaced by ***, and each
+    password of `urls` (the URLs the message is about) wherever else it shows (a library's error may quote a
+    bucket name `KEY:SECRET@bucket` without its scheme): every message and log line that names a shard set's URL
+    goes through here."""
+    secrets = {m["password"] for url in urls for m in _PASSWORD.finditer(str(url)) if m["password"]}
+    text = _PASSWORD.sub(lambda m: f"{m['head']}:***@", str(text))
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def is_url(location: str | Path) -> bool:
@@ -152,18 +158,22 @@ def s3_credential_source() -> str:
 def access_detail(url: str, err: Exception) -> str:
     """Why `url` could not be read, in words: the error, and for S3 the endpoint and credential source tried."""
     reason = f"{type(err).__name__}: {err}".strip().rstrip(":")
+    if url.lower().startswith(("s3://", "s3a://")) and _PASSWORD.match(url):  # the library read KEY:SECRET@bucket
+        return ("credentials written in an s3:// URL are not used (s3://KEY:SECRET@bucket names no bucket): remove "
+                "them from the URL and give them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), "
+                "~/.aws or an instance role")
     if url.lower().startswith(("s3://", "s3a://")):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default"
         reason += f" (endpoint {endpoint}; credentials: {s3_credential_source()})"
     elif url.lower().startswith(("http://", "https://")) and getattr(err, "status", None) in (401, 403):
         reason += (" (credentials: none sent; an http(s) shard set is read without credentials: serve it publicly, "
                    "or read it through its store's protocol, e.g. s3:// with the AWS_* environment)")
-    return " ".join(reason.split())  # one line: library messages may hold newlines
+    return redact_url(" ".join(reason.split()), url)  # one line: library messages may hold newlines
 
 
 def access_error(url: str, err: Exception) -> str:
     """One line on why `url` could not be read (access_detail)."""
-    return f"cannot read {url}: {access_detail(url, err)}"
+    return redact_url(f"cannot read {url}: {access_detail(url, err)}", url)
 
 
 def retry_delay(reads: RemoteReads, attempt: int) -> float:
@@ -187,7 +197,8 @@ def with_retries(url: str, reads: RemoteReads, request):
             return request()
         except Exception as err:  # fsspec's protocols raise their libraries' own errors (aiohttp, botocore)
             if is_permanent(err) or attempt >= reads.retries:
-                raise ShardUnreachableError(f"{url}: {type(err).__name__}: {err} (after {attempt} retries)") from err
+                raise ShardUnreachableError(redact_url(f"{url}: {type(err).__name__}: {err} (after {attempt} retries)",
+                                                       url)) from err
             time.sleep(retry_delay(reads, attempt))
             attempt += 1
 
@@ -258,8 +269,8 @@ class RetryingShard:
             except Exception as err:  # reset, timeout, 5xx/429 and short bodies alike: the libraries' own types
                 self._drop()
                 if is_permanent(err) or attempt >= self.reads.retries:
-                    raise ShardUnreachableError(f"{self.url}: {type(err).__name__}: {err} (at byte {self.pos}, "
-                                           f"after {attempt} retries)") from err
+                    raise ShardUnreachableError(redact_url(f"{self.url}: {type(err).__name__}: {err} (at byte "
+                                                           f"{self.pos}, after {attempt} retries)", self.url)) from err
                 time.sleep(retry_delay(self.reads, attempt))
                 attempt += 1
                 self.retried += 1
@@ -353,8 +364,8 @@ class PipeShard:
             except Exception as err:  # a failed command, a timeout, a broken pipe
                 self._stop()
                 if attempt >= self.reads.retries:
-                    raise ShardUnreachableError(f"{self.url}: {type(err).__name__}: {err} (at byte {self.pos}, "
-                                                f"after {attempt} retries)") from err
+                    raise ShardUnreachableError(redact_url(f"{self.url}: {type(err).__name__}: {err} (at byte "
+                                                           f"{self.pos}, after {attempt} retries)", self.url)) from err
                 time.sleep(retry_delay(self.reads, attempt))
                 attempt += 1
                 self.retried += 1

@@ -34,6 +34,9 @@ READ_ONLY = frozenset({"http", "https"})
 class StoreError(UserError):
     """A store that cannot be written (missing bucket, refused credentials, a network that keeps failing)."""
 
+    def __init__(self, message: object = "", *args: object):
+        super().__init__(redact_url(message), *args)  # a URL's password is never shown (shards.remote.redact_url)
+
 
 class StoreOutput:
     """A build's --out URL: the names in it, and files moved into it (uploaded whole) or fetched from it."""

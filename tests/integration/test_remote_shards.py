@@ -295,6 +295,28 @@ def test_wrong_s3_credentials_are_refused_before_training_never_showing_the_secr
     assert not (tmp_path / "out").exists()
 
 
+PASSWORD = "Pw0rd-kept-SECRET"
+
+
+def test_a_password_written_in_a_url_is_never_shown(sources, tmp_path, capsys):
+    """http://user:PASSWORD@host/... and s3://KEY:SECRET@bucket/...: refused (403; a bucket that cannot be named
+    so) in one line that names the URL with *** for the password; `shards check` of a readable one says ok, the
+    same way."""
+    with RangeHTTPServer(sources["local"]) as http:
+        url = http.url().replace("http://", f"http://alice:{PASSWORD}@")
+        code, out = _shards_cli(capsys, "check", url.rstrip("/"))
+        assert code == 0 and out.strip().endswith(f"{http.base_url.replace('http://', 'http://alice:***@')}: ok")
+        assert PASSWORD not in out + capsys.readouterr().err
+        http.deny = True
+        result = _train_cli(url, tmp_path, dict(os.environ))
+    _refused(result, "data.shards", "http://alice:***@127.0.0.1", "403")
+    assert PASSWORD not in result.stdout + result.stderr
+    secret = f"{PASSWORD}/with/slashes"  # AWS secret keys hold '/'; the library quotes a bucket name up to one
+    result = _train_cli(sources["s3"].replace("s3://", f"s3://AKIAKEY:{secret}@"), tmp_path, dict(os.environ))
+    _refused(result, "data.shards", "s3://AKIAKEY:***@corpus/tiny/v1/manifest.json", "AWS_SECRET_ACCESS_KEY")
+    assert PASSWORD not in result.stdout + result.stderr and "slashes" not in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------- kill and resume
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["http", "s3"])
