@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import bisect
 import os
+import queue
 import re
 import select
 import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,34 +218,135 @@ def read_url(url: str, reads: RemoteReads | None = None) -> bytes:
         raise
 
 
-class RetryingShard:
-    """A shard at a URL as a seekable binary file (what the tar reader needs: seek, tell, read). Reads go through an
-    fsspec file with a read-ahead cache of reads.block_size; a read that fails (or comes back shorter than the
-    shard says it is) is retried from the byte where it stopped on a freshly opened file, after a backoff; after
-    reads.retries it raises ShardUnreachableError naming the URL. `fetched`: the bytes requested from the store."""
+AHEAD_BLOCKS = 2  # blocks a shard's fetcher thread may hold ahead of its reader
+HANDOFF_LIMIT = 4  # next shards' first blocks kept for their readers in one process (one per mixed set)
+_handoff: dict[str, Future] = {}  # url -> Future of (size, first block, retries): fetched ahead of the shard's reader
+_handoff_lock = threading.Lock()
 
-    def __init__(self, url: str, reads: RemoteReads):
-        self.url = url
-        self.reads = reads
-        self.pos = 0
-        self.fetched = 0
-        self.file = None
-        self.size = -1
+
+def block_wait(reads: RemoteReads) -> float:
+    """The longest a reader waits for a block: each try of its request timing out, with the backoffs between."""
+    return (reads.retries + 1) * (reads.timeout + reads.backoff_max) + reads.timeout
+
+
+class _Requests:
+    """Ranged requests of one shard, each retried (not a permanent failure) reads.retries times from the byte where
+    it stopped, after bounded exponential backoff; `retried` counts the retries."""
+
+    def __init__(self, url: str, reads: RemoteReads, stop: threading.Event):
+        self.url, self.reads, self.stop = url, reads, stop
+        self.fs, self.path = url_filesystem(url, reads)
         self.retried = 0
 
-    def _open(self) -> None:
-        fs, path = url_filesystem(self.url, self.reads)
-        self.file = fs.open(path, "rb", block_size=self.reads.block_size, cache_type=self.reads.cache)
-        self.size = self.file.size
-
-    def _drop(self) -> None:
-        if self.file is not None:
-            self.fetched += getattr(self.file.cache, "total_requested_bytes", 0)
-            file, self.file = self.file, None
+    def _retrying(self, request):
+        attempt = 0
+        while True:
             try:
-                file.close()
-            except Exception:  # closing a broken connection may fail too; it is dropped either way
-                pass
+                return request()
+            except Exception as err:  # reset, timeout, 5xx/429 and short bodies alike: the libraries' own types
+                if is_permanent(err) or attempt >= self.reads.retries or self.stop.is_set():
+                    err.attempts = attempt
+                    raise
+                self.stop.wait(retry_delay(self.reads, attempt))
+                attempt += 1
+                self.retried += 1
+
+    def size(self) -> int:
+        return int(self._retrying(lambda: self.fs.size(self.path)))
+
+    def block(self, start: int, end: int) -> bytes:
+        got = bytearray()
+
+        def request() -> bytes:
+            got.extend(self.fs.cat_file(self.path, start=start + len(got), end=end))
+            if len(got) != end - start:
+                raise OSError(f"body cut short: {len(got)} of {end - start} bytes at byte {start}")
+            return bytes(got)
+        return self._retrying(request)
+
+
+def _prefetch(url: str, reads: RemoteReads) -> None:
+    """Fetch the size and first block of shard `url` for the RetryingShard that will read it (through _handoff)."""
+    future: Future = Future()
+    with _handoff_lock:
+        if url in _handoff:
+            return
+        while len(_handoff) >= HANDOFF_LIMIT:
+            _handoff.pop(next(iter(_handoff)))
+        _handoff[url] = future
+    try:
+        requests = _Requests(url, reads, threading.Event())
+        size = requests.size()
+        future.set_result((size, requests.block(0, min(size, reads.block_size)), requests.retried))
+    except Exception as err:  # its reader fetches the shard itself, with its own retries
+        future.set_exception(err)
+
+
+class _Fetcher(threading.Thread):
+    """Fetches one shard's blocks from byte `start` on, in order, into a bounded queue (at most AHEAD_BLOCKS ahead
+    of the reader); after the last one, the next shard's first block (`_prefetch`). A failure after its retries is
+    put in the queue for the reader to raise. Every wait is bounded; `stop` ends it after its current request."""
+
+    def __init__(self, url: str, reads: RemoteReads, size: int, start: int, next_url: str | None):
+        super().__init__(daemon=True, name="shard-readahead")
+        self.stop = threading.Event()
+        self.requests = _Requests(url, reads, self.stop)
+        self.blocks: queue.Queue = queue.Queue(AHEAD_BLOCKS)
+        self.reads, self.size, self.start_at, self.next_url = reads, size, start, next_url
+        self.fetched = 0
+
+    def run(self) -> None:
+        pos = self.start_at
+        while pos < self.size and not self.stop.is_set():
+            end = min(self.size, pos + self.reads.block_size)
+            try:
+                data = self.requests.block(pos, end)
+            except Exception as err:  # after its retries: the reader raises it
+                self._put((pos, err))
+                return
+            self.fetched += len(data)
+            if not self._put((pos, data)):
+                return
+            pos = end
+        if pos >= self.size and self.next_url:
+            _prefetch(self.next_url, self.reads)
+
+    def _put(self, item) -> bool:
+        deadline = time.monotonic() + block_wait(self.reads)  # a reader that takes nothing for that long is gone
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                self.blocks.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
+class RetryingShard:
+    """A shard at a URL as a seekable binary file (what the tar reader needs: seek, tell, read). A thread fetches
+    the shard in ranged requests of reads.block_size bytes, in order, up to AHEAD_BLOCKS ahead of the reader, so
+    fetching overlaps parsing; when it has fetched the last block it fetches `next_url`'s first block (the shard
+    the stream reads next), which that shard's RetryingShard takes instead of asking for it. A request that fails
+    (reset, timeout, 5xx/429, a body cut short) is retried from the byte where it stopped, after a backoff; after
+    reads.retries a read raises ShardUnreachableError naming the URL. A seek outside the blocks fetched and the
+    next one starts fetching again from there. `fetched`: the bytes requested from the store."""
+
+    def __init__(self, url: str, reads: RemoteReads, next_url: str | None = None):
+        self.url, self.reads, self.next_url = url, reads, next_url
+        self.pos = 0
+        self.size = -1
+        self.block, self.block_start = b"", 0  # the block in hand
+        self.fetcher: _Fetcher | None = None
+        self.fetchers: list[_Fetcher] = []
+        self.handed = [0, 0]  # bytes and retries of the first block fetched ahead (and of the size request)
+
+    @property
+    def fetched(self) -> int:
+        return self.handed[0] + sum(f.fetched for f in self.fetchers)
+
+    @property
+    def retried(self) -> int:
+        return self.handed[1] + sum(f.requests.retried for f in self.fetchers)
 
     def seek(self, offset: int, whence: int = 0) -> int:
         if whence != 0:
@@ -254,29 +358,84 @@ class RetryingShard:
         return self.pos
 
     def read(self, n: int = -1) -> bytes:
-        out, attempt = b"", 0
-        while True:
+        at = self.pos - self.block_start
+        if n >= 0 and 0 <= at and at + n <= len(self.block):  # the common case: inside the block in hand
+            self.pos += n
+            return self.block[at:at + n]
+        if self.size < 0:
+            self._begin()
+        end = self.size if n < 0 else min(self.size, self.pos + n)
+        out = []
+        while self.pos < end:
+            at = self.pos - self.block_start
+            if 0 <= at < len(self.block):
+                part = self.block[at:at + end - self.pos]
+                out.append(part)
+                self.pos += len(part)
+            else:
+                self._next_block()
+        return b"".join(out)
+
+    def _fail(self, err: Exception) -> ShardUnreachableError:
+        return ShardUnreachableError(redact_url(f"{self.url}: {type(err).__name__}: {err} (at byte {self.pos}, after "
+                                                f"{getattr(err, 'attempts', 0)} retries)", self.url))
+
+    def _begin(self) -> None:
+        """The shard's size, and its first block when the previous shard's fetcher fetched it ahead."""
+        with _handoff_lock:
+            ahead = _handoff.pop(self.url, None)
+        if ahead is not None:
             try:
-                if self.file is None:
-                    self._open()
-                want = self.size - self.pos if n < 0 else min(n - len(out), self.size - self.pos)
-                self.file.seek(self.pos)
-                part = self.file.read(want) if want > 0 else b""
-                out, self.pos = out + part, self.pos + len(part)
-                if len(part) == want:
-                    return out
-                raise OSError(f"body cut short: {len(part)} of {want} bytes at byte {self.pos - len(part)}")
-            except Exception as err:  # reset, timeout, 5xx/429 and short bodies alike: the libraries' own types
-                self._drop()
-                if is_permanent(err) or attempt >= self.reads.retries:
-                    raise ShardUnreachableError(redact_url(f"{self.url}: {type(err).__name__}: {err} (at byte "
-                                                           f"{self.pos}, after {attempt} retries)", self.url)) from err
-                time.sleep(retry_delay(self.reads, attempt))
-                attempt += 1
-                self.retried += 1
+                self.size, first, self.handed[1] = ahead.result(timeout=block_wait(self.reads))
+                self.handed[0] = len(first)
+                if self.pos == 0:  # not a resumed position further in
+                    self.block, self.block_start = first, 0
+                    self._start(len(first))
+                    return
+                self.block, self.block_start = b"", self.pos
+                self._start(self.pos)
+                return
+            except Exception:  # noqa: BLE001 - failed or late: fetched again below, with this reader's retries
+                pass
+        requests = _Requests(self.url, self.reads, threading.Event())
+        try:
+            self.size = requests.size()
+        except Exception as err:
+            raise self._fail(err) from err
+        finally:
+            self.handed[1] += requests.retried
+        self.block, self.block_start = b"", self.pos
+        self._start(self.pos)
+
+    def _start(self, start: int) -> None:
+        self._stop()
+        self.fetcher = _Fetcher(self.url, self.reads, self.size, start, self.next_url)
+        self.fetchers.append(self.fetcher)
+        self.fetcher.start()
+
+    def _next_block(self) -> None:
+        """Make the block in hand the one holding self.pos: the fetcher's next one, or fetched from there anew."""
+        following = self.block_start + len(self.block)
+        if self.fetcher is None or not following <= self.pos < following + self.reads.block_size:
+            self.block, self.block_start = b"", self.pos
+            self._start(self.pos)
+        try:
+            start, data = self.fetcher.blocks.get(timeout=block_wait(self.reads))
+        except queue.Empty:
+            self._stop()
+            raise self._fail(TimeoutError(f"no block in {block_wait(self.reads):g} s")) from None
+        if isinstance(data, Exception):
+            self._stop()
+            raise self._fail(data) from data
+        self.block, self.block_start = data, start
+
+    def _stop(self) -> None:
+        if self.fetcher is not None:
+            self.fetcher.stop.set()  # it ends after its current request (bounded by reads.timeout); not waited for
+            self.fetcher = None
 
     def close(self) -> None:
-        self._drop()
+        self._stop()
 
     def __enter__(self) -> "RetryingShard":
         return self
@@ -389,12 +548,13 @@ class PipeShard:
         self.close()
 
 
-def open_shard(url: str, reads: RemoteReads | None = None):
-    """A shard as a seekable binary file: the local file as it always was, a URL through RetryingShard, a
-    `pipe:COMMAND` through PipeShard (forward only)."""
+def open_shard(url: str, reads: RemoteReads | None = None, next_url: str | None = None):
+    """A shard as a seekable binary file: the local file as it always was, a URL through RetryingShard (next_url:
+    the shard read after it, whose first block is fetched while this one is read), a `pipe:COMMAND` through
+    PipeShard (forward only)."""
     if is_pipe(url):
         return PipeShard(url, reads or RemoteReads())
-    return RetryingShard(url, reads or RemoteReads()) if is_url(url) else open(url, "rb")
+    return RetryingShard(url, reads or RemoteReads(), next_url) if is_url(url) else open(url, "rb")
 
 
 def merged_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

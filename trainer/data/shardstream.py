@@ -30,7 +30,7 @@ from typing import Callable, Iterator, NamedTuple
 
 from webdataset.tariterators import base_plus_ext
 
-from shards.remote import RemoteReads, is_pipe, open_shard, pipe_cost, read_ranges, redact_url
+from shards.remote import RemoteReads, is_pipe, is_url, open_shard, pipe_cost, read_ranges, redact_url
 
 BLOCK = 512
 log = logging.getLogger(__name__)
@@ -266,6 +266,20 @@ class RawStream:
         self.on_shard()
         return True
 
+    def _peek_next(self, set_index: int) -> str | None:
+        """The shard the set's cursor moves to after its current one (a URL shard's reader fetches its first block
+        ahead); None where that is drawn at random (resampled) or there is none."""
+        c = self.cursors[set_index]
+        if self.resampled:
+            return None
+        pass_, index, share = c.pass_, c.index, self._share(set_index, c.pass_)
+        if index >= len(share):
+            pass_, index = pass_ + 1, 0
+            if self.passes is not None and pass_ >= self.start_pass + self.passes:
+                return None
+            share = self._share(set_index, pass_)
+        return self.set_urls[set_index][share[index]] if index < len(share) else None
+
     def _set_samples(self, set_index: int) -> Iterator[tuple[Ref, dict]]:
         """Raw samples of one set, shard after shard from its cursor; a shard that holds none in a row of too many
         means the set cannot be read at all (an endless loop otherwise)."""
@@ -281,7 +295,7 @@ class RawStream:
                 log.info("%s cannot seek: re-reading it from its start, %d bytes to skip to the saved sample",
                          redact_url(url), c.offset)
             try:
-                with open_shard(url, self.reads) as f:
+                with open_shard(url, self.reads, self._peek_next(set_index) if is_url(url) else None) as f:
                     for sample, begin, end in _group(read_members(f, c.offset), url):
                         # _group hands a sample on only after reading the next one's first member; the cursor is
                         # set to where that member begins, so a state taken now re-reads it from there.
