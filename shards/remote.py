@@ -2,8 +2,9 @@
 (`s3://bucket/prefix` through s3fs, `http(s)://host/prefix` through aiohttp, `gs://` through gcsfs, ...).
 
 A URL set's small files are read whole (`read_url`); its shards are never copied to disk: `open_shard` gives a
-seekable file that reads ranged requests of `RemoteReads.block_size` bytes with read-ahead (HTTP Range, S3 ranged
-GET), each with a timeout, a failed read retried from the byte where it stopped; `read_ranges` fetches many byte
+seekable file whose thread fetches ranged requests of up to `RemoteReads.block_size` bytes ahead of the reader
+(HTTP Range, S3 ranged GET), and the next shard's first block when told which it is, each with a timeout, a failed
+request retried from the byte where it stopped; `read_ranges` fetches many byte
 ranges of one shard at once (a resumed stream's buffer). Credentials come from where the protocol's library looks
 (for S3: the environment, ~/.aws, an instance role; the endpoint from AWS_ENDPOINT_URL), never from a config, and
 an error names the credential source tried, never a key.
@@ -25,6 +26,7 @@ import select
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -96,15 +98,12 @@ def set_root(location: str | Path) -> Path | SetRoot:
 
 @dataclass(frozen=True)
 class RemoteReads:
-    """How shards at a URL are read: sequential ranged requests of block_size bytes, the next one fetched as the
-    reader reaches it (fsspec's read-ahead cache), each request bounded by `timeout` seconds; a failed request
-    (connection reset, timeout, 5xx/429, a body cut short) is retried `retries` times from the byte where the read
-    stopped, after backoff, 2 x backoff, ... seconds (at most backoff_max). cache: the fsspec cache type of a
-    shard file ("readahead" measured best in bench/remote_stream.py: "background" prefetches block-aligned blocks
-    in a thread but fetched 1.15-1.4 bytes per byte read and was slower on loopback)."""
+    """How shards at a URL are read: sequential ranged requests of up to block_size bytes (the first one block_size
+    / 8, then doubling), fetched by a thread ahead of the reader (RetryingShard), each request bounded by `timeout`
+    seconds; a failed request (connection reset, timeout, 5xx/429, a body cut short) is retried `retries` times from
+    the byte where it stopped, after backoff, 2 x backoff, ... seconds (at most backoff_max)."""
 
     block_size: int = 8 * 2**20
-    cache: str = "readahead"
     timeout: float = 60.0
     retries: int = 3
     backoff: float = 0.5
@@ -219,9 +218,20 @@ def read_url(url: str, reads: RemoteReads | None = None) -> bytes:
 
 
 AHEAD_BLOCKS = 2  # blocks a shard's fetcher thread may hold ahead of its reader
+FIRST_BLOCK_MIN = 256 * 1024  # a shard's first request asks for block_size / 8 (at least this), then doubles
+# How often the interpreter switches threads in a process that reads URL shards (Python's default is 5 ms): the
+# fetcher thread needs the interpreter lock for each chunk it receives, and behind a parsing thread that holds it
+# for 5 ms at a time it fell behind (bench/remote_stream.py: 0.68x local per worker at 5 ms, 0.86x at 1 ms).
+SWITCH_INTERVAL = 0.001
 HANDOFF_LIMIT = 4  # next shards' first blocks kept for their readers in one process (one per mixed set)
 _handoff: dict[str, Future] = {}  # url -> Future of (size, first block, retries): fetched ahead of the shard's reader
 _handoff_lock = threading.Lock()
+
+
+def first_block(reads: RemoteReads) -> int:
+    """The size of a shard's first request: small, so that a reader starts soon; the next ones double up to
+    reads.block_size."""
+    return min(reads.block_size, max(FIRST_BLOCK_MIN, reads.block_size // 8))
 
 
 def block_wait(reads: RemoteReads) -> float:
@@ -277,7 +287,7 @@ def _prefetch(url: str, reads: RemoteReads) -> None:
     try:
         requests = _Requests(url, reads, threading.Event())
         size = requests.size()
-        future.set_result((size, requests.block(0, min(size, reads.block_size)), requests.retried))
+        future.set_result((size, requests.block(0, min(size, first_block(reads))), requests.retried))
     except Exception as err:  # its reader fetches the shard itself, with its own retries
         future.set_exception(err)
 
@@ -296,9 +306,10 @@ class _Fetcher(threading.Thread):
         self.fetched = 0
 
     def run(self) -> None:
-        pos = self.start_at
+        pos, length = self.start_at, first_block(self.reads) if self.start_at == 0 else self.reads.block_size
         while pos < self.size and not self.stop.is_set():
-            end = min(self.size, pos + self.reads.block_size)
+            end = min(self.size, pos + length)
+            length = min(self.reads.block_size, 2 * length)
             try:
                 data = self.requests.block(pos, end)
             except Exception as err:  # after its retries: the reader raises it
@@ -324,12 +335,13 @@ class _Fetcher(threading.Thread):
 
 class RetryingShard:
     """A shard at a URL as a seekable binary file (what the tar reader needs: seek, tell, read). A thread fetches
-    the shard in ranged requests of reads.block_size bytes, in order, up to AHEAD_BLOCKS ahead of the reader, so
-    fetching overlaps parsing; when it has fetched the last block it fetches `next_url`'s first block (the shard
-    the stream reads next), which that shard's RetryingShard takes instead of asking for it. A request that fails
-    (reset, timeout, 5xx/429, a body cut short) is retried from the byte where it stopped, after a backoff; after
-    reads.retries a read raises ShardUnreachableError naming the URL. A seek outside the blocks fetched and the
-    next one starts fetching again from there. `fetched`: the bytes requested from the store."""
+    the shard in ranged requests (first_block, doubling up to reads.block_size), in order, up to AHEAD_BLOCKS ahead
+    of the reader, so fetching overlaps parsing; when it has fetched the last block it fetches `next_url`'s first
+    block (the shard the stream reads next), which that shard's RetryingShard takes instead of asking for it. A
+    request that fails (reset, timeout, 5xx/429, a body cut short) is retried from the byte where it stopped, after
+    a backoff; after reads.retries a read raises ShardUnreachableError naming the URL. A seek outside the block in
+    hand and the next one starts fetching again from there. Every wait is bounded (block_wait). `fetched`: the
+    bytes requested from the store."""
 
     def __init__(self, url: str, reads: RemoteReads, next_url: str | None = None):
         self.url, self.reads, self.next_url = url, reads, next_url
@@ -408,6 +420,8 @@ class RetryingShard:
         self._start(self.pos)
 
     def _start(self, start: int) -> None:
+        if sys.getswitchinterval() > SWITCH_INTERVAL:
+            sys.setswitchinterval(SWITCH_INTERVAL)  # this process reads URL shards: see SWITCH_INTERVAL
         self._stop()
         self.fetcher = _Fetcher(self.url, self.reads, self.size, start, self.next_url)
         self.fetchers.append(self.fetcher)

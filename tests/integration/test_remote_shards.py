@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,9 @@ from test_distributed import clean_env, start, wait_all
 from test_faults import RUN_STEPS, logged_steps, train_cmd, wait_for_logged
 from test_readme_commands import STORE_HEADING, readme_block
 
+import shards.remote as remote_module
 from shards.__main__ import main as shards_main
-from shards.remote import RemoteReads, ShardUnreachableError
+from shards.remote import RemoteReads, RetryingShard, ShardUnreachableError
 from trainer.config import load_config
 from trainer.config.cli_args import parse_args, resolved_config
 from trainer.data.loader import TrainLoader
@@ -197,6 +199,34 @@ def test_a_shard_that_keeps_failing_is_skipped_and_named(sources):
     assert url.startswith(sources["http"]) and url in str(exn)
     lost = [key for key in local if key not in remote]
     assert len(lost) == 16 and [key for key in local if key in remote] == remote  # one shard of 16, order kept
+
+
+def test_read_ahead_gives_the_files_bytes_for_any_seek_and_hands_the_next_shard_its_first_block(sources, tiny_shards):
+    """RetryingShard's fetcher thread: reads at random offsets and lengths (back, forward inside and past the next
+    block, past the end) give the local file's bytes; after a shard is read to its end its fetcher has fetched the
+    next shard's first block, which the next shard's reader takes instead of asking for it again."""
+    names = ShardSet.open(sources["local"]).urls("train")
+    first, second = (Path(name).name for name in names[:2])
+    reads = RemoteReads(block_size=4096, timeout=5.0, retries=1, backoff=0.01)
+    local = (tiny_shards / first).read_bytes()
+    rng = np.random.default_rng(0)
+    with RetryingShard(f"{sources['s3']}/{first}", reads) as f:
+        for _ in range(200):
+            at, n = int(rng.integers(0, len(local) + 100)), int(rng.integers(0, 3 * 4096))
+            f.seek(at)
+            assert f.read(n) == local[at:at + n], (at, n)
+    http, size = sources["http_server"], len(local) + (tiny_shards / second).stat().st_size
+    sent = http.bytes_sent
+    with RetryingShard(http.url(first), reads, next_url=http.url(second)) as f:
+        assert f.read() == local and f.fetched == len(local)
+    with RetryingShard(http.url(second), reads) as f:
+        assert f.read() == (tiny_shards / second).read_bytes()
+        assert f.handed[0] == 4096  # the first block came from the previous shard's fetcher
+    assert http.url(second) not in remote_module._handoff
+    deadline = time.monotonic() + 10
+    while http.bytes_sent - sent < size and time.monotonic() < deadline:
+        time.sleep(0.05)  # the server counts a chunk just after sending it
+    assert http.bytes_sent - sent == size  # each byte asked for once: the first block was not fetched twice
 
 
 # ---------------------------------------------------------------------------------------------- the shard tools
