@@ -229,8 +229,8 @@ _handoff_lock = threading.Lock()
 
 
 def first_block(reads: RemoteReads) -> int:
-    """The size of a shard's first request: small, so that a reader starts soon; the next ones double up to
-    reads.block_size."""
+    """The size of a shard's first request when nothing fetched it ahead: small, so that a reader starts soon; the
+    next ones double up to reads.block_size."""
     return min(reads.block_size, max(FIRST_BLOCK_MIN, reads.block_size // 8))
 
 
@@ -265,13 +265,14 @@ class _Requests:
         return int(self._retrying(lambda: self.fs.size(self.path)))
 
     def block(self, start: int, end: int) -> bytes:
-        got = bytearray()
+        parts: list[bytes] = []
 
         def request() -> bytes:
-            got.extend(self.fs.cat_file(self.path, start=start + len(got), end=end))
-            if len(got) != end - start:
-                raise OSError(f"body cut short: {len(got)} of {end - start} bytes at byte {start}")
-            return bytes(got)
+            done = sum(len(p) for p in parts)
+            parts.append(self.fs.cat_file(self.path, start=start + done, end=end))
+            if done + len(parts[-1]) != end - start:
+                raise OSError(f"body cut short: {done + len(parts[-1])} of {end - start} bytes at byte {start}")
+            return parts[0] if len(parts) == 1 else b"".join(parts)  # one piece (the usual case) is not copied
         return self._retrying(request)
 
 
@@ -287,7 +288,8 @@ def _prefetch(url: str, reads: RemoteReads) -> None:
     try:
         requests = _Requests(url, reads, threading.Event())
         size = requests.size()
-        future.set_result((size, requests.block(0, min(size, first_block(reads))), requests.retried))
+        # a whole block: fetched while the current shard is read, so no reader waits for its small first request
+        future.set_result((size, requests.block(0, min(size, reads.block_size)), requests.retried))
     except Exception as err:  # its reader fetches the shard itself, with its own retries
         future.set_exception(err)
 
