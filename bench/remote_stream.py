@@ -3,7 +3,7 @@ an S3-compatible server (moto) on 127.0.0.1, on the same shard set, and the byte
 
 "per worker": one `RawStream` (trainer.data.shardstream) in this process reading one pass over the train split's
 shards in order (shuffle buffer of 1): tar members grouped into raw samples, no decoding - what the network
-path changes. "bytes fetched": the byte ranges asked of the server (fsspec's read-ahead requests, counted by each
+path changes. "bytes fetched": the byte ranges asked of the server (the read-ahead thread's requests, counted by each
 `RetryingShard`), "bytes read": the shards' sizes; the HTTP server's own count of body bytes sent is shown beside.
 The servers run in a child process, so they do not share this process's interpreter lock. Sources alternate in
 rounds (the machine is shared); medians. Goal (issue 24), on loopback: >= 0.9 x local per worker, <= 1.02 bytes
@@ -66,8 +66,8 @@ def one_pass(location: str, reads: RemoteReads, shard_bytes: int) -> dict:
     urls = ShardSet.open(location).urls("train")
     opened = []
 
-    def counting_open(url, reads=None):  # every shard file the stream opens, to add up what each fetched
-        f = open_shard(url, reads)
+    def counting_open(url, reads=None, next_url=None):  # every shard file the stream opens, to add up its fetches
+        f = open_shard(url, reads, next_url)
         opened.append(f)
         return f
 
@@ -96,7 +96,7 @@ def measure(root: Path, args: argparse.Namespace) -> dict:
         child.kill()
         raise RuntimeError(f"the HTTP and S3 servers did not start within {SERVER_START} s") from e
     os.environ.update(got["env"])
-    reads = RemoteReads(block_size=args.block_mb * 2**20, cache=args.cache)
+    reads = RemoteReads(block_size=args.block_mb * 2**20)
     sources = {"local": str(root), "http": got["http"], "s3": got["s3"]}
     runs: dict[str, list[dict]] = {k: [] for k in sources}
     shard_bytes = sum(os.path.getsize(url) for url in ShardSet.open(root).urls("train"))
@@ -134,7 +134,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-images", type=int, default=8000)
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--cache", default=RemoteReads().cache, help="fsspec cache type of a shard file")
     parser.add_argument("--block-mb", type=int, default=RemoteReads().block_size // 2**20)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,6 +24,7 @@ import functools
 import hashlib
 import json
 import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,10 +43,12 @@ from shards.concepts import (
 from shards.emoji_corpus import add_emoji_options, emoji_split, emoji_split_sizes
 from shards.format import FEATURE_EXT, SHARD_SET_FILES, shard_file_name
 from shards.progress import progress
+from shards.remote import is_url
 from shards.sources import coco, hf, karpathy, openmoji, scan_precomp, table, wds_relabel
 from shards.sources.base import ON_ERROR, BadSample, InputError, Item, Problems, Source
 from shards.sources.checking import PICTURE_CHUNK, checked_items
 from shards.sources.pictures import checked_picture, needs_resize
+from shards.store import StoreOutput
 from shards.text import Vocab
 from shards.writer import (
     PARTIAL_SUFFIX,
@@ -127,7 +130,10 @@ def add_build_command(subparsers) -> None:
     p = subparsers.add_parser("build", help="build a shard set", description=__doc__,
                               formatter_class=DefaultsHelpFormatter)
     p.add_argument("--source", choices=sorted(SOURCES), required=True, help="where images and captions come from")
-    p.add_argument("--out", required=True, help="output folder (must be empty unless --overwrite)")
+    p.add_argument("--out", required=True,
+                   help="output folder, or a store's URL: s3://bucket/prefix or any fsspec URL that can write "
+                        "(each shard uploaded whole when finished, manifest.json last; credentials from the "
+                        "environment); must be empty unless --overwrite or --resume")
     p.add_argument("--name", default="builtin", help="shard file prefix: NAME-SPLIT-000000.tar")
     p.add_argument("--shard-size", type=int_in(1), default=500, help="samples per tar (at most)")
     p.add_argument("--max-concepts", type=int_in(1), default=1000, help="concept vocabulary size K")
@@ -163,9 +169,29 @@ def add_build_command(subparsers) -> None:
     p.set_defaults(run=run_build)
 
 
+def _ours_name(name: str) -> bool:
+    return (name in SHARD_SET_FILES or name == BUILD_RECORD or name.endswith(".tar")
+            or name.endswith(".tar" + PARTIAL_SUFFIX))
+
+
 def _ours(f: Path) -> bool:
-    return f.is_file() and (f.name in SHARD_SET_FILES or f.name == BUILD_RECORD or f.name.endswith(".tar")
-                            or f.name.endswith(".tar" + PARTIAL_SUFFIX))
+    return f.is_file() and _ours_name(f.name)
+
+
+def _check_taken(out: str, files: list[str], others: list[str], overwrite: bool, resume: bool) -> None:
+    """Refuse a non-empty --out (its file names and the names of what else is in it) unless --overwrite or
+    --resume, and refuse those where they cannot apply."""
+    if not (overwrite or resume):
+        raise OutputExists(f"output folder {out} exists and is not empty; pass --overwrite to replace it "
+                              "(or --resume to finish an interrupted build)")
+    if others:
+        raise OutputExists(f"output folder {out} holds files that are not part of a shard set "
+                              f"({', '.join(others[:5])}); not {'resuming in' if resume else 'overwriting'} it")
+    if resume:
+        if "manifest.json" in files:
+            raise OutputExists(f"{out} holds a complete shard set (manifest.json); nothing to resume")
+        if any(name.endswith(".tar") for name in files) and BUILD_RECORD not in files:
+            raise OutputExists(f"{out} has shards but no {BUILD_RECORD}: not a build this version can resume")
 
 
 def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
@@ -175,27 +201,40 @@ def prepare_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
         raise OutputExists(f"--out {out} exists and is not a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    if not (overwrite or resume):
-        raise OutputExists(f"output folder {out} exists and is not empty; pass --overwrite to replace it "
-                              "(or --resume to finish an interrupted build)")
-    others = sorted(f.name for f in out.iterdir() if not _ours(f))
-    if others:
-        raise OutputExists(f"output folder {out} holds files that are not part of a shard set "
-                              f"({', '.join(others[:5])}); not {'resuming in' if resume else 'overwriting'} it")
-    if resume:
-        if (out / "manifest.json").exists():
-            raise OutputExists(f"{out} holds a complete shard set (manifest.json); nothing to resume")
-        if any(out.glob("*.tar")) and not (out / BUILD_RECORD).is_file():
-            raise OutputExists(f"{out} has shards but no {BUILD_RECORD}: not a build this version can resume")
-        return
-    for f in out.iterdir():
-        f.unlink()
+    _check_taken(str(out), [f.name for f in out.iterdir() if f.is_file()],
+                 sorted(f.name for f in out.iterdir() if not _ours(f)), overwrite, resume)
+    if not resume:
+        for f in out.iterdir():
+            f.unlink()
 
 
-def _start_record(out: Path, options: dict, resume: bool) -> None:
-    """Write the options of this build, or check them against those of the build being resumed."""
+def prepare_store(store: StoreOutput, overwrite: bool, resume: bool) -> None:
+    """prepare_out_dir for a store's URL: the same refusals; --overwrite deletes the earlier set's files there."""
+    files = store.names()
+    others = sorted(store.folders() + [name for name in files if not _ours_name(name)])
+    if files or others:
+        _check_taken(store.where(), files, others, overwrite, resume)
+        if not resume:
+            for name in files:
+                store.remove(name)
+
+
+def _start_record(out: Path, options: dict, resume: bool, store: StoreOutput | None = None) -> None:
+    """Write the options of this build, or check them against those of the build being resumed (in the store,
+    for a build to a URL: the record is uploaded before anything else, which shows a store that cannot be
+    written before the source is read)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / BUILD_RECORD
+    if store is not None:
+        if resume:
+            store.fetch(BUILD_RECORD, path)
+        _check_record(path, options, resume)
+        store.put(path, keep=True)
+        return
+    _check_record(path, options, resume)
+
+
+def _check_record(path: Path, options: dict, resume: bool) -> None:
     if resume and path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(k for k in set(before) | set(options) if before.get(k) != options.get(k))
@@ -269,13 +308,25 @@ def _finished_shard(path: Path, expected: list[tuple[str, bytes]]) -> list[str] 
     return [ext for _, ext, _ in found]
 
 
+def _kept_shard(path: Path, expected: list[tuple[str, bytes]], store: StoreOutput | None,
+                in_store: set[str]) -> list[str] | None:
+    """_finished_shard for a resumed build; at a URL the store's copy is fetched into staging first (the writer
+    adopts it from there, and it is removed after)."""
+    if store is not None and (path.name not in in_store or not store.fetch(path.name, path)):
+        return None
+    return _finished_shard(path, expected)
+
+
 def _write_shards(writer: ShardSetWriter, labelled: dict[str, list[tuple[Item, list[list[int]]]]],
-                  args: argparse.Namespace, pool: ThreadPoolExecutor) -> tuple[int, dict[str, int]]:
+                  args: argparse.Namespace, pool: ThreadPoolExecutor,
+                  store: StoreOutput | None = None) -> tuple[int, dict[str, int]]:
     """Write every split shard by shard; with --resume, keep each finished shard that holds exactly the
-    samples it should. Pictures are read (and resized) by the pool's threads, written in order.
+    samples it should. Pictures are read (and resized) by the pool's threads, written in order. At a URL, each
+    shard goes into the store when finished (and leaves staging).
     Returns the number of resized pictures and {kept, written} shard counts."""
     resized = 0
     resumed = {"kept": 0, "written": 0}
+    in_store = set(store.names()) if store is not None and args.resume else set()
     with progress(sum(len(v) for v in labelled.values()), "writing") as bar:
         for split, samples in labelled.items():
             for index, positions in enumerate(plan_shards([item for item, _ in samples], args.shard_size)):
@@ -284,11 +335,13 @@ def _write_shards(writer: ShardSetWriter, labelled: dict[str, list[tuple[Item, l
                                      item.objects)
                          for item, concepts in shard]
                 path = writer.out_dir / shard_file_name(writer.name, split, index)
-                exts = _finished_shard(path, [(item.image_id, m) for (item, _), m in zip(shard, metas)]) \
-                    if args.resume else None
+                exts = _kept_shard(path, [(item.image_id, m) for (item, _), m in zip(shard, metas)], store,
+                                   in_store) if args.resume else None
                 if exts is not None:
                     writer.adopt_shard(split, [(item.image_id, ext, len(item.captions))
                                                for (item, _), ext in zip(shard, exts)])
+                    if store is not None:
+                        path.unlink()
                     if args.max_side is not None:  # count as a fresh build would
                         resized += sum(not item.features and needs_resize(item.load(), args.max_side)
                                        for item, _ in shard)
@@ -304,6 +357,8 @@ def _write_shards(writer: ShardSetWriter, labelled: dict[str, list[tuple[Item, l
                                      concepts, union_ids(concepts), args.source)
                         bar.update(1)
                 writer.end_shard(split)
+                if store is not None:
+                    store.put(path)
                 resumed["written"] += 1
     return resized, resumed
 
@@ -335,6 +390,8 @@ def _write_vocab_files(out: Path, concept_vocab: list[tuple[str, int]], word_voc
 
 def build(args: argparse.Namespace) -> dict:
     """Build the shard set described by the parsed options; returns a summary."""
+    if is_url(args.out):
+        return _build_to_store(args)
     out = Path(args.out)
     fresh = not out.exists()
     try:
@@ -347,6 +404,24 @@ def build(args: argparse.Namespace) -> dict:
         raise
 
 
+def _build_to_store(args: argparse.Namespace) -> dict:
+    """A build to a URL: written in a local staging folder (removed at the end), each finished file moved into the
+    store (shards.store)."""
+    store = StoreOutput(args.out)
+    with tempfile.TemporaryDirectory(prefix="shards-build-") as staging:
+        try:
+            with ThreadPoolExecutor(args.picture_threads) as pool:
+                return _build(args, pool, Path(staging), store)
+        except (UserError, OSError):  # as _forget_unstarted_build: a refused build leaves no record behind
+            if not args.resume:
+                try:
+                    if not any(name.endswith(".tar") for name in store.names()):
+                        store.remove(BUILD_RECORD)
+                except UserError:
+                    pass  # the store cannot be reached: the first error is the one to report
+            raise
+
+
 def _forget_unstarted_build(out: Path, fresh: bool) -> None:
     """A build refused before it wrote any shard leaves nothing behind: its record (which would make the folder
     look resumable) and the folder itself when this build made it. Written shards stay, for --resume."""
@@ -357,9 +432,26 @@ def _forget_unstarted_build(out: Path, fresh: bool) -> None:
         out.rmdir()
 
 
-def _build(args: argparse.Namespace, pool: ThreadPoolExecutor) -> dict:
+def _close_set(writer: ShardSetWriter, store: StoreOutput | None, fields: dict) -> dict:
+    """The manifest written last (after concepts.json and vocab.json, in the store too), then the build's record
+    removed; returns the manifest."""
+    out = writer.out_dir
+    if store is not None:
+        store.put(out / "concepts.json")
+        store.put(out / "vocab.json")
+    manifest = writer.close(fields)
+    if store is not None:
+        store.put(out / "manifest.json")
+        store.remove(BUILD_RECORD)
+    (out / BUILD_RECORD).unlink()
+    return manifest
+
+
+def _build(args: argparse.Namespace, pool: ThreadPoolExecutor, staging: Path | None = None,
+           store: StoreOutput | None = None) -> dict:
+    """The build; to a URL (store), written in `staging` and moved into the store file by file."""
     started = time.perf_counter()
-    out = Path(args.out)
+    out = Path(args.out) if store is None else staging
     if args.resume and args.overwrite:
         raise InputError("--resume keeps an interrupted build's shards, --overwrite removes them: pass one")
     # The pipeline (and spaCy, seconds to import) first, before the build writes anything: a missing one fails
@@ -367,10 +459,13 @@ def _build(args: argparse.Namespace, pool: ThreadPoolExecutor) -> dict:
     # ended the process by SIGINT after the one-line message, instead of exit 130 (2 of 36 probes; 0 of 36 with
     # the import here, before the build's record and its threads).
     extractor = _extractor(args.spacy_pipeline, tuple(args.pos), args.spacy_processes)
-    prepare_out_dir(out, args.overwrite, args.resume)
+    if store is None:
+        prepare_out_dir(out, args.overwrite, args.resume)
+    else:
+        prepare_store(store, args.overwrite, args.resume)
     build_options = {k: v for k, v in vars(args).items()
                      if k in _COMMON_BUILD_OPTIONS or k in _SOURCE_OPTIONS[args.source]}
-    _start_record(out, build_options, args.resume)
+    _start_record(out, build_options, args.resume, store)
     source = SOURCES[args.source]
     reference = _reference_vocab(args) if args.vocab_from else None
     problems = Problems(args.on_error)
@@ -394,9 +489,9 @@ def _build(args: argparse.Namespace, pool: ThreadPoolExecutor) -> dict:
     writer = ShardSetWriter(out, args.name, args.shard_size)
     labelled = {split: [(item, [concept_ids(ls, lemma_to_id) for ls in caption_lemmas])
                         for item, caption_lemmas in zip(items[split], lemmas[split])] for split in items}
-    resized, resumed = _write_shards(writer, labelled, args, pool)
+    resized, resumed = _write_shards(writer, labelled, args, pool, store)
     vocab_from = _write_vocab_files(out, concept_vocab, word_vocab, reference)
-    manifest = writer.close({
+    manifest = _close_set(writer, store, {
         "source": args.source,
         "num_concepts": len(concept_vocab),
         "vocab_size": len(word_vocab),
@@ -406,10 +501,10 @@ def _build(args: argparse.Namespace, pool: ThreadPoolExecutor) -> dict:
         "resized_pictures": resized,
         "vocab_from": vocab_from,
     })
-    (out / BUILD_RECORD).unlink()
     seconds = time.perf_counter() - started
     phases["write"] = seconds - sum(phases.values())
-    return {"out": str(out), "manifest": manifest, "seconds": seconds, "phases": phases, "resumed": resumed}
+    return {"out": str(out) if store is None else store.where(), "manifest": manifest, "seconds": seconds,
+            "phases": phases, "resumed": resumed}
 
 
 def format_summary(summary: dict) -> str:

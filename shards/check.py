@@ -22,7 +22,17 @@ import numpy as np
 from PIL import Image
 
 from shards.format import FEATURE_EXT, FORMAT, PICTURE_EXTS, SAMPLE_FIELDS
-from shards.remote import SetRoot, access_detail, file_size, is_url, list_names, open_shard, read_text, set_root
+from shards.remote import (
+    SetRoot,
+    access_detail,
+    file_size,
+    is_url,
+    list_names,
+    open_shard,
+    read_text,
+    redact_url,
+    set_root,
+)
 from shards.text import Vocab
 from usercli import UserError
 
@@ -33,6 +43,9 @@ Image.MAX_IMAGE_PIXELS = 64_000_000  # as the trainer: a decompression bomb is a
 
 class ShardSetError(UserError, ValueError):
     """The shard set's json files cannot be read; nothing else can be checked."""
+
+    def __init__(self, message: object = "", *args: object):
+        super().__init__(redact_url(message), *args)  # a URL's password is never shown (shards.remote.redact_url)
 
 
 # The first bytes of the compressed files tarfile.open would read transparently, which the trainer cannot read:
@@ -289,11 +302,11 @@ def format_result(root: Path | SetRoot, result: CheckResult) -> str:
     lines = [f"{split}: {c.images} images, {c.captions} captions, {c.shards} shards"
              for split, c in result.counts.items()]
     if not result.problems:
-        return "\n".join(lines + [f"{root}: ok"])
+        return redact_url("\n".join(lines + [f"{root}: ok"]), root)
     shown = result.problems[:MAX_SHOWN]
     more = len(result.problems) - len(shown)
-    return "\n".join(lines + shown + ([f"... and {more} more"] if more else [])
-                     + [f"{root}: {len(result.problems)} problems"])
+    return redact_url("\n".join(lines + shown + ([f"... and {more} more"] if more else [])
+                                 + [f"{root}: {len(result.problems)} problems"]), root)
 
 
 def run_check(args: argparse.Namespace) -> int:

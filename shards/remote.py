@@ -2,8 +2,9 @@
 (`s3://bucket/prefix` through s3fs, `http(s)://host/prefix` through aiohttp, `gs://` through gcsfs, ...).
 
 A URL set's small files are read whole (`read_url`); its shards are never copied to disk: `open_shard` gives a
-seekable file that reads ranged requests of `RemoteReads.block_size` bytes with read-ahead (HTTP Range, S3 ranged
-GET), each with a timeout, a failed read retried from the byte where it stopped; `read_ranges` fetches many byte
+seekable file whose thread fetches ranged requests of up to `RemoteReads.block_size` bytes ahead of the reader
+(HTTP Range, S3 ranged GET), and the next shard's first block when told which it is, each with a timeout, a failed
+request retried from the byte where it stopped; `read_ranges` fetches many byte
 ranges of one shard at once (a resumed stream's buffer). Credentials come from where the protocol's library looks
 (for S3: the environment, ~/.aws, an instance role; the endpoint from AWS_ENDPOINT_URL), never from a config, and
 an error names the credential source tried, never a key.
@@ -19,19 +20,37 @@ from __future__ import annotations
 
 import bisect
 import os
+import queue
 import re
 import select
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 PIPE = "pipe:"
 PIPE_CHUNK = 1 << 20  # the most bytes taken from a command's stdout at once
+# a URL's user:password@ part (http://user:pass@host/..., s3://KEY:SECRET@bucket/...): the password is never shown
+_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:?#\s]*):(?P<password>[^@\s]*)@")
+
+
+def redact_url(text: object, *urls: object) -> str:
+    """`text` (a URL, or a message naming URLs) with the password of each URL in it replaced by ***, and each
+    password of `urls` (the URLs the message is about) wherever else it shows (a library's error may quote a
+    bucket name `KEY:SECRET@bucket` without its scheme): every message and log line that names a shard set's URL
+    goes through here."""
+    secrets = {m["password"] for url in urls for m in _PASSWORD.finditer(str(url)) if m["password"]}
+    text = _PASSWORD.sub(lambda m: f"{m['head']}:***@", str(text))
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def is_url(location: str | Path) -> bool:
@@ -79,15 +98,12 @@ def set_root(location: str | Path) -> Path | SetRoot:
 
 @dataclass(frozen=True)
 class RemoteReads:
-    """How shards at a URL are read: sequential ranged requests of block_size bytes, the next one fetched as the
-    reader reaches it (fsspec's read-ahead cache), each request bounded by `timeout` seconds; a failed request
-    (connection reset, timeout, 5xx/429, a body cut short) is retried `retries` times from the byte where the read
-    stopped, after backoff, 2 x backoff, ... seconds (at most backoff_max). cache: the fsspec cache type of a
-    shard file ("readahead" measured best in bench/remote_stream.py: "background" prefetches block-aligned blocks
-    in a thread but fetched 1.15-1.4 bytes per byte read and was slower on loopback)."""
+    """How shards at a URL are read: sequential ranged requests of up to block_size bytes (the first one block_size
+    / 8, then doubling), fetched by a thread ahead of the reader (RetryingShard), each request bounded by `timeout`
+    seconds; a failed request (connection reset, timeout, 5xx/429, a body cut short) is retried `retries` times from
+    the byte where it stopped, after backoff, 2 x backoff, ... seconds (at most backoff_max)."""
 
     block_size: int = 8 * 2**20
-    cache: str = "readahead"
     timeout: float = 60.0
     retries: int = 3
     backoff: float = 0.5
@@ -144,18 +160,22 @@ def s3_credential_source() -> str:
 def access_detail(url: str, err: Exception) -> str:
     """Why `url` could not be read, in words: the error, and for S3 the endpoint and credential source tried."""
     reason = f"{type(err).__name__}: {err}".strip().rstrip(":")
+    if url.lower().startswith(("s3://", "s3a://")) and _PASSWORD.match(url):  # the library read KEY:SECRET@bucket
+        return ("credentials written in an s3:// URL are not used (s3://KEY:SECRET@bucket names no bucket): remove "
+                "them from the URL and give them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), "
+                "~/.aws or an instance role")
     if url.lower().startswith(("s3://", "s3a://")):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default"
         reason += f" (endpoint {endpoint}; credentials: {s3_credential_source()})"
     elif url.lower().startswith(("http://", "https://")) and getattr(err, "status", None) in (401, 403):
         reason += (" (credentials: none sent; an http(s) shard set is read without credentials: serve it publicly, "
                    "or read it through its store's protocol, e.g. s3:// with the AWS_* environment)")
-    return " ".join(reason.split())  # one line: library messages may hold newlines
+    return redact_url(" ".join(reason.split()), url)  # one line: library messages may hold newlines
 
 
 def access_error(url: str, err: Exception) -> str:
     """One line on why `url` could not be read (access_detail)."""
-    return f"cannot read {url}: {access_detail(url, err)}"
+    return redact_url(f"cannot read {url}: {access_detail(url, err)}", url)
 
 
 def retry_delay(reads: RemoteReads, attempt: int) -> float:
@@ -179,7 +199,8 @@ def with_retries(url: str, reads: RemoteReads, request):
             return request()
         except Exception as err:  # fsspec's protocols raise their libraries' own errors (aiohttp, botocore)
             if is_permanent(err) or attempt >= reads.retries:
-                raise ShardUnreachableError(f"{url}: {type(err).__name__}: {err} (after {attempt} retries)") from err
+                raise ShardUnreachableError(redact_url(f"{url}: {type(err).__name__}: {err} (after {attempt} retries)",
+                                                       url)) from err
             time.sleep(retry_delay(reads, attempt))
             attempt += 1
 
@@ -196,34 +217,150 @@ def read_url(url: str, reads: RemoteReads | None = None) -> bytes:
         raise
 
 
-class RetryingShard:
-    """A shard at a URL as a seekable binary file (what the tar reader needs: seek, tell, read). Reads go through an
-    fsspec file with a read-ahead cache of reads.block_size; a read that fails (or comes back shorter than the
-    shard says it is) is retried from the byte where it stopped on a freshly opened file, after a backoff; after
-    reads.retries it raises ShardUnreachableError naming the URL. `fetched`: the bytes requested from the store."""
+AHEAD_BLOCKS = 2  # blocks a shard's fetcher thread may hold ahead of its reader
+FIRST_BLOCK_MIN = 256 * 1024  # a shard's first request asks for block_size / 8 (at least this), then doubles
+# How often the interpreter switches threads in a process that reads URL shards (Python's default is 5 ms): the
+# fetcher thread needs the interpreter lock for each chunk it receives, and behind a parsing thread that holds it
+# for 5 ms at a time it fell behind (bench/remote_stream.py: 0.68x local per worker at 5 ms, 0.86x at 1 ms).
+SWITCH_INTERVAL = 0.001
+HANDOFF_LIMIT = 4  # next shards' first blocks kept for their readers in one process (one per mixed set)
+_handoff: dict[str, Future] = {}  # url -> Future of (size, first block, retries): fetched ahead of the shard's reader
+_handoff_lock = threading.Lock()
 
-    def __init__(self, url: str, reads: RemoteReads):
-        self.url = url
-        self.reads = reads
-        self.pos = 0
-        self.fetched = 0
-        self.file = None
-        self.size = -1
+
+def first_block(reads: RemoteReads) -> int:
+    """The size of a shard's first request when nothing fetched it ahead: small, so that a reader starts soon; the
+    next ones double up to reads.block_size."""
+    return min(reads.block_size, max(FIRST_BLOCK_MIN, reads.block_size // 8))
+
+
+def block_wait(reads: RemoteReads) -> float:
+    """The longest a reader waits for a block: each try of its request timing out, with the backoffs between."""
+    return (reads.retries + 1) * (reads.timeout + reads.backoff_max) + reads.timeout
+
+
+class _Requests:
+    """Ranged requests of one shard, each retried (not a permanent failure) reads.retries times from the byte where
+    it stopped, after bounded exponential backoff; `retried` counts the retries."""
+
+    def __init__(self, url: str, reads: RemoteReads, stop: threading.Event):
+        self.url, self.reads, self.stop = url, reads, stop
+        self.fs, self.path = url_filesystem(url, reads)
         self.retried = 0
 
-    def _open(self) -> None:
-        fs, path = url_filesystem(self.url, self.reads)
-        self.file = fs.open(path, "rb", block_size=self.reads.block_size, cache_type=self.reads.cache)
-        self.size = self.file.size
-
-    def _drop(self) -> None:
-        if self.file is not None:
-            self.fetched += getattr(self.file.cache, "total_requested_bytes", 0)
-            file, self.file = self.file, None
+    def _retrying(self, request):
+        attempt = 0
+        while True:
             try:
-                file.close()
-            except Exception:  # closing a broken connection may fail too; it is dropped either way
-                pass
+                return request()
+            except Exception as err:  # reset, timeout, 5xx/429 and short bodies alike: the libraries' own types
+                if is_permanent(err) or attempt >= self.reads.retries or self.stop.is_set():
+                    err.attempts = attempt
+                    raise
+                self.stop.wait(retry_delay(self.reads, attempt))
+                attempt += 1
+                self.retried += 1
+
+    def size(self) -> int:
+        return int(self._retrying(lambda: self.fs.size(self.path)))
+
+    def block(self, start: int, end: int) -> bytes:
+        parts: list[bytes] = []
+
+        def request() -> bytes:
+            done = sum(len(p) for p in parts)
+            parts.append(self.fs.cat_file(self.path, start=start + done, end=end))
+            if done + len(parts[-1]) != end - start:
+                raise OSError(f"body cut short: {done + len(parts[-1])} of {end - start} bytes at byte {start}")
+            return parts[0] if len(parts) == 1 else b"".join(parts)  # one piece (the usual case) is not copied
+        return self._retrying(request)
+
+
+def _prefetch(url: str, reads: RemoteReads) -> None:
+    """Fetch the size and first block of shard `url` for the RetryingShard that will read it (through _handoff)."""
+    future: Future = Future()
+    with _handoff_lock:
+        if url in _handoff:
+            return
+        while len(_handoff) >= HANDOFF_LIMIT:
+            _handoff.pop(next(iter(_handoff)))
+        _handoff[url] = future
+    try:
+        requests = _Requests(url, reads, threading.Event())
+        size = requests.size()
+        # a whole block: fetched while the current shard is read, so no reader waits for its small first request
+        future.set_result((size, requests.block(0, min(size, reads.block_size)), requests.retried))
+    except Exception as err:  # its reader fetches the shard itself, with its own retries
+        future.set_exception(err)
+
+
+class _Fetcher(threading.Thread):
+    """Fetches one shard's blocks from byte `start` on, in order, into a bounded queue (at most AHEAD_BLOCKS ahead
+    of the reader); after the last one, the next shard's first block (`_prefetch`). A failure after its retries is
+    put in the queue for the reader to raise. Every wait is bounded; `stop` ends it after its current request."""
+
+    def __init__(self, url: str, reads: RemoteReads, size: int, start: int, next_url: str | None):
+        super().__init__(daemon=True, name="shard-readahead")
+        self.stop = threading.Event()
+        self.requests = _Requests(url, reads, self.stop)
+        self.blocks: queue.Queue = queue.Queue(AHEAD_BLOCKS)
+        self.reads, self.size, self.start_at, self.next_url = reads, size, start, next_url
+        self.fetched = 0
+
+    def run(self) -> None:
+        pos, length = self.start_at, first_block(self.reads) if self.start_at == 0 else self.reads.block_size
+        while pos < self.size and not self.stop.is_set():
+            end = min(self.size, pos + length)
+            length = min(self.reads.block_size, 2 * length)
+            try:
+                data = self.requests.block(pos, end)
+            except Exception as err:  # after its retries: the reader raises it
+                self._put((pos, err))
+                return
+            self.fetched += len(data)
+            if not self._put((pos, data)):
+                return
+            pos = end
+        if pos >= self.size and self.next_url:
+            _prefetch(self.next_url, self.reads)
+
+    def _put(self, item) -> bool:
+        deadline = time.monotonic() + block_wait(self.reads)  # a reader that takes nothing for that long is gone
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                self.blocks.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
+class RetryingShard:
+    """A shard at a URL as a seekable binary file (what the tar reader needs: seek, tell, read). A thread fetches
+    the shard in ranged requests (first_block, doubling up to reads.block_size), in order, up to AHEAD_BLOCKS ahead
+    of the reader, so fetching overlaps parsing; when it has fetched the last block it fetches `next_url`'s first
+    block (the shard the stream reads next), which that shard's RetryingShard takes instead of asking for it. A
+    request that fails (reset, timeout, 5xx/429, a body cut short) is retried from the byte where it stopped, after
+    a backoff; after reads.retries a read raises ShardUnreachableError naming the URL. A seek outside the block in
+    hand and the next one starts fetching again from there. Every wait is bounded (block_wait). `fetched`: the
+    bytes requested from the store."""
+
+    def __init__(self, url: str, reads: RemoteReads, next_url: str | None = None):
+        self.url, self.reads, self.next_url = url, reads, next_url
+        self.pos = 0
+        self.size = -1
+        self.block, self.block_start = b"", 0  # the block in hand
+        self.fetcher: _Fetcher | None = None
+        self.fetchers: list[_Fetcher] = []
+        self.handed = [0, 0]  # bytes and retries of the first block fetched ahead (and of the size request)
+
+    @property
+    def fetched(self) -> int:
+        return self.handed[0] + sum(f.fetched for f in self.fetchers)
+
+    @property
+    def retried(self) -> int:
+        return self.handed[1] + sum(f.requests.retried for f in self.fetchers)
 
     def seek(self, offset: int, whence: int = 0) -> int:
         if whence != 0:
@@ -235,29 +372,86 @@ class RetryingShard:
         return self.pos
 
     def read(self, n: int = -1) -> bytes:
-        out, attempt = b"", 0
-        while True:
+        at = self.pos - self.block_start
+        if n >= 0 and 0 <= at and at + n <= len(self.block):  # the common case: inside the block in hand
+            self.pos += n
+            return self.block[at:at + n]
+        if self.size < 0:
+            self._begin()
+        end = self.size if n < 0 else min(self.size, self.pos + n)
+        out = []
+        while self.pos < end:
+            at = self.pos - self.block_start
+            if 0 <= at < len(self.block):
+                part = self.block[at:at + end - self.pos]
+                out.append(part)
+                self.pos += len(part)
+            else:
+                self._next_block()
+        return b"".join(out)
+
+    def _fail(self, err: Exception) -> ShardUnreachableError:
+        return ShardUnreachableError(redact_url(f"{self.url}: {type(err).__name__}: {err} (at byte {self.pos}, after "
+                                                f"{getattr(err, 'attempts', 0)} retries)", self.url))
+
+    def _begin(self) -> None:
+        """The shard's size, and its first block when the previous shard's fetcher fetched it ahead."""
+        with _handoff_lock:
+            ahead = _handoff.pop(self.url, None)
+        if ahead is not None:
             try:
-                if self.file is None:
-                    self._open()
-                want = self.size - self.pos if n < 0 else min(n - len(out), self.size - self.pos)
-                self.file.seek(self.pos)
-                part = self.file.read(want) if want > 0 else b""
-                out, self.pos = out + part, self.pos + len(part)
-                if len(part) == want:
-                    return out
-                raise OSError(f"body cut short: {len(part)} of {want} bytes at byte {self.pos - len(part)}")
-            except Exception as err:  # reset, timeout, 5xx/429 and short bodies alike: the libraries' own types
-                self._drop()
-                if is_permanent(err) or attempt >= self.reads.retries:
-                    raise ShardUnreachableError(f"{self.url}: {type(err).__name__}: {err} (at byte {self.pos}, "
-                                           f"after {attempt} retries)") from err
-                time.sleep(retry_delay(self.reads, attempt))
-                attempt += 1
-                self.retried += 1
+                self.size, first, self.handed[1] = ahead.result(timeout=block_wait(self.reads))
+                self.handed[0] = len(first)
+                if self.pos == 0:  # not a resumed position further in
+                    self.block, self.block_start = first, 0
+                    self._start(len(first))
+                    return
+                self.block, self.block_start = b"", self.pos
+                self._start(self.pos)
+                return
+            except Exception:  # noqa: BLE001 - failed or late: fetched again below, with this reader's retries
+                pass
+        requests = _Requests(self.url, self.reads, threading.Event())
+        try:
+            self.size = requests.size()
+        except Exception as err:
+            raise self._fail(err) from err
+        finally:
+            self.handed[1] += requests.retried
+        self.block, self.block_start = b"", self.pos
+        self._start(self.pos)
+
+    def _start(self, start: int) -> None:
+        if sys.getswitchinterval() > SWITCH_INTERVAL:
+            sys.setswitchinterval(SWITCH_INTERVAL)  # this process reads URL shards: see SWITCH_INTERVAL
+        self._stop()
+        self.fetcher = _Fetcher(self.url, self.reads, self.size, start, self.next_url)
+        self.fetchers.append(self.fetcher)
+        self.fetcher.start()
+
+    def _next_block(self) -> None:
+        """Make the block in hand the one holding self.pos: the fetcher's next one, or fetched from there anew."""
+        following = self.block_start + len(self.block)
+        if self.fetcher is None or not following <= self.pos < following + self.reads.block_size:
+            self.block, self.block_start = b"", self.pos
+            self._start(self.pos)
+        try:
+            start, data = self.fetcher.blocks.get(timeout=block_wait(self.reads))
+        except queue.Empty:
+            self._stop()
+            raise self._fail(TimeoutError(f"no block in {block_wait(self.reads):g} s")) from None
+        if isinstance(data, Exception):
+            self._stop()
+            raise self._fail(data) from data
+        self.block, self.block_start = data, start
+
+    def _stop(self) -> None:
+        if self.fetcher is not None:
+            self.fetcher.stop.set()  # it ends after its current request (bounded by reads.timeout); not waited for
+            self.fetcher = None
 
     def close(self) -> None:
-        self._drop()
+        self._stop()
 
     def __enter__(self) -> "RetryingShard":
         return self
@@ -345,8 +539,8 @@ class PipeShard:
             except Exception as err:  # a failed command, a timeout, a broken pipe
                 self._stop()
                 if attempt >= self.reads.retries:
-                    raise ShardUnreachableError(f"{self.url}: {type(err).__name__}: {err} (at byte {self.pos}, "
-                                                f"after {attempt} retries)") from err
+                    raise ShardUnreachableError(redact_url(f"{self.url}: {type(err).__name__}: {err} (at byte "
+                                                           f"{self.pos}, after {attempt} retries)", self.url)) from err
                 time.sleep(retry_delay(self.reads, attempt))
                 attempt += 1
                 self.retried += 1
@@ -370,12 +564,13 @@ class PipeShard:
         self.close()
 
 
-def open_shard(url: str, reads: RemoteReads | None = None):
-    """A shard as a seekable binary file: the local file as it always was, a URL through RetryingShard, a
-    `pipe:COMMAND` through PipeShard (forward only)."""
+def open_shard(url: str, reads: RemoteReads | None = None, next_url: str | None = None):
+    """A shard as a seekable binary file: the local file as it always was, a URL through RetryingShard (next_url:
+    the shard read after it, whose first block is fetched while this one is read), a `pipe:COMMAND` through
+    PipeShard (forward only)."""
     if is_pipe(url):
         return PipeShard(url, reads or RemoteReads())
-    return RetryingShard(url, reads or RemoteReads()) if is_url(url) else open(url, "rb")
+    return RetryingShard(url, reads or RemoteReads(), next_url) if is_url(url) else open(url, "rb")
 
 
 def merged_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:

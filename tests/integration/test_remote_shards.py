@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,9 @@ from test_distributed import clean_env, start, wait_all
 from test_faults import RUN_STEPS, logged_steps, train_cmd, wait_for_logged
 from test_readme_commands import STORE_HEADING, readme_block
 
+import shards.remote as remote_module
 from shards.__main__ import main as shards_main
-from shards.remote import RemoteReads, ShardUnreachableError
+from shards.remote import RemoteReads, RetryingShard, ShardUnreachableError
 from trainer.config import load_config
 from trainer.config.cli_args import parse_args, resolved_config
 from trainer.data.loader import TrainLoader
@@ -199,6 +201,34 @@ def test_a_shard_that_keeps_failing_is_skipped_and_named(sources):
     assert len(lost) == 16 and [key for key in local if key in remote] == remote  # one shard of 16, order kept
 
 
+def test_read_ahead_gives_the_files_bytes_for_any_seek_and_hands_the_next_shard_its_first_block(sources, tiny_shards):
+    """RetryingShard's fetcher thread: reads at random offsets and lengths (back, forward inside and past the next
+    block, past the end) give the local file's bytes; after a shard is read to its end its fetcher has fetched the
+    next shard's first block, which the next shard's reader takes instead of asking for it again."""
+    names = ShardSet.open(sources["local"]).urls("train")
+    first, second = (Path(name).name for name in names[:2])
+    reads = RemoteReads(block_size=4096, timeout=5.0, retries=1, backoff=0.01)
+    local = (tiny_shards / first).read_bytes()
+    rng = np.random.default_rng(0)
+    with RetryingShard(f"{sources['s3']}/{first}", reads) as f:
+        for _ in range(200):
+            at, n = int(rng.integers(0, len(local) + 100)), int(rng.integers(0, 3 * 4096))
+            f.seek(at)
+            assert f.read(n) == local[at:at + n], (at, n)
+    http, size = sources["http_server"], len(local) + (tiny_shards / second).stat().st_size
+    sent = http.bytes_sent
+    with RetryingShard(http.url(first), reads, next_url=http.url(second)) as f:
+        assert f.read() == local and f.fetched == len(local)
+    with RetryingShard(http.url(second), reads) as f:
+        assert f.read() == (tiny_shards / second).read_bytes()
+        assert f.handed[0] == 4096  # the first block came from the previous shard's fetcher
+    assert http.url(second) not in remote_module._handoff
+    deadline = time.monotonic() + 10
+    while http.bytes_sent - sent < size and time.monotonic() < deadline:
+        time.sleep(0.05)  # the server counts a chunk just after sending it
+    assert http.bytes_sent - sent == size  # each byte asked for once: the first block was not fetched twice
+
+
 # ---------------------------------------------------------------------------------------------- the shard tools
 def _shards_cli(capsys, *args: str) -> tuple[int, str]:
     code = shards_main(list(args))
@@ -295,13 +325,37 @@ def test_wrong_s3_credentials_are_refused_before_training_never_showing_the_secr
     assert not (tmp_path / "out").exists()
 
 
+PASSWORD = "Pw0rd-kept-SECRET"
+
+
+def test_a_password_written_in_a_url_is_never_shown(sources, tmp_path, capsys):
+    """http://user:PASSWORD@host/... and s3://KEY:SECRET@bucket/...: refused (403; a bucket that cannot be named
+    so) in one line that names the URL with *** for the password; `shards check` of a readable one says ok, the
+    same way."""
+    with RangeHTTPServer(sources["local"]) as http:
+        url = http.url().replace("http://", f"http://alice:{PASSWORD}@")
+        code, out = _shards_cli(capsys, "check", url.rstrip("/"))
+        assert code == 0 and out.strip().endswith(f"{http.base_url.replace('http://', 'http://alice:***@')}: ok")
+        assert PASSWORD not in out + capsys.readouterr().err
+        http.deny = True
+        result = _train_cli(url, tmp_path, dict(os.environ))
+    _refused(result, "data.shards", "http://alice:***@127.0.0.1", "403")
+    assert PASSWORD not in result.stdout + result.stderr
+    secret = f"{PASSWORD}/with/slashes"  # AWS secret keys hold '/'; the library quotes a bucket name up to one
+    result = _train_cli(sources["s3"].replace("s3://", f"s3://AKIAKEY:{secret}@"), tmp_path, dict(os.environ))
+    _refused(result, "data.shards", "s3://AKIAKEY:***@corpus/tiny/v1/manifest.json", "AWS_SECRET_ACCESS_KEY")
+    assert PASSWORD not in result.stdout + result.stderr and "slashes" not in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------- kill and resume
 @pytest.mark.slow
-def test_a_run_over_http_killed_and_resumed_ends_with_the_uninterrupted_parameters(sources, tmp_path):
-    """One process, 12 steps, a checkpoint every 2, shards from the HTTP server (test_faults' exact-resume test,
-    over the network): SIGKILL after step 3, `--resume latest` to the end; the exported weights are bit-identical
-    to an uninterrupted run's over the same URL, and the resumed run re-read its buffer over HTTP."""
-    url, ref, run = sources["http"], tmp_path / "reference", tmp_path / "interrupted"
+@pytest.mark.parametrize("kind", ["http", "s3"])
+def test_a_run_over_the_network_killed_and_resumed_ends_with_the_uninterrupted_parameters(sources, kind, tmp_path):
+    """One process, 12 steps, a checkpoint every 2, shards from the HTTP server or the S3 server (test_faults'
+    exact-resume test, over the network): SIGKILL after step 3, `--resume latest` to the end; the exported weights
+    are bit-identical to an uninterrupted run's over the same URL, and the resumed run re-read its buffer over the
+    network (HTTP Range, S3 ranged GETs)."""
+    url, ref, run = sources[kind], tmp_path / "reference", tmp_path / "interrupted"
     wait_all([start(train_cmd(url, ref), clean_env(), tmp_path / "reference.log")], [tmp_path / "reference.log"], 300)
     assert logged_steps(ref) == list(range(1, RUN_STEPS + 1))
 

@@ -33,6 +33,7 @@ from shards.remote import (
     is_url,
     pipe_program,
     read_url,
+    redact_url,
     set_root,
     url_filesystem,
 )
@@ -41,6 +42,9 @@ from usercli import UserError
 
 class ConfigError(UserError, ValueError):
     """A config value that cannot be used; the message names the key (a UserError: one line, exit 2)."""
+
+    def __init__(self, message: object = "", *args: object):
+        super().__init__(redact_url(message), *args)  # a URL's password is never shown (shards.remote.redact_url)
 
 
 # A YAML file's top-level `base: other.yaml` (relative to that file) makes it an override of other.yaml.

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from shards.format import PICTURE_EXTS
+from shards.remote import redact_url
 from usercli import UserError
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,9 @@ class BadSample(ValueError):  # noqa: N818 (a sample the stream skips and counts
 class TooManyBadSamples(UserError, RuntimeError):  # noqa: N818 - named for what the user meets, like ConfigError
     """More than data.max_bad_fraction of the samples read were bad: the run ends with this one line (exit 2).
     A RuntimeError too, as the step's check of the agreed totals raised before it existed."""
+
+    def __init__(self, message: object = "", *args: object):
+        super().__init__(redact_url(message), *args)  # a URL's password is never shown (shards.remote.redact_url)
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ class BadSampleCounter:
         index = BAD_KINDS.index(kind)
         self.by_kind[index] += 1
         where = f" (in {url})" if url and url not in str(exn) else ""
-        self.last_bad, self.last_url = f"{exn}{where}", url or self.last_url
+        self.last_bad, self.last_url = redact_url(f"{exn}{where}", url), url or self.last_url
         self._report(kind, index)
         self._check_fraction()
         return True
@@ -180,10 +184,10 @@ class BadSampleCounter:
             return
         counts = ", ".join(f"{kind} {n}" for kind, n in zip(BAD_KINDS, self.by_kind) if n)
         where = Path(self.last_url).parent if self.last_url else "data.shards"
-        raise TooManyBadSamples(
+        raise TooManyBadSamples(redact_url(
             f"{where}: {bad} of {self.read} samples read by {self.who} were bad ({bad / self.read:.2%} > "
             f"data.max_bad_fraction={limits.max_fraction}; {counts}; the last: {self.last_bad}); check the set with "
-            f"`python -m shards check {where}` and rebuild it, or raise data.max_bad_fraction")
+            f"`python -m shards check {where}` and rebuild it, or raise data.max_bad_fraction", self.last_url or ""))
 
     def counts_since(self, since: list) -> dict:
         """n_read, n_bad and bad_counts (per BAD_KINDS) since `since`, which is then moved to now."""

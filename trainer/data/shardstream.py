@@ -30,7 +30,7 @@ from typing import Callable, Iterator, NamedTuple
 
 from webdataset.tariterators import base_plus_ext
 
-from shards.remote import RemoteReads, is_pipe, open_shard, pipe_cost, read_ranges
+from shards.remote import RemoteReads, is_pipe, is_url, open_shard, pipe_cost, read_ranges, redact_url
 
 BLOCK = 512
 log = logging.getLogger(__name__)
@@ -227,8 +227,8 @@ class RawStream:
             chunks = read_ranges(url, spans, self.reads)
             if is_pipe(url):  # read from its start up to the last span: count the bytes in between too
                 self.cost.bytes += pipe_cost(spans) - sum(len(chunk) for chunk in chunks)
-                log.info("%s cannot seek: its %d buffered samples were re-read from its start (%d bytes)", url,
-                         len(spans), pipe_cost(spans))
+                log.info("%s cannot seek: its %d buffered samples were re-read from its start (%d bytes)",
+                         redact_url(url), len(spans), pipe_cost(spans))
             for i, chunk in zip(indices, chunks):
                 self.cost.bytes += len(chunk)  # a sample's byte range is a small tar of its own members
                 loaded[i] = next(_group(read_members(io.BytesIO(chunk), 0), url))[0]
@@ -266,6 +266,20 @@ class RawStream:
         self.on_shard()
         return True
 
+    def _peek_next(self, set_index: int) -> str | None:
+        """The shard the set's cursor moves to after its current one (a URL shard's reader fetches its first block
+        ahead); None where that is drawn at random (resampled) or there is none."""
+        c = self.cursors[set_index]
+        if self.resampled:
+            return None
+        pass_, index, share = c.pass_, c.index, self._share(set_index, c.pass_)
+        if index >= len(share):
+            pass_, index = pass_ + 1, 0
+            if self.passes is not None and pass_ >= self.start_pass + self.passes:
+                return None
+            share = self._share(set_index, pass_)
+        return self.set_urls[set_index][share[index]] if index < len(share) else None
+
     def _set_samples(self, set_index: int) -> Iterator[tuple[Ref, dict]]:
         """Raw samples of one set, shard after shard from its cursor; a shard that holds none in a row of too many
         means the set cannot be read at all (an endless loop otherwise)."""
@@ -278,10 +292,10 @@ class RawStream:
             url, got = urls[c.url], 0
             if c.offset and is_pipe(url):  # a resumed position in a shard that cannot seek
                 self.cost.bytes += c.offset
-                log.info("%s cannot seek: re-reading it from its start, %d bytes to skip to the saved sample", url,
-                         c.offset)
+                log.info("%s cannot seek: re-reading it from its start, %d bytes to skip to the saved sample",
+                         redact_url(url), c.offset)
             try:
-                with open_shard(url, self.reads) as f:
+                with open_shard(url, self.reads, self._peek_next(set_index) if is_url(url) else None) as f:
                     for sample, begin, end in _group(read_members(f, c.offset), url):
                         # _group hands a sample on only after reading the next one's first member; the cursor is
                         # set to where that member begins, so a state taken now re-reads it from there.
@@ -295,7 +309,7 @@ class RawStream:
             empty_in_a_row = 0 if got else empty_in_a_row + 1
             if empty_in_a_row > 2 * len(urls) + 10:
                 raise RuntimeError(f"no sample could be read from {empty_in_a_row} shards in a row of "
-                                   f"{urls[0]} ...: every shard is empty or unreadable")
+                                   f"{redact_url(urls[0])} ...: every shard is empty or unreadable")
 
     def _raw(self) -> Iterator[tuple[Ref, dict]]:
         """Samples of the sets, each drawn from set i with probability set_weights[i] (a per-sample choice: a

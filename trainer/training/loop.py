@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from shards.remote import redact_url
 from trainer.config import Config, ConfigError, save_config
 from trainer.config import cli_args as train_args
 from trainer.data.decode import RegionSpec, check_image_input
@@ -589,7 +590,7 @@ def stop_while_waiting(run: Run, state: RunState, stop: StopRequest, last_saved:
                   else "a batch of the next step was already taken")
         kept = f"step {state.step} is not saved ({reason}); the last complete checkpoint in {run.ckpt_dir} is kept"
     raise StoppedWithoutCheckpoint(f"{why}; {kept}; continue with --resume latest once the data is readable "
-                                   f"(data.shards={run.cfg.data.shards})", stop.signal)
+                                   f"(data.shards={redact_url(run.cfg.data.shards)})", stop.signal)
 
 
 def load_init_weights(model: torch.nn.Module, path: str, keep_share: bool = False) -> None:
