@@ -20,6 +20,7 @@ an entry in SOURCES. A source of in-memory `RawSample`s per split plugs in throu
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import hashlib
 import json
@@ -56,7 +57,7 @@ from shards.writer import (
     write_concepts_json,
     write_json,
 )
-from usercli import DefaultsHelpFormatter, OutputExists, UserError
+from usercli import DefaultsHelpFormatter, OutputExists, UserError, os_error_message
 from usercli.options import int_in
 
 TRAIN = "train"
@@ -341,10 +342,17 @@ def build(args: argparse.Namespace) -> dict:
         # PIL releases the GIL while it decodes and encodes, so threads check and resize pictures in parallel
         with ThreadPoolExecutor(args.picture_threads) as pool:
             return _build(args, pool)
-    except (UserError, OSError):  # a refusal (InputError, PipelineError, ...) or an unusable input path
+    except (UserError, OSError) as e:  # a refusal (InputError, PipelineError, ...) or an unusable input path
         if not args.resume:
             _forget_unstarted_build(out, fresh)
+        if isinstance(e, OSError) and e.errno in DISK_FULL and e.filename is None:
+            hint = os_error_message(e).split(": ", 1)[1].split(";")[0]
+            raise UserError(f"--out {out}: writing failed: {hint}; free space, then finish the build with --resume "
+                            f"(same options; finished shards are kept), or write elsewhere") from e
         raise
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write past the space left: the build can resume
 
 
 def _forget_unstarted_build(out: Path, fresh: bool) -> None:

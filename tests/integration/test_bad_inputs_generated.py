@@ -128,3 +128,30 @@ def test_the_generated_matrix_holds_thousands_of_cases(config_results, cli_resul
     counts = summary(config_results + cli_results + sample_results + launch_results)
     assert counts["tried"] >= 1000
     assert counts["clear"] + counts["accepted"] == counts["tried"], counts
+
+
+@pytest.fixture(scope="module")
+def output_results(tiny_shards, tmp_path_factory):
+    from bad_input_outputs import output_cases, run_output_cases
+
+    return run_output_cases(output_cases(), tiny_shards, tmp_path_factory.mktemp("generated_outputs"))
+
+
+def test_every_output_of_every_command_refuses_bad_places_before_any_work(output_results):
+    failures = _failures(output_results)
+    assert not failures, f"{failures.count(chr(10)) + 1} output cases are defects:\n{failures}"
+    assert {r.outcome for r in output_results} == {"refused"}
+
+
+def test_the_output_table_holds_every_output_option_of_the_parsers(output_results):
+    """A new output option (dest out, output, out_dir, ...) that OUTPUTS lacks fails here, as does a stale row."""
+    from bad_input_outputs import OUTPUTS, output_options
+
+    assert output_options() == set(OUTPUTS)
+    assert {r.target for r in output_results} == set(OUTPUTS)
+    for target, out in OUTPUTS.items():
+        kinds = {r.kind for r in output_results if r.target == target}
+        assert {"device", "read_only", "earlier_output"} <= kinds, target
+        assert ({"folder", "ends_in_slash", "missing_parent"} if out.kind == "file" else {"existing_file"}) <= kinds
+    assert {r.target for r in output_results if r.kind == "full_disk"} >= {"shards build --out",
+                                                                          "trainer.train run.out_dir"}
