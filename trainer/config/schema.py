@@ -22,7 +22,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from shards.format import CONCEPTS, MANIFEST, VOCAB, is_manifest
+from shards.check import not_a_plain_tar
+from shards.format import CONCEPTS, MANIFEST, VOCAB, is_manifest, link_out_of_set
 from shards.remote import (
     RemoteReads,
     ShardUnreachableError,
@@ -710,6 +711,7 @@ def check_shard_set_files(key: str, root: str | Path, reads: RemoteReads | None 
                                  f"build one with `python -m shards build --out {root}`")
     _require((root / MANIFEST).exists(), key,
              f"{root} is not a shard set (no {MANIFEST}); build one with `python -m shards build`")
+    _refuse_links_out(key, root, (MANIFEST, CONCEPTS, VOCAB))
     manifest = _read_json(key, root / MANIFEST, "manifest", rebuild)
     _require(is_manifest(manifest) and isinstance(manifest.get("splits"), dict), key,
              f"{root / MANIFEST} is not a hier-shards manifest (format/splits missing); {rebuild}")
@@ -722,10 +724,20 @@ def check_shard_set_files(key: str, root: str | Path, reads: RemoteReads | None 
                      f"{root / name} has no {field_name!r} list; {rebuild}")
     for split, info in manifest["splits"].items():
         shards = info.get("shards", []) if isinstance(info, dict) else []
-        missing = [name for name in shards if not (root / str(name)).is_file()]
+        missing = [str(root / str(name)) for name in shards if not (root / str(name)).is_file()]
         _require(not missing, key, f"shard files of split {split!r} listed in {root / MANIFEST} are missing "
-                                   f"({', '.join(map(str, missing[:3]))}); {rebuild}")
+                                   f"or not files ({', '.join(missing[:3])}); {rebuild}")
+        _refuse_links_out(key, root, shards)
+        for name in shards:  # 8 bytes each: an empty or a compressed tar is refused here, not met mid-run
+            why = not_a_plain_tar(root / str(name))
+            _require(why is None, key, f"{root / str(name)}: {why}")
     return manifest["splits"]
+
+
+def _refuse_links_out(key: str, root: Path, names) -> None:
+    for name in names:
+        why = link_out_of_set(root, root / str(name))
+        _require(why is None, key, str(why))
 
 
 def check_pipe_set(key: str, spec: str) -> None:
