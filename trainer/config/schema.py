@@ -803,7 +803,8 @@ def check_output_folder(key: str, folder: str | Path) -> None:
     """An output folder that can be made: not a file, not under a file. (Permissions are not checked here: the
     first write names the file that could not be written.)"""
     path = Path(folder)
-    _require(not path.exists() or path.is_dir(), key, f"{path} is a file; name a folder to write into")
+    _require(not path.exists() or path.is_dir(), key,
+             f"{path} is {'a file' if path.is_file() else 'not a folder'}; name a folder to write into")
     for parent in path.parents:
         if parent.exists():
             _require(parent.is_dir(), key, f"{path} cannot be made: {parent} is a file, not a folder; "
