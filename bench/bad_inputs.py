@@ -7,7 +7,9 @@
 file, key or option, no traceback (exit codes are checked by tests/integration/test_bad_inputs.py and listed with
 --verbose).
 --generated: the generated matrix instead (tests/helpers/bad_input_generated.py, issue 26: every config key, every
-numeric option, every field of a sample's json, crossed with value kinds), in this process, no trained run needed:
+numeric option, every field of a sample's json, every launch variable, crossed with value kinds; every output of
+every command x bad places, bad_input_outputs.py; every member of a shard set x damage x reader,
+bad_input_members.py), in this process (two full-disk cases in child processes), no trained run needed:
 {"tried": N, "clear": N, "accepted": N, "traceback": 0, "hang": 0, "half_written": 0, ..., "seconds": S};
 accepted = documented acceptances; --verbose lists every case that is neither.
 The tiny shard set, run and index are made under --work (a temporary folder by default) and reused there.

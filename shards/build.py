@@ -20,6 +20,7 @@ an entry in SOURCES. A source of in-memory `RawSample`s per split plugs in throu
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import hashlib
 import json
@@ -59,7 +60,7 @@ from shards.writer import (
     write_concepts_json,
     write_json,
 )
-from usercli import DefaultsHelpFormatter, OutputExists, UserError
+from usercli import DefaultsHelpFormatter, OutputExists, UserError, os_error_message
 from usercli.options import int_in
 
 TRAIN = "train"
@@ -388,6 +389,9 @@ def _write_vocab_files(out: Path, concept_vocab: list[tuple[str, int]], word_voc
             "concepts_sha256": _file_sha256(out / "concepts.json"), "vocab_sha256": _file_sha256(out / "vocab.json")}
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write past the space left: the build can resume
+
+
 def build(args: argparse.Namespace) -> dict:
     """Build the shard set described by the parsed options; returns a summary."""
     if is_url(args.out):
@@ -398,9 +402,13 @@ def build(args: argparse.Namespace) -> dict:
         # PIL releases the GIL while it decodes and encodes, so threads check and resize pictures in parallel
         with ThreadPoolExecutor(args.picture_threads) as pool:
             return _build(args, pool)
-    except (UserError, OSError):  # a refusal (InputError, PipelineError, ...) or an unusable input path
+    except (UserError, OSError) as e:  # a refusal (InputError, PipelineError, ...) or an unusable input path
         if not args.resume:
             _forget_unstarted_build(out, fresh)
+        if isinstance(e, OSError) and e.errno in DISK_FULL and e.filename is None:
+            hint = os_error_message(e).split(": ", 1)[1].split(";")[0]
+            raise UserError(f"--out {out}: writing failed: {hint}; free space, then finish the build with --resume "
+                            f"(same options; finished shards are kept), or write elsewhere") from e
         raise
 
 

@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from shards.format import FEATURE_EXT, FORMAT, PICTURE_EXTS, SAMPLE_FIELDS
+from shards.format import FEATURE_EXT, FORMAT, PICTURE_EXTS, SAMPLE_FIELDS, SHARD_SET_FILES, link_out_of_set
 from shards.remote import (
     SetRoot,
     access_detail,
@@ -116,6 +116,7 @@ class SetFiles:
 
     @classmethod
     def open(cls, root: Path | SetRoot) -> "SetFiles":
+        refuse_links_out(root, SHARD_SET_FILES)
         manifest = read_set_json(root / "manifest.json")
         where = root / "manifest.json"
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -148,7 +149,18 @@ class SetFiles:
         if manifest.get("vocab_size") != len(vocab):
             raise ShardSetError(f"{where}: vocab_size {manifest.get('vocab_size')} but {root / 'vocab.json'} "
                                 f"has {len(vocab)} words")
+        refuse_links_out(root, [shard for info in splits.values() for shard in info["shards"]])
         return cls(root, manifest, len(ids), len(vocab))
+
+
+def refuse_links_out(root: Path | SetRoot, names) -> None:
+    """A file of a local set that is a symlink out of it is refused, naming it (shards.format.link_out_of_set)."""
+    if is_url(root):
+        return
+    for name in names:
+        why = link_out_of_set(root, root / str(name))
+        if why is not None:
+            raise ShardSetError(why)
 
 
 @dataclass

@@ -7,6 +7,9 @@ pictures or features, never both. Standard library only: importing the format dr
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 FORMAT = "hier-shards"  # manifest.json's "format"
 FORMAT_VERSION = 1
 PICTURE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -25,3 +28,16 @@ def shard_file_name(name: str, split: str, index: int) -> str:
 def is_manifest(manifest: object) -> bool:
     """Whether a parsed manifest.json declares this format (and lists its splits)."""
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT and "splits" in manifest
+
+
+def link_out_of_set(root: str | os.PathLike, path: str | os.PathLike) -> str | None:
+    """Why the file `path` of the local shard set at `root` is not read, or None: a symbolic link whose target lies
+    outside the set's folder. Such a link is never followed (the set would read files that are not its own, which
+    may change or vanish under it); a link inside the set is fine."""
+    if not os.path.islink(path):
+        return None
+    target = Path(path).resolve()
+    if target.is_relative_to(Path(root).resolve()):
+        return None
+    return (f"{path} is a symlink to {target}, outside the shard set {root}; links out of a set are not followed: "
+            "copy the file into the set")

@@ -45,7 +45,7 @@ CASE_BOUND_S = 10.0  # a case must be answered within this (each takes milliseco
 
 # What a refusal says to show the way out: the rule the value breaks or what to do instead.
 WAY_OUT = re.compile(r"must|expected|not one of|needs|cannot be used|name a|give|choose|build one|rebuild|"
-                     r"make one|fix|is not a|does not exist|\bset\b", re.I)
+                     r"make one|fix|is not a|does not exist|\bset\b|\b(pass|add|with) --", re.I)
 
 
 @dataclass
@@ -623,11 +623,16 @@ def summary(results: list[GenResult]) -> dict:
 
 
 def run_generated(shards: Path, scratch: Path) -> list[GenResult]:
-    """Every family, in this process."""
+    """Every family, in this process (the full-disk cases of `outputs` in child processes)."""
+    from bad_input_members import member_cases, run_member_cases
+    from bad_input_outputs import output_cases, run_output_cases
+
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / "cli").mkdir(exist_ok=True)
     return (run_config_cases(config_cases(), shards, scratch) + run_cli_cases(cli_cases(), scratch / "cli")
-            + run_sample_cases(sample_cases(), shards) + run_launch_cases(launch_cases(), scratch / "launch"))
+            + run_sample_cases(sample_cases(), shards) + run_launch_cases(launch_cases(), scratch / "launch")
+            + run_output_cases(output_cases(), shards, scratch / "outputs")
+            + run_member_cases(member_cases(), shards, scratch / "members"))
 
 
 # ---------------------------------------------------------------------------------------------- family: launch

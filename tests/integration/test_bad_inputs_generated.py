@@ -1,12 +1,14 @@
 """Issue 26 part 1: the generated bad-input matrix. Its cases come from the code's own tables (every config key of
 trainer/config/schema.py, every numeric option of every command's parser, every field of a sample's json, every
-variable the launch scripts check) crossed
+variable the launch scripts check, every output of every command, every member of a shard set) crossed
 with value kinds; each must be refused with one clear line (exit 2, the key or option named, a way out, no
 traceback, nothing written) or be a documented acceptance (bad_input_generated.ACCEPTED: key, kind, reason) whose
 value really loads. The generator, the runners and the acceptance table are in tests/helpers/bad_input_generated.py;
 `python bench/bad_inputs.py --generated` prints the counts.
 
-All cases run in this process (no training, no process group): one family per test, each asserting an empty list
+All cases run in this process (no training, no process group) but a full disk, which two child processes of
+the outputs family meet (tests/helpers/bad_input_outputs.py; the shard members: bad_input_members.py): one family
+per test, each asserting an empty list
 of failures that names the failing cases."""
 from __future__ import annotations
 
@@ -121,10 +123,67 @@ def test_every_checked_variable_of_every_launch_script_is_refused_clearly_or_doc
         "missing", "zero", "negative", "not_a_number", "out_of_range"}
 
 
+
+@pytest.fixture(scope="module")
+def output_results(tiny_shards, tmp_path_factory):
+    from bad_input_outputs import output_cases, run_output_cases
+
+    return run_output_cases(output_cases(), tiny_shards, tmp_path_factory.mktemp("generated_outputs"))
+
+
+def test_every_output_of_every_command_refuses_bad_places_before_any_work(output_results):
+    failures = _failures(output_results)
+    assert not failures, f"{failures.count(chr(10)) + 1} output cases are defects:\n{failures}"
+    assert {r.outcome for r in output_results} == {"refused"}
+
+
+def test_the_output_table_holds_every_output_option_of_the_parsers(output_results):
+    """A new output option (dest out, output, out_dir, ...) that OUTPUTS lacks fails here, as does a stale row."""
+    from bad_input_outputs import OUTPUTS, output_options
+
+    assert output_options() == set(OUTPUTS)
+    assert {r.target for r in output_results} == set(OUTPUTS)
+    for target, out in OUTPUTS.items():
+        kinds = {r.kind for r in output_results if r.target == target}
+        assert {"device", "read_only", "earlier_output"} <= kinds, target
+        assert ({"folder", "ends_in_slash", "missing_parent"} if out.kind == "file" else {"existing_file"}) <= kinds
+    assert {r.target for r in output_results if r.kind == "full_disk"} >= {"shards build --out",
+                                                                          "trainer.train run.out_dir"}
+
+
+@pytest.fixture(scope="module")
+def member_results(tiny_shards, tmp_path_factory):
+    from bad_input_members import member_cases, run_member_cases
+
+    return run_member_cases(member_cases(), tiny_shards, tmp_path_factory.mktemp("generated_members"))
+
+
+def test_every_member_of_a_shard_set_damaged_is_refused_naming_it_or_skipped_and_counted(member_results):
+    failures = _failures(member_results)
+    assert not failures, f"{failures.count(chr(10)) + 1} shard-member cases are defects:\n{failures}"
+    accepted = {(r.target, r.kind, r.name.split(":")[1]) for r in member_results if r.outcome == "accepted"}
+    assert {(member, reader) for member, _, reader in accepted} <= {("png", "stats")}
+
+
+def test_the_member_family_covers_every_member_damage_and_reader(member_results):
+    from bad_input_members import DAMAGE, READERS, SAMPLE_MEMBERS, SET_FILES
+
+    assert {(r.target, r.kind, r.name.split(":")[1]) for r in member_results} == {
+        (m, d, reader) for m in (*SET_FILES, *SAMPLE_MEMBERS) for d in DAMAGE for reader in READERS}
+    # a symlink out of the set is refused naming the link, by every reader, for every file of the set
+    for r in member_results:
+        if r.kind == "symlink_out" and r.target in SET_FILES:
+            assert r.outcome == "refused" and "outside the shard set" in r.detail, r.name
+    # a bad sample inside a good tar: training skips it and counts it under a kind
+    skipped = [r for r in member_results if r.name.startswith("members:train:") and r.target in SAMPLE_MEMBERS]
+    assert skipped and all(r.detail.startswith("skipped and counted") for r in skipped)
+
+
 def test_the_generated_matrix_holds_thousands_of_cases(config_results, cli_results, sample_results,
-                                                       launch_results):
+                                                       launch_results, output_results, member_results):
     from bad_input_generated import summary
 
-    counts = summary(config_results + cli_results + sample_results + launch_results)
+    counts = summary(config_results + cli_results + sample_results + launch_results + output_results
+                     + member_results)
     assert counts["tried"] >= 1000
     assert counts["clear"] + counts["accepted"] == counts["tried"], counts

@@ -22,7 +22,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from shards.format import CONCEPTS, MANIFEST, VOCAB, is_manifest
+from shards.check import not_a_plain_tar
+from shards.format import CONCEPTS, MANIFEST, VOCAB, is_manifest, link_out_of_set
 from shards.remote import (
     RemoteReads,
     ShardUnreachableError,
@@ -714,6 +715,7 @@ def check_shard_set_files(key: str, root: str | Path, reads: RemoteReads | None 
                                  f"build one with `python -m shards build --out {root}`")
     _require((root / MANIFEST).exists(), key,
              f"{root} is not a shard set (no {MANIFEST}); build one with `python -m shards build`")
+    _refuse_links_out(key, root, (MANIFEST, CONCEPTS, VOCAB))
     manifest = _read_json(key, root / MANIFEST, "manifest", rebuild)
     _require(is_manifest(manifest) and isinstance(manifest.get("splits"), dict), key,
              f"{root / MANIFEST} is not a hier-shards manifest (format/splits missing); {rebuild}")
@@ -726,10 +728,20 @@ def check_shard_set_files(key: str, root: str | Path, reads: RemoteReads | None 
                      f"{root / name} has no {field_name!r} list; {rebuild}")
     for split, info in manifest["splits"].items():
         shards = info.get("shards", []) if isinstance(info, dict) else []
-        missing = [name for name in shards if not (root / str(name)).is_file()]
+        missing = [str(root / str(name)) for name in shards if not (root / str(name)).is_file()]
         _require(not missing, key, f"shard files of split {split!r} listed in {root / MANIFEST} are missing "
-                                   f"({', '.join(map(str, missing[:3]))}); {rebuild}")
+                                   f"or not files ({', '.join(missing[:3])}); {rebuild}")
+        _refuse_links_out(key, root, shards)
+        for name in shards:  # 8 bytes each: an empty or a compressed tar is refused here, not met mid-run
+            why = not_a_plain_tar(root / str(name))
+            _require(why is None, key, f"{root / str(name)}: {why}")
     return manifest["splits"]
+
+
+def _refuse_links_out(key: str, root: Path, names) -> None:
+    for name in names:
+        why = link_out_of_set(root, root / str(name))
+        _require(why is None, key, str(why))
 
 
 def check_pipe_set(key: str, spec: str) -> None:
@@ -795,7 +807,8 @@ def check_output_folder(key: str, folder: str | Path) -> None:
     """An output folder that can be made: not a file, not under a file. (Permissions are not checked here: the
     first write names the file that could not be written.)"""
     path = Path(folder)
-    _require(not path.exists() or path.is_dir(), key, f"{path} is a file; name a folder for the run's outputs")
+    _require(not path.exists() or path.is_dir(), key,
+             f"{path} is {'a file' if path.is_file() else 'not a folder'}; name a folder to write into")
     for parent in path.parents:
         if parent.exists():
             _require(parent.is_dir(), key, f"{path} cannot be made: {parent} is a file, not a folder; "

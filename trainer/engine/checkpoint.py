@@ -33,6 +33,7 @@ state offloaded to NVMe (DeepSpeed's universal load does not restore its swap fi
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -86,6 +87,22 @@ def _fsync_tree(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# what torch's zip writer says when a write fails (a full disk, a file size limit): it raises RuntimeError
+_WRITER_FAILED = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
+def write_failure(folder: Path, e: BaseException) -> BaseException:
+    """A checkpoint write that failed for want of space, as one line naming the folder and the way out; any other
+    error as it is (a bug shows its traceback)."""
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if not (full or isinstance(e, RuntimeError) and any(m in str(e) for m in _WRITER_FAILED)):
+        return e
+    why = " ".join(str(e).split())[-160:]
+    return CheckpointError(f"{folder}: writing the checkpoint failed ({why}): is there space left on the device? "
+                           f"Free some, then go on from the last complete checkpoint with --resume latest, or set "
+                           f"another run.out_dir")
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, world_size: int, keep: int,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shards.remote import is_url
-from trainer.config import ConfigError, load_run_config
+from trainer.config import ConfigError, check_output_folder, load_run_config
 from trainer.data.shardset import ShardSet
 from trainer.distributed import broadcast_object, is_active, shutdown
 from trainer.engine.checkpoint import CheckpointError, find, refuse_sharded_weights_elsewhere
@@ -25,21 +25,20 @@ from trainer.retrieval.query import QueryEncoder, QueryError, check_text, decode
 from trainer.retrieval.retrieve_args import PROG, build_parser
 from trainer.retrieval.server import create_app, run_server
 from trainer.training.factory import build_tokenizer
-from usercli import cli_main, one_line
+from usercli import OutputExists, cli_main, one_line
 
 
 def _export_files(out: Path) -> list[Path]:
     """What an export wrote in `out`, refused (before the model is loaded) when neither option says what to do.
     As `shards build`: an existing export is finished with --resume or replaced with --overwrite, never mixed."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file, not a folder")
+    check_output_folder("--out", out)  # a file, a device, a path under a file: refused, naming a folder instead
     return [out / name for name in (*FILES, PIECES, "export.options.json") if (out / name).exists()]
 
 
 def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if _export_files(out) and not (resume or overwrite):
-        raise FileExistsError(f"--out {out} already holds an index export; add --resume to finish it or "
-                              f"--overwrite to start again")
+        raise OutputExists(f"--out {out} already holds an index export; add --resume to finish it or "
+                           f"--overwrite to start again")
 
 
 def prepare_out_dir(out: Path, overwrite: bool) -> None:

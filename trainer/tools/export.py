@@ -13,17 +13,20 @@ from trainer.engine import checkpoint
 from trainer.eval.concat_weight import describe, run_share
 from trainer.models.configs import AUTO_WEIGHT
 from trainer.tools.export_args import PROG, build_parser
-from usercli import cli_main
+from usercli import OutputExists, cli_main
 from usercli.outputs import atomic_output, check_output_file
 
 
-def export(run_dir: str | Path, out: str | Path, tag: str = "latest") -> dict:
-    """Write the fp32 weights of a run's checkpoint to `out`; returns what was written."""
+def export(run_dir: str | Path, out: str | Path, tag: str = "latest", overwrite: bool = False) -> dict:
+    """Write the fp32 weights of a run's checkpoint to `out` (an existing file only with `overwrite`); returns what
+    was written."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"--run {run_dir} {'is a file' if run_dir.exists() else 'does not exist'}; give the "
                           f"run folder trainer.train wrote (its run.out_dir)")
     out = check_output_file(out, "--out", example="model.pt")  # a device, a folder, no parent: refused here
+    if out.exists() and not overwrite:
+        raise OutputExists(f"--out {out} exists; pass --overwrite to replace it, or name another file")
     ckpt_dir = run_dir / "checkpoints"
     tag, marker = checkpoint.find_readable(ckpt_dir, tag, option="--checkpoint")
     config_path = run_dir / "config.yaml"
@@ -61,7 +64,7 @@ def run_concat_weight(config: dict | None, run_dir: Path) -> dict | None:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    payload = export(args.run, args.out, args.checkpoint)
+    payload = export(args.run, args.out, args.checkpoint, args.overwrite)
     count = sum(v.numel() for v in payload["state_dict"].values())
     print(f"wrote {args.out}: {len(payload['state_dict'])} tensors, {count / 1e6:.2f}M fp32 parameters, "
           f"checkpoint {payload['tag']} (step {payload['step']})"

@@ -23,4 +23,5 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--run", required=True, help="the run folder (run.out_dir)")
     parser.add_argument("--checkpoint", default="latest", help="checkpoint tag in RUN/checkpoints, or latest")
     parser.add_argument("--out", required=True, help="file to write, e.g. model.pt (its folder must exist)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return parser

@@ -478,10 +478,16 @@ def evaluate(run: Run, split: str, step: int, examples: bool) -> dict:
 def save_checkpoint(run: Run, state: RunState) -> None:
     positions = gather_no_grad(torch.tensor([[state.data_epoch, state.data_batches]], dtype=torch.long)).tolist()
     folder = run.ckpt_dir / checkpoint.tag_for(state.step)
-    folder.mkdir(parents=True, exist_ok=True)  # written before DeepSpeed's files, so the marker lists it
-    torch.save(run.batches.state_dict(), data_state_file(folder, run.info.rank))
-    checkpoint.save(run.engine, run.ckpt_dir, state.step, client_state(run.cfg, state, positions),
-                    run.info.world_size, run.cfg.train.keep_checkpoints, run.info.is_main)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # written before DeepSpeed's files, so the marker lists it
+        torch.save(run.batches.state_dict(), data_state_file(folder, run.info.rank))
+        checkpoint.save(run.engine, run.ckpt_dir, state.step, client_state(run.cfg, state, positions),
+                        run.info.world_size, run.cfg.train.keep_checkpoints, run.info.is_main)
+    except (OSError, RuntimeError) as e:  # a full disk: one line naming the folder (anything else: as it is)
+        failure = checkpoint.write_failure(folder, e)
+        if failure is e:
+            raise
+        raise failure from e
 
 
 def final_evaluation(run: Run, state: RunState) -> dict:
