@@ -131,8 +131,7 @@ def shutdown(peers_answer: bool = True) -> None:
 # ---------------------------------------------------------------------------------------------- peers
 
 # How gloo words a collective that a peer did not come to (a timeout) or left (its process or node is gone).
-PEER_FAILURES = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
-                 "Broken pipe")
+PEER_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 class PeerLost(Exception):  # noqa: N818 - named for what happened, like the other one-line stops

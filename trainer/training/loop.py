@@ -530,7 +530,7 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
 def peer_lost(run: Run, error: RuntimeError) -> PeerLost:
     """The one line for a collective that another rank did not come to, naming that rank."""
     what = ("did not complete within engine.collective_timeout_s="
-            f"{run.cfg.engine.collective_timeout_s:g} s" if "imed out" in str(error) else "lost a peer's connection")
+            f"{run.cfg.engine.collective_timeout_s:g} s" if "Timed out" in str(error) else "lost a peer's connection")
     kept = (f"the last complete checkpoint in {run.ckpt_dir} is kept: once every rank's node is sound, continue "
             "with --resume latest" if (run.ckpt_dir / "latest").is_file() else "no checkpoint was written yet")
     return PeerLost(f"rank {run.info.rank}: a collective of step {run.peers.step} {what}: {run.peers.missing()}; "
