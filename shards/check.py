@@ -33,6 +33,7 @@ from shards.remote import (
     redact_url,
     set_root,
 )
+from shards.sources.pictures import error_reason
 from shards.text import Vocab
 from usercli import UserError
 
@@ -249,7 +250,7 @@ def check_sample(key: str, member_list: list[tuple[str, bytes]], split: str,
         try:
             decode_payload(ext, members[ext])
         except Exception as e:  # PIL and numpy raise many types for broken data
-            problems.append(f"undecodable .{ext}: {e}")
+            problems.append(f"undecodable .{ext}: {error_reason(e)}")
     captions = 0
     if "json" in members:
         try:

@@ -23,7 +23,7 @@ _CHECK_SIDE = 64  # decode JPEGs at about this size: the whole stream is still p
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
-def _reason(e: Exception) -> str:
+def error_reason(e: Exception) -> str:
     """PIL's error as a reason that is the same in every build: the object repr becomes "its bytes"."""
     return f"{type(e).__name__}: {_OBJECT_REPR.sub('its bytes', str(e))}"
 
@@ -43,7 +43,7 @@ def _decode_check(data: bytes) -> str:
             img.draft("RGB", (_CHECK_SIDE, _CHECK_SIDE))
             img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise BadSample("corrupt_image", f"not a decodable picture ({_reason(e)})") from None
+        raise BadSample("corrupt_image", f"not a decodable picture ({error_reason(e)})") from None
     return fmt
 
 
@@ -53,7 +53,7 @@ def _format(data: bytes) -> str:
         with Image.open(io.BytesIO(data)) as img:
             return img.format
     except (OSError, ValueError) as e:
-        raise BadSample("corrupt_image", f"not a picture ({_reason(e)})") from None
+        raise BadSample("corrupt_image", f"not a picture ({error_reason(e)})") from None
 
 
 def needs_resize(data: bytes, max_side: int | None) -> bool:

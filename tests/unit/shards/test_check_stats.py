@@ -82,6 +82,16 @@ def test_a_corrupted_picture_is_named_by_shard_and_sample(broken, capsys):
     assert out.splitlines()[-1] == f"{broken}: 1 problems"
 
 
+def test_a_picture_that_is_not_one_is_worded_without_a_memory_address(broken, capsys):
+    """PIL names unidentifiable bytes by their repr (<_io.BytesIO object at 0x...>): two checks of one set must
+    print the same line."""
+    shard = broken / "builtin-train-000001.tar"
+    rewrite_shard(shard, lambda ms: [(n, b"not a picture at all" if n == ms[4][0] else d) for n, d in ms])
+    code, out = run_check(broken, capsys)
+    line = next(x for x in out.splitlines() if "undecodable .png" in x)
+    assert code == 1 and "cannot identify image file its bytes" in line and "object at 0x" not in out, line
+
+
 def test_a_concept_id_outside_concepts_json_is_refused(broken, capsys):
     num_concepts = json.loads((broken / "manifest.json").read_text())["num_concepts"]
     shard = broken / "builtin-test-000001.tar"
