@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from shards.format import FEATURE_EXT, FORMAT, PICTURE_EXTS, SAMPLE_FIELDS, SHARD_SET_FILES, link_out_of_set
+from shards.format import FEATURE_EXT, FORMAT, PICTURE_EXTS, SAMPLE_FIELDS, SHARD_SET_FILES, first_link_out
 from shards.remote import (
     SetRoot,
     access_detail,
@@ -156,12 +156,9 @@ class SetFiles:
 
 def refuse_links_out(root: Path | SetRoot, names) -> None:
     """A file of a local set that is a symlink out of it is refused, naming it (shards.format.link_out_of_set)."""
-    if is_url(root):
-        return
-    for name in names:
-        why = link_out_of_set(root, root / str(name))
-        if why is not None:
-            raise ShardSetError(why)
+    why = None if is_url(root) else first_link_out(root, names)
+    if why is not None:
+        raise ShardSetError(why)
 
 
 @dataclass

@@ -41,3 +41,9 @@ def link_out_of_set(root: str | os.PathLike, path: str | os.PathLike) -> str | N
         return None
     return (f"{path} is a symlink to {target}, outside the shard set {root}; links out of a set are not followed: "
             "copy the file into the set")
+
+
+def first_link_out(root: str | os.PathLike, names) -> str | None:
+    """Why the first of `names` (files of the local shard set at `root`) that is a symlink out of the set is not read
+    (link_out_of_set), or None. Every reader of a local set asks this where it opens the set."""
+    return next((why for why in (link_out_of_set(root, Path(root) / str(name)) for name in names) if why), None)

@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from shards.check import not_a_plain_tar
-from shards.format import CONCEPTS, MANIFEST, VOCAB, is_manifest, link_out_of_set
+from shards.format import CONCEPTS, MANIFEST, VOCAB, first_link_out, is_manifest
 from shards.remote import (
     RemoteReads,
     ShardUnreachableError,
@@ -739,9 +739,8 @@ def check_shard_set_files(key: str, root: str | Path, reads: RemoteReads | None 
 
 
 def _refuse_links_out(key: str, root: Path, names) -> None:
-    for name in names:
-        why = link_out_of_set(root, root / str(name))
-        _require(why is None, key, str(why))
+    why = first_link_out(root, names)
+    _require(why is None, key, str(why))
 
 
 def check_pipe_set(key: str, spec: str) -> None:

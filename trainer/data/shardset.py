@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.format import CONCEPTS, MANIFEST, VOCAB, is_manifest
+from shards.format import CONCEPTS, MANIFEST, VOCAB, first_link_out, is_manifest
 from shards.remote import SetRoot, expand_pipe, is_pipe, open_shard, read_text, set_root
 from trainer.data.text import Vocab
 
@@ -50,10 +50,14 @@ class ShardSet:
 
     @classmethod
     def open(cls, root: str | Path) -> "ShardSet":
-        """Reads the set's three small files once (at a URL: one request each; its shards stay where they are)."""
+        """Reads the set's three small files once (at a URL: one request each; its shards stay where they are).
+        A local set whose files or shards are symlinks out of its folder is refused naming the link and its target
+        (shards.format.first_link_out), for every reader: evaluation, export, feature extraction, training."""
         root = set_root(root)
         if isinstance(root, SetRoot):
             use_fsspec_for_webdataset()
+        else:
+            _refuse_links_out(root, (MANIFEST, CONCEPTS, VOCAB))
         manifest_path = root / MANIFEST
         try:
             manifest = json.loads(read_text(manifest_path))
@@ -71,6 +75,9 @@ class ShardSet:
             vocab = Vocab(json.loads(read_text(root / VOCAB))["words"])
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"cannot read word vocabulary {root / VOCAB}: {e}") from e
+        if not isinstance(root, SetRoot):
+            _refuse_links_out(root, [name for info in manifest["splits"].values() if isinstance(info, dict)
+                                     for name in info.get("shards", [])])
         return cls(root, manifest, concepts, vocab)
 
     @classmethod
@@ -102,6 +109,12 @@ class ShardSet:
         if missing:
             raise FileNotFoundError(f"shard files listed in {self.root / 'manifest.json'} are missing: {missing[:3]}")
         return urls
+
+
+def _refuse_links_out(root: Path, names) -> None:
+    why = first_link_out(root, names)
+    if why is not None:
+        raise ValueError(why)
 
 
 def mix_sets(shardset: ShardSet, extra_roots: list[str], weights: list[float],

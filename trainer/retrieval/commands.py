@@ -93,11 +93,12 @@ def export_index(run_dir: str | Path, out_dir: str | Path, options: ExportOption
         raise ValueError(f"--index-type must be one of {', '.join(KINDS)}, got {options.kind!r}")
     run_dir, out = Path(run_dir).resolve(), Path(out_dir)
     check_out_dir(out, options.resume, options.overwrite)  # every rank, before the model is loaded
+    sets = [_open_set(root) for root in options.shards]  # an unreadable one refused before the checkpoint is read
     check_export_checkpoint(run_dir, options.checkpoint)
     run = load_run(run_dir, options.checkpoint)
     cfg, info = run.cfg, run.info
     split = options.split or cfg.data.test_split
-    sets = [ShardSet.open(root if is_url(root) else Path(root).resolve()) for root in options.shards] or [run.shardset]
+    sets = sets or [run.shardset]
     plan = plan_pieces(sets, split)
     record = {"run": str(run_dir), "checkpoint": run.load_path, "split": split, "sets": [str(s.root) for s in sets]}
     if run.model.local_space:  # pieces of two mixes would not score alike
@@ -118,6 +119,14 @@ def export_index(run_dir: str | Path, out_dir: str | Path, options: ExportOption
             "sets": record["sets"], **(describe(model.local_share) if model.local_space else {}),
             "dim": model.embed_dim * (2 if model.local_space else 1)}, options.kind)
     return broadcast_object(meta)
+
+
+def _open_set(root: str) -> ShardSet:
+    """A --shards set of export, opened; an unreadable one (or one linking out of its folder) refused naming it."""
+    try:
+        return ShardSet.open(root if is_url(root) else Path(root).resolve())
+    except ValueError as e:
+        raise ConfigError(f"--shards {root}: {e}; give a shard set built by `python -m shards build`") from e
 
 
 def open_index(index_dir: str | Path):
