@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import random
 import tarfile
 import time
@@ -31,6 +32,7 @@ from typing import Callable, Iterator, NamedTuple
 from webdataset.tariterators import base_plus_ext
 
 from shards.remote import RemoteReads, is_pipe, is_url, open_shard, pipe_cost, read_ranges, redact_url
+from trainer.data.samples import TooManyBadSamples
 
 BLOCK = 512
 log = logging.getLogger(__name__)
@@ -56,15 +58,24 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
+def _shrunk(f, offset: int) -> bool:
+    """Whether the local shard file `f` now ends before `offset`: emptied or cut while it was read (a URL or a
+    pipe cannot say; their reads fail on their own)."""
+    return isinstance(f, io.BufferedReader) and os.fstat(f.fileno()).st_size < offset
+
+
 def read_members(f, offset: int) -> Iterator[tuple[int, int, str, bytes]]:
     """(start, end, name, data) of every regular-file member of the open tar `f` from byte `offset` on; `start` is
     where the member's first header (long-name and pax headers included) begins, so reading can restart there, and
     `end` where its padded data ends."""
     long_name = None
-    start = offset
+    start = first = offset
     while True:
         f.seek(offset)
         header = f.read(BLOCK)
+        if not header and (offset == first or _shrunk(f, offset)):  # a tar holds at least its closing blocks
+            raise TruncatedTar("empty shard (0 bytes)" if offset == 0 else f"shard ends before byte {offset}, "
+                               f"where its next sample was to be read (emptied or cut shorter while the run read it)")
         if not header or header == bytes(BLOCK):
             return  # end of archive (or a tar written without its closing blocks)
         if len(header) < BLOCK:
@@ -224,15 +235,20 @@ class RawStream:
         for (set_index, url_index), indices in sorted(by_shard.items()):
             url = self.set_urls[set_index][url_index]
             spans = [(refs[i].offset, refs[i].length) for i in indices]
-            chunks = read_ranges(url, spans, self.reads)
+            try:
+                chunks = read_ranges(url, spans, self.reads)
+                samples = [next(_group(read_members(io.BytesIO(chunk), 0), url))[0] for chunk in chunks]
+            except Exception as exn:  # a shard emptied or cut since the state was saved: its samples are skipped
+                self.handler(exn, url)  # and counted, as a shard cut while read
+                continue
             if is_pipe(url):  # read from its start up to the last span: count the bytes in between too
                 self.cost.bytes += pipe_cost(spans) - sum(len(chunk) for chunk in chunks)
                 log.info("%s cannot seek: its %d buffered samples were re-read from its start (%d bytes)",
                          redact_url(url), len(spans), pipe_cost(spans))
-            for i, chunk in zip(indices, chunks):
+            for i, chunk, sample in zip(indices, chunks, samples):
                 self.cost.bytes += len(chunk)  # a sample's byte range is a small tar of its own members
-                loaded[i] = next(_group(read_members(io.BytesIO(chunk), 0), url))[0]
-        self.buffer = [(refs[i], loaded[i]) for i in range(len(refs))]
+                loaded[i] = sample
+        self.buffer = [(refs[i], loaded[i]) for i in range(len(refs)) if i in loaded]
         self.cost.samples = len(refs)
         self.cost.seconds = time.perf_counter() - start
         return self.cost
@@ -308,8 +324,9 @@ class RawStream:
             c.url, c.offset = -1, 0
             empty_in_a_row = 0 if got else empty_in_a_row + 1
             if empty_in_a_row > 2 * len(urls) + 10:
-                raise RuntimeError(f"no sample could be read from {empty_in_a_row} shards in a row of "
-                                   f"{redact_url(urls[0])} ...: every shard is empty or unreadable")
+                raise TooManyBadSamples(f"no sample could be read from {empty_in_a_row} shards in a row of "
+                                        f"{redact_url(urls[0])} ...: every shard is empty or unreadable; check the "
+                                        f"set with `python -m shards check` and rebuild it")
 
     def _raw(self) -> Iterator[tuple[Ref, dict]]:
         """Samples of the sets, each drawn from set i with probability set_weights[i] (a per-sample choice: a
