@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from shards.remote import redact_url
+from shards.remote import is_pipe, is_url, redact_url
 from trainer.config import Config, ConfigError, save_config
 from trainer.config import cli_args as train_args
 from trainer.data.decode import RegionSpec, check_image_input
@@ -280,6 +280,18 @@ def saved_stream(run: Run) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def warn_unbounded_reads(d) -> bool:
+    """data.num_workers=0 reads shards in the main process, where no DataWait bounds a batch: a URL or `pipe:` read
+    is still bounded (data.shard_timeout per wait, data.shard_retries), a local file's read that stalls (a hung
+    network file system) cannot be interrupted from the process doing it. Says so once at start; True if it did."""
+    local = [s for s in (d.shards, *d.mix_shards) if not (is_url(s) or is_pipe(s))]
+    if d.num_workers == 0 and local:
+        log.warning("data.num_workers=0: shards are read in the main process, where a stalled read of a local file "
+                    "(%s) is not bounded by data.batch_timeout_s; set data.num_workers>=1 for that bound",
+                    local[0])
+    return d.num_workers == 0 and bool(local)
+
+
 def open_batches(run: Run, mix: list, state: RunState, stop: StopRequest) -> TrainLoader:
     """One training stream for the whole run, continued exactly from the checkpoint's position when it has one
     for this world size and worker count; otherwise fresh streams from the next epoch (none of the interrupted
@@ -290,6 +302,7 @@ def open_batches(run: Run, mix: list, state: RunState, stop: StopRequest) -> Tra
                                 mix=mix)
     d = run.cfg.data
     workers = d.num_workers
+    warn_unbounded_reads(d)
     limits = BadSampleLimits(max_fraction=d.max_bad_fraction, min_read=d.bad_fraction_min_read)
     wait = DataWait(timeout_s=d.batch_timeout_s, stop_requested=stop.requested)
     saved = saved_stream(run)
