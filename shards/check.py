@@ -28,6 +28,7 @@ from shards.remote import (
     file_size,
     is_url,
     list_names,
+    not_a_plain_tar,
     open_shard,
     read_text,
     redact_url,
@@ -47,25 +48,6 @@ class ShardSetError(UserError, ValueError):
 
     def __init__(self, message: object = "", *args: object):
         super().__init__(redact_url(message), *args)  # a URL's password is never shown (shards.remote.redact_url)
-
-
-# The first bytes of the compressed files tarfile.open would read transparently, which the trainer cannot read:
-# it seeks to byte offsets inside plain tars (docs/design.md section 3).
-COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
-
-
-def not_a_plain_tar(path: Path | SetRoot) -> str | None:
-    """Why the file at `path` (local or a URL) is not a plain tar the trainer can read (an empty file, a
-    compressed one), or None."""
-    with open_shard(path) as f:
-        head = f.read(8)
-    if not head:
-        return "it is empty (0 bytes), not a tar; rebuild the shard set or remove the file from manifest.json"
-    for magic, kind in COMPRESSED_MAGIC.items():
-        if head.startswith(magic):
-            return (f"it is {kind}-compressed; shards must be plain tars (the trainer seeks into them): decompress "
-                    "it under the same name, or rebuild the shard set")
-    return None
 
 
 def tar_samples(path: Path | SetRoot) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:

@@ -13,6 +13,7 @@ webdataset's `pipe:COMMAND` form (`pipe:aws s3 cp s3://bucket/shard-{000000..000
 by `expand_pipe`) is a list of shards each written by a shell command to its stdout: `PipeShard` reads it forward
 only (each wait bounded by a timeout, a failed command run again and read up to where it stopped), and a byte
 range of it costs reading the shard from its start up to that range (`read_ranges` says how much in `spent`).
+`not_a_plain_tar` says why a shard file (local or at a URL) is not a plain tar the trainer can read.
 A leaf: the trainer's config checks and data stream and the shard tools read it; it imports no project module, and
 fsspec and its protocol packages only when a URL is used.
 """
@@ -668,3 +669,22 @@ def list_names(root: str | Path, suffix: str) -> list[str] | None:
     except Exception:  # noqa: BLE001 - 404 for a folder, no listing permission: the check goes on without it
         return None
     return sorted({str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries if str(e).endswith(suffix)})
+
+
+# The first bytes of the compressed files tarfile.open would read transparently, which the trainer cannot read:
+# it seeks to byte offsets inside plain tars (docs/design.md section 3).
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def not_a_plain_tar(path: Path | SetRoot) -> str | None:
+    """Why the file at `path` (local or a URL) is not a plain tar the trainer can read (an empty file, a
+    compressed one), or None."""
+    with open_shard(path) as f:
+        head = f.read(8)
+    if not head:
+        return "it is empty (0 bytes), not a tar; rebuild the shard set or remove the file from manifest.json"
+    for magic, kind in COMPRESSED_MAGIC.items():
+        if head.startswith(magic):
+            return (f"it is {kind}-compressed; shards must be plain tars (the trainer seeks into them): decompress "
+                    "it under the same name, or rebuild the shard set")
+    return None

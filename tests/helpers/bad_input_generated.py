@@ -180,6 +180,21 @@ def _pre_work_checks(cfg, overwrite: bool = False):
     raise _Accepted(cfg)
 
 
+@contextlib.contextmanager
+def train_replaced(stand_in: Callable):
+    """trainer.train's main with train() replaced by `stand_in`, and without its closing shutdown(): main() ends
+    by destroying the process group, and a group that earlier in-process runs of the suite made (DeepSpeed keeps
+    handles to it) must outlive these cases, as in the other in-process tests."""
+    import trainer.training.loop as loop
+
+    saved = loop.train, loop.shutdown
+    loop.train, loop.shutdown = stand_in, lambda *_: None
+    try:
+        yield loop
+    finally:
+        loop.train, loop.shutdown = saved
+
+
 def _config_argv(case: GenCase, shards: Path, out_dir: Path) -> list[str]:
     tiny = ("data.batch_size=16", "model.embed_dim=32", "model.cnn_width=16", "model.gru_hidden=32",
             "model.word_dim=16", "data.num_workers=0", "data.shuffle_buffer=64",
@@ -228,9 +243,7 @@ def run_config_cases(cases: list[GenCase], shards: Path, scratch: Path) -> list[
 
     out_dir = scratch / "config_out"
     results = []
-    saved = loop.train
-    loop.train = _pre_work_checks
-    try:
+    with train_replaced(_pre_work_checks):
         for case in cases:
             start = time.perf_counter()
             code, _out, err, stopped, tb = _call(loop.main, _config_argv(case, shards, out_dir))
@@ -244,8 +257,6 @@ def run_config_cases(cases: list[GenCase], shards: Path, scratch: Path) -> list[
                 outcome, detail = "half_written", f"{out_dir} was made"
             results.append(GenResult(case.name, case.family, case.target, case.kind, outcome, detail,
                                      round(time.perf_counter() - start, 4)))
-    finally:
-        loop.train = saved
     return results
 
 

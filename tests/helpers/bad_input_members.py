@@ -133,17 +133,11 @@ def _judge_shards(case: GenCase, code, out: str, err: str, named: Path, sample: 
 
 def _train(case: GenCase, root: Path, named: Path, sample: str, out_dir: Path) -> tuple[str, str]:
     """Pre-work refusals through trainer.train's main, then one pass of the training stream."""
-    from bad_input_generated import _pre_work_checks
-
-    import trainer.training.loop as loop
+    from bad_input_generated import _pre_work_checks, train_replaced
 
     argv = _config_argv(GenCase("members", "", "train.steps", "", "1"), root, out_dir)
-    saved = loop.train
-    loop.train = _pre_work_checks
-    try:
+    with train_replaced(_pre_work_checks) as loop:
         code, _out, err, stopped, tb = _call(loop.main, argv)
-    finally:
-        loop.train = saved
     if tb:
         return "traceback", tb[-2000:]
     if stopped is None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bad_input_generated import REPO, GenCase, GenResult, _Accepted, _call, judge_refusal
+from bad_input_generated import REPO, GenCase, GenResult, _Accepted, _call, judge_refusal, train_replaced
 
 OUTPUT_DESTS = ("out", "output", "out_dir", "output_dir", "save", "save_to")
 OUTPUT_KEYS = ("run.out_dir",)  # config keys naming something the run writes
@@ -214,7 +214,6 @@ def run_output_cases(cases: list[GenCase], shards: Path, scratch: Path) -> list[
 
     from bad_input_generated import COMMANDS
 
-    import trainer.training.loop as loop
 
     scratch.mkdir(parents=True, exist_ok=True)
     run = scratch / "fake_run"
@@ -224,9 +223,7 @@ def run_output_cases(cases: list[GenCase], shards: Path, scratch: Path) -> list[
     with ThreadPoolExecutor(2) as pool:
         children = [pool.submit(_full_disk, c, inputs, scratch / f"case{n}") for n, c in enumerate(own)]
         results = []
-        saved = loop.train
-        loop.train = _stand_in_train
-        try:
+        with train_replaced(_stand_in_train):
             for n, case in enumerate(c for c in cases if c.kind != "full_disk"):
                 d = scratch / f"case{len(own) + n}"
                 d.mkdir()
@@ -237,8 +234,6 @@ def run_output_cases(cases: list[GenCase], shards: Path, scratch: Path) -> list[
                 code, _out, err, stopped, tb = _call(main, OUTPUTS[case.target].argv(inputs, path))
                 results.append(_judge(case, path, code, err, stopped, tb, _changes(before, snapshot(d)),
                                       time.perf_counter() - start))
-        finally:
-            loop.train = saved
         results += [f.result() for f in children]
     return results
 

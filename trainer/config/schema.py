@@ -22,7 +22,6 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from shards.check import not_a_plain_tar
 from shards.format import CONCEPTS, MANIFEST, VOCAB, first_link_out, is_manifest
 from shards.remote import (
     RemoteReads,
@@ -32,6 +31,7 @@ from shards.remote import (
     expand_pipe,
     is_pipe,
     is_url,
+    not_a_plain_tar,
     pipe_program,
     read_url,
     redact_url,
