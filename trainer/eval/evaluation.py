@@ -32,6 +32,7 @@ from trainer.distributed import (
     gather_objects_to_main,
     gather_rows_to_main,
     init_distributed,
+    is_active,
     shutdown,
 )
 from trainer.distributed import rank as dist_rank
@@ -353,10 +354,12 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    ours = not is_active()  # the process group this command starts is its to end (a caller's stays up)
     try:
         evaluate_run(args.run, args.split, args.checkpoint, args.overrides)
     finally:
-        shutdown()
+        if ours:
+            shutdown()
     return 0
 
 
