@@ -325,7 +325,9 @@ def plausible_match_precision(img_vecs: Tensor, cap_vecs: Tensor, cap_to_img: Te
         raise ValueError(f"classes must be [{img_vecs.shape[0]}, K] (one row per picture), got {tuple(classes.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    imgs, caps, classes = img_vecs.float(), cap_vecs.float(), classes.float()
+    # the classes come from the shards' json (host memory); the embeddings may sit on a GPU: one device for all
+    imgs, caps = img_vecs.float(), cap_vecs.float()
+    classes, cap_to_img = classes.float().to(imgs.device), cap_to_img.to(imgs.device)
     totals = {f"{d}_z{z}": 0.0 for z in distances for d in ("i2t", "t2i")}
     for start in range(0, imgs.shape[0], chunk_size):  # image queries against every caption
         block = slice(start, start + chunk_size)
