@@ -45,7 +45,7 @@ from shards.emoji_corpus import add_emoji_options, emoji_split, emoji_split_size
 from shards.format import FEATURE_EXT, SHARD_SET_FILES, shard_file_name
 from shards.progress import progress
 from shards.remote import is_url
-from shards.sources import coco, hf, karpathy, openmoji, scan_precomp, table, wds_relabel
+from shards.sources import coco, hf, karpathy, openmoji, scan_precomp, table, union, wds_relabel
 from shards.sources.base import ON_ERROR, BadSample, InputError, Item, Problems, Source
 from shards.sources.checking import PICTURE_CHUNK, checked_items
 from shards.sources.pictures import checked_picture, needs_resize
@@ -115,8 +115,16 @@ SOURCES: dict[str, Source] = {
     "emoji": in_memory_source(emoji_split_sizes, emoji_split, add_emoji_options),
     "openmoji": openmoji.SOURCE,
 }
+SOURCES[union.NAME] = union.union_source(SOURCES)  # several of the above as one set, one vocabulary
 # source name -> the dests of its own option group, filled by add_build_command (recorded in the manifest)
 _SOURCE_OPTIONS: dict[str, tuple[str, ...]] = {}
+
+
+def _recorded(args: argparse.Namespace) -> set[str]:
+    """The source options that shape this set: its source's, and for a union each part's (checked here, before
+    the build writes anything)."""
+    names = [args.source] + (union.checked_parts(args, SOURCES) if args.source == union.NAME else [])
+    return {option for name in names for option in _SOURCE_OPTIONS[name]}
 
 
 def _pos_list(text: str) -> list[str]:
@@ -262,10 +270,12 @@ def _reference_vocab(args: argparse.Namespace) -> tuple[Path, dict, list[tuple[s
         raise InputError(f"--vocab-from {ref} is not a complete shard set (manifest.json, concepts.json, "
                          f"vocab.json): {e}") from None
     spacy = manifest.get("spacy", {})
-    if spacy.get("pipeline") != args.spacy_pipeline or spacy.get("pos") != args.pos:
-        raise InputError(f"--vocab-from {ref} labelled {spacy.get('pos')} lemmas of {spacy.get('pipeline')!r}; "
-                         f"pass --pos {','.join(spacy.get('pos') or [])} --spacy-pipeline {spacy.get('pipeline')} "
-                         "so concept ids mean the same in both sets")
+    pos = [] if args.spacy_pipeline == BLANK_PIPELINE else args.pos  # the blank pipeline tags no part of speech
+    if spacy.get("pipeline") != args.spacy_pipeline or spacy.get("pos") != pos:
+        same = (f"--spacy-pipeline {spacy.get('pipeline')}" if not spacy.get("pos")
+                else f"--pos {','.join(spacy['pos'])} --spacy-pipeline {spacy.get('pipeline')}")
+        raise InputError(f"--vocab-from {ref} labelled {spacy.get('pos') or 'all'} lemmas of "
+                         f"{spacy.get('pipeline')!r}; pass {same} so concept ids mean the same in both sets")
     if [c["id"] for c in concepts] != list(range(len(concepts))):
         raise InputError(f"{ref / 'concepts.json'}: concept ids are not 0..{len(concepts) - 1} in order")
     return ref, manifest, [(c["lemma"], c["count"]) for c in concepts]
@@ -471,8 +481,7 @@ def _build(args: argparse.Namespace, pool: ThreadPoolExecutor, staging: Path | N
         prepare_out_dir(out, args.overwrite, args.resume)
     else:
         prepare_store(store, args.overwrite, args.resume)
-    build_options = {k: v for k, v in vars(args).items()
-                     if k in _COMMON_BUILD_OPTIONS or k in _SOURCE_OPTIONS[args.source]}
+    build_options = {k: v for k, v in vars(args).items() if k in _COMMON_BUILD_OPTIONS or k in _recorded(args)}
     _start_record(out, build_options, args.resume, store)
     source = SOURCES[args.source]
     reference = _reference_vocab(args) if args.vocab_from else None

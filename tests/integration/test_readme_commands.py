@@ -9,7 +9,8 @@ nothing at evaluation. Only small overrides are appended (few steps, a small mod
 stay, and a later override of the same key wins. Then a 2-process run is preempted and resumed to its end with the
 README's `--resume latest` form. A fast check keeps the contract that the README holds no command block this file
 does not know of; the third block, "## Pretraining from an object store", is run against real servers by
-tests/integration/test_remote_shards.py. The commands in docs/*.md are not run here.
+tests/integration/test_remote_shards.py, the fourth, "## Pretraining, then your own corpus", by
+tests/integration/test_pretrain_transfer.py. The commands in docs/*.md are not run here.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ SMALL = ("train.steps=4", "data.batch_size=8", "model.embed_dim=32", "model.cnn_
 NOT_ON_ONE_MACHINE = ("HOSTFILE=", "NNODES=", "sbatch ")
 LAUNCH_HEADING = "## Several processes, several nodes"
 STORE_HEADING = "## Pretraining from an object store"  # its lines: test_remote_shards.py
+PRETRAIN_HEADING = "## Pretraining, then your own corpus"  # its lines: test_pretrain_transfer.py
 MAKE_TARGETS = ("make run", "make test")  # the Makefile's own recipes; `make test` is this suite
 TIMEOUT = 300
 
@@ -109,7 +111,8 @@ def test_every_readme_command_is_a_make_target_or_a_launch_line_run_here():
     """No untested command in the README: its blocks are the two make targets and the launch block, whose lines
     this file runs (or test_distributed.py with stand-ins, for the lines that need several machines)."""
     blocks = readme_blocks()
-    assert blocks == [list(MAKE_TARGETS), readme_block(LAUNCH_HEADING), readme_block(STORE_HEADING)], blocks
+    assert blocks == [list(MAKE_TARGETS), readme_block(LAUNCH_HEADING), readme_block(STORE_HEADING),
+                      readme_block(PRETRAIN_HEADING)], blocks
     launch = readme_block(LAUNCH_HEADING)
     run_here = [*one_machine_launch_lines(), readme_resume_line()]
     several_machines = [line for line in launch if any(marker in line for marker in NOT_ON_ONE_MACHINE)]

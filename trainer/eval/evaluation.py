@@ -204,19 +204,20 @@ def chooses_share(cfg: Config, split: str) -> bool:
             and split == cfg.data.eval_split and split != cfg.data.test_split)
 
 
-def evaluate_split(model, shardset: ShardSet, split: str, cfg, *, rank=0, world=1,
-                   on_embeddings: Callable[[dict], None] | None = None) -> dict:
-    """Recalls of a split, on every rank: embedded on all ranks, scored once on rank 0 (on its device), the
+def evaluate_split(model, shardset: ShardSet, split: str, cfg, info: DistInfo, *,
+                   on_embeddings: Callable[[dict], None] | None = None, may_choose: bool = True) -> dict:
+    """Recalls of a split, on every rank of `info`: embedded on all ranks, scored once on rank 0 (on its device), the
     results sent to the others. The concatenation scores with the model's `local_share`; on the validation
     split under model.local_score_weight=auto the share is chosen there (chooses_share) and every rank's model
-    keeps it. `on_embeddings` (e.g. TensorBoard's retrieval examples) sees embed_split's output, on rank 0 only,
-    moved to the host, after the share is chosen."""
-    emb = embed_split(model, shardset, split, EmbedOptions.from_config(cfg, shardset.vocab), rank=rank,
-                      world=world)
+    keeps it; with may_choose=False (a corpus other than the run's) the run's share is used. `on_embeddings`
+    (e.g. TensorBoard's retrieval examples) sees embed_split's output, on rank 0 only, moved to the host, after
+    the share is chosen."""
+    emb = embed_split(model, shardset, split, EmbedOptions.from_config(cfg, shardset.vocab), rank=info.rank,
+                      world=info.world_size)
     results = None
     if emb is not None:
         emb["objects"] = split_objects(shardset, split, emb["image_ids"])  # plausible-match ground truth
-        results = score_mixed(emb, model.local_share, choose=chooses_share(cfg, split))
+        results = score_mixed(emb, model.local_share, choose=may_choose and chooses_share(cfg, split))
         if results.get("concat_weight", {}).get("chosen"):  # before on_embeddings: its examples use the choice
             model.local_share = results["concat_weight"]["local_share"]
         if on_embeddings is not None:
@@ -243,13 +244,25 @@ def concat_line(chosen: dict) -> str:
             f"{'infinite' if weight is None else f'{weight:.3g}'}), {how}")
 
 
-def write_results(results: dict, run_dir: Path, split: str, step: int) -> Path:
-    path = Path(run_dir) / "eval" / f"{split}.json"
+def write_results(results: dict, run_dir: Path, split: str, step: int, other_set: str | None = None) -> Path:
+    """RUN/eval/<split>.json; the results on a shard set that is not the run's own (other_set: its name) go to
+    RUN/eval/<name>.<split>.json and never touch the run's own results or its concatenation record."""
+    path = Path(run_dir) / "eval" / (f"{split}.json" if other_set is None else f"{other_set}.{split}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"split": split, "step": step, **results}, indent=2))
     if results.get("concat_weight", {}).get("chosen"):  # the run's choice, read by evaluate, export and retrieve
         concat_weight.write_record(run_dir, results["concat_weight"], split, step)
     return path
+
+
+def other_set_name(run_dir: str | Path, cfg: Config, shardset: ShardSet) -> str | None:
+    """None when cfg.data.shards is the run's own set (as in RUN/config.yaml), else the other set's name (its
+    manifest's, or its folder's): a corpus held out of the run's training, evaluated zero-shot."""
+    def where(shards: str) -> str:
+        return shards if "://" in shards or shards.startswith("pipe:") else str(Path(shards).resolve())
+    if where(open_run_config(run_dir).data.shards) == where(cfg.data.shards):
+        return None
+    return str(shardset.manifest.get("name") or Path(cfg.data.shards).name)
 
 
 @dataclass
@@ -337,15 +350,17 @@ def load_run(run_dir: str | Path, checkpoint: str = "latest", overrides: list[st
 
 def evaluate_run(run_dir: str | Path, split: str | None = None, checkpoint: str = "latest",
                  overrides: list[str] = ()) -> dict:
-    """Evaluate one split of a run's checkpoint; rank 0 writes RUN/eval/<split>.json. Leaves the process group up
-    (the caller may go on using it)."""
+    """Evaluate one split of a run's checkpoint; rank 0 writes RUN/eval/<split>.json (RUN/eval/<name>.<split>.json
+    for another shard set given by data.shards=: zero-shot on a held-out corpus built with --vocab-from). Leaves
+    the process group up (the caller may go on using it)."""
     split = check_split(open_run_config(run_dir, overrides), split)  # before any engine is built
     run = load_run(run_dir, checkpoint, overrides)
-    results = evaluate_split(run.model, run.shardset, split, run.cfg, rank=run.info.rank,
-                             world=run.info.world_size)
+    other = other_set_name(run_dir, run.cfg, run.shardset)
+    results = evaluate_split(run.model, run.shardset, split, run.cfg, run.info, may_choose=other is None)
     if run.info.is_main:
-        path = write_results(results, Path(run_dir), split, run.step)
-        print(f"{split} split, checkpoint {run.load_path} (step {run.step}):\n{results_table(results)}\n"
+        path = write_results(results, Path(run_dir), split, run.step, other)
+        on = "" if other is None else f" of shard set {other!r} ({run.cfg.data.shards})"
+        print(f"{split} split{on}, checkpoint {run.load_path} (step {run.step}):\n{results_table(results)}\n"
               f"written to {path}")
     return results
 

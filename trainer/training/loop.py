@@ -478,8 +478,7 @@ def evaluate(run: Run, split: str, step: int, examples: bool) -> dict:
         if examples and run.regions is None:  # feature shard sets hold no pictures to show
             run.tb.eval_examples(step, emb, run.shardset, split, run.engine.module.local_share)
 
-    results = evaluate_split(run.engine.module, run.shardset, split, run.cfg, rank=run.info.rank,
-                             world=run.info.world_size, on_embeddings=on_embeddings)
+    results = evaluate_split(run.engine.module, run.shardset, split, run.cfg, run.info, on_embeddings=on_embeddings)
     run.tb.retrieval(step, split, results)
     if "concat_weight" in results:  # the concatenation's local share: chosen on validation, or the run's
         run.tb.scalars(step, {f"eval_{split}/concat/local_share": results["concat_weight"]["local_share"]})
