@@ -106,3 +106,17 @@ def test_zero_shot_results_have_their_own_file_and_leave_the_runs_own_alone(bloc
     assert (evaluated / "concat_weight.json").read_text() == outputs["record_before"]
     line = next(line for line in readme_block(HEADING) if line.startswith("python -m trainer.evaluate"))
     assert "of shard set 'openmoji'" in outputs[line] and "openmoji.test.json" in outputs[line]
+
+
+@pytest.mark.slow
+def test_a_set_with_other_vocabularies_is_refused_before_the_model_is_built(block_run):
+    checkout, _ = block_run
+    subprocess.run(["bash", "-c", "python -m shards build --source builtin --out data/other --train-images 16 "
+                    "--val-images 8 --test-images 8 --spacy-pipeline blank"], cwd=checkout, env=clean_env(),
+                   check=True, capture_output=True, timeout=TIMEOUT)
+    done = subprocess.run(["bash", "-c", "python -m trainer.evaluate --run runs/pretrain_union data.shards=data/other"],
+                          cwd=checkout, env=clean_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert "vocabulary differs from data/union/" in line and "--vocab-from data/union" in line, line
+    assert not (checkout / "runs/pretrain_union/eval/builtin.test.json").exists()  # the other set's name

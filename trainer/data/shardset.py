@@ -117,6 +117,16 @@ def _refuse_links_out(root: Path, names) -> None:
         raise ValueError(why)
 
 
+def require_same_vocabularies(other: ShardSet, reference: ShardSet) -> None:
+    """ValueError naming the file unless `other` has `reference`'s concept and word vocabularies (labels and
+    token ids mean the same in both)."""
+    for what, file, same in (("concept", "concepts.json", other.concepts == reference.concepts),
+                             ("word", "vocab.json", other.vocab.words == reference.vocab.words)):
+        if not same:
+            raise ValueError(f"{other.root / file}: its {what} vocabulary differs from {reference.root / file}; "
+                             f"build the set with `python -m shards build ... --vocab-from {reference.root}`")
+
+
 def mix_sets(shardset: ShardSet, extra_roots: list[str], weights: list[float],
              split: str) -> list[tuple[ShardSet, float]]:
     """[(shard set, share of the training samples)] for data.mix_shards, `shardset` first; [] without a mix.
@@ -127,11 +137,7 @@ def mix_sets(shardset: ShardSet, extra_roots: list[str], weights: list[float],
     sets = [shardset] + [ShardSet.pipe(root, shardset, split) if is_pipe(root) else ShardSet.open(root)
                          for root in extra_roots]
     for extra in sets[1:]:
-        for what, file, same in (("concept", "concepts.json", extra.concepts == shardset.concepts),
-                                 ("word", "vocab.json", extra.vocab.words == shardset.vocab.words)):
-            if not same:
-                raise ValueError(f"{extra.root / file}: its {what} vocabulary differs from {shardset.root / file}; "
-                                 f"build the set with `python -m shards build ... --vocab-from {shardset.root}`")
+        require_same_vocabularies(extra, shardset)
     weights = weights or [s.split_info(split)["images"] for s in sets]
     total = float(sum(weights))
     return [(s, w / total) for s, w in zip(sets, weights)]

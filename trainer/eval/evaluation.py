@@ -22,7 +22,7 @@ from trainer.config import Config, ConfigError, load_run_config
 from trainer.data.collate import pad_tokens, stack_image_inputs
 from trainer.data.decode import RegionSpec
 from trainer.data.eval_samples import iter_eval_samples
-from trainer.data.shardset import ShardSet
+from trainer.data.shardset import ShardSet, require_same_vocabularies
 from trainer.data.text import CaptionTokenizer, WordTokenizer
 from trainer.distributed import (
     DistInfo,
@@ -258,11 +258,33 @@ def write_results(results: dict, run_dir: Path, split: str, step: int, other_set
 def other_set_name(run_dir: str | Path, cfg: Config, shardset: ShardSet) -> str | None:
     """None when cfg.data.shards is the run's own set (as in RUN/config.yaml), else the other set's name (its
     manifest's, or its folder's): a corpus held out of the run's training, evaluated zero-shot."""
-    def where(shards: str) -> str:
-        return shards if "://" in shards or shards.startswith("pipe:") else str(Path(shards).resolve())
-    if where(open_run_config(run_dir).data.shards) == where(cfg.data.shards):
+    if _where(open_run_config(run_dir).data.shards) == _where(cfg.data.shards):
         return None
     return str(shardset.manifest.get("name") or Path(cfg.data.shards).name)
+
+
+def check_other_set(run_dir: str | Path, cfg: Config, shardset: ShardSet) -> None:
+    """A set other than the run's (data.shards=...) must have the run's vocabularies, or its token ids and labels
+    would mean other words (a vocabulary of the same size would even load): checked against the run's own set where
+    it can be opened, else said in the log."""
+    own = open_run_config(run_dir).data.shards
+    if _where(own) == _where(cfg.data.shards):
+        return
+    try:
+        reference = ShardSet.open(own)
+    except (OSError, ValueError) as e:
+        log.warning("cannot open the run's own shard set %s to check that %s shares its vocabularies (%s); it "
+                    "must have been built with --vocab-from it", own, cfg.data.shards, e)
+        return
+    try:
+        require_same_vocabularies(shardset, reference)
+    except ValueError as e:
+        raise ConfigError(f"data.shards: {e}") from e
+
+
+def _where(shards: str) -> str:
+    """A shard set's place, comparable: a URL as given, a folder resolved."""
+    return shards if "://" in shards or shards.startswith("pipe:") else str(Path(shards).resolve())
 
 
 @dataclass
@@ -326,6 +348,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "latest", overrides: list[st
     info = init_distributed()
     checkpoints.refuse_sharded_weights_elsewhere(run_dir / "checkpoints", tag, marker, info.world_size, "load")
     shardset = open_shards(cfg)
+    check_other_set(run_dir, cfg, shardset)
     engine = build_engine(cfg, build_model(cfg, shardset), deepspeed_config(cfg, info.world_size))
     try:
         load_path, client = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=tag,
