@@ -124,6 +124,19 @@ def test_recipes_inherit_their_family_base():
     assert load_config(REPO / "configs" / "coco_butd_bert.yaml", check_paths=False).model.text_encoder == "hf"
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_trains_into_its_own_folder(path):
+    cfg = load_config(path, check_paths=False)
+    assert cfg.run.out_dir == f"runs/{path.stem}", "a config's runs go to runs/<its name>"
+
+
+def test_the_finetuning_config_starts_from_the_pretraining_export():
+    pretrain = load_config(REPO / "configs" / "pretrain_union.yaml", check_paths=False)
+    finetune = load_config(REPO / "configs" / "openmoji_finetune.yaml", check_paths=False)
+    assert finetune.model.init_from == f"{pretrain.run.out_dir}/model.pt"
+    assert finetune.model == pretrain.model.__class__(**{**vars(pretrain.model), "init_from": finetune.model.init_from})
+
+
 def test_print_config_prints_the_resolved_tree_and_starts_nothing(capsys, tmp_path):
     from trainer.training.loop import main
 
