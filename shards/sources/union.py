@@ -39,8 +39,13 @@ def union_source(sources: Mapping[str, Source]) -> Source:
                                 "options as when built alone")
 
     def items(args: argparse.Namespace, problems: Problems) -> Iterator[Item]:
+        kind: tuple[str, bool] | None = None  # (part, features) of the first item: a set holds one kind
         for part in checked_parts(args, sources):
             for item in sources[part].items(args, problems):
+                kind = kind or (part, item.features)
+                if item.features != kind[1]:
+                    raise InputError(f"--union-parts: {kind[0]} gives {_kind(kind[1])} and {part} "
+                                     f"{_kind(item.features)}; a shard set holds one kind: build them as two sets")
                 yield dataclasses.replace(
                     item, image_id=f"{part}_{item.image_id}", where=f"{part}: {item.where}",
                     group=part if item.group is None else f"{part}/{item.group}")
@@ -57,6 +62,10 @@ def checked_parts(args: argparse.Namespace, sources: Mapping[str, Source]) -> li
     if unknown:
         raise InputError(f"--union-parts: {', '.join(unknown)} cannot be a part (parts: {', '.join(allowed)})")
     return parts
+
+
+def _kind(features: bool) -> str:
+    return "region features" if features else "pictures"
 
 
 def parts_allowed(sources: Mapping[str, Source]) -> list[str]:

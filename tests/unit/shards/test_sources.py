@@ -330,6 +330,18 @@ def test_scan_precomp_features_round_trip(tmp_path, extractor):
         np.testing.assert_array_equal(regions, ims.astype(np.float16))
 
 
+def test_a_union_of_pictures_and_region_features_is_refused_before_writing(tmp_path, capsys):
+    folder = tmp_path / "f30k_precomp"
+    folder.mkdir()
+    precomp_split(folder, "train", 2, 0)
+    out = tmp_path / "out"
+    assert build(out, "union", "--union-parts", "builtin,scan_precomp", "--precomp", str(folder),
+                 "--train-images", "4", "--val-images", "0", "--test-images", "0") == 2
+    err = capsys.readouterr().err.strip()
+    assert "builtin gives pictures and scan_precomp region features" in err and len(err.splitlines()) == 1, err
+    assert not list(out.glob("*.tar"))
+
+
 def test_scan_precomp_rows_per_caption_and_ids_per_caption(tmp_path, extractor):
     # SCAN's layout where the feature file has one row per caption (each image's row repeated 5 times)
     folder = tmp_path / "coco_precomp"
