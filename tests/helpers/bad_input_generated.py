@@ -529,8 +529,24 @@ def sample_cases() -> list[GenCase]:
     cases = [GenCase("sample", f"sample:json.{name}:{kind}", name, kind, repr(value)[:60])
              for name in SAMPLE_FIELDS for kind, value in _field_kinds(name).items()]
     cases += [GenCase("sample", f"sample:member.{ext}:{kind}", f".{ext}", kind, kind)
-              for ext in ("json", "png") for kind in MEMBER_KINDS]
+              for ext in ("json", *PICTURE_MEMBERS) for kind in MEMBER_KINDS]
     return cases
+
+
+PICTURE_MEMBERS = ("png", "jpg", "webp")  # the good sample's png, re-encoded for the others before the damage
+
+
+def _as_member(sample: dict, ext: str) -> dict:
+    """The good sample with its picture as `ext` (the shards keep a source's original bytes in any of them)."""
+    import io
+
+    from PIL import Image
+
+    if ext in sample or ext not in PICTURE_MEMBERS:
+        return sample
+    out = io.BytesIO()
+    Image.open(io.BytesIO(sample.pop("png"))).convert("RGB").save(out, format="JPEG" if ext == "jpg" else ext.upper())
+    return {**sample, ext: out.getvalue()}
 
 
 def _bad_sample(case: GenCase, good: dict) -> dict:
@@ -540,6 +556,7 @@ def _bad_sample(case: GenCase, good: dict) -> dict:
     sample = dict(good)
     if case.target.startswith("."):
         ext, damage = case.target[1:], MEMBER_KINDS[case.kind]
+        sample = _as_member(sample, ext)
         data = sample.pop(ext)
         if damage is not None:
             sample[ext] = {"@half": data[: len(data) // 2], "@gzip": gzip.compress(data)}.get(damage, damage)
@@ -593,7 +610,7 @@ def run_sample_cases(cases: list[GenCase], shards: Path) -> list[GenResult]:
             stream._decode(_bad_sample(case, good), random.Random(0), counter)
             outcome, detail = _judge_accepted_sample(case)
         except BadSample as e:
-            named = case.target.lstrip(".") in str(e) or case.target.startswith(".png")
+            named = case.target.lstrip(".") in str(e) or case.target.lstrip(".") in PICTURE_MEMBERS
             ok = e.kind in BAD_KINDS and e.kind not in ("truncated_tar", "other") and named
             outcome = "refused" if ok else "unclear"
             detail = f"{e.kind}: {str(e)[:300]}"

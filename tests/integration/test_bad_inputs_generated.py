@@ -97,7 +97,7 @@ def test_the_sample_family_covers_every_json_field_and_member(sample_results):
     from shards.format import SAMPLE_FIELDS
 
     targets = {r.target for r in sample_results}
-    assert targets >= set(SAMPLE_FIELDS) | {".json", ".png"}
+    assert targets >= set(SAMPLE_FIELDS) | {".json", ".png", ".jpg", ".webp"}
     for name in SAMPLE_FIELDS:
         kinds = {r.kind for r in sample_results if r.target == name}
         assert {"missing", "empty", "huge"} <= kinds and any(k.startswith("wrong_type") for k in kinds), name
