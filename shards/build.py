@@ -24,12 +24,11 @@ import errno
 import functools
 import hashlib
 import json
-import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 from shards.builtin_corpus import MIN_IMAGE_SIZE, builtin_samples
 from shards.concepts import (
@@ -44,7 +43,7 @@ from shards.concepts import (
 from shards.emoji_corpus import add_emoji_options, emoji_split, emoji_split_sizes
 from shards.format import FEATURE_EXT, SHARD_SET_FILES, shard_file_name
 from shards.progress import progress
-from shards.remote import is_url
+from shards.remote import SetRoot, access_error, is_url, read_bytes, redact_url, set_root
 from shards.sources import coco, hf, karpathy, openmoji, scan_precomp, table, union, wds_relabel
 from shards.sources.base import ON_ERROR, BadSample, InputError, Item, Problems, Source
 from shards.sources.checking import PICTURE_CHUNK, checked_items
@@ -166,8 +165,9 @@ def add_build_command(subparsers) -> None:
                         "split): skip it and count it in the manifest, or stop with an error naming it")
     p.add_argument("--max-side", type=int_in(MIN_IMAGE_SIZE), default=None,
                    help="re-encode pictures whose longer side exceeds this (others keep their bytes)")
-    p.add_argument("--vocab-from", metavar="DIR", default=None,
-                   help="use the concept and word vocabularies of this shard set instead of building them")
+    p.add_argument("--vocab-from", metavar="DIR|URL", default=None,
+                   help="use the concept and word vocabularies of this shard set (a folder, or a set at a URL as "
+                        "data.shards takes it) instead of building them")
     shared = p.add_argument_group("shared by --source karpathy, coco, csv, hf")
     shared.add_argument("--images", metavar="DIR", help="folder the source's image paths are relative to")
     for name, source in SOURCES.items():
@@ -259,26 +259,42 @@ def _extractor(pipeline: str, pos: tuple[str, ...], n_process: int) -> ConceptEx
     return ConceptExtractor(pipeline, pos, n_process=n_process)
 
 
-def _reference_vocab(args: argparse.Namespace) -> tuple[Path, dict, list[tuple[str, int]]]:
-    """--vocab-from: the other set's folder, manifest and concept vocabulary, checked against this build."""
-    ref = Path(args.vocab_from)
+class Reference(NamedTuple):
+    """--vocab-from: the other set (a folder or a URL), its manifest, concepts, words and the two files' bytes."""
+
+    root: Path | SetRoot
+    manifest: dict
+    concepts: list[tuple[str, int]]
+    words: Vocab
+    files: dict[str, bytes]
+
+
+def _reference_vocab(args: argparse.Namespace) -> Reference:
+    """--vocab-from: the other set's manifest and vocabularies, read once (locally or at its URL) and checked
+    against this build."""
+    ref = set_root(args.vocab_from)
     try:
-        manifest = json.loads((ref / "manifest.json").read_text(encoding="utf-8"))
-        concepts = json.loads((ref / "concepts.json").read_text(encoding="utf-8"))["concepts"]
-        Vocab.from_json(ref / "vocab.json")
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"--vocab-from {ref} is not a complete shard set (manifest.json, concepts.json, "
-                         f"vocab.json): {e}") from None
+        manifest = json.loads(read_bytes(ref / "manifest.json").decode("utf-8"))
+        files = {name: read_bytes(ref / name) for name in ("concepts.json", "vocab.json")}
+        concepts = json.loads(files["concepts.json"].decode("utf-8"))["concepts"]
+        words = Vocab(json.loads(files["vocab.json"].decode("utf-8"))["words"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"--vocab-from {redact_url(ref)} is not a complete shard set (manifest.json, concepts.json, "
+                         f"vocab.json): {redact_url(e, ref)}") from None
+    except Exception as e:  # noqa: BLE001 - an fsspec protocol's own error (aiohttp, botocore): one line, no secret
+        if not is_url(ref):
+            raise
+        raise InputError(f"--vocab-from: {access_error(ref, e)}") from None
     spacy = manifest.get("spacy", {})
     pos = [] if args.spacy_pipeline == BLANK_PIPELINE else args.pos  # the blank pipeline tags no part of speech
     if spacy.get("pipeline") != args.spacy_pipeline or spacy.get("pos") != pos:
         same = (f"--spacy-pipeline {spacy.get('pipeline')}" if not spacy.get("pos")
                 else f"--pos {','.join(spacy['pos'])} --spacy-pipeline {spacy.get('pipeline')}")
-        raise InputError(f"--vocab-from {ref} labelled {spacy.get('pos') or 'all'} lemmas of "
+        raise InputError(f"--vocab-from {redact_url(ref)} labelled {spacy.get('pos') or 'all'} lemmas of "
                          f"{spacy.get('pipeline')!r}; pass {same} so concept ids mean the same in both sets")
     if [c["id"] for c in concepts] != list(range(len(concepts))):
-        raise InputError(f"{ref / 'concepts.json'}: concept ids are not 0..{len(concepts) - 1} in order")
-    return ref, manifest, [(c["lemma"], c["count"]) for c in concepts]
+        raise InputError(f"{redact_url(ref / 'concepts.json')}: concept ids are not 0..{len(concepts) - 1} in order")
+    return Reference(ref, manifest, [(c["lemma"], c["count"]) for c in concepts], words, files)
 
 
 def _file_sha256(path: Path) -> str:
@@ -375,10 +391,10 @@ def _write_shards(writer: ShardSetWriter, labelled: dict[str, list[tuple[Item, l
 
 
 def _vocabularies(items: dict[str, list[Item]], lemmas: dict[str, list[list[list[str]]]], args: argparse.Namespace,
-                  reference: tuple[Path, dict, list[tuple[str, int]]] | None) -> tuple[list[tuple[str, int]], Vocab]:
+                  reference: Reference | None) -> tuple[list[tuple[str, int]], Vocab]:
     """The concept and word vocabularies: from the train split only, or the --vocab-from set's."""
     if reference is not None:
-        return reference[2], Vocab.from_json(reference[0] / "vocab.json")
+        return reference.concepts, reference.words
     train_lemmas = [caption for image in lemmas[TRAIN] for caption in image]
     concept_vocab = build_concept_vocab(train_lemmas, args.max_concepts, args.min_concept_count)
     word_vocab = Vocab.build((c for item in items[TRAIN] for c in item.captions), min_count=args.min_word_count)
@@ -386,16 +402,16 @@ def _vocabularies(items: dict[str, list[Item]], lemmas: dict[str, list[list[list
 
 
 def _write_vocab_files(out: Path, concept_vocab: list[tuple[str, int]], word_vocab: Vocab,
-                       reference: tuple[Path, dict, list[tuple[str, int]]] | None) -> dict | None:
+                       reference: Reference | None) -> dict | None:
     """concepts.json and vocab.json; with --vocab-from, byte copies (both sets provably share one vocabulary)
     and the manifest's record of where they came from."""
     if reference is None:
         write_concepts_json(out / "concepts.json", concept_vocab)
         word_vocab.to_json(out / "vocab.json")
         return None
-    for name in ("concepts.json", "vocab.json"):
-        shutil.copyfile(reference[0] / name, out / name)
-    return {"path": str(reference[0]), "name": reference[1].get("name"),
+    for name, data in reference.files.items():
+        (out / name).write_bytes(data)
+    return {"path": redact_url(reference.root), "name": reference.manifest.get("name"),
             "concepts_sha256": _file_sha256(out / "concepts.json"), "vocab_sha256": _file_sha256(out / "vocab.json")}
 
 

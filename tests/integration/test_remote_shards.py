@@ -401,3 +401,19 @@ def test_the_readme_object_store_lines_pass_the_checks_and_give_batches(sources,
         batch = _image_ids(loader, 1)[0]
         assert len(batch) == 8, line
         assert not cfg.data.mix_shards or cfg.data.mix_shards[0].startswith(f"pipe:cat {tiny_shards}/"), line
+
+
+@pytest.mark.parametrize("kind", ["http", "s3"])
+def test_vocab_from_a_set_at_a_url_shares_its_vocabularies_byte_for_byte(sources, kind, tmp_path, capsys):
+    out = tmp_path / "held_out"
+    assert shards_main(["build", "--source", "builtin", "--seed", "5", "--out", str(out), "--train-images", "8",
+                        "--val-images", "4", "--test-images", "4", "--vocab-from", sources[kind]]) == 0
+    for name in ("concepts.json", "vocab.json"):
+        assert (out / name).read_bytes() == (Path(sources["local"]) / name).read_bytes()
+    assert json.loads((out / "manifest.json").read_text())["vocab_from"]["path"] == sources[kind].rstrip("/")
+    capsys.readouterr()  # the first build's progress
+    missing = sources[kind].rstrip("/") + "-nowhere"
+    assert shards_main(["build", "--source", "builtin", "--out", str(tmp_path / "x"), "--train-images", "8",
+                        "--vocab-from", missing]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--vocab-from" in err and "nowhere" in err and len(err.splitlines()) == 1, err
