@@ -20,6 +20,7 @@ fsspec and its protocol packages only when a URL is used.
 from __future__ import annotations
 
 import bisect
+import netrc
 import os
 import queue
 import re
@@ -34,6 +35,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 URL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 PIPE = "pipe:"
@@ -52,6 +54,26 @@ def redact_url(text: object, *urls: object) -> str:
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
+
+
+def has_password(url: object) -> bool:
+    """Whether a URL carries a password (user:password@): a credential that a config would keep."""
+    return any(m["password"] for m in _PASSWORD.finditer(str(url)))
+
+
+CREDENTIAL_PLACES = ("http(s): ~/.netrc (`machine HOST login USER password PASSWORD`; NETRC=FILE names another), "
+                     "s3: the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE), ~/.aws or an "
+                     "instance role")
+
+
+def netrc_entry(url: str) -> str | None:
+    """The netrc file (NETRC, else ~/.netrc) holding a login for the URL's host, or None: what an http(s) read sends."""
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    host = urlsplit(url).hostname or ""
+    try:
+        return path if netrc.netrc(path).authenticators(host) else None
+    except (OSError, netrc.NetrcParseError):
+        return None
 
 
 def is_url(location: str | Path) -> bool:
@@ -123,7 +145,9 @@ def storage_options(url: str, reads: RemoteReads) -> dict:
     protocol = url.split("://", 1)[0].lower()
     if protocol in ("http", "https"):
         import aiohttp  # lazy: only HTTP shard sets need it (fsspec's HTTP filesystem is built on it)
-        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=reads.timeout,
+        # trust_env: credentials from ~/.netrc (or NETRC), proxies from HTTP(S)_PROXY, as curl and pip take them
+        return {"client_kwargs": {"trust_env": True,
+                                  "timeout": aiohttp.ClientTimeout(total=None, sock_connect=reads.timeout,
                                                                    sock_read=reads.timeout)}}
     if protocol in ("s3", "s3a"):
         options: dict = {"config_kwargs": {"connect_timeout": reads.timeout, "read_timeout": reads.timeout,
@@ -169,8 +193,10 @@ def access_detail(url: str, err: Exception) -> str:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default"
         reason += f" (endpoint {endpoint}; credentials: {s3_credential_source()})"
     elif url.lower().startswith(("http://", "https://")) and getattr(err, "status", None) in (401, 403):
-        reason += (" (credentials: none sent; an http(s) shard set is read without credentials: serve it publicly, "
-                   "or read it through its store's protocol, e.g. s3:// with the AWS_* environment)")
+        sent = netrc_entry(url)
+        reason += (f" (credentials: the login for {urlsplit(url).hostname} in {sent}, refused)" if sent else
+                   f" (credentials: none sent; give them in ~/.netrc: `machine {urlsplit(url).hostname} login USER "
+                   "password PASSWORD`, or NETRC=FILE)")
     return redact_url(" ".join(reason.split()), url)  # one line: library messages may hold newlines
 
 
@@ -213,8 +239,9 @@ def read_url(url: str, reads: RemoteReads | None = None) -> bytes:
     try:
         return with_retries(url, reads, lambda: fs.cat_file(path))
     except ShardUnreachableError as err:
-        if is_permanent(err.__cause__):
-            raise err.__cause__ from None
+        cause = err.__cause__
+        if is_permanent(cause):  # an OSError for every caller: a refused HTTP read is aiohttp's own error type
+            raise cause if isinstance(cause, OSError) else PermissionError(access_detail(url, cause)) from None
         raise
 
 

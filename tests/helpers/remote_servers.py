@@ -10,6 +10,7 @@ Every wait here is bounded and names what did not come.
 """
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import sys
@@ -58,6 +59,14 @@ class ShardRequestHandler(BaseHTTPRequestHandler):
         if self.server.deny:
             self.send_error(403, "Forbidden")
             return
+        if self.server.credentials is not None:
+            expected = "Basic " + base64.b64encode(":".join(self.server.credentials).encode()).decode()
+            if self.headers.get("Authorization") != expected:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="shards"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
         path = self.target()
         if path is None:
             self.send_error(404)
@@ -118,6 +127,7 @@ class RangeHTTPServer(ThreadingHTTPServer):
         self.stall_seconds = stall_seconds
         self.faults: list[str] = []
         self.deny = False
+        self.credentials: tuple[str, str] | None = None  # (user, password) of HTTP basic auth, when set
         self.bytes_sent = 0
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None

@@ -329,22 +329,44 @@ PASSWORD = "Pw0rd-kept-SECRET"
 
 
 def test_a_password_written_in_a_url_is_never_shown(sources, tmp_path, capsys):
-    """http://user:PASSWORD@host/... and s3://KEY:SECRET@bucket/...: refused (403; a bucket that cannot be named
-    so) in one line that names the URL with *** for the password; `shards check` of a readable one says ok, the
-    same way."""
+    """http://user:PASSWORD@host/... and s3://KEY:SECRET@bucket/...: a config that names one is refused before
+    anything is read or written (config.yaml would keep it), in one line that names the URL with *** for the
+    password and where credentials go; `shards check` of a readable one (no config) says ok, the same way."""
     with RangeHTTPServer(sources["local"]) as http:
         url = http.url().replace("http://", f"http://alice:{PASSWORD}@")
         code, out = _shards_cli(capsys, "check", url.rstrip("/"))
         assert code == 0 and out.strip().endswith(f"{http.base_url.replace('http://', 'http://alice:***@')}: ok")
         assert PASSWORD not in out + capsys.readouterr().err
-        http.deny = True
+        requests_before = http.bytes_sent
         result = _train_cli(url, tmp_path, dict(os.environ))
-    _refused(result, "data.shards", "http://alice:***@127.0.0.1", "403")
-    assert PASSWORD not in result.stdout + result.stderr
-    secret = f"{PASSWORD}/with/slashes"  # AWS secret keys hold '/'; the library quotes a bucket name up to one
+        assert http.bytes_sent == requests_before  # refused from the config alone
+    _refused(result, "data.shards", "http://alice:***@127.0.0.1", "~/.netrc", "config.yaml")
+    assert PASSWORD not in result.stdout + result.stderr and not (tmp_path / "out").exists()
+    secret = f"{PASSWORD}/with/slashes"  # AWS secret keys hold '/'
     result = _train_cli(sources["s3"].replace("s3://", f"s3://AKIAKEY:{secret}@"), tmp_path, dict(os.environ))
-    _refused(result, "data.shards", "s3://AKIAKEY:***@corpus/tiny/v1/manifest.json", "AWS_SECRET_ACCESS_KEY")
+    _refused(result, "data.shards", "s3://AKIAKEY:***@corpus/tiny/v1", "AWS_SECRET_ACCESS_KEY")
     assert PASSWORD not in result.stdout + result.stderr and "slashes" not in result.stderr
+
+
+def test_http_credentials_come_from_netrc(tiny_shards, tmp_path, capsys, monkeypatch):
+    """A set behind HTTP basic auth: without a login it is refused in one line saying where one goes; with the
+    host's login in the file NETRC names it is read (and nothing of it is shown)."""
+    with RangeHTTPServer(tiny_shards) as http:
+        http.credentials = ("alice", PASSWORD)
+        netrc_file = tmp_path / "netrc"
+        netrc_file.write_text("")
+        monkeypatch.setenv("NETRC", str(netrc_file))
+        code, err = shards_main(["check", http.url().rstrip("/")]), capsys.readouterr().err.strip()
+        assert code == 2 and "401" in err and "credentials: none sent" in err and "~/.netrc" in err, err
+        assert len(err.splitlines()) == 1, err
+        netrc_file.write_text(f"machine 127.0.0.1 login alice password {PASSWORD}\n")
+        netrc_file.chmod(0o600)
+        code, out = _shards_cli(capsys, "check", http.url().rstrip("/"))
+        assert code == 0 and out.strip().endswith(": ok"), out
+        assert PASSWORD not in out + capsys.readouterr().err
+        netrc_file.write_text("machine 127.0.0.1 login alice password wrong\n")
+        code, err = shards_main(["check", http.url().rstrip("/")]), capsys.readouterr().err.strip()
+        assert code == 2 and f"in {netrc_file}, refused" in err and "wrong" not in err, err
 
 
 # ---------------------------------------------------------------------------------------------- kill and resume

@@ -24,11 +24,13 @@ import yaml
 
 from shards.format import CONCEPTS, MANIFEST, VOCAB, first_link_out, is_manifest
 from shards.remote import (
+    CREDENTIAL_PLACES,
     RemoteReads,
     ShardUnreachableError,
     access_detail,
     access_error,
     expand_pipe,
+    has_password,
     is_pipe,
     is_url,
     not_a_plain_tar,
@@ -164,6 +166,11 @@ class DataConfig:
                  f"got {len(self.mix_weights)}")
         _require(all(w > 0 for w in self.mix_weights), "data.mix_weights",
                  f"must all be positive, got {self.mix_weights}")
+        for key, url in [("data.shards", self.shards)] + [(f"data.mix_shards[{i}]", m)
+                                                          for i, m in enumerate(self.mix_shards)]:
+            _require(not has_password(url), key, f"{url}: a password written in a URL would be kept in the run's "
+                     f"config.yaml; remove it and give the credentials where the readers take them: "
+                     f"{CREDENTIAL_PLACES}")
         _require(not is_pipe(self.shards), "data.shards",
                  f"{self.shards!r}: a pipe: set has no manifest or vocabularies (nor validation and test splits); "
                  f"name the shard-set folder or URL here and put the pipe: set in data.mix_shards")
