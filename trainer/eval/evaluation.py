@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from shards.remote import is_pipe, is_url
 from trainer.config import Config, ConfigError, load_run_config
 from trainer.data.collate import pad_tokens, stack_image_inputs
 from trainer.data.decode import RegionSpec
@@ -255,36 +256,30 @@ def write_results(results: dict, run_dir: Path, split: str, step: int, other_set
     return path
 
 
-def other_set_name(run_dir: str | Path, cfg: Config, shardset: ShardSet) -> str | None:
+def other_set(run_dir: str | Path, cfg: Config, shardset: ShardSet) -> str | None:
     """None when cfg.data.shards is the run's own set (as in RUN/config.yaml), else the other set's name (its
-    manifest's, or its folder's): a corpus held out of the run's training, evaluated zero-shot."""
-    if _where(open_run_config(run_dir).data.shards) == _where(cfg.data.shards):
-        return None
-    return str(shardset.manifest.get("name") or Path(cfg.data.shards).name)
-
-
-def check_other_set(run_dir: str | Path, cfg: Config, shardset: ShardSet) -> None:
-    """A set other than the run's (data.shards=...) must have the run's vocabularies, or its token ids and labels
-    would mean other words (a vocabulary of the same size would even load): checked against the run's own set where
-    it can be opened, else said in the log."""
+    manifest's, or its folder's): a corpus held out of the run's training, evaluated zero-shot. Such a set must have
+    the run's vocabularies, or its token ids and labels would mean other words (a vocabulary of the same size would
+    even load): checked against the run's own set where it can be opened, else said in the log."""
     own = open_run_config(run_dir).data.shards
     if _where(own) == _where(cfg.data.shards):
-        return
+        return None
     try:
         reference = ShardSet.open(own)
     except (OSError, ValueError) as e:
         log.warning("cannot open the run's own shard set %s to check that %s shares its vocabularies (%s); it "
                     "must have been built with --vocab-from it", own, cfg.data.shards, e)
-        return
-    try:
-        require_same_vocabularies(shardset, reference)
-    except ValueError as e:
-        raise ConfigError(f"data.shards: {e}") from e
+    else:
+        try:
+            require_same_vocabularies(shardset, reference)
+        except ValueError as e:
+            raise ConfigError(f"data.shards: {e}") from e
+    return str(shardset.manifest.get("name") or Path(cfg.data.shards).name)
 
 
 def _where(shards: str) -> str:
     """A shard set's place, comparable: a URL as given, a folder resolved."""
-    return shards if "://" in shards or shards.startswith("pipe:") else str(Path(shards).resolve())
+    return shards if is_url(shards) or is_pipe(shards) else str(Path(shards).resolve())
 
 
 @dataclass
@@ -297,6 +292,7 @@ class LoadedRun:
     engine: object  # deepspeed.DeepSpeedEngine
     load_path: str
     step: int
+    other_set: str | None = None  # the name of a shard set other than the run's own (other_set), else None
 
     @property
     def model(self):
@@ -348,7 +344,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "latest", overrides: list[st
     info = init_distributed()
     checkpoints.refuse_sharded_weights_elsewhere(run_dir / "checkpoints", tag, marker, info.world_size, "load")
     shardset = open_shards(cfg)
-    check_other_set(run_dir, cfg, shardset)
+    other = other_set(run_dir, cfg, shardset)
     engine = build_engine(cfg, build_model(cfg, shardset), deepspeed_config(cfg, info.world_size))
     try:
         load_path, client = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=tag,
@@ -368,7 +364,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "latest", overrides: list[st
         engine.module.local_share, source = concat_weight.run_share(cfg.model.local_score_weight, run_dir)
         if info.is_main:
             log.info("concatenation: local share %.3g, %s", engine.module.local_share, source)
-    return LoadedRun(cfg, info, shardset, engine, str(load_path), step)
+    return LoadedRun(cfg, info, shardset, engine, str(load_path), step, other)
 
 
 def evaluate_run(run_dir: str | Path, split: str | None = None, checkpoint: str = "latest",
@@ -378,7 +374,7 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, checkpoint: str 
     the process group up (the caller may go on using it)."""
     split = check_split(open_run_config(run_dir, overrides), split)  # before any engine is built
     run = load_run(run_dir, checkpoint, overrides)
-    other = other_set_name(run_dir, run.cfg, run.shardset)
+    other = run.other_set
     results = evaluate_split(run.model, run.shardset, split, run.cfg, run.info, may_choose=other is None)
     if run.info.is_main:
         path = write_results(results, Path(run_dir), split, run.step, other)
